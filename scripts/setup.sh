@@ -15,6 +15,13 @@ cd "$ROOT"
 
 step() { printf '\n[setup] %s\n' "$*"; }
 
+# Build tools for the interface packages (cmake, a C/C++ compiler) from Debian when missing.
+if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+  step "installing cmake and g++ (Debian packages)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq cmake g++ make
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV"
   "$PY" -m venv "$VENV"
@@ -24,11 +31,13 @@ $PIP install -q --upgrade "pip>=24" wheel
 
 step "python dependencies (pinned in requirements/*.txt)"
 # torch: the CPU build on machines without a GPU (2.13.0 lies on this workplace's disk as a CPU wheel).
+# Elsewhere, set FAST3DIS_TORCH_INDEX=https://download.pytorch.org/whl/cpu to get the CPU build from PyPI's
+# PyTorch index instead of the default CUDA build.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    $PIP install -q -r requirements/torch.txt
+  if [ -n "${FAST3DIS_TORCH_INDEX:-}" ]; then
+    $PIP install -q -r requirements/torch.txt --index-url "$FAST3DIS_TORCH_INDEX"
   else
-    $PIP install -q -r requirements/torch.txt --extra-index-url https://download.pytorch.org/whl/cpu
+    $PIP install -q -r requirements/torch.txt
   fi
 fi
 $PIP install -q -r requirements/base.txt
