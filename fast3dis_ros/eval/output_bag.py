@@ -217,21 +217,26 @@ class OutputBagWriter:
             mesh_use_embedded_materials=False,
         )
 
-    def marker_array(self, instances: list[InstanceSummary], frame_id: str, stamp_ns: int):
-        """DELETEALL, then per instance a CUBE (its axis-aligned box) and a TEXT label with id and score."""
+    def marker_array(self, instances: list[InstanceSummary], frame_id: str, stamp_ns: int, ns: str = "fast3dis",
+                     text_height: float = 0.1):
+        """Same markers as the node (ros/conversions.instances_to_markers): DELETEALL, then per instance a
+        CUBE (its axis-aligned box, ns ``fast3dis/boxes``) and a TEXT label ``id (score)`` (``fast3dis/labels``)."""
         T = self.ts.types
         M = T["visualization_msgs/msg/Marker"]
         hdr = _header(self.ts, frame_id, stamp_ns)
-        markers = [self._marker(hdr, "", 0, M.CUBE, M.DELETEALL, (0.0, 0.0, 0.0), (0, 0, 0), (0, 0, 0, 0))]
+        markers = [self._marker(hdr, ns, 0, M.ARROW, M.DELETEALL, (0.0, 0.0, 0.0), (0, 0, 0), (0, 0, 0, 0))]
         for s in instances:
-            lo, hi = np.asarray(s.bbox_min, float), np.asarray(s.bbox_max, float)
+            lo, hi = np.asarray(s.bbox_min, float).reshape(3), np.asarray(s.bbox_max, float).reshape(3)
+            if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+                continue
             ctr, size = (lo + hi) / 2, np.maximum(hi - lo, 1e-3)
             r, g, b = _colour(s.id)
-            markers.append(self._marker(hdr, "fast3dis_boxes", s.id, M.CUBE, M.ADD, ctr, size, (r, g, b, 0.35)))
-            h = float(max(size.max() * 0.15, 1e-3))
-            markers.append(self._marker(hdr, "fast3dis_labels", s.id, M.TEXT_VIEW_FACING, M.ADD,
-                                        (ctr[0], ctr[1] - size[1] / 2 - h, ctr[2]), (h, h, h), (1, 1, 1, 1),
-                                        text=f"{s.id} ({s.score:.2f})"))
+            markers.append(self._marker(hdr, ns + "/boxes", s.id, M.CUBE, M.ADD, ctr, size, (r, g, b, 0.35)))
+            sc = float(s.score)
+            markers.append(self._marker(hdr, ns + "/labels", s.id, M.TEXT_VIEW_FACING, M.ADD,
+                                        (ctr[0], ctr[1], hi[2] + text_height), (0.0, 0.0, text_height),
+                                        (r, g, b, 1.0),
+                                        text=f"{int(s.id)} ({sc:.2f})" if np.isfinite(sc) else str(int(s.id))))
         return T["visualization_msgs/msg/MarkerArray"](markers=markers)
 
     def tf_message(self, parent: str, children: list[str], T_parent_child: np.ndarray, stamps_ns: list[int]):
