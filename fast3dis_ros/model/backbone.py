@@ -1,0 +1,412 @@
+"""Depth Anything 3 backbone of FAST3DIS: frozen DA3 + LoRA, two passes sharing their common prefix.
+
+Pass 1 (``forward_geometry``): LoRA adapters disabled -> depth, depth confidence, intrinsics and
+extrinsics, bit-identical to ``DepthAnything3Net.forward`` with the same weights.
+Pass 2 (``forward_features``): LoRA adapters enabled -> the 4 tapped token maps that DA3's DualDPT
+head would consume, reshaped to ``(B, V, 2*D, H/14, W/14)``.
+
+LoRA sits only in ViT blocks ``>= cfg.lora_start``; blocks before it give the same activations in
+both passes, so ``forward_both`` runs them once and continues twice from the shared state.
+
+The ViT loop below is a transcription of
+``depth_anything_3.model.dinov2.vision_transformer.DinoVisionTransformer._get_intermediate_layers_not_chunked``
+(v0.1.1) split at a block index; the only change is that the camera token is written with an
+out-of-place ``torch.cat`` instead of ``x[:, :, 0] = cam_token`` (same values, but the shared state
+must not be mutated by the first continuation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+from addict import Dict as ADict
+
+from depth_anything_3.cfg import create_object, load_config
+from depth_anything_3.model.dinov2.dinov2 import DinoV2
+from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
+from depth_anything_3.model.reference_view_selector import (
+    reorder_by_reference,
+    restore_original_order,
+    select_reference_view,
+)
+from depth_anything_3.registry import MODEL_REGISTRY
+from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
+from omegaconf import OmegaConf
+
+from fast3dis_ros.model.config import BackboneConfig
+
+PATCH_SIZE = 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TinyDinoV2(nn.Module):
+    """``DinoV2`` with free ViT dimensions (DA3's ``DinoV2`` only knows vits/b/l/g).
+
+    Same submodule names as ``DinoV2`` (``pretrained`` = a DA3 ``DinoVisionTransformer``), so the
+    state-dict layout and every DA3 code path are the real ones.
+    """
+
+    forward = DinoV2.forward
+
+    def __init__(
+        self,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        out_layers: list[int],
+        alt_start: int = -1,
+        qknorm_start: int = -1,
+        rope_start: int = -1,
+        cat_token: bool = True,
+        name: str = "tiny",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.out_layers = list(out_layers)
+        self.alt_start, self.qknorm_start, self.rope_start = alt_start, qknorm_start, rope_start
+        self.cat_token = cat_token
+        self.pretrained = DinoVisionTransformer(
+            img_size=518,
+            patch_size=PATCH_SIZE,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4,
+            ffn_layer="mlp",
+            alt_start=alt_start,
+            qknorm_start=qknorm_start,
+            rope_start=rope_start,
+            cat_token=cat_token,
+        )
+
+
+def tiny_da3_config(cfg: BackboneConfig) -> dict[str, Any]:
+    """DA3 yaml-schema config of the tiny test network (DA3 classes, small dimensions)."""
+    spec = cfg.spec
+    d = spec["embed_dim"]
+    f = cfg.tiny_head_features
+    return {
+        "__object__": {"path": "depth_anything_3.model.da3", "name": "DepthAnything3Net", "args": "as_params"},
+        "net": {
+            "__object__": {"path": "fast3dis_ros.model.backbone", "name": "TinyDinoV2", "args": "as_params"},
+            "embed_dim": d,
+            "depth": spec["depth"],
+            "num_heads": spec["num_heads"],
+            "out_layers": spec["out_layers"],
+            "alt_start": spec["alt_start"],
+            "qknorm_start": spec["alt_start"],
+            "rope_start": spec["alt_start"],
+            "cat_token": True,
+        },
+        "head": {
+            "__object__": {"path": "depth_anything_3.model.dualdpt", "name": "DualDPT", "args": "as_params"},
+            "dim_in": 2 * d,
+            "output_dim": 2,
+            "features": f,
+            "out_channels": [f * 3 // 4, f * 3 // 2, f * 3, f * 3],
+        },
+        "cam_enc": {
+            "__object__": {"path": "depth_anything_3.model.cam_enc", "name": "CameraEnc", "args": "as_params"},
+            "dim_out": d,
+            "num_heads": spec["num_heads"],
+            "trunk_depth": 2,
+        },
+        "cam_dec": {
+            "__object__": {"path": "depth_anything_3.model.cam_dec", "name": "CameraDec", "args": "as_params"},
+            "dim_in": 2 * d,
+        },
+    }
+
+
+def da3_config(cfg: BackboneConfig):
+    """The DA3 OmegaConf config for ``cfg.name`` (package yaml for real sizes, modified dict for tiny)."""
+    if cfg.name == "tiny":
+        return OmegaConf.create(tiny_da3_config(cfg))
+    return load_config(MODEL_REGISTRY[cfg.registry_name])
+
+
+def build_da3_net(cfg: BackboneConfig) -> nn.Module:
+    """A plain, randomly initialised ``DepthAnything3Net`` of the configured size."""
+    return create_object(da3_config(cfg))
+
+
+def to_homogeneous(T: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 4) -> (..., 4, 4) (no-op for 4x4)."""
+    if T.shape[-2] == 4:
+        return T
+    bottom = torch.zeros_like(T[..., :1, :])
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([T, bottom], dim=-2)
+
+
+@dataclass
+class _TrunkState:
+    """Activations of the ViT trunk after some prefix of blocks (immutable by convention)."""
+
+    x: torch.Tensor  # (B, S, N, D) tokens
+    local_x: torch.Tensor | None  # tokens after the most recent local (per-view) block
+    b_idx: torch.Tensor | None  # reference-view index per batch (DA3 view reordering) or None
+    next_block: int
+    pos: torch.Tensor | None
+    pos_nodiff: torch.Tensor | None
+    cam_token: torch.Tensor | None
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class DA3Backbone(nn.Module):
+    """Frozen DA3 network + LoRA adapters in blocks ``>= cfg.lora_start``.
+
+    ``images``: float (B, V, 3, H, W), ImageNet-normalised RGB, H and W multiples of 14.
+    ``K``: (B, V, 3, 3) pixel intrinsics at (H, W); ``T_cam_world``: (B, V, 4, 4) world-to-camera.
+    As in DA3, cameras condition the network only when extrinsics are given (then K is required).
+    """
+
+    def __init__(self, cfg: BackboneConfig, net: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = net if net is not None else build_da3_net(cfg)
+        if cfg.pretrained and net is None:
+            from fast3dis_ros.model.checkpoint import load_da3_weights
+
+            load_da3_weights(self.net, cfg.pretrained)
+        self.net.requires_grad_(False)
+        self.net.eval()
+        self.vit: DinoVisionTransformer = self.net.backbone.pretrained
+        self.out_layers = list(self.net.backbone.out_layers)
+        self.lora_start = cfg.lora_start
+        self._lora_layers: list[nn.Module] = []
+        if cfg.lora_rank > 0:
+            self._inject_lora()
+
+    # ------------------------------------------------------------------ LoRA
+    def lora_target_names(self) -> list[str]:
+        names = []
+        for name, mod in self.net.named_modules():
+            if not isinstance(mod, nn.Linear) or not name.startswith("backbone.pretrained.blocks."):
+                continue
+            parts = name.split(".")
+            block = int(parts[3])
+            sub = ".".join(parts[4:])
+            if block >= self.lora_start and sub in self.cfg.lora_targets:
+                names.append(name)
+        return names
+
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        targets = self.lora_target_names()
+        if not targets:
+            raise ValueError(
+                f"no LoRA target among {self.cfg.lora_targets} in blocks >= {self.lora_start} of DA3-{self.cfg.name}"
+            )
+        lcfg = LoraConfig(
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+        )
+        inject_adapter_in_model(lcfg, self.net)
+        self._lora_layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
+        for n, p in self.net.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.set_adapters(True)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.net.named_parameters() if "lora_" in n]
+
+    def set_adapters(self, enabled: bool) -> None:
+        # Flip peft's flag directly: BaseTunerLayer.enable_adapters() would also toggle requires_grad.
+        for m in self._lora_layers:
+            m._disable_adapters = not enabled
+
+    @contextlib.contextmanager
+    def adapters(self, enabled: bool):
+        prev = [m._disable_adapters for m in self._lora_layers]
+        self.set_adapters(enabled)
+        try:
+            yield
+        finally:
+            for m, p in zip(self._lora_layers, prev):
+                m._disable_adapters = p
+
+    def train(self, mode: bool = True):  # DA3 layers have no train-time behaviour we want
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def da3_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in plain ``DepthAnything3Net`` naming (LoRA removed, ``base_layer`` unwrapped)."""
+        out = {}
+        for k, v in self.net.state_dict().items():
+            if "lora_" in k:
+                continue
+            out[k.replace(".base_layer.", ".")] = v
+        return out
+
+    # ------------------------------------------------------------------ trunk
+    def encode_cameras(self, K: torch.Tensor, T_cam_world: torch.Tensor, image_hw) -> torch.Tensor:
+        """DA3's camera encoder: (B, V, D) camera tokens from known intrinsics + extrinsics."""
+        with torch.autocast(device_type=K.device.type, enabled=False):
+            return self.net.cam_enc(T_cam_world.float(), K.float(), image_hw)
+
+    def _stem(self, images: torch.Tensor, K, T_cam_world) -> _TrunkState:
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be (B, V, 3, H, W), got {tuple(images.shape)}")
+        B, S, _, H, W = images.shape
+        if H % PATCH_SIZE or W % PATCH_SIZE:
+            raise ValueError(f"image size {H}x{W} is not a multiple of {PATCH_SIZE}")
+        cam_token = None
+        if T_cam_world is not None:
+            if K is None:
+                raise ValueError("DA3's camera encoder needs intrinsics K together with T_cam_world")
+            cam_token = self.encode_cameras(K, T_cam_world, images.shape[-2:])
+        vit = self.vit
+        x = vit.prepare_tokens_with_masks(images)
+        pos, pos_nodiff = vit._prepare_rope(B, S, H, W, images.device)
+        return _TrunkState(x, None, None, 0, pos, pos_nodiff, cam_token)
+
+    def _run_blocks(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
+        """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state."""
+        vit = self.vit
+        x, local_x, taps = st.x, st.local_x, dict(st.taps)
+        ref_idx = st.b_idx  # set once DA3 has reordered the views (its `'b_idx' in locals()`)
+        B, S = x.shape[:2]
+        for i in range(st.next_block, end):
+            blk = vit.blocks[i]
+            if i < vit.rope_start or vit.rope is None:
+                g_pos, l_pos = None, None
+            else:
+                g_pos, l_pos = st.pos_nodiff, st.pos
+            if (
+                vit.alt_start != -1
+                and i == vit.alt_start - 1
+                and S >= THRESH_FOR_REF_SELECTION
+                and st.cam_token is None
+            ):
+                ref_idx = b_idx if b_idx is not None else select_reference_view(x, strategy=ref_view_strategy)
+                x = reorder_by_reference(x, ref_idx)
+                local_x = reorder_by_reference(local_x, ref_idx)
+            if vit.alt_start != -1 and i == vit.alt_start:
+                if st.cam_token is not None:
+                    cam_token = st.cam_token
+                else:
+                    ref_token = vit.camera_token[:, :1].expand(B, -1, -1)
+                    src_token = vit.camera_token[:, 1:].expand(B, S - 1, -1)
+                    cam_token = torch.cat([ref_token, src_token], dim=1)
+                x = torch.cat([cam_token.to(x.dtype)[:, :, None], x[:, :, 1:]], dim=2)
+            if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1:
+                x = vit.process_attention(x, blk, "global", pos=g_pos, attn_mask=None)
+            else:
+                x = vit.process_attention(x, blk, "local", pos=l_pos)
+                local_x = x
+            if i in self.out_layers:
+                out_x = torch.cat([local_x, x], dim=-1) if vit.cat_token else x
+                if S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None:
+                    out_x = restore_original_order(out_x, ref_idx)
+                taps[i] = out_x
+        return replace(st, x=x, local_x=local_x, b_idx=ref_idx, next_block=end, taps=taps)
+
+    def _finish_taps(self, st: _TrunkState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """DinoVisionTransformer.get_intermediate_layers post-processing -> DA3 ``feats``."""
+        vit = self.vit
+        D = vit.embed_dim
+        feats = []
+        for i in self.out_layers:
+            out = st.taps[i]
+            cam = out[:, :, 0]
+            if out.shape[-1] == D:
+                tok = vit.norm(out)
+            else:
+                tok = torch.cat([out[..., :D], vit.norm(out[..., D:])], dim=-1)
+            tok = tok[..., 1 + vit.num_register_tokens :, :]
+            feats.append((tok, cam))
+        return feats
+
+    def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
+        net = self.net
+        with torch.autocast(device_type=device_type, enabled=False):
+            output = net._process_depth_head(feats, H, W)
+            output = net._process_camera_estimation(feats, H, W, output)
+        output = net._process_mono_sky_estimation(output)
+        return output
+
+    def _geometry_outputs(self, st: _TrunkState, H: int, W: int, device_type: str) -> dict[str, torch.Tensor]:
+        feats = self._finish_taps(st)
+        out = self._geometry_head(feats, H, W, device_type)
+        res = {"depth": out["depth"], "depth_conf": out["depth_conf"]}
+        if "extrinsics" in out:
+            res["extrinsics"] = to_homogeneous(out["extrinsics"])
+            res["intrinsics"] = out["intrinsics"]
+        return res
+
+    def _feature_outputs(self, st: _TrunkState, H: int, W: int) -> list[torch.Tensor]:
+        h, w = H // PATCH_SIZE, W // PATCH_SIZE
+        out = []
+        for tok, _cam in self._finish_taps(st):
+            B, S, N, C = tok.shape
+            out.append(tok.transpose(-1, -2).reshape(B, S, C, h, w))
+        return out
+
+    @property
+    def _last_block(self) -> int:
+        return max(self.out_layers) + 1
+
+    # ------------------------------------------------------------------ public passes
+    def forward_geometry(self, images, K=None, T_cam_world=None) -> dict[str, torch.Tensor]:
+        """Pass 1, adapters off: depth (B,V,H,W), depth_conf, intrinsics (B,V,3,3), extrinsics (B,V,4,4)."""
+        H, W = images.shape[-2:]
+        with self.adapters(False):
+            st = self._stem(images, K, T_cam_world)
+            st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
+            return self._geometry_outputs(st, H, W, images.device.type)
+
+    def forward_features(self, images, K=None, T_cam_world=None) -> list[torch.Tensor]:
+        """Pass 2, adapters on: the 4 tapped token maps as (B, V, 2*D, H/14, W/14)."""
+        H, W = images.shape[-2:]
+        with self.adapters(True):
+            st = self._stem(images, K, T_cam_world)
+            st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
+            return self._feature_outputs(st, H, W)
+
+    def forward_both(
+        self, images, K=None, T_cam_world=None, geometry_grad: bool = False
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Both passes; blocks ``< lora_start`` run once and are shared.
+
+        ``geometry_grad``: keep autograd for the adapter-free part (only useful when the DA3 weights
+        train too); otherwise the shared prefix and pass 1 run under ``no_grad``.
+        """
+        H, W = images.shape[-2:]
+        grad_geo = torch.is_grad_enabled() and geometry_grad
+        split = min(self.lora_start, self._last_block)
+        with torch.set_grad_enabled(grad_geo):
+            with self.adapters(False):
+                st0 = self._stem(images, K, T_cam_world)
+                st0 = self._run_blocks(st0, split, self.cfg.ref_view_strategy)
+                st1 = self._run_blocks(st0, self._last_block, self.cfg.ref_view_strategy)
+                geometry = self._geometry_outputs(st1, H, W, images.device.type)
+        with self.adapters(True):
+            # reuse pass 1's reference view so both passes see the same view order
+            st2 = self._run_blocks(st0, self._last_block, self.cfg.ref_view_strategy, b_idx=st1.b_idx)
+            features = self._feature_outputs(st2, H, W)
+        return geometry, features
+
+    def forward(self, images, K=None, T_cam_world=None):
+        return self.forward_both(images, K, T_cam_world)
+
+
+def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 or [0,1] float -> ImageNet-normalised float (what DA3 expects)."""
+    x = images_uint8.float()
+    if images_uint8.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
