@@ -173,7 +173,7 @@ class DA3Backbone(nn.Module):
         if cfg.pretrained and net is None:
             from fast3dis_ros.model.checkpoint import load_da3_weights
 
-            load_da3_weights(self.net, cfg.pretrained)
+            load_da3_weights(self.net, cfg.pretrained, expected_model_name=cfg.registry_name)
         self.net.requires_grad_(False)
         self.net.eval()
         self.vit: DinoVisionTransformer = self.net.backbone.pretrained

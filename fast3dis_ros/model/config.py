@@ -187,20 +187,11 @@ class Fast3disConfig:
         kw = dict(name="tiny", lora_rank=4, lora_alpha=8.0, process_res=70)
         kw.update(backbone_overrides)
         bb = BackboneConfig(**kw)
-        head = make_head_config(
-            bb.feature_channels,
-            hidden_dim=32,
-            num_queries=8,
-            num_heads=2,
-            num_layers=2,
-            dec_layers=2,
-            num_decoder_layers=2,
-            dim_feedforward=64,
-            ffn_dim=64,
-            mask_dim=32,
-            num_points=4,
-            num_sampling_points=4,
-        )
+        cls_head = _head_config_cls()
+        if hasattr(cls_head, "tiny"):
+            head = cls_head.tiny(bb.feature_channels)
+        else:
+            head = make_head_config(bb.feature_channels, hidden_dim=32, num_queries=16, num_heads=4)
         return cls(backbone=bb, head=head, train_backbone=True)
 
     # ------------------------------------------------------------------ (de)serialisation

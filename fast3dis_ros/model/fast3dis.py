@@ -1,0 +1,143 @@
+"""The assembled FAST3DIS network: DA3 geometry pass + LoRA feature pass + anchored instance head.
+
+``Fast3DIS(cfg).forward(images, K=None, T_cam_world=None)`` returns
+
+* ``depth (B,V,H,W)``, ``depth_conf (B,V,H,W)``: from the adapter-free pass (plain DA3),
+* ``intrinsics (B,V,3,3)``, ``extrinsics (B,V,4,4)`` (``T_cam_world``),
+* ``pred_logits (B,Q)``, ``pred_masks (B,Q,V,Hm,Wm)``, ``anchors (B,Q,3)``, ``aux_outputs``: from
+  ``InstanceHead`` fed with the LoRA features and the world point map lifted from depth,
+* ``metric (B,)`` bool: depth/extrinsics are in the units of the given poses (True) or DA3 units.
+
+World frame: without given poses it is view 0's camera (DA3 anchors its world at its reference
+view, which its ``saddle_balanced`` strategy may choose anywhere among >= 3 views; we re-express
+DA3's cameras relative to view 0, a rigid change that leaves depth untouched). With given poses
+(``T_cam_world``, requires ``K``) the cameras are normalised as DA3's own API does (view 0 =
+identity, median camera distance = 1), fed to DA3's camera encoder, and the outputs are mapped back
+to the given world: extrinsics = the given poses, depth rescaled by median distance x a least-squares
+fit of the predicted to the normalised camera centres.
+With only ``K`` given, DA3 has no intrinsics-only conditioning: the given K replaces the predicted
+intrinsics for lifting and in the outputs, depth stays DA3's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.config import Fast3disConfig
+
+
+def rigid_inverse(T: Tensor) -> Tensor:
+    R = T[..., :3, :3]
+    t = T[..., :3, 3:]
+    Rt = R.transpose(-1, -2)
+    top = torch.cat([Rt, -Rt @ t], dim=-1)
+    return torch.cat([top, T[..., 3:, :]], dim=-2)
+
+
+def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
+    """Lift depth (B,V,H,W) to world points (B,V,3,H,W); pixel (row i, col j) centre at (u,v) = (j,i)."""
+    B, V, H, W = depth.shape
+    dev = depth.device
+    v, u = torch.meshgrid(
+        torch.arange(H, device=dev, dtype=torch.float32),
+        torch.arange(W, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
+    pix = torch.stack([u, v, torch.ones_like(u)], 0).reshape(3, H * W)  # (3, HW)
+    Kinv = torch.linalg.inv(K.float())  # (B,V,3,3)
+    rays = Kinv @ pix  # (B,V,3,HW)
+    p_cam = rays * depth.float().reshape(B, V, 1, H * W)
+    T_wc = rigid_inverse(T_cam_world.float())
+    p_world = T_wc[..., :3, :3] @ p_cam + T_wc[..., :3, 3:]
+    return p_world.reshape(B, V, 3, H, W)
+
+
+def normalize_extrinsics(T_cam_world: Tensor) -> tuple[Tensor, Tensor]:
+    """DA3 API's normalisation: view 0 = identity, median camera-centre distance = 1 (per batch).
+
+    Returns (T_norm (B,V,4,4), median_dist (B,)). ``T_cam_world = T_norm' @ inv(T_cam_world[:, :1])``
+    with translations scaled back by ``median_dist``.
+    """
+    T = T_cam_world.float()
+    T_norm = T @ rigid_inverse(T[:, :1])
+    centres = rigid_inverse(T_norm)[..., :3, 3]  # (B,V,3)
+    med = centres.norm(dim=-1).median(dim=1).values.clamp(min=1e-1)  # DA3 clamps at 0.1
+    T_norm = T_norm.clone()
+    T_norm[..., :3, 3] = T_norm[..., :3, 3] / med[:, None, None]
+    return T_norm, med
+
+
+class Fast3DIS(nn.Module):
+    def __init__(self, cfg: Fast3disConfig, backbone: DA3Backbone | None = None, head: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else DA3Backbone(cfg.backbone)
+        if head is None:
+            from fast3dis_ros.model.heads import InstanceHead
+
+            head = InstanceHead(cfg.head)
+        self.head = head
+        if cfg.train_backbone:
+            self.backbone.net.requires_grad_(True)
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA + head parameters, or every parameter when ``cfg.train_backbone``."""
+        if self.cfg.train_backbone:
+            return [p for p in self.parameters()]
+        return self.backbone.lora_parameters() + list(self.head.parameters())
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a FAST3DIS checkpoint stores: LoRA + head (everything when ``train_backbone``)."""
+        sd = self.state_dict()
+        if self.cfg.train_backbone:
+            return sd
+        return {k: v for k, v in sd.items() if k.startswith("head.") or "lora_" in k}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, K: Tensor | None = None, T_cam_world: Tensor | None = None) -> dict:
+        B, V, _, H, W = images.shape
+        known_pose = T_cam_world is not None
+        if known_pose and K is None:
+            raise ValueError("known T_cam_world needs K as well (DA3's camera encoder uses both)")
+        T_in = None
+        med = None
+        if known_pose:
+            T_in, med = normalize_extrinsics(T_cam_world)
+        geo, feats = self.backbone.forward_both(
+            images, K if known_pose else None, T_in, geometry_grad=self.cfg.train_backbone
+        )
+        depth, conf = geo["depth"], geo["depth_conf"]
+        T_pred = geo["extrinsics"].float()
+        T_pred = T_pred[:, 1:] @ rigid_inverse(T_pred[:, :1])  # world = view 0's camera
+        eye = torch.eye(4, device=T_pred.device, dtype=T_pred.dtype).expand(B, 1, 4, 4)
+        T_pred = torch.cat([eye, T_pred], dim=1)
+        if known_pose:
+            c_pred = rigid_inverse(T_pred)[..., :3, 3]
+            c_norm = rigid_inverse(T_in)[..., :3, 3]
+            num = (c_pred * c_norm).sum(dim=(1, 2))
+            den = (c_pred * c_pred).sum(dim=(1, 2))
+            fit = torch.where(den > 1e-8, num / den.clamp(min=1e-8), torch.ones_like(den)).clamp(min=1e-3)
+            depth = depth * (fit * med)[:, None, None, None]
+            extrinsics = T_cam_world.float()
+        else:
+            extrinsics = T_pred
+        intrinsics = K.float() if K is not None else geo["intrinsics"].float()
+
+        points = unproject_depth(depth, intrinsics, extrinsics)
+        if not self.cfg.train_backbone:
+            points = points.detach()
+        head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W))
+        out = {
+            "depth": depth,
+            "depth_conf": conf,
+            "intrinsics": intrinsics,
+            "extrinsics": extrinsics,
+            "points_world": points,
+            "metric": torch.full((B,), known_pose, dtype=torch.bool, device=images.device),
+        }
+        out.update(head_out)
+        return out
