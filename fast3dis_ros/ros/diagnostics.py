@@ -1,0 +1,159 @@
+"""Diagnostics of the fast3dis node: rate meters and the diagnostic_msgs/DiagnosticArray builder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+__all__ = ["RateMeter", "Counter", "make_status", "gpu_memory", "DiagnosticsBuilder"]
+
+OK, WARN, ERROR, STALE = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR, DiagnosticStatus.STALE
+
+
+class RateMeter:
+    """Events per second over the last ``window_s`` seconds (monotonic clock, thread safe, bounded)."""
+
+    def __init__(self, window_s: float = 5.0, max_events: int = 10_000, clock=time.monotonic):
+        self.window_s = float(window_s)
+        self._t: deque[float] = deque(maxlen=max_events)
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.count = 0
+        self.last: float | None = None
+
+    def tick(self) -> None:
+        now = self._clock()
+        with self._lock:
+            self._t.append(now)
+            self.count += 1
+            self.last = now
+
+    def rate(self) -> float:
+        now = self._clock()
+        with self._lock:
+            while self._t and self._t[0] < now - self.window_s:
+                self._t.popleft()
+            n = len(self._t)
+            if n < 2:
+                return 0.0
+            span = self._t[-1] - self._t[0]
+            return (n - 1) / span if span > 0 else 0.0
+
+    def age(self) -> float | None:
+        """Seconds since the last event (None if none)."""
+        return None if self.last is None else self._clock() - self.last
+
+
+class Counter:
+    """Thread-safe named counters."""
+
+    def __init__(self):
+        self._c: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[key] = self._c.get(key, 0) + n
+
+    def get(self, key: str) -> int:
+        return self._c.get(key, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+
+def make_status(name: str, level: int, message: str, values: dict, hardware_id: str = "") -> DiagnosticStatus:
+    if isinstance(level, int):
+        level = bytes([level])
+    st = DiagnosticStatus(name=name, level=level, message=message, hardware_id=hardware_id)
+    st.values = [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
+    return st
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def gpu_memory() -> dict:
+    """torch CUDA memory figures in MiB (empty when torch/CUDA is not in use)."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    mib = 1024.0 * 1024.0
+    d = torch.cuda.current_device()
+    return {
+        "gpu_name": torch.cuda.get_device_name(d),
+        "gpu_allocated_mib": torch.cuda.memory_allocated(d) / mib,
+        "gpu_reserved_mib": torch.cuda.memory_reserved(d) / mib,
+        "gpu_peak_allocated_mib": torch.cuda.max_memory_allocated(d) / mib,
+        "gpu_total_mib": torch.cuda.get_device_properties(d).total_memory / mib,
+    }
+
+
+class DiagnosticsBuilder:
+    """Collects the node's figures into one DiagnosticArray (one status per concern)."""
+
+    def __init__(self, node_name: str, cameras: list[str], stale_after_s: float = 3.0):
+        self.node_name = node_name
+        self.cameras = list(cameras)
+        self.stale_after_s = stale_after_s
+        self.image_rate = {c: RateMeter() for c in self.cameras}
+        self.info_rate = {c: RateMeter() for c in self.cameras}
+        self.input_errors = {c: Counter() for c in self.cameras}
+        self.k_status: dict[str, str] = {c: "no CameraInfo yet" for c in self.cameras}
+        self.output_rate = RateMeter(window_s=30.0)
+        self.node_errors = Counter()
+        self.last_publish_ms = 0.0
+
+    def build(self, stamp, sync: dict, engine: dict, outputs: dict) -> DiagnosticArray:
+        arr = DiagnosticArray()
+        arr.header.stamp = stamp
+        hw = self.node_name
+        for c in self.cameras:
+            ir, age = self.image_rate[c].rate(), self.image_rate[c].age()
+            errs = self.input_errors[c].as_dict()
+            if age is None:
+                level, msg = WARN, "no images received yet"
+            elif age > self.stale_after_s:
+                level, msg = WARN, f"no image for {age:.1f} s"
+            elif errs:
+                level, msg = WARN, f"{sum(errs.values())} input message(s) rejected"
+            else:
+                level, msg = OK, f"{ir:.1f} Hz"
+            vals = {"image_rate_hz": ir, "camera_info_rate_hz": self.info_rate[c].rate(),
+                    "images_received": self.image_rate[c].count, "last_image_age_s": -1.0 if age is None else age,
+                    "intrinsics": self.k_status[c]}
+            vals.update({f"rejected_{k}": v for k, v in errs.items()})
+            arr.status.append(make_status(f"{hw}: input {c}", level, msg, vals, hw))
+        sdrops = sync.get("drops", {})
+        arr.status.append(make_status(
+            f"{hw}: sync", WARN if sum(sdrops.values()) and not sync.get("frame_sets") else OK,
+            f"{sync.get('frame_sets', 0)} frame sets, {sum(sdrops.values())} frames dropped",
+            {"backend": sync.get("backend", ""), "frame_sets": sync.get("frame_sets", 0),
+             **{f"drop_{k}": v for k, v in sdrops.items()}}, hw))
+        edrops = engine.get("drops", {})
+        elevel = ERROR if engine.get("error") else (WARN if edrops.get("queue_full") else OK)
+        emsg = engine.get("error") or (f"{engine.get('processed', 0)} windows, "
+                                       f"p50 {engine.get('engine_ms_p50', 0.0):.0f} ms")
+        evals = {k: v for k, v in engine.items() if k not in ("drops", "error")}
+        evals.update({f"drop_{k}": v for k, v in edrops.items()})
+        arr.status.append(make_status(f"{hw}: engine", elevel, emsg, evals, hw))
+        gm = gpu_memory()
+        arr.status.append(make_status(f"{hw}: gpu", OK, gm.get("gpu_name", "no CUDA device in use"), gm, hw))
+        nerr = self.node_errors.as_dict()
+        arr.status.append(make_status(
+            f"{hw}: outputs", WARN if nerr else OK,
+            f"{self.output_rate.count} results published" + (f", {sum(nerr.values())} errors" if nerr else ""),
+            {"results_published": self.output_rate.count, "result_rate_hz": self.output_rate.rate(),
+             "last_publish_ms": self.last_publish_ms, **outputs, **{f"error_{k}": v for k, v in nerr.items()}},
+            hw))
+        return arr

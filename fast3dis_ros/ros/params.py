@@ -1,0 +1,178 @@
+"""Parameters of the fast3dis node: one table with defaults, descriptions, ranges and validation.
+
+``config/fast3dis.yaml`` holds the same defaults (a test keeps both in step). ``declare_parameters``
+declares every entry with a ``ParameterDescriptor`` (description, integer/float range, read-only
+for those that only take effect at start-up); ``validate`` gives the reason a value is rejected,
+used both at start-up and by the node's set-parameters callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ParamSpec", "PARAMS", "MODEL_SIZES", "DEVICES", "validate", "validate_all", "declare_parameters",
+           "read_parameters", "load_yaml_defaults", "NODE_NAME"]
+
+NODE_NAME = "fast3dis"
+MODEL_SIZES = ("tiny", "small", "base", "large", "giant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    range: tuple[float, float] | None = None  # inclusive
+    choices: tuple[str, ...] | None = None
+    read_only: bool = True  # True: takes effect at start-up only
+    extra: str = ""  # additional_constraints text
+
+
+PARAMS: list[ParamSpec] = [
+    # inputs
+    ParamSpec("cameras", ["cam0", "cam1", "cam2"],
+              "Camera names, in view order. Each camera <c> gives topics from the templates below and "
+              "the TF frame <c>_optical_frame.", extra="non-empty list of unique names"),
+    ParamSpec("image_topic", "/{camera}/image_raw", "Image topic template; {camera} is replaced by the name.",
+              extra="must contain {camera}"),
+    ParamSpec("camera_info_topic", "/{camera}/camera_info", "CameraInfo topic template.",
+              extra="must contain {camera}"),
+    ParamSpec("use_compressed", False,
+              "Also subscribe to sensor_msgs/CompressedImage (jpeg/png) on compressed_topic."),
+    ParamSpec("compressed_topic", "/{camera}/image_raw/compressed", "CompressedImage topic template.",
+              extra="must contain {camera}"),
+    ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
+    ParamSpec("sync_queue_size", 10, "Approximate-time sync: frames kept per camera while matching.", (1, 1000)),
+    # windowing
+    ParamSpec("window_size", 8, "Frame sets per inference window (views = window_size x cameras).", (1, 512)),
+    ParamSpec("stride", 4, "A new window every `stride` frame sets (stride <= window_size: overlapping windows "
+              "share frame sets, which aligns them to the map).", (1, 512), extra="stride <= window_size"),
+    # model
+    ParamSpec("process_long_edge", 504, "Long image edge at which the network runs [px] (multiple of 14).",
+              (28, 4096), extra="multiple of 14"),
+    ParamSpec("model_size", "tiny", "DA3 backbone size when no checkpoint config says otherwise.",
+              choices=MODEL_SIZES),
+    ParamSpec("weights", "", "DA3 weights: a local folder (model.safetensors + config.json) or a hub id. "
+              "Empty: none (random backbone)."),
+    ParamSpec("checkpoint", "", "FAST3DIS checkpoint folder (LoRA + heads + config). Empty with model_size tiny: "
+              "a random tiny model (outputs are meaningless; for tests and plumbing)."),
+    ParamSpec("seed", 0, "Seed of the random tiny model (when no checkpoint is given).", (0, 2**31 - 1)),
+    ParamSpec("device", "auto", "Torch device: auto (cuda if available), cpu or cuda.", choices=DEVICES),
+    ParamSpec("queue_depth", 2, "Engine input queue length; when full the oldest window is dropped (counted).",
+              (1, 64)),
+    # post-processing / map
+    ParamSpec("score_threshold", 0.5, "Min instance score (objectness x mask quality) to keep an instance.",
+              (0.0, 1.0), read_only=False),
+    ParamSpec("conf_threshold", 0.0, "Min DA3 depth confidence to lift a pixel into the cloud.", (0.0, 1000.0),
+              read_only=False),
+    ParamSpec("voxel_size", 0.02, "Voxel size of the running map (map units: metres when metric).", (1e-4, 10.0)),
+    ParamSpec("max_map_points", 1_000_000, "Cap on running map points (oldest voxels dropped first).",
+              (1000, 50_000_000)),
+    ParamSpec("map_frame", "map", "Fixed frame of the outputs (the first window's reference).",
+              extra="non-empty, no leading '/'"),
+    ParamSpec("use_known_intrinsics", True, "Give CameraInfo K to the network (else it estimates intrinsics)."),
+    ParamSpec("use_known_poses", False, "Give camera poses from TF to the network (map <- <camera>_optical_frame)."),
+    # outputs
+    ParamSpec("publish_window_cloud", True, "Also publish each window's own cloud on ~/window_cloud.",
+              read_only=False),
+    ParamSpec("output_qos_depth", 2, "History depth of the reliable output publishers.", (1, 100)),
+    ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0)),
+]
+
+_BY_NAME = {p.name: p for p in PARAMS}
+
+
+def _type_ok(spec: ParamSpec, value) -> bool:
+    d = spec.default
+    if isinstance(d, bool):
+        return isinstance(value, bool)
+    if isinstance(d, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(d, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(d, str):
+        return isinstance(value, str)
+    if isinstance(d, list):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def validate(name: str, value, others: dict | None = None) -> str | None:
+    """Why ``value`` is not acceptable for parameter ``name`` (None when it is)."""
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        return None  # not ours (e.g. use_sim_time)
+    if not _type_ok(spec, value):
+        return f"{name} must be of type {type(spec.default).__name__}, got {type(value).__name__} ({value!r})"
+    if spec.range is not None and not (spec.range[0] <= value <= spec.range[1]):
+        return f"{name}={value} outside [{spec.range[0]}, {spec.range[1]}]"
+    if spec.choices is not None and value not in spec.choices:
+        return f"{name}='{value}' not one of {list(spec.choices)}"
+    others = others or {}
+    if name == "cameras":
+        if len(value) == 0:
+            return "cameras must not be empty"
+        if len(set(value)) != len(value):
+            return f"cameras has duplicates: {list(value)}"
+        bad = [c for c in value if not c or not all(ch.isalnum() or ch == "_" for ch in c)]
+        if bad:
+            return f"camera names must be non-empty [A-Za-z0-9_]: {bad}"
+    if name in ("image_topic", "camera_info_topic", "compressed_topic") and "{camera}" not in value:
+        return f"{name} '{value}' must contain '{{camera}}'"
+    if name == "map_frame" and (not value or value.startswith("/")):
+        return f"map_frame '{value}' must be non-empty and not start with '/'"
+    if name == "process_long_edge" and value % 14:
+        return f"process_long_edge={value} must be a multiple of 14 (DA3 patch size)"
+    if name in ("stride", "window_size"):
+        stride = value if name == "stride" else others.get("stride")
+        win = value if name == "window_size" else others.get("window_size")
+        if stride is not None and win is not None and stride > win:
+            return f"stride={stride} > window_size={win} (windows would skip frame sets)"
+    return None
+
+
+def validate_all(values: dict) -> list[str]:
+    return [r for n, v in values.items() if (r := validate(n, v, values))]
+
+
+def declare_parameters(node) -> None:
+    """Declare every parameter with its descriptor (ranges, read-only flags) on ``node``."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    for p in PARAMS:
+        desc = ParameterDescriptor(name=p.name, description=p.description, read_only=p.read_only,
+                                   additional_constraints=p.extra or (
+                                       f"one of {list(p.choices)}" if p.choices else ""))
+        if p.range is not None:
+            if isinstance(p.default, int) and not isinstance(p.default, bool):
+                desc.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]), step=0)]
+            else:
+                desc.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]),
+                                                                to_value=float(p.range[1]), step=0.0)]
+        node.declare_parameter(p.name, p.default, desc)
+
+
+def read_parameters(node) -> dict:
+    out = {}
+    for p in PARAMS:
+        v = node.get_parameter(p.name).value
+        if isinstance(p.default, list):
+            v = list(v)
+        elif isinstance(p.default, float):
+            v = float(v)
+        out[p.name] = v
+    return out
+
+
+def load_yaml_defaults(path) -> dict:
+    """The ``ros__parameters`` of the node in a ROS 2 parameter YAML (``/**`` or the node name)."""
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    for key in (f"/**/{NODE_NAME}", NODE_NAME, f"/{NODE_NAME}", "/**"):
+        if key in doc and "ros__parameters" in doc[key]:
+            return dict(doc[key]["ros__parameters"])
+    raise KeyError(f"{path}: no '{NODE_NAME}:' or '/**:' section with ros__parameters")
