@@ -1,0 +1,548 @@
+"""rosbag2 input/output without ROS, through the pure-Python ``rosbags`` library (mcap or sqlite3).
+
+Topics written by :func:`write_scene_bag` for each camera ``<cam>`` of a synthetic scene:
+
+=============================  ===========================  =============================================
+topic                          type                         content
+=============================  ===========================  =============================================
+``/<cam>/image_raw``           sensor_msgs/msg/Image        rgb8, frame_id ``<cam>_optical_frame``
+``/<cam>/camera_info``         sensor_msgs/msg/CameraInfo   K, P = [K|0], D = 0 (plumb_bob), R = I
+``/<cam>/depth_gt``            sensor_msgs/msg/Image        32FC1 metric z-depth (ground truth)
+``/<cam>/instance_gt``         sensor_msgs/msg/Image        32SC1 instance ids, 0 = background
+``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``<cam>_optical_frame`` per frame
+``/fast3dis_gt/instances``     std_msgs/msg/String          JSON {"instances": [...], "cameras": [...],
+                                                            "T_rig_cam": {...}} once, at the first stamp
+=============================  ===========================  =============================================
+
+Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). No
+``/tf_static``: the camera frames hang off ``map`` directly (ground-truth poses), so a static
+``base_link -> <cam>_optical_frame`` would give them a second parent; the fixed rig extrinsics travel in
+the JSON instead.
+
+Reading works on any rosbag2 folder (``metadata.yaml`` + db3/mcap files; the storage is taken from the
+metadata); corrupt or truncated bags raise :class:`BagReadError` naming the bag.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "BagReadError",
+    "BagWriter",
+    "StreamMessage",
+    "GroundTruth",
+    "write_scene_bag",
+    "read_camera_streams",
+    "read_ground_truth",
+    "bag_topics",
+    "decode_image",
+    "image_dict",
+    "camera_info_dict",
+    "tf_message_dict",
+    "make_pointcloud2",
+    "get_typestore",
+]
+
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
+TF = "tf2_msgs/msg/TFMessage"
+STRING = "std_msgs/msg/String"
+GT_INSTANCES_TOPIC = "/fast3dis_gt/instances"
+
+# encoding -> (numpy dtype, channels)
+_ENCODINGS = {
+    "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3), "rgba8": (np.uint8, 4), "bgra8": (np.uint8, 4),
+    "mono8": (np.uint8, 1), "8uc1": (np.uint8, 1), "mono16": (np.uint16, 1), "16uc1": (np.uint16, 1),
+    "32fc1": (np.float32, 1), "32sc1": (np.int32, 1), "64fc1": (np.float64, 1), "8uc3": (np.uint8, 3),
+}
+
+
+class BagReadError(RuntimeError):
+    """A rosbag2 could not be read (missing, corrupt, truncated, or an undecodable message)."""
+
+
+def get_typestore(distro: str = "kilted"):
+    from rosbags.typesys import Stores, get_typestore as _get
+
+    store = {"kilted": Stores.ROS2_KILTED, "jazzy": Stores.ROS2_JAZZY, "humble": Stores.ROS2_HUMBLE}.get(distro.lower())
+    if store is None:
+        raise ValueError(f"unknown ROS 2 distro {distro!r} (kilted, jazzy, humble)")
+    return _get(store)
+
+
+def _norm_type(msgtype: str) -> str:
+    parts = msgtype.split("/")
+    if len(parts) == 2:
+        return f"{parts[0]}/msg/{parts[1]}"
+    return msgtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic conversion: dicts / rclpy messages / rosbags messages -> rosbags message objects
+# ----------------------------------------------------------------------------------------------------
+_BASE_DTYPES = {
+    "bool": np.bool_, "byte": np.uint8, "char": np.uint8, "octet": np.uint8, "uint8": np.uint8, "int8": np.int8,
+    "uint16": np.uint16, "int16": np.int16, "uint32": np.uint32, "int32": np.int32, "uint64": np.uint64,
+    "int64": np.int64, "float32": np.float32, "float64": np.float64,
+}
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _convert(ts, msgtype: str, obj: Any):
+    """Build a rosbags message of ``msgtype`` from a dict, an rclpy message or a rosbags message."""
+    msgtype = _norm_type(msgtype)
+    cls = ts.types[msgtype]
+    if isinstance(obj, cls):
+        return obj
+    if obj is None:
+        obj = {}
+    _, fields = ts.fielddefs[msgtype]
+    kwargs = {}
+    for name, (ntype, desc) in fields:
+        val = _get(obj, name)
+        kwargs[name] = _convert_field(ts, ntype.value if hasattr(ntype, "value") else int(ntype), desc, val)
+    return cls(**kwargs)
+
+
+def _convert_field(ts, ntype: int, desc, val):
+    # Nodetype: BASE=1, NAME=2, ARRAY=3, SEQUENCE=4
+    if ntype == 1:
+        tname = desc[0]
+        if tname == "string" or tname == "wstring":
+            return "" if val is None else str(val)
+        dt = _BASE_DTYPES[tname]
+        if val is None:
+            return False if tname == "bool" else dt(0).item()
+        return bool(val) if tname == "bool" else np.asarray(val, dtype=dt).item()
+    if ntype == 2:
+        return _convert(ts, desc, val)
+    (sub_ntype, sub_desc), length = desc
+    sub_ntype = sub_ntype.value if hasattr(sub_ntype, "value") else int(sub_ntype)
+    if sub_ntype == 1 and sub_desc[0] not in ("string", "wstring"):
+        dt = _BASE_DTYPES[sub_desc[0]]
+        if val is None:
+            arr = np.zeros(length if ntype == 3 else 0, dtype=dt)
+        elif isinstance(val, (bytes, bytearray, memoryview)):
+            arr = np.frombuffer(bytes(val), dtype=np.uint8).astype(dt, copy=False)
+        else:
+            arr = np.ascontiguousarray(np.asarray(val, dtype=dt).ravel())
+        if ntype == 3 and arr.size != length:
+            raise ValueError(f"fixed array needs {length} values, got {arr.size}")
+        return arr
+    items = [] if val is None else list(val)
+    if sub_ntype == 1:
+        return [str(x) for x in items]
+    return [_convert(ts, sub_desc, x) for x in items]
+
+
+def _stamp(ns: int) -> dict:
+    ns = int(ns)
+    return {"sec": ns // 1_000_000_000, "nanosec": ns % 1_000_000_000}
+
+
+def _stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def image_dict(arr: np.ndarray, encoding: str, frame_id: str, stamp_ns: int) -> dict:
+    """sensor_msgs/Image as a dict (little endian, tightly packed rows)."""
+    arr = np.ascontiguousarray(arr)
+    h, w = arr.shape[:2]
+    return {
+        "header": {"stamp": _stamp(stamp_ns), "frame_id": frame_id},
+        "height": h, "width": w, "encoding": encoding, "is_bigendian": False,
+        "step": int(arr.strides[0]), "data": arr.view(np.uint8).reshape(-1),
+    }
+
+
+def camera_info_dict(K: np.ndarray, width: int, height: int, frame_id: str, stamp_ns: int) -> dict:
+    K = np.asarray(K, dtype=np.float64)
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    return {
+        "header": {"stamp": _stamp(stamp_ns), "frame_id": frame_id},
+        "height": height, "width": width, "distortion_model": "plumb_bob", "d": np.zeros(5),
+        "k": K.ravel(), "r": np.eye(3).ravel(), "p": P.ravel(),
+    }
+
+
+def _mat_to_transform(T: np.ndarray) -> dict:
+    from transforms3d.quaternions import mat2quat
+
+    w, x, y, z = mat2quat(np.asarray(T)[:3, :3])
+    t = np.asarray(T)[:3, 3]
+    return {"translation": {"x": float(t[0]), "y": float(t[1]), "z": float(t[2])},
+            "rotation": {"x": float(x), "y": float(y), "z": float(z), "w": float(w)}}
+
+
+def tf_message_dict(transforms: Iterable[tuple[str, str, np.ndarray]], stamp_ns: int) -> dict:
+    """TFMessage from (parent, child, T_parent_child) triples."""
+    return {"transforms": [
+        {"header": {"stamp": _stamp(stamp_ns), "frame_id": p}, "child_frame_id": c, "transform": _mat_to_transform(T)}
+        for p, c, T in transforms
+    ]}
+
+
+def make_pointcloud2(points: np.ndarray, frame_id: str, stamp_ns: int) -> dict:
+    """sensor_msgs/PointCloud2 dict from a numpy structured array (one field per PointField).
+
+    Field dtypes map to PointField datatypes (int8..float64). ``rgb`` packed as float32 goes through as is.
+    """
+    codes = {np.dtype(np.int8): 1, np.dtype(np.uint8): 2, np.dtype(np.int16): 3, np.dtype(np.uint16): 4,
+             np.dtype(np.int32): 5, np.dtype(np.uint32): 6, np.dtype(np.float32): 7, np.dtype(np.float64): 8}
+    pts = np.ascontiguousarray(points)
+    fields = []
+    for name in pts.dtype.names:
+        dt, off = pts.dtype.fields[name][:2]
+        fields.append({"name": name, "offset": int(off), "datatype": codes[np.dtype(dt.base)], "count": 1})
+    n = int(pts.shape[0])
+    return {"header": {"stamp": _stamp(stamp_ns), "frame_id": frame_id}, "height": 1, "width": n, "fields": fields,
+            "is_bigendian": False, "point_step": pts.dtype.itemsize, "row_step": pts.dtype.itemsize * n,
+            "data": pts.view(np.uint8).reshape(-1), "is_dense": True}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+class BagWriter:
+    """Write arbitrary messages to a new rosbag2 (mcap or sqlite3) without ROS.
+
+    ``write(topic, msgtype, msg, stamp_ns)`` takes a dict, a rosbags message or an rclpy message of
+    ``msgtype`` (``pkg/msg/Type`` or ``pkg/Type``); the first use of a topic declares its connection.
+    Custom types: :meth:`register_msg` with the ``.msg`` text first.
+    """
+
+    def __init__(self, path: str | Path, storage: str = "mcap", distro: str = "kilted", overwrite: bool = False):
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        self.path = Path(path)
+        if self.path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.path} exists (pass overwrite=True)")
+            shutil.rmtree(self.path)
+        plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}.get(storage)
+        if plugin is None:
+            raise ValueError(f"storage must be 'mcap' or 'sqlite3', not {storage!r}")
+        self.storage = storage
+        self.ts = get_typestore(distro)
+        self._writer = Writer(self.path, version=9, storage_plugin=plugin)
+        self._writer.open()
+        self._conns: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def register_msg(self, msgtype: str, msg_text: str) -> None:
+        from rosbags.typesys import get_types_from_msg
+
+        self.ts.register(get_types_from_msg(msg_text, _norm_type(msgtype)))
+
+    def write(self, topic: str, msgtype: str, msg: Any, stamp_ns: int) -> None:
+        msgtype = _norm_type(msgtype)
+        if msgtype not in self.ts.types:
+            raise KeyError(f"unknown message type {msgtype!r}; register it with register_msg()")
+        conn = self._conns.get(topic)
+        if conn is None:
+            conn = self._writer.add_connection(topic, msgtype, typestore=self.ts)
+            self._conns[topic] = conn
+        elif conn.msgtype != msgtype:
+            raise ValueError(f"topic {topic} already carries {conn.msgtype}, not {msgtype}")
+        data = self.ts.serialize_cdr(_convert(self.ts, msgtype, msg), msgtype)
+        self._writer.write(conn, int(stamp_ns), data)
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "BagWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: float = 10.0,
+                    start_ns: int = 1_700_000_000_000_000_000, camera_jitter_ns: int = 0,
+                    ground_truth: bool = True, overwrite: bool = False, distro: str = "kilted") -> dict[str, int]:
+    """Write a :class:`~fast3dis_ros.data.synthetic.SyntheticScene` as a rosbag2. Returns messages per topic."""
+    period = int(round(1e9 / rate_hz))
+    with BagWriter(path, storage=storage, distro=distro, overwrite=overwrite) as w:
+        if ground_truth:
+            payload = {"instances": [i.to_dict() for i in scene.instances], "cameras": list(scene.camera_names),
+                       "T_rig_cam": {k: np.asarray(v).tolist() for k, v in scene.T_rig_cam.items()},
+                       "rate_hz": rate_hz, "start_ns": int(start_ns)}
+            w.write(GT_INSTANCES_TOPIC, STRING, {"data": json.dumps(payload)}, start_ns)
+        for fi, frame in enumerate(scene.frames):
+            t_frame = int(start_ns) + fi * period
+            tfs = []
+            for ci, v in enumerate(frame):
+                stamp = t_frame + ci * int(camera_jitter_ns)
+                fid = f"{v.camera}_optical_frame"
+                h, wd = v.rgb.shape[:2]
+                w.write(f"/{v.camera}/image_raw", IMAGE, image_dict(v.rgb, "rgb8", fid, stamp), stamp)
+                w.write(f"/{v.camera}/camera_info", CAMERA_INFO, camera_info_dict(v.K, wd, h, fid, stamp), stamp)
+                if ground_truth:
+                    w.write(f"/{v.camera}/depth_gt", IMAGE, image_dict(v.depth.astype(np.float32), "32FC1", fid, stamp), stamp)
+                    w.write(f"/{v.camera}/instance_gt", IMAGE, image_dict(v.instance.astype(np.int32), "32SC1", fid, stamp), stamp)
+                tfs.append(("map", fid, v.T_world_cam, stamp))
+            msg = {"transforms": [tf_message_dict([(p, c, T)], s)["transforms"][0] for p, c, T, s in tfs]}
+            w.write("/tf", TF, msg, t_frame)
+        return dict(w.counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+class StreamMessage(NamedTuple):
+    """One decoded message. ``data``: image -> ndarray (RGB for colour encodings, 2D for 1-channel);
+    camera info -> dict (width, height, K, D, P, distortion_model); tf -> list of dicts
+    (parent, child, stamp_ns, T (4x4)); string -> str."""
+
+    topic: str
+    stamp_ns: int  # header stamp where the message has one, else the bag's receive time
+    data: Any
+    kind: str  # image | camera_info | tf | string
+    frame_id: str
+    log_time_ns: int
+
+
+def decode_image(msg) -> np.ndarray:
+    """sensor_msgs/Image (rosbags or rclpy) -> numpy. Colour encodings come back RGB (alpha dropped)."""
+    enc = str(msg.encoding).lower()
+    if enc not in _ENCODINGS:
+        raise BagReadError(f"unsupported image encoding {msg.encoding!r}")
+    dt, ch = _ENCODINGS[enc]
+    dt = np.dtype(dt).newbyteorder(">" if msg.is_bigendian else "<")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    row = w * ch * dt.itemsize
+    buf = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), dtype=np.uint8)
+    if step < row or buf.size < step * (h - 1) + row:
+        raise BagReadError(f"image buffer too small: {buf.size} bytes for {h}x{w} {msg.encoding} step {step}")
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row), strides=(step, 1)) if h else buf[:0].reshape(0, row)
+    arr = np.ascontiguousarray(rows).view(dt).astype(dt.newbyteorder("="), copy=False)
+    arr = arr.reshape(h, w, ch) if ch > 1 else arr.reshape(h, w)
+    if enc in ("bgr8", "bgra8"):
+        arr = arr[..., [2, 1, 0]]
+    elif enc == "rgba8":
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr)
+
+
+def _decode_compressed(msg) -> np.ndarray:
+    import cv2
+
+    buf = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise BagReadError(f"cannot decode CompressedImage (format {msg.format!r})")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = img[..., ::-1]
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., [2, 1, 0]]
+    return np.ascontiguousarray(img)
+
+
+def _camera_info(msg) -> dict:
+    return {"width": int(msg.width), "height": int(msg.height), "K": np.asarray(msg.k, dtype=np.float64).reshape(3, 3),
+            "D": np.asarray(msg.d, dtype=np.float64), "P": np.asarray(msg.p, dtype=np.float64).reshape(3, 4),
+            "distortion_model": str(msg.distortion_model), "frame_id": str(msg.header.frame_id)}
+
+
+def _tf_list(msg) -> list[dict]:
+    from transforms3d.quaternions import quat2mat
+
+    out = []
+    for t in msg.transforms:
+        q, tr = t.transform.rotation, t.transform.translation
+        T = np.eye(4)
+        T[:3, :3] = quat2mat([q.w, q.x, q.y, q.z])
+        T[:3, 3] = [tr.x, tr.y, tr.z]
+        out.append({"parent": str(t.header.frame_id), "child": str(t.child_frame_id),
+                    "stamp_ns": _stamp_ns(t.header.stamp), "T": T})
+    return out
+
+
+def _bag_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise BagReadError(f"{path}: no such rosbag2")
+    if not (p / "metadata.yaml").is_file():
+        raise BagReadError(f"{p}: no metadata.yaml (not a rosbag2 folder; `ros2 bag reindex` can rebuild it)")
+    return p
+
+
+class _OpenBag:
+    """Reader + typestore with the bag's own message definitions registered; errors -> BagReadError."""
+
+    def __init__(self, path):
+        from rosbags.rosbag2 import Reader
+
+        self.path = _bag_dir(path)
+        self.ts = get_typestore("kilted")
+        try:
+            self.reader = Reader(self.path)
+            self.reader.open()
+        except Exception as e:  # noqa: BLE001 - every library failure becomes one clear error
+            raise BagReadError(f"{self.path}: cannot open rosbag2 ({type(e).__name__}: {e}); "
+                               "the bag may be truncated or corrupt") from e
+        for c in self.reader.connections:
+            if c.msgtype not in self.ts.types and c.msgdef and c.msgdef.data:
+                try:
+                    from rosbags.typesys import get_types_from_msg
+
+                    self.ts.register(get_types_from_msg(c.msgdef.data, c.msgtype))
+                except Exception:  # noqa: BLE001 - unknown types are skipped unless asked for
+                    pass
+
+    def messages(self, connections):
+        try:
+            for conn, t, raw in self.reader.messages(connections=connections):
+                try:
+                    msg = self.ts.deserialize_cdr(raw, conn.msgtype)
+                except Exception as e:  # noqa: BLE001
+                    raise BagReadError(f"{self.path}: cannot decode a {conn.msgtype} on {conn.topic} at {t} "
+                                       f"({type(e).__name__}: {e}); the bag may be corrupt") from e
+                yield conn, t, msg
+        except BagReadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BagReadError(f"{self.path}: error while reading messages ({type(e).__name__}: {e}); "
+                               "the bag may be truncated or corrupt") from e
+
+    def close(self):
+        try:
+            self.reader.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def bag_topics(path: str | Path) -> dict[str, tuple[str, int]]:
+    """topic -> (msgtype, message count)."""
+    b = _OpenBag(path)
+    try:
+        out: dict[str, tuple[str, int]] = {}
+        for c in b.reader.connections:
+            t, n = out.get(c.topic, (c.msgtype, 0))
+            out[c.topic] = (t, n + int(c.msgcount))
+        return out
+    finally:
+        b.close()
+
+
+def _decode(conn, t, msg) -> StreamMessage | None:
+    mt = conn.msgtype
+    if mt == IMAGE:
+        return StreamMessage(conn.topic, _stamp_ns(msg.header.stamp), decode_image(msg), "image", str(msg.header.frame_id), t)
+    if mt == COMPRESSED:
+        return StreamMessage(conn.topic, _stamp_ns(msg.header.stamp), _decode_compressed(msg), "image", str(msg.header.frame_id), t)
+    if mt == CAMERA_INFO:
+        info = _camera_info(msg)
+        return StreamMessage(conn.topic, _stamp_ns(msg.header.stamp), info, "camera_info", info["frame_id"], t)
+    if mt == TF:
+        tfs = _tf_list(msg)
+        return StreamMessage(conn.topic, tfs[0]["stamp_ns"] if tfs else t, tfs, "tf", tfs[0]["parent"] if tfs else "", t)
+    if mt == STRING:
+        return StreamMessage(conn.topic, t, str(msg.data), "string", "", t)
+    return None
+
+
+def read_camera_streams(path: str | Path, cameras: Iterable[str] | None = None, topics: Iterable[str] | None = None,
+                        include_tf: bool = True) -> Iterator[StreamMessage]:
+    """Iterate decoded camera messages of a rosbag2 (mcap or sqlite3), in bag order.
+
+    ``cameras``: names -> ``/<cam>/image_raw``, ``/<cam>/image_raw/compressed``, ``/<cam>/camera_info``;
+    ``topics``: explicit topic names (Image, CompressedImage, CameraInfo, TFMessage or String);
+    neither: every Image / CompressedImage / CameraInfo topic. ``/tf`` and ``/tf_static`` are added when
+    ``include_tf``.
+    """
+    b = _OpenBag(path)
+    try:
+        conns = b.reader.connections
+        if topics is not None:
+            want = set(topics)
+        elif cameras is not None:
+            want = set()
+            for c in cameras:
+                c = c.strip("/")
+                want |= {f"/{c}/image_raw", f"/{c}/image_raw/compressed", f"/{c}/camera_info"}
+        else:
+            want = {c.topic for c in conns if c.msgtype in (IMAGE, COMPRESSED, CAMERA_INFO)
+                    and not c.topic.endswith(("/depth_gt", "/instance_gt"))}
+        if include_tf:
+            want |= {"/tf", "/tf_static"}
+        sel = [c for c in conns if c.topic in want]
+        if topics is not None:
+            missing = set(topics) - {c.topic for c in conns}
+            if missing:
+                raise BagReadError(f"{b.path}: topics not in bag: {sorted(missing)}")
+        for conn, t, msg in b.messages(sel):
+            item = _decode(conn, t, msg)
+            if item is not None:
+                yield item
+    finally:
+        b.close()
+
+
+@dataclass
+class GroundTruth:
+    """Ground truth of a bag written by :func:`write_scene_bag` (or any bag with the same topics)."""
+
+    instances: list[dict] | None = None
+    meta: dict = field(default_factory=dict)  # the rest of the /fast3dis_gt/instances JSON
+    depth: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (H,W) float32
+    instance: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (H,W) int32
+    K: dict[str, np.ndarray] = field(default_factory=dict)  # cam -> (3,3) (last CameraInfo)
+    T_world_cam: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (4,4) from /tf
+
+    @property
+    def cameras(self) -> list[str]:
+        return sorted(set(self.depth) | set(self.instance) | set(self.T_world_cam))
+
+
+def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth:
+    """Depth / instance maps per camera and stamp, the instance list, K and ground-truth poses."""
+    gt = GroundTruth()
+    b = _OpenBag(path)
+    try:
+        sel = [c for c in b.reader.connections if c.topic == GT_INSTANCES_TOPIC or c.topic in ("/tf", "/tf_static")
+               or c.topic.endswith(("/depth_gt", "/instance_gt", "/camera_info"))]
+        for conn, t, msg in b.messages(sel):
+            if conn.topic == GT_INSTANCES_TOPIC:
+                d = json.loads(msg.data)
+                if isinstance(d, list):
+                    gt.instances = d
+                else:
+                    gt.instances = d.get("instances")
+                    gt.meta = {k: v for k, v in d.items() if k != "instances"}
+            elif conn.msgtype == TF:
+                for tf in _tf_list(msg):
+                    if tf["parent"] == world_frame and tf["child"].endswith("_optical_frame"):
+                        cam = tf["child"][: -len("_optical_frame")]
+                        gt.T_world_cam.setdefault(cam, {})[tf["stamp_ns"]] = tf["T"]
+            else:
+                cam = conn.topic.strip("/").rsplit("/", 1)[0]
+                stamp = _stamp_ns(msg.header.stamp)
+                if conn.topic.endswith("/depth_gt"):
+                    gt.depth.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.float32, copy=False)
+                elif conn.topic.endswith("/instance_gt"):
+                    gt.instance.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.int32, copy=False)
+                elif conn.msgtype == CAMERA_INFO:
+                    gt.K[cam] = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    finally:
+        b.close()
+    return gt
