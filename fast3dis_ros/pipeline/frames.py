@@ -99,6 +99,9 @@ class WindowPrediction:
     engine_ms: float = 0.0
     depth_scale_metric: bool = False
     extras: dict = field(default_factory=dict)
+    # Optional known camera poses (e.g. from TF) per view, (V, 4, 4) T_knownworld_cam; views whose pose
+    # is unknown hold NaN. Only used by MapFusion(use_known_poses=True) as an alignment fallback.
+    T_world_cam_known: np.ndarray | None = None
 
     @property
     def n_instances(self) -> int:

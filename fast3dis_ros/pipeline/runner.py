@@ -1,0 +1,231 @@
+"""PipelineRunner: sync -> sliding window -> inference engine -> map fusion, with full accounting.
+
+Used by the ROS node (asynchronous: ``sync_mode=False``, the engine drops the oldest queued window when
+inference is slower than the input) and by offline replay (``sync_mode=True``: every window is
+processed in the caller's thread, nothing is dropped for lack of time).
+
+Accounting is per frame set (output of the synchroniser): a set is *processed* once every window that
+contains it has finished and at least one of them was fused; it is *dropped* (reason of its last
+window's drop: queue_full, oom, engine_error, fusion_error, shutdown; or ``not_windowed`` when it was
+never part of a window, e.g. stride > window_size, or ``reset`` after a time jump before windowing) when
+none was. ``accounting()['frame_sets']`` satisfies received == processed + sum(dropped) + in_flight, and
+in_flight == 0 after ``flush()``. Per-frame drops of the synchroniser are reported under ``frames``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .engine import InferenceEngine
+from .frames import CameraFrame, FrameSet, Window, WindowPrediction
+from .fusion import FusionResult, MapFusion
+from .stats import DropCounter, LatencyStats
+from .sync import ApproximateTimeSync
+from .window import SlidingWindow, SyncWatchdog
+
+__all__ = ["PipelineRunner"]
+
+log = logging.getLogger(__name__)
+
+
+class _SetState:
+    __slots__ = ("outstanding", "processed", "reason", "in_buffer")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.processed = False
+        self.reason: str | None = None
+        self.in_buffer = True
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        cameras: list[str],
+        predict_fn: Callable[[Window], WindowPrediction],
+        slop_ns: int = 20_000_000,
+        sync_queue_size: int = 10,
+        jump_back_ns: int = 1_000_000_000,
+        window_size: int = 4,
+        stride: int = 2,
+        max_views: int | None = None,
+        fusion: MapFusion | dict | None = None,
+        sync_mode: bool = False,
+        queue_depth: int = 2,
+        oom_retries: int = 1,
+        oom_subsample: float = 0.5,
+        on_fusion: Callable[[FusionResult, WindowPrediction], None] | None = None,
+        on_prediction: Callable[[Window, WindowPrediction], None] | None = None,
+        on_error: Callable[[Window, BaseException], None] | None = None,
+        watchdog_timeout_ns: int = 2_000_000_000,
+        reset_map_on_time_jump: bool = True,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.cameras = list(cameras)
+        self.sync_mode = bool(sync_mode)
+        self.clock = clock
+        self.on_fusion = on_fusion
+        self.on_prediction = on_prediction
+        self.on_error_cb = on_error
+        self.reset_map_on_time_jump = reset_map_on_time_jump
+        self.fusion = fusion if isinstance(fusion, MapFusion) else MapFusion(**(fusion or {}))
+        self._lock = threading.RLock()
+        self._sets: dict[int, _SetState] = {}
+        self.received = 0
+        self.processed = 0
+        self.dropped = DropCounter()
+        self.fusion_ms = LatencyStats()
+        self.e2e_ms = LatencyStats()  # window creation -> fusion result
+        self.sync = ApproximateTimeSync(self.cameras, slop_ns, sync_queue_size, jump_back_ns,
+                                        on_reset=self._on_time_jump)
+        self.window = SlidingWindow(window_size, stride, max_views, on_evict=self._on_evict, clock=clock)
+        self.watchdog = SyncWatchdog(self.cameras, watchdog_timeout_ns, clock=clock)
+        self.engine = InferenceEngine(predict_fn, queue_depth, on_result=self._on_result, on_drop=self._on_drop,
+                                      on_error=self._on_engine_error, oom_retries=oom_retries,
+                                      oom_subsample=oom_subsample, clock=clock, start=not self.sync_mode)
+        self.windows_emitted = 0
+        self.last_result: FusionResult | None = None
+
+    # ------------------------------------------------------------------ input
+    def feed(self, frame: CameraFrame) -> None:
+        self.watchdog.observe(frame.camera)
+        for fs in self.sync.push(frame):
+            self._on_frame_set(fs)
+
+    def _on_frame_set(self, fs: FrameSet) -> None:
+        with self._lock:
+            self.received += 1
+            self._sets[fs.index] = _SetState()
+        w = self.window.push(fs)
+        if w is not None:
+            self._dispatch(w)
+
+    def _dispatch(self, w: Window) -> None:
+        with self._lock:
+            self.windows_emitted += 1
+            for fs in w.frame_sets:
+                self._sets[fs.index].outstanding += 1
+        if self.sync_mode:
+            self.engine.process_now(w)
+        else:
+            self.engine.submit(w)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """End of input: window any not-yet-windowed sets, wait for the engine, drop pending sync frames,
+        and settle the accounting. Returns False if the engine did not finish within ``timeout``."""
+        w = self.window.flush()
+        if w is not None:
+            self._dispatch(w)
+        ok = True
+        if not self.sync_mode:
+            ok = self.engine.wait_idle(timeout)
+        self.window.reset()
+        self.sync.flush()
+        return ok
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        ok = self.engine.stop(timeout)
+        self.window.reset()
+        return ok
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_time_jump(self) -> None:
+        log.warning("time jumped back: resetting window%s", " and map" if self.reset_map_on_time_jump else "")
+        self.window.reset()
+        if self.reset_map_on_time_jump:
+            with self._lock:
+                self.fusion.reset()
+
+    def _on_evict(self, fs: FrameSet, windowed: bool) -> None:
+        with self._lock:
+            st = self._sets.get(fs.index)
+            if st is None:
+                return
+            st.in_buffer = False
+            if not windowed:
+                st.reason = "not_windowed"
+            self._settle(fs.index, st)
+
+    def _settle(self, idx: int, st: _SetState) -> None:
+        if st.in_buffer or st.outstanding > 0:
+            return
+        del self._sets[idx]
+        if st.processed:
+            self.processed += 1
+        else:
+            self.dropped.add(st.reason or "unknown")
+
+    def _finish(self, w: Window, ok: bool, reason: str | None) -> None:
+        with self._lock:
+            for fs in w.frame_sets:
+                st = self._sets.get(fs.index)
+                if st is None:
+                    continue
+                st.outstanding -= 1
+                if ok:
+                    st.processed = True
+                else:
+                    st.reason = reason
+                self._settle(fs.index, st)
+
+    def _on_result(self, w: Window, pred: WindowPrediction) -> None:
+        if self.on_prediction is not None:
+            self.on_prediction(w, pred)
+        t0 = self.clock()
+        try:
+            with self._lock:
+                res = self.fusion.integrate(pred)
+        except Exception as exc:
+            log.exception("fusion failed for window %d", w.index)
+            if self.on_error_cb is not None:
+                self.on_error_cb(w, exc)
+            self._finish(w, False, "fusion_error")
+            return
+        t1 = self.clock()
+        self.fusion_ms.add((t1 - t0) / 1e6)
+        if w.created_ns:
+            self.e2e_ms.add((t1 - w.created_ns) / 1e6)
+        self.last_result = res
+        self._finish(w, True, None)
+        if self.on_fusion is not None:
+            try:
+                self.on_fusion(res, pred)
+            except Exception as exc:
+                log.exception("on_fusion callback failed")
+                if self.on_error_cb is not None:
+                    self.on_error_cb(w, exc)
+
+    def _on_drop(self, w: Window, reason: str) -> None:
+        self._finish(w, False, reason)
+
+    def _on_engine_error(self, w: Window, exc: BaseException) -> None:
+        if self.on_error_cb is not None:
+            self.on_error_cb(w, exc)
+
+    # ------------------------------------------------------------------ reporting
+    def accounting(self) -> dict:
+        with self._lock:
+            return {
+                "frame_sets": {
+                    "received": self.received,
+                    "processed": self.processed,
+                    "dropped": self.dropped.as_dict(),
+                    "in_flight": len(self._sets),
+                },
+                "frames": {
+                    "pushed": self.sync.pushed,
+                    "in_sets": self.sync.emitted_sets * len(self.cameras),
+                    "pending": self.sync.pending_count(),
+                    "dropped": self.sync.drops.as_dict(),
+                },
+                "windows": {"emitted": self.windows_emitted, "engine": self.engine.stats()},
+                "fusion": {"events": self.fusion.events.as_dict(), "ms": self.fusion_ms.as_dict(),
+                           "e2e_ms": self.e2e_ms.as_dict()},
+                "sync_resets": self.sync.resets,
+            }
+
+    def silent_cameras(self) -> dict[str, int]:
+        return self.watchdog.silent()
