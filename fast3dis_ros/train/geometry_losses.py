@@ -15,7 +15,7 @@ and poses stay mutually consistent.
 - pose: ground-truth and predicted extrinsics are re-expressed relative to the first view
   (``T_ci_c0 = T_ci_w @ inv(T_c0_w)``); L1 on the scale-normalised translation + rotation geodesic
   angle (radians).
-- intrinsics: L1 on focal lengths and principal point divided by the image size.
+- intrinsics: L1 on log focal lengths + L1 on the principal point divided by the image size.
 """
 
 from __future__ import annotations
@@ -145,15 +145,14 @@ def pose_loss(
 
 
 def intrinsics_loss(K_pred: torch.Tensor, K_gt: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """L1 on (fx/W, fy/H, cx/W, cy/H) for (B,V,3,3) intrinsics of an HxW image."""
+    """|log fx_p/fx_g| + |log fy_p/fy_g| + L1 of the principal point / image size, (B,V,3,3) intrinsics
+    of an HxW image. Log ratios keep the loss bounded for wild (random-init) focal lengths."""
     H, W = hw
-    scale = K_pred.new_tensor([W, H, W, H]).float()
-
-    def vec(K: torch.Tensor) -> torch.Tensor:
-        K = K.float()
-        return torch.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]], -1) / scale
-
-    return (vec(K_pred) - vec(K_gt)).abs().sum(-1).mean()
+    Kp, Kg = K_pred.float(), K_gt.float()
+    lf = (torch.log(Kp[..., 0, 0].abs().clamp_min(1e-3)) - torch.log(Kg[..., 0, 0].abs().clamp_min(1e-3))).abs()
+    lf = lf + (torch.log(Kp[..., 1, 1].abs().clamp_min(1e-3)) - torch.log(Kg[..., 1, 1].abs().clamp_min(1e-3))).abs()
+    lc = ((Kp[..., 0, 2] - Kg[..., 0, 2]) / W).abs() + ((Kp[..., 1, 2] - Kg[..., 1, 2]) / H).abs()
+    return (lf + lc.clamp_max(10.0)).mean()
 
 
 class GeometryLoss(torch.nn.Module):

@@ -1,0 +1,616 @@
+"""The FAST3DIS training loop (model-, data- and loss-agnostic parts of ``fast3dis-train``).
+
+One optimizer step = ``accum_steps`` micro-batches of ``batch_size`` samples:
+
+    for each micro-batch: forward under autocast -> instance set losses (model/losses.py) on
+        targets built from the GT instance maps (train/targets.py) [+ geometry losses] -> backward(loss / accum)
+    unscale (fp16) -> clip grad norm -> AdamW step -> warm-up + cosine LR step
+
+Checkpoints: ``out/config.json`` + ``out/model.safetensors`` (model/checkpoint.py; dtype ``save_dtype``)
+plus ``out/train_state.pt`` with everything needed for an exact resume: step, optimizer, LR scheduler,
+GradScaler, RNG states and an fp32 copy of the trainable parameters and buffers (so a checkpoint saved
+in fp16 still resumes exactly). Data order and augmentation are pure functions of (seed, step)
+(train/data.py ``ResumableSampler``), so a resumed run reproduces an uninterrupted one.
+
+Logs: ``out/train_log.jsonl`` (one line per optimizer step), ``out/val_log.jsonl`` (one line per
+validation), ``out/loss_curve.png`` at the end (matplotlib, optional).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fast3dis_ros.train.data import ResumableSampler, TrainSampleDataset, collate
+from fast3dis_ros.train.geometry_losses import GeometryLoss
+from fast3dis_ros.train.targets import build_targets
+
+__all__ = ["TrainConfig", "Trainer", "cosine_warmup_lambda", "resolve_amp"]
+
+TRAIN_STATE = "train_state.pt"
+TRAIN_LOG = "train_log.jsonl"
+VAL_LOG = "val_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1
+    accum_steps: int = 1
+    lr: float = 3e-4
+    lr_backbone_mult: float = 1.0  # LR multiplier of backbone parameters (full fine-tune)
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end (when a validation set exists)
+    full_finetune: bool = False
+    geometry_loss_weight: float = -1.0  # <0: 1.0 with full_finetune, else 0
+    num_workers: int = 0
+    save_dtype: str = "fp32"  # fp32 | fp16 | bf16 (model.safetensors; train_state keeps fp32)
+    deterministic: bool = False
+    progress: bool = True
+    max_eval_batches: int = 16
+    quick_ap: bool = True
+    plot: bool = True
+    out: str = "outputs/train"
+
+    @property
+    def geometry_weight(self) -> float:
+        if self.geometry_loss_weight >= 0:
+            return float(self.geometry_loss_weight)
+        return 1.0 if self.full_finetune else 0.0
+
+
+def cosine_warmup_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """LR factor: linear warm-up from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    total = max(int(total), 1)
+    warmup = max(min(int(warmup), total - 1), 0)
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return float(step + 1) / float(warmup)
+        prog = (step - warmup) / max(total - warmup, 1)
+        prog = min(max(prog, 0.0), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * prog))
+
+    return f
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    amp = (amp or "none").lower()
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None, "fp32": None}[amp]
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------- model adapters
+def build_model(cfg: Any) -> torch.nn.Module:
+    from fast3dis_ros.model.fast3dis import Fast3DIS
+
+    return Fast3DIS(cfg)
+
+
+def select_trainable(model: torch.nn.Module, full: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    """Set requires_grad: everything (full fine-tune) or ``model.trainable_parameters()`` (LoRA + head)."""
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif hasattr(model, "trainable_parameters"):
+        chosen = list(model.trainable_parameters())
+        chosen_ids = {id(p if isinstance(p, torch.Tensor) else p[1]) for p in chosen}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen_ids)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_model_checkpoint(model: torch.nn.Module, cfg: Any, folder: Path, dtype: torch.dtype) -> None:
+    """config.json + model.safetensors via model/checkpoint.py, floating tensors cast to ``dtype``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    try:
+        from fast3dis_ros.model.checkpoint import save_checkpoint
+    except ImportError:
+        save_checkpoint = None
+    if save_checkpoint is not None:
+        save_checkpoint(model, folder)
+        if dtype == torch.float32:
+            return
+        path = folder / "model.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        sd = load_file(str(path))
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+        save_file(sd, str(path), metadata=meta)
+        return
+    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def read_model_config(folder: Path) -> Any:
+    """Fast3disConfig of a checkpoint folder (model/checkpoint.py's reader; plain JSON fallback)."""
+    try:
+        from fast3dis_ros.model.checkpoint import read_checkpoint_config
+
+        return read_checkpoint_config(folder)[0]
+    except ImportError:
+        from fast3dis_ros.model.config import Fast3disConfig
+
+        d = json.loads((Path(folder) / "config.json").read_text())
+        for k in ("format", "contents", "extra"):
+            d.pop(k, None)
+        return Fast3disConfig.from_dict(d)
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(folder) / "model.safetensors"))
+    own = model.state_dict()
+    sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        # frozen pretrained weights may legitimately be absent (LoRA-only checkpoints)
+        pass
+
+
+# ---------------------------------------------------------------------------------- criterion adapter
+def build_criterion(cfg: Any, total_steps: int) -> Any:
+    """model/losses.py ``SetCriterion`` with the weights of ``cfg.loss`` and an overlap schedule fitted to
+    the run length (warm-up over the first 10% of the steps, cosine decay to 10% at the end)."""
+    try:
+        from fast3dis_ros.model.losses import CriterionConfig, SetCriterion
+        from fast3dis_ros.model.schedule import WarmupDecaySchedule
+    except ImportError:
+        return None
+    lw = getattr(cfg, "loss", None)
+    kw: dict[str, Any] = {}
+    if lw is not None:
+        kw = dict(weight_obj=lw.objectness, weight_mask=lw.mask_bce, weight_dice=lw.mask_dice,
+                  weight_contrastive=lw.contrastive)
+        kw = {k: v for k, v in kw.items() if k in CriterionConfig.__dataclass_fields__}
+    w_ov = float(getattr(lw, "overlap", 1.0)) if lw is not None else 1.0
+    total = max(int(total_steps), 2)
+    kw["overlap"] = WarmupDecaySchedule(max_weight=w_ov, floor=0.1 * w_ov, warmup=max(1, total // 10), total=total)
+    return SetCriterion(CriterionConfig(**kw))
+
+
+def instance_losses(criterion: Any, outputs: dict, targets: list[dict], step: int) -> tuple[torch.Tensor, dict]:
+    """Run the set criterion; returns (weighted total, {final-layer loss name: unweighted value})."""
+    try:
+        ld = criterion(outputs, targets, step=step)
+    except TypeError:
+        ld = criterion(outputs, targets)
+    total = ld.get("total", ld.get("loss"))
+    parts = {k: v for k, v in ld.items() if k not in ("total", "loss") and isinstance(v, torch.Tensor)
+             and v.dim() == 0 and not k.rsplit("_", 1)[-1].isdigit()}
+    if total is None:
+        total = sum(parts.values())
+    return total, parts
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(
+        self,
+        model_cfg: Any,
+        tcfg: TrainConfig,
+        train_set: TrainSampleDataset,
+        val_set: TrainSampleDataset | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        criterion: Any = None,
+    ) -> None:
+        self.cfg = model_cfg
+        self.tcfg = tcfg
+        self.out = Path(tcfg.out)
+        self.device = resolve_device(tcfg.device)
+        self.amp_dtype = resolve_amp(tcfg.amp, self.device)
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(tcfg.seed)
+        np.random.seed(tcfg.seed % (2**32))
+        if hasattr(model_cfg, "train_backbone"):
+            model_cfg.train_backbone = bool(tcfg.full_finetune)
+        self.model = (model if model is not None else build_model(model_cfg)).to(self.device)
+        self.named_trainable = select_trainable(self.model, tcfg.full_finetune)
+        if not self.named_trainable:
+            raise RuntimeError("no trainable parameters")
+        self.criterion = criterion if criterion is not None else build_criterion(model_cfg, tcfg.steps)
+        if isinstance(self.criterion, torch.nn.Module):
+            self.criterion.to(self.device)
+        gw = tcfg.geometry_weight
+        self.geometry = GeometryLoss(w_depth=gw, w_trans=gw, w_rot=gw, w_K=0.5 * gw) if gw > 0 else None
+        self.train_set = train_set
+        self.val_set = val_set
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_warmup_lambda(tcfg.steps, tcfg.warmup_steps, tcfg.min_lr_ratio)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.tcfg
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.named_trainable:
+            is_backbone = name.startswith("backbone") and t.full_finetune
+            decay = p.ndim >= 2 and "norm" not in name.lower() and "lora_" not in name
+            groups.setdefault((is_backbone, decay), []).append(p)
+        pg = []
+        for (bb, decay), params in sorted(groups.items()):
+            pg.append({"params": params, "lr": t.lr * (t.lr_backbone_mult if bb else 1.0),
+                       "weight_decay": t.weight_decay if decay else 0.0})
+        fused = self.device.type == "cuda"
+        try:
+            return torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999), fused=fused)
+        except (TypeError, RuntimeError):
+            return torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999))
+
+    def _loader(self, start_pos: int, n_micro: int) -> Iterable[dict]:
+        t = self.tcfg
+        sampler = ResumableSampler(len(self.train_set), seed=t.seed, start=start_pos, length=n_micro * t.batch_size)
+        return DataLoader(
+            self.train_set,
+            batch_size=t.batch_size,
+            sampler=sampler,
+            num_workers=t.num_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if t.num_workers > 0 else None,
+            drop_last=True,
+        )
+
+    # ------------------------------------------------------------------ losses
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def compute_losses(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        with self._autocast():
+            outputs = self.model(images)
+        outputs = _to_float(outputs)
+        hm, wm = outputs["pred_masks"].shape[-2:]
+        targets = build_targets(batch["instance"], (hm, wm), max_instances=outputs["pred_masks"].shape[1])
+        targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        if self.criterion is not None:
+            li, pi = instance_losses(self.criterion, outputs, targets, step)
+            total = total + li
+            parts["loss_instance"] = li
+            parts.update(pi)
+        if self.geometry is not None:
+            gb = {k: batch[k].to(self.device) for k in ("depth", "K", "T_cam_world", "images") if k in batch}
+            gl = self.geometry(outputs, gb)
+            total = total + gl["loss_geometry"]
+            parts.update(gl)
+        return total, parts, outputs
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        self.model.train()
+        accum = len(micro_batches)
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            loss, parts, _ = self.compute_losses(mb, self.step)
+            self.scaler.scale(loss / accum).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        self.scaler.unscale_(self.optimizer)
+        params = [p for _, p in self.named_trainable]
+        if self.tcfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+        else:
+            gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+        gnorm_f = float(gnorm)
+        if self.amp_dtype == torch.float16 or math.isfinite(gnorm_f):
+            self.scaler.step(self.optimizer)  # GradScaler skips the step itself on inf/nan (fp16)
+        sums["skipped"] = float(not math.isfinite(gnorm_f))
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        sums["grad_norm"] = gnorm_f
+        self.step += 1
+        return sums
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def save(self, folder: Path | None = None) -> Path:
+        folder = Path(folder or self.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model_checkpoint(self.model, self.cfg, folder, _DTYPES[self.tcfg.save_dtype])
+        trainable = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.named_trainable}
+        buffers = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers()}
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "trainable": trainable,
+            "buffers": buffers,
+            "train_config": asdict(self.tcfg),
+        }
+        tmp = folder / (TRAIN_STATE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, folder / TRAIN_STATE)
+        return folder
+
+    def load(self, folder: Path) -> None:
+        """Exact resume from ``folder`` (model weights + train_state.pt)."""
+        folder = Path(folder)
+        state_path = folder / TRAIN_STATE
+        if (folder / "model.safetensors").exists():
+            load_model_weights(self.model, folder)
+        if not state_path.exists():
+            return  # weights-only initialisation
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                if n in named:
+                    named[n].copy_(v.to(named[n].dtype))
+            bufs = dict(self.model.named_buffers())
+            for n, v in state.get("buffers", {}).items():
+                if n in bufs and bufs[n].shape == v.shape:
+                    bufs[n].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        self.model.eval()
+        sums: dict[str, float] = {}
+        n = 0
+        ap_scores: list[dict] = []
+        loader = DataLoader(self.val_set, batch_size=1, shuffle=False, collate_fn=collate, num_workers=0)
+        for i, batch in enumerate(loader):
+            if i >= self.tcfg.max_eval_batches:
+                break
+            loss, parts, outputs = self.compute_losses(batch, self.step)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if self.tcfg.quick_ap:
+                r = quick_ap(outputs, batch)
+                if r:
+                    ap_scores.append(r)
+        self.model.train()
+        res = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+        if ap_scores:
+            for k in ap_scores[0]:
+                vals = [r[k] for r in ap_scores if k in r and r[k] is not None and math.isfinite(r[k])]
+                if vals:
+                    res[f"val_{k}"] = float(np.mean(vals))
+        return res
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> dict[str, Any]:
+        t = self.tcfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / TRAIN_LOG
+        _truncate_log(log_path, self.step)
+        _truncate_log(self.out / VAL_LOG, self.step)
+        remaining = max(t.steps - self.step, 0)
+        loader = self._loader(self.step * t.accum_steps * t.batch_size, remaining * t.accum_steps)
+        bar = None
+        if t.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=t.steps, initial=self.step, desc="fast3dis-train", dynamic_ncols=True,
+                           mininterval=0.5)
+            except ImportError:
+                bar = None
+        it = iter(loader)
+        last: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ema = None
+        with open(log_path, "a") as logf:
+            while self.step < t.steps:
+                ts = time.perf_counter()
+                mbs = [next(it) for _ in range(t.accum_steps)]
+                stats = self.train_step(mbs)
+                stats["time_s"] = time.perf_counter() - ts
+                stats["samples_per_s"] = t.batch_size * t.accum_steps / max(stats["time_s"], 1e-9)
+                rec = {"step": self.step, **{k: _round(v) for k, v in stats.items()}}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                self.history.append(rec)
+                last = rec
+                ema = stats["loss"] if ema is None else 0.9 * ema + 0.1 * stats["loss"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", avg=f"{ema:.4f}", lr=f"{stats['lr']:.2e}",
+                                    refresh=False)
+                if t.log_every and self.step % t.log_every == 0:
+                    msg = f"step {self.step}/{t.steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
+                    (bar.write if bar is not None else print)(msg)
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                    self.save()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    self._run_val(bar)
+        if bar is not None:
+            bar.close()
+        self.save()
+        val = self._run_val(None)
+        if t.plot:
+            plot_losses(log_path, self.out / "loss_curve.png")
+        return {"step": self.step, "train": last, "val": val, "wall_s": time.perf_counter() - t0}
+
+    def _run_val(self, bar) -> dict[str, float]:
+        val = self.validate()
+        if val:
+            with open(self.out / VAL_LOG, "a") as f:
+                f.write(json.dumps({"step": self.step, **{k: _round(v) for k, v in val.items()}}) + "\n")
+            msg = f"[val step {self.step}] " + " ".join(f"{k}={v:.4g}" for k, v in val.items())
+            (bar.write if bar is not None else print)(msg)
+        return val
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _to_float(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return float(f"{v:.6g}") if math.isfinite(v) else str(v)
+    return v
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def plot_losses(log_path: Path, png: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
+    if not recs:
+        return None
+    keys = [k for k in recs[-1] if k.startswith("loss") and isinstance(recs[-1][k], (int, float))]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in recs]
+    for k in keys:
+        ys = [r.get(k, float("nan")) for r in recs]
+        ax.plot(steps, ys, label=k, lw=2.0 if k == "loss" else 1.0)
+    vpath = Path(log_path).with_name(VAL_LOG)
+    if vpath.exists():
+        vr = [json.loads(l) for l in vpath.read_text().splitlines() if l.strip()]
+        if vr:
+            ax.plot([r["step"] for r in vr], [r.get("val_loss", float("nan")) for r in vr], "ko--", label="val_loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.3) -> dict[str, float] | None:
+    """Cheap validation metrics of the first sample with fast3dis_ros.eval.metrics (None if missing).
+
+    Predictions: queries with sigmoid(objectness) > ``score_threshold``, per-pixel argmax of their mask
+    probabilities (pixels below 0.5 unassigned). ``ap2d``: per-view COCO mask AP; ``mv_AP``/``mv_AP50``:
+    class-agnostic ScanNet AP over all pixels of all views (ids are consistent across views, so this
+    scores multi-view consistency like a 3D AP on the pixel point set); ``abs_rel``: depth (median scaled).
+    """
+    try:
+        from fast3dis_ros.eval import metrics
+    except ImportError:
+        return None
+    logits = outputs["pred_logits"][0].float()
+    masks = outputs["pred_masks"][0].float()  # Q,V,Hm,Wm
+    gt = batch["instance"][0].cpu().numpy()
+    V, H, W = gt.shape
+    scores = torch.sigmoid(logits)
+    probs = torch.sigmoid(torch.nn.functional.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False))
+    keep = scores > score_threshold
+    labels = torch.zeros(V, H, W, dtype=torch.long)
+    if bool(keep.any()):
+        kq = torch.nonzero(keep)[:, 0]
+        pk = probs[kq] * scores[kq, None, None, None]
+        best, arg = pk.max(0)
+        lab = kq[arg] + 1
+        labels = torch.where(probs[kq].max(0).values > 0.5, lab, torch.zeros_like(lab)).cpu()
+    labels_np = labels.numpy()
+    sc = scores.detach().cpu().numpy()
+    res: dict[str, float] = {}
+    try:
+        if hasattr(metrics, "mask_ap_2d"):
+            r = metrics.mask_ap_2d(labels_np, sc, gt)
+            res["ap2d"] = float(r.get("AP", r.get("ap", float("nan"))))
+        if hasattr(metrics, "InstanceAPEvaluator"):
+            ev = metrics.InstanceAPEvaluator()
+            ev.add_scene(labels_np.ravel(), sc, gt.ravel())
+            r = ev.compute()
+            res["mv_AP"] = float(r["AP"])
+            res["mv_AP50"] = float(r["AP50"])
+        if hasattr(metrics, "depth_metrics") and "depth" in batch:
+            d = outputs["depth"][0].float()
+            if tuple(d.shape[-2:]) != (H, W):
+                d = torch.nn.functional.interpolate(d[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            r = metrics.depth_metrics(d.cpu().numpy(), batch["depth"][0].cpu().numpy(), scale="global_median")
+            res["abs_rel"] = float(r["abs_rel"])
+    except Exception as e:  # metrics are a convenience here; never kill a training run
+        res["metrics_error"] = float("nan")
+        print(f"[quick_ap] metrics failed: {e!r}")
+    return res

@@ -1,0 +1,283 @@
+"""``fast3dis-train``: train FAST3DIS on synthetic scenes (generated on the fly) or dataset folders.
+
+Examples::
+
+    # CPU smoke run
+    fast3dis-train --synthetic 2 --steps 3 --size tiny --device cpu --out /tmp/ckpt
+    # the bundled tiny checkpoint (GPU): see scripts/train_bundled.sh
+    fast3dis-train --synthetic 256 --size tiny --full-finetune --cameras 3 --frames 2 \
+        --height 140 --width 196 --batch-size 8 --steps 3000 --amp bf16 --device cuda --out ckpt/
+    # resume (same command + --resume, or --resume DIR)
+    fast3dis-train ... --out ckpt/ --resume
+
+Outputs in ``--out``: ``config.json`` + ``model.safetensors`` (model/checkpoint.py), ``train_state.pt``
+(exact resume), ``train_log.jsonl``, ``val_log.jsonl``, ``loss_curve.png``, ``train_args.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset
+from fast3dis_ros.train.loop import TrainConfig, Trainer, resolve_device
+
+__all__ = ["main", "build_parser", "make_synthetic_scenes", "build_datasets", "build_model_config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fast3dis-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=str, default=None, help="comma-separated dataset folders (synthetic scene folders "
+                     "written by fast3dis-synth, or folders of them)")
+    src.add_argument("--synthetic", type=int, default=None, metavar="N_SCENES",
+                     help="generate N synthetic training scenes (seeds --scene-seed .. +N-1)")
+    p.add_argument("--cache", type=str, default=None, help="cache folder for generated scenes (reused when present)")
+    p.add_argument("--scene-seed", type=int, default=1000, help="first seed of the generated training scenes")
+    p.add_argument("--val-seeds", type=str, default="900000,900001",
+                   help="held-out synthetic seeds for validation: 'a,b,c' or 'a-b' (empty = no validation)")
+    p.add_argument("--scene-frames", type=int, default=0, help="frames rendered per synthetic scene (0 = 2x --frames)")
+    p.add_argument("--objects", type=int, default=10, help="instances per synthetic scene")
+    p.add_argument("--render-device", type=str, default="auto", help="device for the synthetic renderer")
+    p.add_argument("--gen-workers", type=int, default=0, help="CPU processes generating scenes (0 = in-process)")
+    p.add_argument("--size", type=str, default="tiny", choices=["tiny", "small", "base", "large", "giant"])
+    p.add_argument("--da3-weights", type=str, default=None, help="DA3 weights (folder or hub id) for non-tiny sizes")
+    p.add_argument("--init", type=str, default=None, help="initialise the model from a FAST3DIS checkpoint folder")
+    p.add_argument("--cameras", type=int, default=3, help="cameras per sample")
+    p.add_argument("--frames", type=int, default=2, help="frames per sample (views = cameras x frames)")
+    p.add_argument("--views", type=int, default=None, help="views per sample; overrides --frames (= views // cameras)")
+    p.add_argument("--height", type=int, default=140)
+    p.add_argument("--width", type=int, default=196)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--accum-steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-backbone-mult", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps (max 200)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--amp", type=str, default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--device", type=str, default="auto")
+    p.add_argument("--out", type=str, default="outputs/train")
+    p.add_argument("--resume", nargs="?", const="__out__", default=None, metavar="CKPT_DIR",
+                   help="resume exactly from CKPT_DIR (default: --out)")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--export", type=str, default=None,
+                   help="also write a lean inference checkpoint (config.json + model.safetensors) here")
+    p.add_argument("--export-dtype", type=str, default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--full-finetune", action="store_true", help="train the whole network (tiny config) incl. geometry")
+    p.add_argument("--geometry-loss-weight", type=float, default=-1.0,
+                   help="weight of depth/pose/intrinsics losses (<0: 1 with --full-finetune, else 0)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--jitter", type=float, default=0.2, help="colour jitter strength (0 = off)")
+    p.add_argument("--no-shuffle-views", action="store_true")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    return p
+
+
+def _parse_seeds(s: str | None) -> list[int]:
+    if not s:
+        return []
+    out: list[int] = []
+    for part in s.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+# ---------------------------------------------------------------------------------- model config
+def build_model_config(args: argparse.Namespace) -> Any:
+    from fast3dis_ros.model.config import Fast3disConfig
+
+    res = max(args.height, args.width)
+    res = ((res + 13) // 14) * 14
+    overrides = {"process_res": res}
+    if args.da3_weights:
+        overrides["pretrained"] = args.da3_weights
+    cfg = Fast3disConfig.for_size(args.size, **overrides)
+    cfg.train_backbone = bool(args.full_finetune)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- data
+def _gen_one(payload: tuple[dict, int, str | None]) -> Any:
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, load_dataset, write_dataset
+
+    cfg_d, seed, cache = payload
+    if cache:
+        folder = Path(cache) / f"scene_{seed:07d}"
+        if (folder / "scene.json").is_file():
+            try:
+                sc = load_dataset(folder)
+                c = sc.config
+                if (c.width, c.height, c.n_cameras, c.n_frames, c.n_objects) == (
+                    cfg_d["width"], cfg_d["height"], cfg_d["n_cameras"], cfg_d["n_frames"], cfg_d["n_objects"]
+                ):
+                    return sc
+            except Exception:
+                pass
+    sc = generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
+    if cache:
+        write_dataset(sc, Path(cache) / f"scene_{seed:07d}")
+    return sc
+
+
+def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, height: int, width: int,
+                          n_objects: int = 10, device: str = "cpu", cache: str | None = None,
+                          workers: int = 0, desc: str = "scenes") -> list[Any]:
+    """Generate (or load from ``cache``) synthetic scenes rendered at the training resolution."""
+    from fast3dis_ros.data.synthetic import SceneConfig
+
+    cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
+                      device=device)
+    payloads = [(cfg.to_dict(), int(s), cache) for s in seeds]
+    t0 = time.perf_counter()
+    if workers > 0 and device == "cpu" and len(payloads) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+            scenes = list(ex.map(_gen_one, payloads, chunksize=max(1, len(payloads) // (4 * workers))))
+    else:
+        scenes = [_gen_one(p) for p in payloads]
+    print(f"[fast3dis-train] {desc}: {len(scenes)} scenes ({cameras} cams x {frames} frames, {width}x{height}) "
+          f"on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return scenes
+
+
+def _load_folders(spec: str) -> list[Any]:
+    """Scenes from dataset folders (via data/datasets.py when it offers a loader; else data/synthetic.py)."""
+    from fast3dis_ros.data.synthetic import load_dataset
+
+    scenes = []
+    for d in [s for s in spec.split(",") if s.strip()]:
+        root = Path(d.strip())
+        if (root / "scene.json").is_file():
+            scenes.append(load_dataset(root))
+        else:
+            subs = sorted(p.parent for p in root.glob("*/scene.json"))
+            if not subs:
+                raise FileNotFoundError(f"{root}: no scene.json here or one level below")
+            scenes.extend(load_dataset(s) for s in subs)
+    return scenes
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainSampleDataset | None]:
+    hw = (args.height, args.width)
+    frames = args.frames if args.views is None else max(1, args.views // max(args.cameras, 1))
+    scene_frames = args.scene_frames or max(2 * frames, frames)
+    rdev = args.render_device
+    if rdev == "auto":
+        rdev = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
+    if args.data:
+        scenes = _load_folders(args.data)
+    else:
+        n = args.synthetic if args.synthetic is not None else 8
+        scenes = make_synthetic_scenes(range(args.scene_seed, args.scene_seed + n), cameras=args.cameras,
+                                       frames=scene_frames, height=args.height, width=args.width,
+                                       n_objects=args.objects, device=rdev, cache=args.cache,
+                                       workers=args.gen_workers, desc="train")
+    train_base = SceneWindowDataset(scenes, frames_per_sample=frames)
+    if len(train_base) == 0:
+        raise ValueError(f"no training windows: scenes have fewer than {frames} frames")
+    train = TrainSampleDataset(train_base, hw, augment=True, jitter=args.jitter,
+                               shuffle_views=not args.no_shuffle_views)
+    val = None
+    seeds = _parse_seeds(args.val_seeds)
+    if seeds:
+        vs = make_synthetic_scenes(seeds, cameras=args.cameras, frames=frames, height=args.height,
+                                   width=args.width, n_objects=args.objects, device=rdev,
+                                   cache=args.cache, desc="val")
+        val = TrainSampleDataset(SceneWindowDataset(vs, frames_per_sample=frames, window_step=frames), hw,
+                                 augment=False)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.height % 14 or args.width % 14:
+        raise SystemExit(f"--height/--width must be multiples of 14 (DA3 patch size), got {args.height}x{args.width}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_dir = None
+    if args.resume is not None:
+        resume_dir = out if args.resume == "__out__" else Path(args.resume)
+    # model config: from the checkpoint being resumed/initialised, else from the CLI
+    cfg_src = resume_dir if resume_dir is not None and (resume_dir / "config.json").is_file() else (
+        Path(args.init) if args.init else None)
+    if cfg_src is not None:
+        from fast3dis_ros.train.loop import read_model_config
+
+        cfg = read_model_config(cfg_src)
+        cfg.train_backbone = bool(args.full_finetune)
+    else:
+        cfg = build_model_config(args)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.steps // 20))
+    tcfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
+        lr_backbone_mult=args.lr_backbone_mult, weight_decay=args.weight_decay, warmup_steps=warmup,
+        grad_clip=args.grad_clip, amp=args.amp, device=args.device, seed=args.seed, log_every=args.log_every,
+        save_every=args.save_every, eval_every=args.eval_every, full_finetune=args.full_finetune,
+        geometry_loss_weight=args.geometry_loss_weight, num_workers=args.num_workers, save_dtype=args.save_dtype,
+        deterministic=args.deterministic, progress=not args.no_progress, plot=not args.no_plot, out=str(out),
+    )
+    (out / "train_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+    train_set, val_set = build_datasets(args)
+    trainer = Trainer(cfg, tcfg, train_set, val_set)
+    n_train = sum(p.numel() for _, p in trainer.named_trainable)
+    n_all = sum(p.numel() for p in trainer.model.parameters())
+    print(f"[fast3dis-train] {args.size}: {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
+          f"{len(train_set)} train windows, {len(val_set) if val_set else 0} val windows; device "
+          f"{trainer.device}, amp {trainer.amp_dtype}", flush=True)
+    if args.init and resume_dir is None:
+        from fast3dis_ros.train.loop import load_model_weights
+
+        load_model_weights(trainer.model, Path(args.init))
+    if resume_dir is not None:
+        if (resume_dir / "train_state.pt").is_file() or (resume_dir / "model.safetensors").is_file():
+            trainer.load(resume_dir)
+            print(f"[fast3dis-train] resumed from {resume_dir} at step {trainer.step}", flush=True)
+        else:
+            print(f"[fast3dis-train] nothing to resume in {resume_dir}; starting fresh", flush=True)
+    summary = trainer.fit()
+    if args.export:
+        from fast3dis_ros.train.loop import _DTYPES, save_model_checkpoint
+
+        save_model_checkpoint(trainer.model, cfg, Path(args.export), _DTYPES[args.export_dtype])
+        size = sum(f.stat().st_size for f in Path(args.export).iterdir() if f.is_file())
+        summary["export"] = {"path": str(args.export), "bytes": size}
+    final = {k: v for k, v in summary["train"].items() if k.startswith("loss")}
+    print("[fast3dis-train] final train losses: " + json.dumps(final), flush=True)
+    if summary.get("val"):
+        print("[fast3dis-train] final val: " + json.dumps(summary["val"]), flush=True)
+    print(f"[fast3dis-train] done: {summary['step']} steps in {summary['wall_s']:.1f}s -> {out}", flush=True)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
