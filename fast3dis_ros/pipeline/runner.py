@@ -72,7 +72,8 @@ class PipelineRunner:
         self.on_error_cb = on_error
         self.reset_map_on_time_jump = reset_map_on_time_jump
         self.fusion = fusion if isinstance(fusion, MapFusion) else MapFusion(**(fusion or {}))
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # accounting
+        self._fusion_lock = threading.Lock()  # map state (fusion runs on the engine thread when async)
         self._sets: dict[int, _SetState] = {}
         self.received = 0
         self.processed = 0
@@ -136,7 +137,7 @@ class PipelineRunner:
         log.warning("time jumped back: resetting window%s", " and map" if self.reset_map_on_time_jump else "")
         self.window.reset()
         if self.reset_map_on_time_jump:
-            with self._lock:
+            with self._fusion_lock:
                 self.fusion.reset()
 
     def _on_evict(self, fs: FrameSet, windowed: bool) -> None:
@@ -176,7 +177,7 @@ class PipelineRunner:
             self.on_prediction(w, pred)
         t0 = self.clock()
         try:
-            with self._lock:
+            with self._fusion_lock:
                 res = self.fusion.integrate(pred)
         except Exception as exc:
             log.exception("fusion failed for window %d", w.index)
