@@ -50,8 +50,9 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("stride", 4, "A new window every `stride` frame sets (stride <= window_size: overlapping windows "
               "share frame sets, which aligns them to the map).", (1, 512), extra="stride <= window_size"),
     # model
-    ParamSpec("process_long_edge", 504, "Long image edge at which the network runs [px] (multiple of 14).",
-              (28, 4096), extra="multiple of 14"),
+    ParamSpec("process_long_edge", 0, "Long image edge at which the network runs [px] (multiple of 14); "
+              "0: the model config's process_res (504 for the DA3 models, 70 for tiny).",
+              (0, 4096), extra="0 or a multiple of 14 >= 28"),
     ParamSpec("model_size", "tiny", "DA3 backbone size when no checkpoint config says otherwise.",
               choices=MODEL_SIZES),
     ParamSpec("weights", "", "DA3 weights: a local folder (model.safetensors + config.json) or a hub id. "
@@ -70,6 +71,10 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("voxel_size", 0.02, "Voxel size of the running map (map units: metres when metric).", (1e-4, 10.0)),
     ParamSpec("max_map_points", 1_000_000, "Cap on running map points (oldest voxels dropped first).",
               (1000, 50_000_000)),
+    ParamSpec("camera_frame", "{camera}_optical_frame",
+              "TF child frame template of the estimated camera poses (map -> camera_frame).",
+              extra="must contain {camera}"),
+    ParamSpec("publish_tf", True, "Publish the estimated camera poses on /tf."),
     ParamSpec("map_frame", "map", "Fixed frame of the outputs (the first window's reference).",
               extra="non-empty, no leading '/'"),
     ParamSpec("use_known_intrinsics", True, "Give CameraInfo K to the network (else it estimates intrinsics)."),
@@ -119,12 +124,12 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
         bad = [c for c in value if not c or not all(ch.isalnum() or ch == "_" for ch in c)]
         if bad:
             return f"camera names must be non-empty [A-Za-z0-9_]: {bad}"
-    if name in ("image_topic", "camera_info_topic", "compressed_topic") and "{camera}" not in value:
+    if name in ("image_topic", "camera_info_topic", "compressed_topic", "camera_frame") and "{camera}" not in value:
         return f"{name} '{value}' must contain '{{camera}}'"
     if name == "map_frame" and (not value or value.startswith("/")):
         return f"map_frame '{value}' must be non-empty and not start with '/'"
-    if name == "process_long_edge" and value % 14:
-        return f"process_long_edge={value} must be a multiple of 14 (DA3 patch size)"
+    if name == "process_long_edge" and value != 0 and (value % 14 or value < 28):
+        return f"process_long_edge={value} must be 0 or a multiple of 14 >= 28 (DA3 patch size)"
     if name in ("stride", "window_size"):
         stride = value if name == "stride" else others.get("stride")
         win = value if name == "window_size" else others.get("window_size")
@@ -164,6 +169,36 @@ def read_parameters(node) -> dict:
             v = float(v)
         out[p.name] = v
     return out
+
+
+def render_yaml() -> str:
+    """config/fast3dis.yaml as generated from ``PARAMS`` (descriptions as comments)."""
+    import json
+    import textwrap
+
+    lines = ["# Defaults of the fast3dis node. Generated from fast3dis_ros/ros/params.py (which also holds the",
+             "# ranges); test/test_params.py checks both agree. Regenerate:",
+             "#   python -c 'from fast3dis_ros.ros.params import render_yaml; print(render_yaml(), end=\"\")' "
+             "> config/fast3dis.yaml",
+             "# Use: --ros-args --params-file config/fast3dis.yaml",
+             "/**:", "  ros__parameters:"]
+    for p in PARAMS:
+        doc = p.description
+        if p.range:
+            doc += f" Range [{p.range[0]}, {p.range[1]}]."
+        if p.choices:
+            doc += f" One of {list(p.choices)}."
+        doc += "" if p.read_only else " Can be changed at run time."
+        lines += ["    # " + ln for ln in textwrap.wrap(doc, 100)]
+        v = p.default
+        if isinstance(v, bool):
+            vs = "true" if v else "false"
+        elif isinstance(v, (str, list)):
+            vs = json.dumps(v).replace('", "', '", "')
+        else:
+            vs = repr(v)
+        lines.append(f"    {p.name}: {vs}")
+    return "\n".join(lines) + "\n"
 
 
 def load_yaml_defaults(path) -> dict:

@@ -1,0 +1,381 @@
+"""fast3dis node: camera images in, instance-labelled map out.
+
+Thin by design (docs/ARCHITECTURE.md): parameters in, frames to ``PipelineRunner``, messages out.
+
+Inputs (sensor-data QoS), per camera ``c`` in ``cameras``:
+  ``image_topic`` (sensor_msgs/Image), ``camera_info_topic`` (CameraInfo), optionally
+  ``compressed_topic`` (CompressedImage, ``use_compressed``).
+Outputs (reliable, depth ``output_qos_depth``), all in ``map_frame``, stamped with the window's newest
+frame set stamp:
+  ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
+  (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
+  TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp), ``/diagnostics``.
+
+Threads: subscription callbacks only convert and hand frames over (sync + windowing are cheap);
+inference, fusion and publishing run on the engine's worker thread. Nothing raises out of a callback:
+bad input is logged (throttled) and counted in diagnostics.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from visualization_msgs.msg import MarkerArray
+
+from ..pipeline.frames import CameraFrame
+from . import params as P
+from .conversions import (
+    ImageConversionError,
+    camera_info_to_K,
+    cloud_to_pointcloud2,
+    compressed_to_rgb,
+    image_to_rgb,
+    instances_to_markers,
+    instances_to_msg,
+    stamp_to_ns,
+)
+from .diagnostics import DiagnosticsBuilder
+from .qos import camera_info_qos, output_qos, sensor_qos
+from .tf import HAVE_TF2_ROS, TFBroadcaster, matrix_to_transform
+
+__all__ = ["Fast3disNode", "main", "make_predictor"]
+
+THROTTLE_S = 5.0
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def make_predictor(p: dict):
+    """Predictor from the parameters: checkpoint > random tiny model (model_size 'tiny', no checkpoint)."""
+    from ..model.predictor import Predictor
+
+    device = resolve_device(p["device"])
+    kw = {"score_threshold": p["score_threshold"]}
+    if p["process_long_edge"]:
+        kw["process_size"] = p["process_long_edge"]
+    if p["checkpoint"]:
+        return Predictor.from_checkpoint(p["checkpoint"], device=device, da3_weights=p["weights"] or None, **kw), \
+            f"checkpoint {p['checkpoint']}"
+    if p["model_size"] == "tiny" and not p["weights"]:
+        return Predictor.random_tiny(seed=p["seed"], device=device, **kw), \
+            f"RANDOM tiny model (seed {p['seed']}): outputs are meaningless, for plumbing/tests only"
+    raise ValueError(
+        f"model_size '{p['model_size']}'{' with weights ' + p['weights'] if p['weights'] else ''} needs a "
+        "FAST3DIS checkpoint (parameter 'checkpoint'): DA3 weights alone have no instance head")
+
+
+class Fast3disNode(Node):
+    def __init__(self, predictor=None, **node_kwargs):
+        super().__init__(P.NODE_NAME, **node_kwargs)
+        P.declare_parameters(self)
+        self.p = P.read_parameters(self)
+        reasons = P.validate_all(self.p)
+        if reasons:
+            raise ValueError("invalid parameters: " + "; ".join(reasons))
+        self.cameras: list[str] = list(self.p["cameras"])
+        self.map_frame = self.p["map_frame"]
+        self._lock = threading.Lock()
+        self._info: dict[str, CameraInfo] = {}
+        self._K_cache: dict[tuple, tuple] = {}
+        self._closing = False
+        self._loggers: dict = {}
+        self.diag = DiagnosticsBuilder(self.get_name(), self.cameras)
+
+        # model + pipeline (loading happens here, before any subscription exists)
+        if predictor is None:
+            predictor, what = make_predictor(self.p)
+        else:
+            what = type(predictor).__name__
+        self.predictor = predictor
+        self.get_logger().info(f"model: {what}")
+        from ..pipeline.fusion import MapFusion
+        from ..pipeline.runner import PipelineRunner
+
+        fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
+                           min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
+                           use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame)
+        self.runner = PipelineRunner(
+            self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9),
+            sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
+            fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion,
+            on_error=self._on_engine_error,
+        )
+
+        # outputs
+        oq = output_qos(self.p["output_qos_depth"])
+        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", oq)
+        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", oq)
+        from fast3dis_msgs.msg import InstanceArray
+
+        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", oq)
+        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", oq)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
+
+        # known poses from TF (needs tf2_ros)
+        self._tf_buffer = None
+        if self.p["use_known_poses"]:
+            if HAVE_TF2_ROS:  # pragma: no cover - real ROS install only
+                import tf2_ros
+
+                self._tf_buffer = tf2_ros.Buffer()
+                self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+            else:
+                self.get_logger().warning("use_known_poses needs tf2_ros, which is not installed: poses are "
+                                          "estimated by the network instead")
+
+        # inputs
+        sq, iq = sensor_qos(), camera_info_qos()
+        self._subs = []
+        for cam in self.cameras:
+            topic = self.p["image_topic"].format(camera=cam)
+            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
+            info_topic = self.p["camera_info_topic"].format(camera=cam)
+            self._subs.append(self.create_subscription(CameraInfo, info_topic,
+                                                       lambda m, c=cam: self._on_info(m, c), iq))
+            if self.p["use_compressed"]:
+                ctopic = self.p["compressed_topic"].format(camera=cam)
+                self._subs.append(self.create_subscription(CompressedImage, ctopic,
+                                                           lambda m, c=cam: self._on_compressed(m, c), sq))
+            self.get_logger().info(f"camera '{cam}': {topic}, {info_topic}")
+
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        # wall-clock timer: diagnostics keep flowing even while sim time is paused
+        self._diag_timer = self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics,
+                                             clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.get_logger().info(
+            f"ready: {len(self.cameras)} cameras, window {self.p['window_size']} sets / stride {self.p['stride']}, "
+            f"outputs in '{self.map_frame}'")
+
+    # ------------------------------------------------------------------ input callbacks
+    def _warn(self, key: str, msg: str) -> None:
+        # rclpy throttles per (logger object, call site): one cached child logger per kind of problem
+        lg = self._loggers.get(key)
+        if lg is None:
+            lg = self._loggers[key] = self.get_logger().get_child(key)
+        lg.warning(msg, throttle_duration_sec=THROTTLE_S)
+
+    def _on_info(self, msg: CameraInfo, cam: str) -> None:
+        self.diag.info_rate[cam].tick()
+        with self._lock:
+            self._info[cam] = msg
+
+    def _intrinsics(self, cam: str, w: int, h: int) -> np.ndarray | None:
+        if not self.p["use_known_intrinsics"]:
+            self.diag.k_status[cam] = "not used (use_known_intrinsics false)"
+            return None
+        with self._lock:
+            info = self._info.get(cam)
+        if info is None:
+            self.diag.k_status[cam] = "no CameraInfo yet: network estimates K"
+            return None
+        key = (cam, w, h, tuple(info.k), info.width, info.height)
+        hit = self._K_cache.get(cam)
+        if hit is None or hit[0] != key:
+            K, why = camera_info_to_K(info, (w, h))
+            self._K_cache[cam] = hit = (key, K, why)
+            if K is None:
+                self._warn(f"k_{cam}", f"{cam}: CameraInfo unusable ({why}); the network estimates K")
+        _, K, why = hit
+        self.diag.k_status[cam] = ("ok" + (f" ({why})" if why else "")) if K is not None else f"invalid: {why}"
+        return K
+
+    def _feed(self, cam: str, header, rgb: np.ndarray) -> None:
+        stamp = stamp_to_ns(header.stamp)
+        if stamp <= 0:
+            self.diag.input_errors[cam].add("zero_stamp")
+            self._warn(f"stamp_{cam}", f"{cam}: image without stamp (header.stamp = 0): dropped")
+            return
+        h, w = rgb.shape[:2]
+        K = self._intrinsics(cam, w, h)
+        T_world_cam = self._known_pose(cam, header) if self._tf_buffer is not None else None
+        frame = CameraFrame(cam, stamp, rgb, frame_id=header.frame_id or self.p["camera_frame"].format(camera=cam),
+                            K=K, T_world_cam=T_world_cam)
+        self.runner.feed(frame)
+
+    def _on_image(self, msg: Image, cam: str) -> None:
+        if self._closing:
+            return
+        self.diag.image_rate[cam].tick()
+        try:
+            rgb = image_to_rgb(msg)
+            self._feed(cam, msg.header, rgb)
+        except ImageConversionError as e:
+            self.diag.input_errors[cam].add("bad_image")
+            self._warn(f"img_{cam}", f"{cam}: image rejected: {e}")
+        except Exception as e:  # never let a callback kill the node
+            self.diag.input_errors[cam].add("internal_error")
+            self._warn(f"err_{cam}", f"{cam}: failed to handle image: {e!r}\n{traceback.format_exc(limit=3)}")
+
+    def _on_compressed(self, msg: CompressedImage, cam: str) -> None:
+        if self._closing:
+            return
+        self.diag.image_rate[cam].tick()
+        try:
+            self._feed(cam, msg.header, compressed_to_rgb(msg))
+        except ImageConversionError as e:
+            self.diag.input_errors[cam].add("bad_compressed_image")
+            self._warn(f"cimg_{cam}", f"{cam}: compressed image rejected: {e}")
+        except Exception as e:
+            self.diag.input_errors[cam].add("internal_error")
+            self._warn(f"err_{cam}", f"{cam}: failed to handle compressed image: {e!r}")
+
+    def _known_pose(self, cam: str, header):  # pragma: no cover - needs tf2_ros
+        from rclpy.time import Time
+
+        from .tf import transform_to_matrix
+
+        try:
+            t = self._tf_buffer.lookup_transform(self.map_frame, header.frame_id, Time.from_msg(header.stamp))
+            return transform_to_matrix(t)
+        except Exception as e:
+            self._warn(f"pose_{cam}", f"{cam}: no TF {self.map_frame} <- {header.frame_id}: {e}")
+            return None
+
+    # ------------------------------------------------------------------ engine thread
+    def _on_engine_error(self, window, exc) -> None:
+        self.diag.node_errors.add("engine")
+        self._last_engine_error = f"window {getattr(window, 'index', '?')}: {exc!r}"
+        self._warn("engine", f"inference failed on {self._last_engine_error}")
+
+    def _on_fusion(self, result, pred) -> None:
+        if self._closing:
+            return
+        t0 = time.perf_counter()
+        stamp = int(result.stamp_ns)
+        mf = self.map_frame
+        try:
+            self.pub_map.publish(cloud_to_pointcloud2(result.map_cloud, frame_id=mf, stamp_ns=stamp))
+            if self.p["publish_window_cloud"]:
+                self.pub_window.publish(cloud_to_pointcloud2(result.window_cloud, frame_id=mf, stamp_ns=stamp))
+            self.pub_instances.publish(instances_to_msg(result.instances, mf, stamp))
+            self.pub_markers.publish(instances_to_markers(result.instances, mf, stamp))
+            if self.tf is not None:
+                self._publish_tf(result, pred)
+        except Exception as e:
+            self.diag.node_errors.add("publish")
+            self._warn("publish", f"publishing window {result.window_index} failed: {e!r}\n"
+                                  f"{traceback.format_exc(limit=4)}")
+            return
+        self.diag.last_publish_ms = (time.perf_counter() - t0) * 1000.0
+        self.diag.output_rate.tick()
+
+    def _publish_tf(self, result, pred) -> None:
+        tfs = []
+        T = np.asarray(result.T_map_cam)
+        for v in range(T.shape[0]):
+            if not np.all(np.isfinite(T[v])):
+                continue
+            child = self.p["camera_frame"].format(camera=pred.cameras[v])
+            tfs.append((int(pred.view_stamps_ns[v]), matrix_to_transform(T[v], self.map_frame, child,
+                                                                          pred.view_stamps_ns[v])))
+        tfs.sort(key=lambda x: x[0])
+        if tfs:
+            self.tf.send([t for _, t in tfs])
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self) -> None:
+        try:
+            acc = self.runner.accounting()
+            frames = acc.get("frames", {})
+            eng = acc.get("windows", {}).get("engine", {})
+            sets = acc.get("frame_sets", {})
+            sync = {"backend": "pipeline.sync.ApproximateTimeSync", "frame_sets": sets.get("received", 0),
+                    "drops": frames.get("dropped", {})}
+            em = eng.get("engine_ms", {})
+            engine = {
+                "windows_emitted": acc.get("windows", {}).get("emitted", 0),
+                "processed": eng.get("processed", 0), "errors": eng.get("errors", 0),
+                "queue_len": eng.get("queue_len", 0), "queue_depth": self.p["queue_depth"],
+                "engine_ms_p50": em.get("p50", 0.0), "engine_ms_max": em.get("max", 0.0),
+                "e2e_ms_p50": acc.get("fusion", {}).get("e2e_ms", {}).get("p50", 0.0),
+                "frame_sets_processed": sets.get("processed", 0), "frame_sets_in_flight": sets.get("in_flight", 0),
+                "drops": {**eng.get("drops", {}), **{f"sets_{k}": v for k, v in sets.get("dropped", {}).items()}},
+            }
+            err = getattr(self, "_last_engine_error", None)
+            if err and eng.get("errors", 0) and not eng.get("processed", 0):
+                engine["error"] = f"inference failing: {err}"
+            outputs = {"map_points": len(self.runner.fusion.map), "sync_resets": acc.get("sync_resets", 0)}
+            self.pub_diag.publish(self.diag.build(self.get_clock().now().to_msg(), sync, engine, outputs))
+        except Exception as e:
+            self._warn("diag", f"diagnostics failed: {e!r}")
+
+    # ------------------------------------------------------------------ parameters
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        new = dict(self.p)
+        for prm in params:
+            if prm.name in new:
+                new[prm.name] = prm.value
+        for prm in params:
+            reason = P.validate(prm.name, prm.value, new)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        for prm in params:
+            if prm.name in self.p:
+                self.p[prm.name] = new[prm.name]
+            if prm.name == "score_threshold":
+                self.runner.fusion.min_score = float(prm.value)
+                if hasattr(self.predictor, "score_threshold"):
+                    self.predictor.score_threshold = float(prm.value)
+            elif prm.name == "conf_threshold":
+                self.runner.fusion.conf_threshold = float(prm.value)
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self, timeout: float = 2.0) -> None:
+        self._closing = True
+        try:
+            self.runner.stop(timeout)
+        except Exception as e:  # pragma: no cover
+            self.get_logger().warning(f"engine stop: {e!r}")
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    node = None
+    rc = 0
+    try:
+        node = Fast3disNode()
+        rclpy.spin(node)
+    except KeyboardInterrupt:
+        pass
+    except rclpy.executors.ExternalShutdownException:
+        pass
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
+        rc = 2
+    except Exception as e:
+        if "Parameter" in type(e).__name__:  # rclpy's InvalidParameterValueException & co. at declare time
+            rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
+            rc = 2
+        else:
+            raise
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Node parameters: table <-> config YAML, validation, descriptors, run-time callback, start-up errors;
+plus the static launch/rviz files (the launch package itself is not installable here)."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("rclpy")
+
+from ros_helpers import ROOT, ros_env, unique_domain_id  # noqa: E402
+
+from fast3dis_ros.ros import params as P  # noqa: E402
+
+
+def test_yaml_matches_table():
+    text = (ROOT / "config" / "fast3dis.yaml").read_text()
+    assert text == P.render_yaml(), "config/fast3dis.yaml is stale: regenerate it (see its header)"
+    d = P.load_yaml_defaults(ROOT / "config" / "fast3dis.yaml")
+    assert d == {p.name: p.default for p in P.PARAMS}
+    assert P.validate_all(d) == []
+
+
+@pytest.mark.parametrize("name,value,pattern", [
+    ("stride", 9, "stride=9 > window_size=8"),
+    ("window_size", 0, "outside"),
+    ("score_threshold", 1.5, "outside"),
+    ("score_threshold", "high", "must be of type float"),
+    ("cameras", [], "must not be empty"),
+    ("cameras", ["a", "a"], "duplicates"),
+    ("cameras", ["a b"], "A-Za-z0-9_"),
+    ("image_topic", "/image_raw", "must contain"),
+    ("model_size", "huge", "not one of"),
+    ("device", "tpu", "not one of"),
+    ("process_long_edge", 500, "multiple of 14"),
+    ("map_frame", "/map", "must be non-empty"),
+    ("use_compressed", 1, "must be of type bool"),
+])
+def test_validate_rejects_with_reason(name, value, pattern):
+    defaults = {p.name: p.default for p in P.PARAMS}
+    reason = P.validate(name, value, {**defaults, name: value})
+    assert reason is not None and pattern in reason, reason
+
+
+def test_validate_accepts_defaults_and_ints_for_floats():
+    assert P.validate("sync_slop", 1) is None
+    assert P.validate("process_long_edge", 518) is None
+    assert P.validate("use_sim_time", True) is None  # not ours
+
+
+class _StubPredictor:
+    score_threshold = 0.5
+
+    def predict(self, window):  # never called: no images are published in this test
+        raise AssertionError
+
+
+@pytest.fixture
+def node():
+    import rclpy
+
+    from fast3dis_ros.ros.node import Fast3disNode
+
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx, domain_id=unique_domain_id())
+    n = Fast3disNode(predictor=_StubPredictor(), context=ctx)
+    yield n
+    n.shutdown()
+    n.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def test_descriptors_and_runtime_callback(node):
+    from rclpy.parameter import Parameter
+
+    d = node.describe_parameters(["window_size", "score_threshold", "cameras"])
+    assert d[0].integer_range[0].from_value == 1 and d[0].integer_range[0].to_value == 512 and d[0].read_only
+    assert d[1].floating_point_range[0].to_value == 1.0 and not d[1].read_only
+    assert "Camera names" in d[2].description
+    ok = node.set_parameters([Parameter("score_threshold", value=0.25)])[0]
+    assert ok.successful and node.runner.fusion.min_score == 0.25 and node.predictor.score_threshold == 0.25
+    bad = node.set_parameters([Parameter("score_threshold", value=3.0)])[0]
+    assert not bad.successful and bad.reason
+    ro = node.set_parameters([Parameter("window_size", value=4)])[0]
+    assert not ro.successful and "read-only" in ro.reason.lower()
+    assert node.set_parameters([Parameter("publish_window_cloud", value=False)])[0].successful
+    assert node.p["publish_window_cloud"] is False
+    assert node.get_parameter("use_sim_time").value is False
+
+
+def _run_node(*ros_args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "fast3dis_ros.ros.node", "--ros-args", *ros_args],
+                          capture_output=True, text=True, timeout=timeout, env=ros_env(unique_domain_id()),
+                          cwd=str(ROOT))
+
+
+def test_start_up_rejects_inconsistent_parameters():
+    r = _run_node("-p", "window_size:=2", "-p", "stride:=3")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "stride=3 > window_size=2" in r.stdout + r.stderr
+
+
+def test_start_up_rejects_out_of_range():
+    r = _run_node("-p", "queue_depth:=0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "queue_depth" in r.stdout + r.stderr
+
+
+def test_start_up_needs_checkpoint_for_big_models():
+    r = _run_node("-p", "model_size:=large")
+    assert r.returncode == 2 and "needs a FAST3DIS checkpoint" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- launch + rviz files
+def _launch_args():
+    tree = ast.parse((ROOT / "launch" / "fast3dis.launch.py").read_text())
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == \
+                "DeclareLaunchArgument":
+            names[node.args[0].value] = {kw.arg: kw.value for kw in node.keywords}
+    return tree, names
+
+
+def test_launch_file_declares_arguments():
+    tree, args = _launch_args()
+    assert {"cameras", "config", "weights", "checkpoint", "use_sim_time", "bag", "rviz"} <= set(args)
+    for name, kws in args.items():
+        assert "description" in kws, f"launch argument {name} has no description"
+    funcs = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in funcs
+    src = (ROOT / "launch" / "fast3dis.launch.py").read_text()
+    assert "'fast3dis_node'" in src or '"fast3dis_node"' in src
+    assert "--clock" in src and "rviz2" in src
+
+
+def test_rviz_config_parses():
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "rviz" / "fast3dis.rviz").read_text())
+    displays = cfg["Visualization Manager"]["Displays"]
+    by_class = {d["Class"]: d for d in displays}
+    pc = by_class["rviz_default_plugins/PointCloud2"]
+    assert pc["Topic"]["Value"] == "/fast3dis/instances_cloud"
+    assert pc["Color Transformer"] == "Intensity" and pc["Channel Name"] == "instance"
+    assert by_class["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/fast3dis/markers"
+    assert "rviz_default_plugins/TF" in by_class
+    assert cfg["Visualization Manager"]["Global Options"]["Fixed Frame"] == "map"
