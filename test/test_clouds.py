@@ -96,3 +96,14 @@ def test_packing_layout_and_bytes():
 def test_bench_pack_runs(capsys):
     ms = bench_pack(10_000, repeats=2)
     assert ms > 0 and "bench_pack" in capsys.readouterr().out
+
+
+def test_packing_into_reused_buffer():
+    rng = np.random.default_rng(1)
+    c = cloud(rng.standard_normal((100, 3)), rng.integers(0, 256, (100, 3)), rng.integers(0, 9, 100),
+              rng.random(100))
+    buf = np.empty(200 * POINT_STEP, np.uint8)
+    a = pointcloud_structured(c, out=buf)
+    assert a.tobytes() == pointcloud_structured(c).tobytes()
+    with pytest.raises(ValueError, match="too small"):
+        pointcloud_structured(c, out=np.empty(10, np.uint8))

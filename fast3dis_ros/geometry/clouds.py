@@ -277,13 +277,21 @@ def unpack_rgb(rgb_f32: np.ndarray) -> np.ndarray:
     return np.stack([(u >> 16) & 255, (u >> 8) & 255, u & 255], axis=1).astype(np.uint8)
 
 
-def pointcloud_structured(cloud: InstanceCloud) -> np.ndarray:
+def pointcloud_structured(cloud: InstanceCloud, out: np.ndarray | None = None) -> np.ndarray:
     """(N,) structured array with dtype ``POINT_DTYPE`` (fields/offsets as ``POINT_FIELDS``).
 
     ``arr.tobytes()`` is the PointCloud2 ``data`` (height 1, width N, point_step ``POINT_STEP``,
-    is_bigendian False, is_dense True when all xyz are finite)."""
+    is_bigendian False, is_dense True when all xyz are finite). ``out``: optional reusable buffer of
+    at least ``N * POINT_STEP`` bytes (any dtype, C-contiguous); reusing one avoids page faults of a
+    fresh 24 MB allocation per 1M points (the result is a view into it)."""
     n = len(cloud)
-    buf = np.empty((n, POINT_STEP // 4), "<f4")
+    if out is None:
+        buf = np.empty((n, POINT_STEP // 4), "<f4")
+    else:
+        flat = out.reshape(-1).view(np.uint8)
+        if flat.nbytes < n * POINT_STEP:
+            raise ValueError(f"out buffer too small: {flat.nbytes} < {n * POINT_STEP} bytes")
+        buf = flat[: n * POINT_STEP].view("<f4").reshape(n, POINT_STEP // 4)
     buf[:, 0:3] = cloud.xyz
     u = buf.view("<u4")
     rgb = np.asarray(cloud.rgb, np.uint8)
@@ -312,15 +320,20 @@ def bench_pack(n: int = 1_000_000, repeats: int = 7, seed: int = 0, verbose: boo
         rng.integers(0, 50, n).astype(np.uint32), rng.random(n, dtype=np.float32)
     )
     pointcloud_structured(cloud)  # warm up
-    ts = []
+    ts, tr = [], []
+    reuse = np.empty(n * POINT_STEP, np.uint8)
     for _ in range(repeats):
         t0 = time.perf_counter()
         arr = pointcloud_structured(cloud)
         ts.append((time.perf_counter() - t0) * 1e3)
         del arr
+        t0 = time.perf_counter()
+        pointcloud_structured(cloud, out=reuse)
+        tr.append((time.perf_counter() - t0) * 1e3)
     ms = float(np.median(ts))
     if verbose:
-        print(f"bench_pack: {n} points -> {ms:.2f} ms median (min {min(ts):.2f}) , {n * POINT_STEP / 1e6:.1f} MB")
+        print(f"bench_pack: {n} points ({n * POINT_STEP / 1e6:.1f} MB): fresh buffer {ms:.2f} ms median "
+              f"(min {min(ts):.2f}); reused buffer {np.median(tr):.2f} ms median (min {min(tr):.2f})")
     return ms
 
 
