@@ -83,6 +83,7 @@ class SceneConfig:
     ambient: float = 0.35
     device: str = "cpu"
     chunk_rays: int = 1 << 16
+    cpu_threads: int = 1  # torch intra-op threads while rendering on CPU (1 is fastest here)
 
     def resolved_camera_names(self) -> list[str]:
         if self.camera_names is not None:
@@ -291,11 +292,15 @@ class _GeomTensors:
             self.box_c = torch.as_tensor(np.asarray(g.box_center), **f)
             self.box_h = torch.as_tensor(np.asarray(g.box_half), **f)
             self.box_inst = torch.as_tensor(np.asarray(g.box_instance, dtype=np.int32), device=device)
+            self.np_box_c = np.asarray(g.box_center, dtype=np.float64)
+            self.np_box_r = np.linalg.norm(np.asarray(g.box_half, dtype=np.float64), axis=1)
         if self.nc:
             self.cyl_c = torch.as_tensor(np.asarray(g.cyl_center), **f)
             self.cyl_r = torch.as_tensor(np.asarray(g.cyl_radius), **f)
             self.cyl_hh = torch.as_tensor(np.asarray(g.cyl_half_height), **f)
             self.cyl_inst = torch.as_tensor(np.asarray(g.cyl_instance, dtype=np.int32), device=device)
+            self.np_cyl_c = np.asarray(g.cyl_center, dtype=np.float64)
+            self.np_cyl_r = np.hypot(np.asarray(g.cyl_radius), np.asarray(g.cyl_half_height))
         mats = list(g.room_materials) + list(g.box_material) + list(g.cyl_material)
         self.mat_c1 = torch.as_tensor(np.array([m["color1"] for m in mats]), **f)
         self.mat_c2 = torch.as_tensor(np.array([m["color2"] for m in mats]), **f)
@@ -337,78 +342,88 @@ def _shade(g: _GeomTensors, p: torch.Tensor, n: torch.Tensor, mat: torch.Tensor)
     return albedo * (g.ambient + (1.0 - g.ambient) * lam)[:, None]
 
 
-def _trace(g: _GeomTensors, o: torch.Tensor, d: torch.Tensor):
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    """Replace |x| < 1e-12 by +1e-12 so divisions stay finite and keep a consistent sign."""
+    return torch.where(x.abs() < 1e-12, 1e-12, x)
+
+
+def _trace(g: _GeomTensors, o: torch.Tensor, d: torch.Tensor, bsel: torch.Tensor | None = None,
+           csel: torch.Tensor | None = None):
     """Nearest hit for rays o (N,3), d (N,3) (d scaled so the ray parameter is z-depth).
 
+    ``bsel`` / ``csel``: indices of the boxes / cylinders to test (default all; frustum culling).
     Returns t (N,), instance (N,) int32, normal (N,3) facing the ray, material index (N,).
     """
     eps = 1e-6
+    inf = float("inf")
     N = o.shape[0]
     # room interior: exit distance
-    inv = 1.0 / torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
-    t_axis = torch.where(d > 0, (g.room_max - o) * inv, (g.room_min - o) * inv)
+    ds = _safe(d)
+    t_axis = torch.where(ds > 0, (g.room_max - o) / ds, (g.room_min - o) / ds)
     t_best, axis = t_axis.min(-1)
-    face = axis * 2 + (d.gather(1, axis[:, None])[:, 0] > 0).to(torch.int64)
+    d_ax = ds.gather(1, axis[:, None])
+    face = axis * 2 + (d_ax[:, 0] > 0).to(torch.int64)
     normal = torch.zeros_like(o)
-    normal.scatter_(1, axis[:, None], -torch.sign(d.gather(1, axis[:, None])))
+    normal.scatter_(1, axis[:, None], -torch.sign(d_ax))
     inst = torch.zeros(N, dtype=torch.int32, device=o.device)
     mat = face
-    if g.nb:
-        oc = o[:, None, :] - g.box_c[None]  # (N, B, 3)
-        ol = torch.einsum("nbi,bij->nbj", oc, g.box_R)
-        dl = torch.einsum("ni,bij->nbj", d, g.box_R)
-        dl_safe = torch.where(dl.abs() < 1e-12, torch.full_like(dl, 1e-12), dl)
-        il = 1.0 / dl_safe
-        t1 = (-g.box_h[None] - ol) * il
-        t2 = (g.box_h[None] - ol) * il
+    bidx = bsel if bsel is not None else (torch.arange(g.nb, device=o.device) if g.nb else None)
+    if bidx is not None and bidx.numel():
+        R = g.box_R[bidx]
+        cos, sin = R[:, 0, 0][None], R[:, 1, 0][None]  # yaw-only rotations
+        h = g.box_h[bidx][None]
+        oc = o[:, None, :] - g.box_c[bidx][None]  # (N, B, 3)
+        ox = oc[..., 0] * cos + oc[..., 1] * sin
+        oy = -oc[..., 0] * sin + oc[..., 1] * cos
+        dx = d[:, None, 0] * cos + d[:, None, 1] * sin
+        dy = -d[:, None, 0] * sin + d[:, None, 1] * cos
+        ol = torch.stack([ox, oy, oc[..., 2]], -1)
+        dl = _safe(torch.stack([dx, dy, d[:, None, 2].expand_as(dx)], -1))
+        t1 = (-h - ol) / dl
+        t2 = (h - ol) / dl
         tnear, ax = torch.minimum(t1, t2).max(-1)
         tfar = torch.maximum(t1, t2).min(-1).values
-        hit = (tnear <= tfar) & (tnear > eps)
-        tb = torch.where(hit, tnear, torch.full_like(tnear, float("inf")))
+        tb = torch.where((tnear <= tfar) & (tnear > eps), tnear, inf)
         tmin, bi = tb.min(-1)
         better = tmin < t_best
         if bool(better.any()):
-            axb = ax.gather(1, bi[:, None])[:, 0]
+            axb = ax.gather(1, bi[:, None])
             dsel = dl.gather(1, bi[:, None, None].expand(-1, 1, 3))[:, 0]  # (N, 3)
-            sgn = -torch.sign(dsel.gather(1, axb[:, None])[:, 0])
+            sgn = -torch.sign(dsel.gather(1, axb))
             nloc = torch.zeros_like(o)
-            nloc.scatter_(1, axb[:, None], sgn[:, None])
-            nw = torch.einsum("nij,nj->ni", g.box_R[bi], nloc)
+            nloc.scatter_(1, axb, sgn)
+            nw = torch.einsum("nij,nj->ni", R[bi], nloc)
             t_best = torch.where(better, tmin, t_best)
             normal = torch.where(better[:, None], nw, normal)
-            inst = torch.where(better, g.box_inst[bi], inst)
-            mat = torch.where(better, 6 + bi, mat)
-    if g.nc:
-        oc = o[:, None, :] - g.cyl_c[None]  # (N, C, 3)
+            inst = torch.where(better, g.box_inst[bidx][bi], inst)
+            mat = torch.where(better, 6 + bidx[bi], mat)
+    cidx = csel if csel is not None else (torch.arange(g.nc, device=o.device) if g.nc else None)
+    if cidx is not None and cidx.numel():
+        oc = o[:, None, :] - g.cyl_c[cidx][None]  # (N, C, 3)
         dx, dy, dz = d[:, None, 0], d[:, None, 1], d[:, None, 2]
         ox, oy, oz = oc[..., 0], oc[..., 1], oc[..., 2]
-        r2 = (g.cyl_r**2)[None]
-        hh = g.cyl_hh[None]
+        r2 = (g.cyl_r[cidx] ** 2)[None]
+        hh = g.cyl_hh[cidx][None]
         a = dx * dx + dy * dy
         b = 2.0 * (ox * dx + oy * dy)
         c = ox * ox + oy * oy - r2
         disc = b * b - 4.0 * a * c
-        a_safe = torch.where(a < 1e-12, torch.full_like(a, 1e-12), a)
-        ts = (-b - torch.sqrt(disc.clamp_min(0.0))) / (2.0 * a_safe)
+        ts = (-b - torch.sqrt(disc.clamp_min(0.0))) / (2.0 * a.clamp_min(1e-12))
         side_ok = (disc >= 0) & (a > 1e-12) & (ts > eps) & ((oz + ts * dz).abs() <= hh)
-        inf = torch.full_like(ts, float("inf"))
         ts = torch.where(side_ok, ts, inf)
-        dz_safe = torch.where(dz.abs() < 1e-12, torch.full_like(dz, 1e-12), dz).expand_as(oz)
+        dz_safe = _safe(dz).expand_as(oz)
         t_top = (hh - oz) / dz_safe
         t_bot = (-hh - oz) / dz_safe
-        t_cap = torch.where((t_top > eps) & (t_top < t_bot), t_top, torch.where(t_bot > eps, t_bot, inf))
-        t_cap = torch.where((t_top > eps) & (t_bot <= eps), t_top, t_cap)
+        t_cap = torch.where((t_top > eps) & ((t_top < t_bot) | (t_bot <= eps)), t_top, torch.where(t_bot > eps, t_bot, inf))
         px, py = ox + t_cap * dx, oy + t_cap * dy
-        cap_ok = (px * px + py * py <= r2) & torch.isfinite(t_cap)
-        t_cap = torch.where(cap_ok, t_cap, inf)
+        t_cap = torch.where((px * px + py * py <= r2) & torch.isfinite(t_cap), t_cap, inf)
         is_cap = t_cap < ts
-        tc = torch.minimum(ts, t_cap)
-        tmin, ci = tc.min(-1)
+        tmin, ci = torch.minimum(ts, t_cap).min(-1)
         better = tmin < t_best
         if bool(better.any()):
             capsel = is_cap.gather(1, ci[:, None])[:, 0]
             ocs = oc.gather(1, ci[:, None, None].expand(-1, 1, 3))[:, 0]
-            ph = ocs + tmin[:, None] * d
+            ph = ocs + tmin.clamp_max(1e6)[:, None] * d
             side_n = torch.stack([ph[:, 0], ph[:, 1], torch.zeros_like(ph[:, 0])], -1)
             side_n = side_n / torch.linalg.norm(side_n, dim=-1, keepdim=True).clamp_min(1e-9)
             cap_n = torch.zeros_like(side_n)
@@ -416,12 +431,30 @@ def _trace(g: _GeomTensors, o: torch.Tensor, d: torch.Tensor):
             nw = torch.where(capsel[:, None], cap_n, side_n)
             t_best = torch.where(better, tmin, t_best)
             normal = torch.where(better[:, None], nw, normal)
-            inst = torch.where(better, g.cyl_inst[ci], inst)
-            mat = torch.where(better, 6 + g.nb + ci, mat)
+            inst = torch.where(better, g.cyl_inst[cidx][ci], inst)
+            mat = torch.where(better, 6 + g.nb + cidx[ci], mat)
     # normals face the viewer
     flip = (normal * d).sum(-1) > 0
     normal = torch.where(flip[:, None], -normal, normal)
     return t_best, inst, normal, mat
+
+
+def _frustum_select(g: _GeomTensors, K: np.ndarray, T_world_cam: np.ndarray, width: int, height: int):
+    """Indices of the boxes / cylinders whose bounding sphere meets the camera's view frustum."""
+    T_cw = np.linalg.inv(T_world_cam)
+    a0, a1 = (-0.5 - K[0, 2]) / K[0, 0], (width - 0.5 - K[0, 2]) / K[0, 0]
+    b0, b1 = (-0.5 - K[1, 2]) / K[1, 1], (height - 0.5 - K[1, 2]) / K[1, 1]
+    planes = np.array([[1, 0, -a0], [-1, 0, a1], [0, 1, -b0], [0, -1, b1], [0, 0, 1]], dtype=np.float64)
+    planes /= np.linalg.norm(planes, axis=1, keepdims=True)
+
+    def sel(centers, radii):
+        c = centers @ T_cw[:3, :3].T + T_cw[:3, 3]
+        ok = np.all(c @ planes.T >= -radii[:, None] - 1e-6, axis=1)
+        return torch.as_tensor(np.nonzero(ok)[0], dtype=torch.int64, device=g.device)
+
+    bsel = sel(g.np_box_c, g.np_box_r) if g.nb else None
+    csel = sel(g.np_cyl_c, g.np_cyl_r) if g.nc else None
+    return bsel, csel
 
 
 def render_views(
@@ -432,9 +465,14 @@ def render_views(
     height: int,
     device: str | torch.device = "cpu",
     chunk_rays: int = 1 << 16,
+    cull: bool = True,
+    cpu_threads: int | None = 1,
 ):
     """Render C cameras at once. K (C,3,3) or (3,3), T_world_cam (C,4,4).
 
+    Primitives are frustum-culled per camera (``cull=False`` tests all; same pixels). On CPU the torch
+    intra-op thread count is set to ``cpu_threads`` for the call and restored after (process-global
+    setting: don't render while another thread runs torch work that depends on it).
     Returns rgb (C,H,W,3) uint8, depth (C,H,W) float32 z-depth, instance (C,H,W) int32 (numpy).
     """
     dev = torch.device(device)
@@ -456,21 +494,35 @@ def render_views(
     rgb = torch.empty(n, 3, dtype=torch.uint8, device=dev)
     depth = torch.empty(n, dtype=torch.float32, device=dev)
     inst = torch.empty(n, dtype=torch.int32, device=dev)
-    with torch.no_grad():
-        for s in range(0, n, chunk_rays):
-            e = min(n, s + chunk_rays)
-            o, d = o_all[s:e], d_all[s:e]
-            t, ins, nrm, mat = _trace(g, o, d)
-            col = _shade(g, o + t[:, None] * d, nrm, mat)
-            rgb[s:e] = (col.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-            depth[s:e] = t
-            inst[s:e] = ins
+    prev_threads = torch.get_num_threads()
+    if dev.type == "cpu" and cpu_threads:
+        # many small element-wise ops: intra-op threads only add sync cost (25x slower on a loaded box)
+        torch.set_num_threads(int(cpu_threads))
+    try:
+        _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, cull, rgb, depth, inst)
+    finally:
+        torch.set_num_threads(prev_threads)
     shp = (C, height, width)
     return (
         rgb.reshape(*shp, 3).cpu().numpy(),
         depth.reshape(shp).cpu().numpy(),
         inst.reshape(shp).cpu().numpy(),
     )
+
+
+def _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, cull, rgb, depth, inst):
+    C, P = T.shape[0], width * height
+    with torch.inference_mode():
+        for c in range(C):
+            bsel, csel = _frustum_select(g, Ks[c], T[c], width, height) if cull else (None, None)
+            for s in range(c * P, (c + 1) * P, chunk_rays):
+                e = min((c + 1) * P, s + chunk_rays)
+                o, d = o_all[s:e], d_all[s:e]
+                t, ins, nrm, mat = _trace(g, o, d, bsel, csel)
+                col = _shade(g, o + t[:, None] * d, nrm, mat)
+                rgb[s:e] = (col.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+                depth[s:e] = t
+                inst[s:e] = ins
 
 
 def render_view(geometry: SceneGeometry, K: np.ndarray, T_world_cam: np.ndarray, width: int, height: int,
@@ -803,7 +855,8 @@ def generate_scene(cfg: SceneConfig | None = None, seed: int | None = None,
     t0 = time.perf_counter()
     for fi, T_wr in enumerate(rig_poses):
         Ts = np.stack([T_wr @ T_rig_cam[n] for n in names])
-        rgb, depth, inst = render_views(gt, K, Ts, cfg.width, cfg.height, device=dev, chunk_rays=cfg.chunk_rays)
+        rgb, depth, inst = render_views(gt, K, Ts, cfg.width, cfg.height, device=dev, chunk_rays=cfg.chunk_rays,
+                                       cpu_threads=cfg.cpu_threads)
         frames.append([
             RenderedView(camera=n, frame_index=fi, rgb=rgb[c], depth=depth[c], instance=inst[c], K=K.copy(), T_world_cam=Ts[c])
             for c, n in enumerate(names)
