@@ -46,7 +46,12 @@ __all__ = [
 
 
 class ImageConversionError(ValueError):
-    """An Image/CompressedImage/CameraInfo message that cannot be converted (reason in the text)."""
+    """An Image/CompressedImage message that cannot be converted (reason in the text; ``kind`` is a
+    short tag: encoding, size, step, decode, format, empty; used to throttle logs and count)."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 # encoding -> (numpy base dtype, channels)
@@ -94,23 +99,23 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     enc = msg.encoding
     if enc not in ENCODINGS:
         raise ImageConversionError(
-            f"unsupported image encoding '{enc}' (supported: {', '.join(ENCODINGS)})"
+            f"unsupported image encoding '{enc}' (supported: {', '.join(ENCODINGS)})", kind="encoding"
         )
     base, ch = ENCODINGS[enc]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
-        raise ImageConversionError(f"empty image ({w}x{h})")
+        raise ImageConversionError(f"empty image ({w}x{h})", kind="empty")
     itemsize = np.dtype(base).itemsize
     row = w * ch * itemsize
     if step < row:
         raise ImageConversionError(
-            f"step {step} is smaller than width*pixel size {w}*{ch * itemsize}={row} for {enc}"
+            f"step {step} is smaller than width*pixel size {w}*{ch * itemsize}={row} for {enc}", kind="step"
         )
     if step % itemsize:
-        raise ImageConversionError(f"step {step} is not a multiple of the {enc} item size {itemsize}")
+        raise ImageConversionError(f"step {step} is not a multiple of the {enc} item size {itemsize}", kind="step")
     n = len(msg.data)
     if n != step * h:
-        raise ImageConversionError(f"data has {n} bytes, expected step*height = {step}*{h} = {step * h}")
+        raise ImageConversionError(f"data has {n} bytes, expected step*height = {step}*{h} = {step * h}", kind="size")
     dt = np.dtype(base).newbyteorder(">" if msg.is_bigendian else "<") if itemsize > 1 else np.dtype(base)
     raw = np.frombuffer(msg.data, np.uint8).copy()
     rows = raw.reshape(h, step)[:, :row]
@@ -134,7 +139,7 @@ def image_to_rgb(msg: Image) -> np.ndarray:
         return np.ascontiguousarray(arr[..., 2::-1])
     if enc in ("mono8", "8UC1"):
         return np.repeat(arr[..., None], 3, axis=2)
-    raise ImageConversionError(f"encoding '{enc}' is not a colour image (depth/16-bit cannot feed the network)")
+    raise ImageConversionError(f"encoding '{enc}' is not a colour image (depth/16-bit cannot feed the network)", kind="encoding")
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Header | None = None, step: int | None = None,
@@ -142,20 +147,20 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Header | None = None,
     """Image message from an array in ``encoding``'s channel order; ``step`` > row size pads rows
     (used by tests); multi-byte encodings are written in the requested byte order."""
     if encoding not in ENCODINGS:
-        raise ImageConversionError(f"unsupported image encoding '{encoding}'")
+        raise ImageConversionError(f"unsupported image encoding '{encoding}'", kind="encoding")
     base, ch = ENCODINGS[encoding]
     a = np.asarray(arr)
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[2] != ch:
-        raise ImageConversionError(f"array of shape {np.shape(arr)} does not fit {encoding} ({ch} channel(s))")
+        raise ImageConversionError(f"array of shape {np.shape(arr)} does not fit {encoding} ({ch} channel(s))", kind="size")
     h, w = a.shape[:2]
     dt = np.dtype(base).newbyteorder(">" if is_bigendian else "<")
     a = np.ascontiguousarray(a.astype(dt, copy=False))
     row = w * ch * dt.itemsize
     step = row if step is None else int(step)
     if step < row:
-        raise ImageConversionError(f"step {step} < row size {row}")
+        raise ImageConversionError(f"step {step} < row size {row}", kind="step")
     if step > row:
         buf = np.zeros((h, step), np.uint8)
         buf[:, :row] = a.view(np.uint8).reshape(h, row)
@@ -174,19 +179,19 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a jpeg/png CompressedImage (image_transport 'compressed' format)."""
     fmt = (msg.format or "").lower()
     if "compresseddepth" in fmt:
-        raise ImageConversionError(f"compressedDepth images are not supported (format '{msg.format}')")
+        raise ImageConversionError(f"compressedDepth images are not supported (format '{msg.format}')", kind="format")
     if fmt and not any(k in fmt for k in ("jpeg", "jpg", "png")):
-        raise ImageConversionError(f"unsupported CompressedImage format '{msg.format}' (jpeg or png expected)")
+        raise ImageConversionError(f"unsupported CompressedImage format '{msg.format}' (jpeg or png expected)", kind="format")
     if len(msg.data) == 0:
-        raise ImageConversionError("CompressedImage has no data")
+        raise ImageConversionError("CompressedImage has no data", kind="empty")
     import cv2  # lazy: only needed when compressed input is enabled
 
     buf = np.frombuffer(msg.data, np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise ImageConversionError(f"OpenCV could not decode the CompressedImage ({len(buf)} bytes, format '{msg.format}')")
+        raise ImageConversionError(f"OpenCV could not decode the CompressedImage ({len(buf)} bytes, format '{msg.format}')", kind="decode")
     if img.dtype != np.uint8:
-        raise ImageConversionError(f"decoded image has dtype {img.dtype}, 8-bit colour expected")
+        raise ImageConversionError(f"decoded image has dtype {img.dtype}, 8-bit colour expected", kind="decode")
     if img.ndim == 2:
         return np.repeat(img[..., None], 3, axis=2)
     if img.shape[2] == 4:

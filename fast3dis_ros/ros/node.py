@@ -221,7 +221,7 @@ class Fast3disNode(Node):
             self._feed(cam, msg.header, rgb)
         except ImageConversionError as e:
             self.diag.input_errors[cam].add("bad_image")
-            self._warn(f"img_{cam}", f"{cam}: image rejected: {e}")
+            self._warn(f"img_{cam}_{e.kind}", f"{cam}: image rejected: {e}")
         except Exception as e:  # never let a callback kill the node
             self.diag.input_errors[cam].add("internal_error")
             self._warn(f"err_{cam}", f"{cam}: failed to handle image: {e!r}\n{traceback.format_exc(limit=3)}")
@@ -234,7 +234,7 @@ class Fast3disNode(Node):
             self._feed(cam, msg.header, compressed_to_rgb(msg))
         except ImageConversionError as e:
             self.diag.input_errors[cam].add("bad_compressed_image")
-            self._warn(f"cimg_{cam}", f"{cam}: compressed image rejected: {e}")
+            self._warn(f"cimg_{cam}_{e.kind}", f"{cam}: compressed image rejected: {e}")
         except Exception as e:
             self.diag.input_errors[cam].add("internal_error")
             self._warn(f"err_{cam}", f"{cam}: failed to handle compressed image: {e!r}")
