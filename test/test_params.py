@@ -141,9 +141,11 @@ def test_rviz_config_parses():
     cfg = yaml.safe_load((ROOT / "rviz" / "fast3dis.rviz").read_text())
     displays = cfg["Visualization Manager"]["Displays"]
     by_class = {d["Class"]: d for d in displays}
-    pc = by_class["rviz_default_plugins/PointCloud2"]
-    assert pc["Topic"]["Value"] == "/fast3dis/instances_cloud"
+    by_topic = {d["Topic"]["Value"]: d for d in displays if "Topic" in d}
+    pc = by_topic["/fast3dis/instances_cloud"]
+    assert pc["Class"] == "rviz_default_plugins/PointCloud2" and pc["Enabled"]
     assert pc["Color Transformer"] == "Intensity" and pc["Channel Name"] == "instance"
-    assert by_class["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/fast3dis/markers"
+    assert by_topic["/fast3dis/markers"]["Class"] == "rviz_default_plugins/MarkerArray"
+    assert by_topic["/fast3dis/window_cloud"]["Channel Name"] == "rgb"
     assert "rviz_default_plugins/TF" in by_class
     assert cfg["Visualization Manager"]["Global Options"]["Fixed Frame"] == "map"
