@@ -200,3 +200,56 @@ def test_instances_and_markers():
     assert (box.pose.position.x, box.scale.x, box.scale.z) == (1.0, 1.0, 1.0)
     assert ma.markers[2].text.startswith("7")
     assert cv.instance_color(7) == cv.instance_color(7) != cv.instance_color(9)
+
+
+# --------------------------------------------------------------------------------- sync adapter
+class _FakeMessageFilters:
+    """Stand-in with message_filters' public API (SimpleFilter.signalMessage / registerCallback,
+    ApproximateTimeSynchronizer(fs, queue_size, slop)); matching simplified to 'all inputs have a
+    message within slop of the newest'."""
+
+    class SimpleFilter:
+        def __init__(self):
+            self.callbacks = []
+
+        def registerCallback(self, cb, *args):
+            self.callbacks.append((cb, args))
+
+        def signalMessage(self, *msg):
+            for cb, args in self.callbacks:
+                cb(*(msg + args))
+
+    class ApproximateTimeSynchronizer(SimpleFilter):
+        def __init__(self, fs, queue_size, slop):
+            super().__init__()
+            self.slop = slop
+            self.latest = [None] * len(fs)
+            for i, f in enumerate(fs):
+                f.registerCallback(self.add, i)
+
+        def add(self, msg, i):
+            self.latest[i] = msg
+            if all(m is not None for m in self.latest):
+                t = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in self.latest]
+                if max(t) - min(t) <= self.slop:
+                    msgs, self.latest = self.latest, [None] * len(self.latest)
+                    self.signalMessage(*msgs)
+
+
+def test_sync_adapter_backends():
+    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.ros import sync_adapter as sa
+
+    img = np.zeros((2, 2, 3), np.uint8)
+    for sync in (sa.MessageFiltersSync(["a", "b"], 10_000_000, 5, mf_module=_FakeMessageFilters),
+                 sa.make_synchronizer(["a", "b"], 10_000_000, 5, backend="project")):
+        assert sync.push(CameraFrame("a", 1_000_000_000, img)) == []
+        (fs,) = sync.push(CameraFrame("b", 1_004_000_000, img))
+        assert fs.cameras == ["a", "b"] and fs.stamp_ns == 1_004_000_000
+        sync.push(CameraFrame("a", 2_000_000_000, img))
+        sync.push(CameraFrame("a", 2_100_000_000, img))
+        assert isinstance(sync.drops.as_dict(), dict)
+    assert sa.make_synchronizer(["a"], 1, backend="auto").backend == (
+        "message_filters" if sa.HAVE_MESSAGE_FILTERS else "project")
+    with pytest.raises(ValueError):
+        sa.make_synchronizer(["a"], 1, backend="nope")

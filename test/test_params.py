@@ -149,3 +149,19 @@ def test_rviz_config_parses():
     assert by_topic["/fast3dis/window_cloud"]["Channel Name"] == "rgb"
     assert "rviz_default_plugins/TF" in by_class
     assert cfg["Visualization Manager"]["Global Options"]["Fixed Frame"] == "map"
+
+
+def test_package_xml():
+    from catkin_pkg.package import parse_package
+
+    pkg = parse_package(str(ROOT / "package.xml"))
+    pkg.validate()
+    assert pkg.package_format == 3 and pkg.name == "fast3dis_ros"
+    assert pkg.get_build_type() == "ament_python"
+    deps = {d.name for d in pkg.exec_depends}
+    assert {"rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
+            "tf2_ros", "tf2_msgs", "message_filters", "cv_bridge", "sensor_msgs_py", "launch", "launch_ros",
+            "fast3dis_msgs"} <= deps
+    iface = parse_package(str(ROOT / "interfaces" / "fast3dis_msgs" / "package.xml"))
+    iface.validate()
+    assert "rosidl_interface_packages" in [g.name for g in iface.member_of_groups]
