@@ -66,9 +66,10 @@ def test_hand_computed_two_gt_three_preds():
         at .90: tp 1 fp 0 -> P 1 R 1/2;  end P 1 R 0
       steps: (1 - 1/2)/2, (1 - 1/2)/2, (1/2 - 0)/2, (1/2 - 0)/2 = 1/4 each
       AP25 = (2/3 + 1/2 + 1 + 1) / 4 = 19/24.
-    IoU 0.55..0.75 as 0.5 (p1 IoU 0.8 still matches) -> 1/2; 0.80, 0.85, 0.90: nothing matches (strict >)
-      -> AP 0. AP = (5 * 1/2 + 0.6: p3 no longer matches, becomes a plain FP 0.85 -> same y -> 1/2
-      ... i.e. 6 thresholds at 1/2 and 3 at 0) / 9 = 1/3.
+    IoU 0.55..0.75: p1 (IoU 0.8) still matches A; p3 either is a second match of A (FP 0.85) or, from
+      0.60 on (strict >), matches nothing and is a plain FP 0.85 -> same (y_true, y_score) -> 1/2 each.
+    IoU 0.80, 0.85, 0.90: nothing matches (strict >) -> AP 0.
+    AP = (6 * 1/2 + 3 * 0) / 9 = 1/3.
     """
     gt = _toy_scene()
     masks = [_mask(range(0, 8)), _mask(range(10, 14)), _mask(range(0, 6))]

@@ -406,8 +406,15 @@ def _voxelize(xyz: np.ndarray, voxel_size: float) -> tuple[np.ndarray, int]:
     if voxel_size <= 0:
         return np.arange(len(xyz)), len(xyz)
     keys = np.floor(xyz / voxel_size).astype(np.int64)
-    keys -= keys.min(0) if len(keys) else 0
-    _, inv = np.unique(keys, axis=0, return_inverse=True)
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    keys -= keys.min(0)
+    ext = keys.max(0).astype(np.float64) + 1
+    if np.prod(ext) < 2.0**62:  # pack into one int64 key: 1-D unique is much faster than axis=0
+        flat = (keys[:, 0] * int(ext[1]) + keys[:, 1]) * int(ext[2]) + keys[:, 2]
+        _, inv = np.unique(flat, return_inverse=True)
+    else:
+        _, inv = np.unique(keys, axis=0, return_inverse=True)
     inv = inv.ravel()
     return inv, int(inv.max()) + 1 if len(inv) else 0
 
