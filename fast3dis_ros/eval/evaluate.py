@@ -1,0 +1,512 @@
+"""``fast3dis-eval``: replay a rosbag2 through the pipeline at full speed and score it against ground truth.
+
+Usage::
+
+    fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
+                  [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
+                  [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
+
+Writes into ``--out``: ``output_bag/`` (the node's output topics, ``eval/output_bag.py``),
+``accounting.json`` (every input frame and frame set: processed or dropped with a reason), and when the
+GT bag has ground truth (``/<cam>/depth_gt``, ``/<cam>/instance_gt``, GT poses ``map -> <cam>_optical_frame``
+on ``/tf``, CameraInfo): ``metrics.json``, ``report.md`` and PNG plots (``eval/report.py``).
+
+How predictions meet the ground truth
+-------------------------------------
+Predictions live in the predicted, up-to-scale ``map`` frame; GT in metres in the GT world. Nothing is
+aligned in 3D for the instance metrics: they are scored on the **GT surface**.
+
+* Views are matched to GT by (camera, header stamp). A view seen by several overlapping windows is scored
+  once, with the labels of the **latest** window that contained it.
+* **3D AP / AP50 / AP25** (ScanNet, class-agnostic; ``metrics.build_common_point_set``): every valid GT
+  pixel of every scored view is lifted with GT depth, K and GT pose and voxelised (``--eval-voxel``, m);
+  each voxel gets its majority GT instance and the majority *global* predicted id of its pixels. The
+  predicted per-view labels are mapped to map ids with the window's ``FusionResult.id_map`` (labels the
+  fusion did not keep, e.g. below ``score_threshold``, become 0) and nearest-resized to the GT grid. One
+  scene = the whole replay, so ids must be consistent across views *and* windows. Instance score = the
+  tracker's score of the map instance (``InstanceSummary.score``) if it is still in the final map, else
+  the highest window score that mapped to it.
+* ``AP_per_window``: the same with each window as its own scene and its window-local labels (no tracking
+  needed); this is the fair comparison with the HDBSCAN baseline, which has no cross-window ids.
+* **2D mask AP** (COCO, class-agnostic): every scored view is one image; window-local masks and scores.
+* **Depth** AbsRel / delta1: predicted depth nearest-resized to the GT grid, per-view median scaling.
+* **Pose** AUC@3 / AUC@30 (pairwise relative errors, VGGT/DA3 protocol) of each window's predicted
+  cameras, pooled over windows; ATE after Sim(3) alignment averaged over windows; ``pose_map``: the same
+  for the fused camera poses in ``map`` (``FusionResult.T_map_cam``) of all scored views (tests drift of
+  the window-to-map alignment).
+
+Baseline (``--baseline hdbscan``, ``eval/baseline.py``): on every window, HDBSCAN clusters the window's
+predicted points (FAST3DIS depth + cameras, so geometry is identical) with features = the pixel
+decoder's ``mask_features`` of the same forward (captured with a forward hook, see
+``replay.load_predictor(with_features=True)``; if absent, the RGB image is used and ``meta`` says so).
+Its timing is the clustering alone and clustering + the network forward it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ScoredViews", "select_views", "compute_metrics", "run_baseline", "evaluate_bag", "main"]
+
+
+@dataclass
+class ScoredViews:
+    """The views that met ground truth, in replay order (one entry per unique (camera, stamp))."""
+
+    keys: list = field(default_factory=list)  # (camera, stamp_ns)
+    rec_idx: list = field(default_factory=list)  # index into records
+    view_idx: list = field(default_factory=list)  # view index in that window
+    images: list = field(default_factory=list)  # (h, w, 3) processing-resolution RGB
+    pred_local: list = field(default_factory=list)  # (h, w) window-local labels
+    pred_global: list = field(default_factory=list)  # (h, w) map ids
+    pred_depth: list = field(default_factory=list)  # (h, w)
+    gt_depth: list = field(default_factory=list)  # (H, W)
+    gt_instance: list = field(default_factory=list)
+    gt_K: list = field(default_factory=list)
+    gt_T_world_cam: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _gt_pose(gt, cam: str, stamp: int):
+    d = gt.T_world_cam.get(cam) or {}
+    if stamp in d:
+        return d[stamp]
+    return None
+
+
+def _lut(id_map: dict, n: int) -> np.ndarray:
+    lut = np.zeros(max(n, max(id_map, default=0)) + 1, np.int64)
+    for w, g in id_map.items():
+        lut[int(w)] = int(g)
+    return lut
+
+
+def select_views(records, gt) -> ScoredViews:
+    """Latest window per (camera, stamp) among views that have GT depth, instances, K and pose."""
+    latest: dict = {}
+    for ri, rec in enumerate(records):
+        p = rec.prediction
+        for v, (cam, st) in enumerate(zip(p.cameras, p.view_stamps_ns)):
+            latest[(cam, int(st))] = (ri, v)
+    sv = ScoredViews()
+    for (cam, st), (ri, v) in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[1][1])):
+        dep = (gt.depth.get(cam) or {}).get(st)
+        ins = (gt.instance.get(cam) or {}).get(st)
+        K = gt.K.get(cam)
+        T = _gt_pose(gt, cam, st)
+        if dep is None or ins is None or K is None or T is None:
+            continue
+        rec = records[ri]
+        p = rec.prediction
+        lut = _lut(rec.fusion.id_map, p.n_instances)
+        loc = p.labels[v].astype(np.int64)
+        sv.keys.append((cam, st))
+        sv.rec_idx.append(ri)
+        sv.view_idx.append(v)
+        sv.images.append(p.images[v])
+        sv.pred_local.append(loc)
+        sv.pred_global.append(lut[np.clip(loc, 0, len(lut) - 1)])
+        sv.pred_depth.append(p.depth[v])
+        sv.gt_depth.append(np.asarray(dep, np.float32))
+        sv.gt_instance.append(np.asarray(ins, np.int64))
+        sv.gt_K.append(np.asarray(K, np.float64))
+        sv.gt_T_world_cam.append(np.asarray(T, np.float64))
+    return sv
+
+
+def _global_scores(records) -> dict[int, float]:
+    """map id -> score: final tracker score if the id is in the final map, else max window score."""
+    sc: dict[int, float] = {}
+    for rec in records:
+        s = np.asarray(rec.prediction.scores, np.float64)
+        for w, g in rec.fusion.id_map.items():
+            if 0 < w <= len(s):
+                sc[int(g)] = max(sc.get(int(g), 0.0), float(s[w - 1]))
+    if records:
+        for inst in records[-1].fusion.instances:
+            sc[int(inst.id)] = float(inst.score)
+    return sc
+
+
+def _dense(labels: list[np.ndarray], score_of: dict[int, float]):
+    """Relabel ids to 1..P (order of first appearance) -> (labels list, scores (P,))."""
+    ids = np.unique(np.concatenate([l.ravel() for l in labels])) if labels else np.zeros(0, np.int64)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(ids.max()) + 1 if len(ids) else 1, np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    scores = np.array([score_of.get(int(i), 0.0) for i in ids], np.float64)
+    return [lut[l] for l in labels], scores
+
+
+def _group_by_shape(idx: list[int], shapes: list[tuple]) -> list[list[int]]:
+    groups: dict = {}
+    for i in idx:
+        groups.setdefault(shapes[i], []).append(i)
+    return list(groups.values())
+
+
+def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes: list[list[int]],
+          voxel: float) -> dict:
+    from .metrics import InstanceAPEvaluator, build_common_point_set
+
+    ev = InstanceAPEvaluator()
+    n_pts = 0
+    shapes = [g.shape for g in sv.gt_depth]
+    for sc in scenes:
+        for grp in _group_by_shape(sc, shapes):
+            cps = build_common_point_set(np.stack([sv.gt_depth[i] for i in grp]),
+                                         np.stack([sv.gt_instance[i] for i in grp]),
+                                         np.stack([sv.gt_K[i] for i in grp]),
+                                         np.stack([labels[i] for i in grp]),
+                                         T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
+            n_pts += len(cps)
+            ev.add_scene(cps.pred_labels, scores, cps.gt_labels)
+    res = ev.compute()
+    res["n_points"] = int(n_pts)
+    return res
+
+
+def _per_window_scenes(sv: ScoredViews) -> list[list[int]]:
+    by: dict = {}
+    for i, ri in enumerate(sv.rec_idx):
+        by.setdefault(ri, []).append(i)
+    return list(by.values())
+
+
+def _offset_window_labels(sv: ScoredViews, local_labels: list[np.ndarray], local_scores: dict[int, np.ndarray]):
+    """Window-local labels made globally unique by window (no cross-window association)."""
+    offs, cur = {}, 0
+    for ri in sorted(set(sv.rec_idx)):
+        offs[ri] = cur
+        cur += len(local_scores[ri])
+    labels = [np.where(l > 0, l + offs[ri], 0) for l, ri in zip(local_labels, sv.rec_idx)]
+    scores = np.concatenate([local_scores[ri] for ri in sorted(set(sv.rec_idx))]) if offs else np.zeros(0)
+    return labels, scores
+
+
+def _mask2d(sv: ScoredViews, labels: list[np.ndarray], scores_of_view: list[np.ndarray]) -> dict:
+    from .metrics import coco_mask_ap, resize_nearest
+
+    images = []
+    for i in range(len(sv)):
+        g = sv.gt_instance[i]
+        p = resize_nearest(labels[i], *g.shape)
+        pids = np.unique(p)
+        pids = pids[pids > 0]
+        gids = np.unique(g)
+        gids = gids[gids > 0]
+        s = np.asarray(scores_of_view[i], np.float64)
+        images.append((p[None] == pids[:, None, None], s[pids - 1] if len(pids) else np.zeros(0),
+                       g[None] == gids[:, None, None]))
+    res = coco_mask_ap(images) if images else {"AP": float("nan")}
+    return {k: v for k, v in res.items() if k not in ("precision", "recall")}
+
+
+def _depth(sv: ScoredViews) -> dict:
+    from .metrics import depth_metrics, resize_nearest
+
+    preds, gts = [], []
+    for i in range(len(sv)):
+        g = sv.gt_depth[i]
+        preds.append(resize_nearest(sv.pred_depth[i], *g.shape))
+        gts.append(g)
+    shapes = {g.shape for g in gts}
+    if len(shapes) == 1:
+        return depth_metrics(np.stack(preds), np.stack(gts), scale="median", return_errors=True)
+    # different camera resolutions: pool per-view results
+    outs = [depth_metrics(p, g, scale="median", return_errors=True) for p, g in zip(preds, gts)]
+    err = np.concatenate([o["abs_rel_errors"] for o in outs])
+    d1 = np.concatenate([np.full(o["n_valid"], o["delta1"]) for o in outs])
+    return {"abs_rel": float(err.mean()) if err.size else float("nan"),
+            "delta1": float(d1.mean()) if d1.size else float("nan"), "n_valid": int(err.size),
+            "abs_rel_errors": err}
+
+
+def _pose(records, sv: ScoredViews, gt) -> tuple[dict, dict]:
+    from .metrics import pose_auc, pose_metrics, relative_pose_errors
+
+    rs, ts, ates = [], [], []
+    for rec in records:
+        p = rec.prediction
+        idx, G = [], []
+        for v, (cam, st) in enumerate(zip(p.cameras, p.view_stamps_ns)):
+            T = _gt_pose(gt, cam, int(st))
+            if T is not None:
+                idx.append(v)
+                G.append(np.linalg.inv(T))
+        if len(idx) < 2:
+            continue
+        P = np.asarray(p.T_cam_world, np.float64)[idx]
+        r, t = relative_pose_errors(P, np.stack(G))
+        rs.append(r)
+        ts.append(t)
+        ates.append(pose_metrics(P, np.stack(G))["ate_rmse"])
+    if rs:
+        r, t = np.concatenate(rs), np.concatenate(ts)
+        win = {"auc3": pose_auc(r, t, 3), "auc30": pose_auc(r, t, 30), "rot_err_mean_deg": float(r.mean()),
+               "trans_err_mean_deg": float(t.mean()), "ate_rmse_mean": float(np.mean(ates)), "n_pairs": int(r.size),
+               "n_windows": len(rs)}
+    else:
+        win = {"auc3": float("nan"), "auc30": float("nan"), "n_pairs": 0, "n_windows": 0}
+    mp = {"auc3": float("nan"), "auc30": float("nan"), "n_pairs": 0}
+    if len(sv) >= 2:
+        T_map_cam = np.stack([records[ri].fusion.T_map_cam[v] for ri, v in zip(sv.rec_idx, sv.view_idx)])
+        mp = pose_metrics(np.linalg.inv(T_map_cam), np.linalg.inv(np.stack(sv.gt_T_world_cam)))
+    return win, mp
+
+
+def run_baseline(records, sv: ScoredViews, **params) -> dict:
+    """HDBSCAN on every window (see module doc). Returns per-record labels/scores and timings."""
+    from .baseline import cluster_window
+
+    out = {"labels": {}, "scores": {}, "ms": [], "features": None}
+    for ri, rec in enumerate(records):
+        p = rec.prediction
+        feats = p.extras.get("mask_features")
+        if feats is not None:
+            out["features"] = "pixel decoder mask_features (forward hook)"
+        else:
+            feats = np.moveaxis(p.images.astype(np.float32) / 255.0, -1, 1)
+            out["features"] = "RGB (mask_features not available)"
+        valid = np.isfinite(p.depth) & (p.depth > 0)
+        kw = dict(min_cluster_size=max(20, int(valid.sum() // 400)), max_points=8000)
+        kw.update(params)
+        lab, sc, timing = cluster_window(p.depth, p.K, p.T_cam_world, feats, valid=valid, **kw)
+        out["labels"][ri] = lab
+        out["scores"][ri] = np.asarray(sc, np.float64)
+        out["ms"].append(float(timing["total_ms"]))
+    return out
+
+
+def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | None = None,
+                    meta: dict | None = None) -> tuple[dict, dict, ScoredViews, dict | None]:
+    """(metrics for report.write_report, curves, scored views, baseline output or None)."""
+    sv = select_views(records, gt)
+    methods: dict = {}
+    curves: dict = {}
+    engine_ms = [r.engine_ms for r in records]
+    fusion_ms = [r.fusion_ms for r in records]
+    timing = {"engine_ms_mean": float(np.mean(engine_ms)) if engine_ms else float("nan"),
+              "fusion_ms_mean": float(np.mean(fusion_ms)) if fusion_ms else float("nan"),
+              "ms_per_window_mean": float(np.mean(np.add(engine_ms, fusion_ms))) if engine_ms else float("nan"),
+              "n_windows": len(records)}
+    if len(sv) == 0:
+        return {"methods": {}, "meta": {**(meta or {}), "scored_views": 0,
+                                        "note": "no view matched ground truth"}}, {}, sv, None
+    # FAST3DIS: whole replay, map ids
+    glab, gsc = _dense(sv.pred_global, _global_scores(records))
+    ap = _ap3d(sv, glab, gsc, [list(range(len(sv)))], eval_voxel)
+    # per window, window-local ids
+    loc_scores = {ri: np.asarray(records[ri].prediction.scores, np.float64) for ri in set(sv.rec_idx)}
+    apw = _ev_per_window(sv, sv.pred_local, loc_scores, eval_voxel)
+    m2 = _mask2d(sv, sv.pred_local, [loc_scores[ri] for ri in sv.rec_idx])
+    dep = _depth(sv)
+    pose_w, pose_m = _pose(records, sv, gt)
+    methods["fast3dis"] = {
+        "AP": ap["AP"], "AP50": ap["AP50"], "AP25": ap["AP25"],
+        "ap_per_threshold": ap["ap_per_threshold"], "n_gt": ap["n_gt"], "n_pred": ap["n_pred"],
+        "n_points": ap["n_points"],
+        "AP_per_window": {k: apw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "mask2d": m2,
+        "depth": {k: v for k, v in dep.items() if k != "abs_rel_errors"},
+        "pose": pose_w, "pose_map": pose_m,
+        "timing": timing,
+    }
+    curves["fast3dis"] = {"pr": ap["curves"], "depth_abs_rel": dep.get("abs_rel_errors", [])}
+    base_out = None
+    if baseline == "hdbscan":
+        base_out = run_baseline(records, sv)
+        b_loc = [base_out["labels"][ri][v] for ri, v in zip(sv.rec_idx, sv.view_idx)]
+        b_scores = {ri: base_out["scores"][ri] for ri in set(sv.rec_idx)}
+        b_lab, b_sc = _offset_window_labels(sv, b_loc, b_scores)
+        bap = _ap3d(sv, b_lab, b_sc, [list(range(len(sv)))], eval_voxel)
+        bapw = _ev_per_window(sv, b_loc, b_scores, eval_voxel)
+        bm2 = _mask2d(sv, b_loc, [b_scores[ri] for ri in sv.rec_idx])
+        cl = base_out["ms"]
+        methods["hdbscan"] = {
+            "AP": bap["AP"], "AP50": bap["AP50"], "AP25": bap["AP25"],
+            "ap_per_threshold": bap["ap_per_threshold"], "n_gt": bap["n_gt"], "n_pred": bap["n_pred"],
+            "n_points": bap["n_points"],
+            "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+            "mask2d": bm2,
+            "depth": methods["fast3dis"]["depth"], "pose": pose_w,  # same geometry (FAST3DIS forward)
+            "timing": {"cluster_ms_mean": float(np.mean(cl)), "ms_per_window_mean":
+                       float(np.mean(np.add(cl, engine_ms))), "n_windows": len(cl)},
+            "features": base_out["features"],
+            "note": "whole-replay AP: ids are per window (no tracking); compare AP_per_window",
+        }
+        curves["hdbscan"] = {"pr": bap["curves"]}
+    metrics = {"methods": methods,
+               "meta": {**(meta or {}), "scored_views": len(sv), "eval_voxel_m": eval_voxel,
+                        "protocol": "3D AP on the GT surface (pixel-to-voxel common point set), map ids via "
+                                    "FusionResult.id_map; latest window per view; see eval/evaluate.py"}}
+    return metrics, curves, sv, base_out
+
+
+def _ev_per_window(sv, labels, scores_by_rec, voxel) -> dict:
+    from .metrics import InstanceAPEvaluator, build_common_point_set
+
+    ev = InstanceAPEvaluator()
+    for sc in _per_window_scenes(sv):
+        ri = sv.rec_idx[sc[0]]
+        for grp in _group_by_shape(sc, [g.shape for g in sv.gt_depth]):
+            cps = build_common_point_set(np.stack([sv.gt_depth[i] for i in grp]),
+                                         np.stack([sv.gt_instance[i] for i in grp]),
+                                         np.stack([sv.gt_K[i] for i in grp]), np.stack([labels[i] for i in grp]),
+                                         T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
+            ev.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
+    return ev.compute()
+
+
+def has_ground_truth(gt) -> bool:
+    return bool(gt.depth and gt.instance and gt.T_world_cam)
+
+
+# ----------------------------------------------------------------------------------------------------
+def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
+                 baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
+                 title: str = "FAST3DIS evaluation") -> dict:
+    """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths."""
+    from ..data.bags import read_ground_truth
+    from .replay import ReplayConfig, replay_bag
+    from .report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_bag = out / "output_bag"
+    if out_bag.exists():
+        import shutil
+
+        shutil.rmtree(out_bag)
+    res = replay_bag(bag, predictor, replay_cfg or ReplayConfig(), out_bag=out_bag, progress=progress)
+    acc_path = out / "accounting.json"
+    from .report import to_jsonable
+
+    acc_path.write_text(json.dumps(to_jsonable({**res.accounting, "replay_wall_s": res.wall_s,
+                                                "output_topics": res.output_counts}), indent=2))
+    paths = {"output_bag": str(out_bag.resolve()), "accounting": str(acc_path.resolve())}
+    result = {"replay": res, "paths": paths, "metrics": None, "scored": None, "baseline": None}
+    gt = read_ground_truth(gt_bag or bag)
+    if not has_ground_truth(gt):
+        return result
+    meta = {"bag": str(Path(bag).resolve()), "gt_bag": str(Path(gt_bag or bag).resolve()),
+            "cameras": res.cameras, "windows": len(res.records),
+            "window_size": (replay_cfg or ReplayConfig()).window_size, "stride": (replay_cfg or ReplayConfig()).stride}
+    if weights_info:
+        meta["weights"] = weights_info.get("weights")
+        meta["checkpoint"] = weights_info.get("checkpoint")
+        if weights_info.get("random_weights"):
+            meta["WARNING"] = "WEIGHTS ARE RANDOM (no checkpoint found): metrics are not meaningful"
+    t0 = time.perf_counter()
+    metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta)
+    metrics["meta"]["metrics_s"] = time.perf_counter() - t0
+    files = write_report(metrics, out, curves=curves, title=title)
+    paths["report"] = files
+    result.update(metrics=metrics, scored=sv, baseline=base, gt=gt)
+    return result
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="fast3dis-eval", description=(
+        "Replay a rosbag2 (mcap or sqlite3) through the FAST3DIS pipeline at full speed, write the output "
+        "topics to a new bag, account for every input frame set, and score against ground truth."))
+    ap.add_argument("--bag", required=True, help="input rosbag2 folder (or a file inside it)")
+    ap.add_argument("--gt", default=None, help="bag with ground truth (default: --bag)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--cameras", default=None, help="comma separated camera names (topics /<cam>/image_raw)")
+    g.add_argument("--image-topics", nargs="+", default=None, help="explicit image topics")
+    ap.add_argument("--window-size", type=int, default=4, help="frame sets per window")
+    ap.add_argument("--stride", type=int, default=2, help="new window every N frame sets")
+    ap.add_argument("--slop-ms", type=float, default=50.0, help="sync slop in milliseconds")
+    ap.add_argument("--score-threshold", type=float, default=None,
+                    help="instance score threshold (predictor and fusion; default: the checkpoint's)")
+    ap.add_argument("--voxel-size", type=float, default=0.02, help="map voxel size (map units)")
+    ap.add_argument("--eval-voxel", type=float, default=0.05, help="voxel of the GT common point set (m)")
+    ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def print_table(metrics: dict, file=sys.stdout) -> None:
+    def f(v, pct=True):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "n/a"
+        return f"{100 * v:5.1f}" if pct else f"{v:.3f}"
+
+    hdr = f"{'method':<10} {'AP':>6} {'AP50':>6} {'AP25':>6} {'AP/win':>6} {'2D AP':>6} {'AbsRel':>7} " \
+          f"{'d1':>6} {'AUC@3':>6} {'AUC@30':>6} {'ms/win':>8}"
+    print(hdr, file=file)
+    print("-" * len(hdr), file=file)
+    for m, d in metrics.get("methods", {}).items():
+        print(f"{m:<10} {f(d.get('AP')):>6} {f(d.get('AP50')):>6} {f(d.get('AP25')):>6} "
+              f"{f(d.get('AP_per_window', {}).get('AP')):>6} {f(d.get('mask2d', {}).get('AP')):>6} "
+              f"{f(d.get('depth', {}).get('abs_rel'), False):>7} {f(d.get('depth', {}).get('delta1')):>6} "
+              f"{f(d.get('pose', {}).get('auc3')):>6} {f(d.get('pose', {}).get('auc30')):>6} "
+              f"{d.get('timing', {}).get('ms_per_window_mean', float('nan')):8.1f}", file=file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input."""
+    raise SystemExit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from ..data.bags import BagReadError
+    from .replay import ReplayConfig, load_predictor
+
+    cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
+                       image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
+                       slop_ms=args.slop_ms, voxel_size=args.voxel_size)
+    kw = {}
+    if args.score_threshold is not None:
+        kw["score_threshold"] = args.score_threshold
+        cfg.score_threshold = args.score_threshold
+    t0 = time.perf_counter()
+    try:
+        predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+    except FileNotFoundError as e:
+        print(f"fast3dis-eval: error: {e}", file=sys.stderr)
+        return 2
+    if info.get("random_weights"):
+        print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)
+    try:
+        r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
+                         replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,
+                         progress=not args.no_progress)
+    except BagReadError as e:
+        print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
+        return 2
+    acc = r["replay"].accounting
+    fs = acc["frame_sets"]
+    print(f"\nframes: read {acc['frames']['read']}, rejected {acc['frames']['rejected']}, "
+          f"dropped by sync {acc['frames']['dropped_by_sync']}; frame sets: received {fs['received']}, processed "
+          f"{fs['processed']}, dropped {fs['dropped']}; windows fused {acc['windows']['fused']}; "
+          f"balanced: {acc['balanced']}")
+    if r["metrics"] is not None:
+        print()
+        print_table(r["metrics"])
+    else:
+        print("no ground truth in the bag: metrics skipped")
+    print(f"\nwall time {time.perf_counter() - t0:.1f} s")
+    print("outputs:")
+    for k, v in r["paths"].items():
+        for p in v if isinstance(v, list) else [v]:
+            print(f"  {Path(p).resolve()}")
+    return 0 if acc["balanced"] else 1
+
+
+if __name__ == "__main__":
+    main()
