@@ -148,7 +148,7 @@ class MapFusion:
         match_iou: float = 0.2,
         use_known_poses: bool = False,
         conf_mode: str = "abs",
-        pixel_stride: int = 1,
+        pixel_stride: int = 2,
         score_mode: str = "max",
         view_memory: int = 64,
         depth_ratio_stride: int = 4,
