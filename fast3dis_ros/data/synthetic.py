@@ -69,7 +69,7 @@ class SceneConfig:
     n_frames: int = 8
     width: int = 224
     height: int = 168
-    n_objects: int = 10  # instances in total, small objects on supports included
+    n_objects: int = 14  # instances in total, small objects on supports included
     seed: int = 0
     fov_deg: float = 70.0  # horizontal field of view
     camera_yaws_deg: tuple[float, ...] | None = None  # rig mounting yaw per camera; None = default
@@ -77,7 +77,7 @@ class SceneConfig:
     rig_height: float = 1.35
     rig_pitch_deg: float = 18.0  # positive = looking down
     arc_deg: float = 100.0  # arc of the ellipse the rig travels over the n_frames
-    room_size_range: tuple[float, float] = (4.5, 7.0)
+    room_size_range: tuple[float, float] = (4.0, 6.5)
     room_height_range: tuple[float, float] = (2.6, 3.2)
     path_clearance: float = 0.55  # minimum distance from the camera path to any floor object
     ambient: float = 0.35
@@ -592,11 +592,25 @@ class _Builder:
                                   ambient=cfg.ambient, light_pos=np.array([room[0] / 2, room[1] / 2, room[2] - 0.15]))
 
     # -- checks
-    def free(self, xy, radius, ignore=()) -> bool:
+    def free(self, xy, radius, ignore=(), rect=None) -> bool:
+        """Footprint circle (xy, radius) free of walls, camera path and other footprints.
+
+        ``rect=(half_xy, yaw)``: use the exact oriented rectangle for the wall and path tests.
+        """
         m = 0.04
-        if xy[0] - radius < m or xy[1] - radius < m or xy[0] + radius > self.room[0] - m or xy[1] + radius > self.room[1] - m:
+        xy = np.asarray(xy, dtype=np.float64)
+        if rect is None:
+            ext = np.array([radius, radius])
+            path_d = np.linalg.norm(self.path - xy, axis=1) - radius
+        else:
+            half, yaw = np.asarray(rect[0], dtype=np.float64), rect[1]
+            R = _rot_z(yaw)[:2, :2]
+            ext = np.abs(R) @ half
+            loc = (self.path - xy) @ R  # path points in the rectangle frame
+            path_d = np.linalg.norm(np.maximum(np.abs(loc) - half, 0.0), axis=1)
+        if np.any(xy - ext < m) or np.any(xy + ext > self.room[:2] - m):
             return False
-        if np.min(np.linalg.norm(self.path - xy, axis=1)) < radius + self.cfg.path_clearance:
+        if np.min(path_d) < self.cfg.path_clearance:
             return False
         for fxy, fr, fid in self.footprints:
             if fid in ignore:
@@ -719,7 +733,7 @@ class _Builder:
                 yaw, xy = math.pi / 2, np.array([rng.uniform(w2 + 0.05, self.room[0] - w2 - 0.05), d2 + 0.05])
             else:
                 yaw, xy = -math.pi / 2, np.array([rng.uniform(w2 + 0.05, self.room[0] - w2 - 0.05), self.room[1] - d2 - 0.05])
-            if self.free(xy, radius):
+            if self.free(xy, radius, rect=((d2, w2), yaw)):
                 break
         else:
             return None
@@ -982,7 +996,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--width", type=int, default=224)
     p.add_argument("--height", type=int, default=168)
-    p.add_argument("--objects", type=int, default=10)
+    p.add_argument("--objects", type=int, default=14)
     p.add_argument("--fov", type=float, default=70.0, help="horizontal field of view, degrees")
     p.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
     p.add_argument("--bag", action="store_true", help="also write scene_XXXX_bag (rosbag2)")
