@@ -104,6 +104,22 @@ def fix_cmake_paths(venv: Path) -> int:
     return changed
 
 
+def ensure_toolchain() -> None:
+    """cmake + a C/C++ compiler; installed from Debian when missing and we are root with apt-get."""
+    missing = [t for t in ("cmake", "make", "cc", "c++") if shutil.which(t) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return  # the caller reports what is missing
+    log(f"installing {missing} from Debian (apt-get install cmake g++ make)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "cmake", "g++", "make"],
+                       env=env)
+    if r.returncode != 0:
+        log("apt-get install failed")
+
+
 def run_logged(cmd: list[str], logf, env: dict, cwd: Path) -> int:
     logf.write(f"\n$ {' '.join(cmd)}\n")
     logf.flush()
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{p}: already importable, skipped (use --force to rebuild)")
     if not todo:
         return 0
+    ensure_toolchain()
     for tool in ("cmake", "make", "cc", "c++"):
         if shutil.which(tool) is None:
             raise SystemExit(

@@ -112,3 +112,43 @@ def test_dds_roundtrip_between_processes():
     (t,) = got["tf"].transforms
     assert t.header.frame_id == "map" and t.child_frame_id == "cam0_optical_frame" and t.header.stamp.sec == 7
     assert (t.transform.translation.z, t.transform.rotation.x, t.transform.rotation.w) == (0.3, 0.6, 0.8)
+
+
+def test_build_failure_shows_cmake_log(tmp_path, monkeypatch, capsys):
+    """A broken interface package fails loudly: non-zero exit naming the step, cmake output shown."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_interfaces", ROOT / "scripts" / "build_interfaces.py")
+    bi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bi)
+    pkg = tmp_path / "src" / "broken_msgs"
+    (pkg / "msg").mkdir(parents=True)
+    (pkg / "msg" / "Bad.msg").write_text("no_such_pkg/NoSuchType field\n")
+    (pkg / "package.xml").write_text((ROOT / "interfaces" / "fast3dis_msgs" / "package.xml").read_text()
+                                     .replace("<name>fast3dis_msgs</name>", "<name>broken_msgs</name>"))
+    (pkg / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(broken_msgs)\nfind_package(ament_cmake REQUIRED)\n"
+        "find_package(rosidl_default_generators REQUIRED)\nfind_package(no_such_pkg REQUIRED)\n"
+        "rosidl_generate_interfaces(${PROJECT_NAME} \"msg/Bad.msg\")\nament_package()\n")
+    monkeypatch.setattr(bi, "SRC", tmp_path / "src")
+    monkeypatch.setattr(bi, "BUILD", tmp_path / "build")
+    prefix = tmp_path / "prefix"  # never installs into the real venv
+    with pytest.raises(SystemExit) as e:
+        _build_into(bi, prefix, "broken_msgs")
+    assert "broken_msgs: cmake configure failed" in str(e.value)
+    assert "no_such_pkg" in capsys.readouterr().err
+
+
+def _build_into(bi, prefix, pkg):
+    # configure against the venv but install elsewhere: patch venv_env/cmake prefix only for install
+    orig_run = bi.run_logged
+
+    def run_logged(cmd, logf, env, cwd):
+        cmd = [c.replace(f"-DCMAKE_INSTALL_PREFIX={sys.prefix}", f"-DCMAKE_INSTALL_PREFIX={prefix}") for c in cmd]
+        return orig_run(cmd, logf, env, cwd)
+
+    bi.run_logged = run_logged
+    try:
+        return bi.build(Path(sys.prefix), pkg, 1)
+    finally:
+        bi.run_logged = orig_run
