@@ -109,3 +109,17 @@ def test_view_permutation_equivariance():
     with torch.no_grad():
         o1 = head([f[:, :4] for f in feats], pts[:, :4], conf[:, :4], K[:, :4], T[:, :4], (H, W))
     assert not torch.allclose(o["pred_logits"], o1["pred_logits"], atol=1e-6)
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    head = InstanceHead(InstanceHeadConfig.tiny()).eval()
+    feats, pts, conf, K, T = make_scene(1, 3)
+    with torch.no_grad():
+        ref = head(feats, pts, conf, K, T, (H, W))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(feats, pts, conf, K, T, (H, W))
+    assert torch.isfinite(out["pred_masks"].float()).all()
+    scale = ref["pred_masks"].abs().max()
+    assert (out["pred_masks"].float() - ref["pred_masks"]).abs().max() < 0.1 * scale
+    assert torch.allclose(out["anchors"].float(), ref["anchors"], atol=1e-2)

@@ -87,7 +87,7 @@ class AnchorQueryGenerator(nn.Module):
         """
         B = deep_features.shape[0]
         f = deep_features.transpose(1, 2).flatten(2)  # (B, D, V*h*w)
-        ctx_in = torch.cat([f.mean(-1), f.amax(-1), point_statistics(points_norm_deep)], dim=-1)
+        ctx_in = torch.cat([f.mean(-1), f.amax(-1), point_statistics(points_norm_deep).to(f.dtype)], dim=-1)
         g = self.context(ctx_in)  # (B, D)
         qf = self.query_feat[None].expand(B, -1, -1)
         h = torch.cat([qf, g[:, None].expand_as(qf)], dim=-1)

@@ -72,11 +72,13 @@ class InstanceHead(nn.Module):
         ):
             if tuple(t.shape[: len(shp)]) != shp:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected leading dims {shp}")
-        dtype = features[0].dtype
-        points_world = points_world.to(dtype)
-        conf = conf.to(dtype)
-        K = intrinsics.to(dtype)
-        T = T_cam_world.to(dtype)
+        # geometry (points, cameras, scene frame, projection) stays in >= float32 even when the
+        # features are half precision: bf16 world coordinates would cost pixels after projection
+        gdtype = torch.promote_types(features[0].dtype, torch.float32)
+        points_world = points_world.to(gdtype)
+        conf = conf.to(gdtype)
+        K = intrinsics.to(gdtype)
+        T = T_cam_world.to(gdtype)
 
         center, scale = scene_normalization(points_world, (h, w))
         pd = self.pixel_decoder(features, points_world, conf, center, scale, (H, W))

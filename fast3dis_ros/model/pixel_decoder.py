@@ -141,7 +141,7 @@ class GeometryInjection(nn.Module):
     def forward(self, points_norm: Tensor, lconf: Tensor) -> Tensor:
         """points_norm ``(N, 3, h, w)``, lconf ``(N, 1, h, w)`` -> ``(N, hidden, h, w)``."""
         x = torch.cat([fourier_features(points_norm.clamp(-8, 8), self.bands, dim=1), lconf], dim=1)
-        return self.mlp(x)
+        return self.mlp(x.to(self.mlp[0].weight.dtype))
 
 
 class GeometryPixelDecoder(nn.Module):
@@ -165,7 +165,7 @@ class GeometryPixelDecoder(nn.Module):
         deep = levels[3]
         geo = F.adaptive_avg_pool2d(geo, deep.shape[-2:])
         lconf = F.adaptive_avg_pool2d(lconf, deep.shape[-2:])
-        levels[3] = deep + self.geometry(geo, lconf)
+        levels[3] = deep + self.geometry(geo, lconf).to(deep.dtype)
         p3 = self.fusion[3](levels[3])
         p2 = self.fusion[2](levels[2], p3)
         p1 = self.fusion[1](levels[1], p2)

@@ -117,14 +117,16 @@ def sample_views(value: Tensor, grid: Tensor, padding_mode: str = "border") -> T
     """
     B, V, G, C, h, w = value.shape
     N = grid.shape[3]
+    # sample in the grid's precision (>= float32): half-precision grids are off by pixels
+    sdtype = torch.promote_types(value.dtype, grid.dtype)
     out = F.grid_sample(
-        value.reshape(B * V * G, C, h, w),
-        grid.reshape(B * V * G, N, 1, 2).to(value.dtype),
+        value.reshape(B * V * G, C, h, w).to(sdtype),
+        grid.reshape(B * V * G, N, 1, 2).to(sdtype),
         mode="bilinear",
         padding_mode=padding_mode,
         align_corners=False,
     )  # (BVG, C, N, 1)
-    return out.view(B, V, G, C, N).transpose(-1, -2)
+    return out.view(B, V, G, C, N).transpose(-1, -2).to(value.dtype)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
