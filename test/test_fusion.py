@@ -231,3 +231,24 @@ def test_runner_stride_gt_window_counts_not_windowed():
     fs = r.accounting()["frame_sets"]
     # windows at sets 0, 3, 6 -> 3 processed; 1, 2, 4, 5 never windowed
     assert fs == {"received": 7, "processed": 3, "dropped": {"not_windowed": 4}, "in_flight": 0}
+
+
+def test_voxel_map_evicts_least_recently_seen():
+    from fast3dis_ros.pipeline.fusion import VoxelMap
+
+    vm = VoxelMap(0.1, max_points=5)
+
+    def add(keys, tick):
+        k = np.asarray(keys, np.int64)
+        n = len(k)
+        vm.integrate(k, np.zeros((n, 3)), np.zeros((n, 3)), np.ones(n), np.zeros(n, np.uint32),
+                     np.zeros(n, np.float32), tick)
+
+    add([1, 2, 3], 1)
+    add([4, 5], 2)
+    add([3, 6], 3)  # 3 is re-seen; 6 is new -> 6 voxels, evict one of the tick-1 voxels (1 or 2)
+    assert len(vm) == 5 and vm.evicted == 1
+    assert {3, 4, 5, 6} <= set(vm.keys.tolist()) and list(vm.keys) == sorted(vm.keys)
+    assert vm.n[vm.keys.tolist().index(3)] == 2
+    add([7, 8, 9, 10, 11], 4)
+    assert vm.keys.tolist() == [7, 8, 9, 10, 11]

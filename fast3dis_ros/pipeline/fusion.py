@@ -107,7 +107,16 @@ class VoxelMap:
             self.score = np.concatenate([self.score, score[nf]])[order]
             self.last_seen = np.concatenate([self.last_seen, np.full(int(nf.sum()), tick, np.int64)])[order]
         if len(self.keys) > self.max_points:
-            keep = np.sort(np.argsort(-self.last_seen, kind="stable")[: self.max_points])
+            # newest ticks first; among voxels of the cut-off tick keep the first ones (no full argsort)
+            ticks, counts = np.unique(self.last_seen, return_counts=True)
+            above = np.cumsum(counts[::-1])  # voxels with tick >= ticks[::-1][j]
+            j = int(np.searchsorted(above, self.max_points))  # cut-off tick index (descending)
+            cut = ticks[::-1][j]
+            n_above = int(above[j - 1]) if j > 0 else 0
+            keep_mask = self.last_seen > cut
+            at_cut = np.flatnonzero(self.last_seen == cut)[: self.max_points - n_above]
+            keep_mask[at_cut] = True
+            keep = np.flatnonzero(keep_mask)
             self.evicted += len(self.keys) - len(keep)
             for name in ("keys", "xyz_sum", "rgb_sum", "n", "inst", "votes", "score", "last_seen"):
                 setattr(self, name, getattr(self, name)[keep])
