@@ -18,7 +18,6 @@ from __future__ import annotations
 import array
 import colorsys
 import math
-import sys
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -67,9 +66,6 @@ ENCODINGS: dict[str, tuple[str, int]] = {
     "16UC1": ("u2", 1),
     "32FC1": ("f4", 1),
 }
-
-_NATIVE_BIG = sys.byteorder == "big"
-
 
 # ----------------------------------------------------------------------------------------- stamps
 def stamp_to_ns(stamp) -> int:
