@@ -82,7 +82,7 @@ class SceneConfig:
     path_clearance: float = 0.55  # minimum distance from the camera path to any floor object
     ambient: float = 0.35
     device: str = "cpu"
-    chunk_rays: int = 1 << 16
+    chunk_rays: int | None = None  # None: 64k rays per chunk on CPU, 1M on GPU
     cpu_threads: int = 1  # torch intra-op threads while rendering on CPU (1 is fastest here)
 
     def resolved_camera_names(self) -> list[str]:
@@ -464,14 +464,15 @@ def render_views(
     width: int,
     height: int,
     device: str | torch.device = "cpu",
-    chunk_rays: int = 1 << 16,
-    cull: bool = True,
+    chunk_rays: int | None = None,
+    cull: bool | None = None,
     cpu_threads: int | None = 1,
 ):
     """Render C cameras at once. K (C,3,3) or (3,3), T_world_cam (C,4,4).
 
-    Primitives are frustum-culled per camera (``cull=False`` tests all; same pixels). On CPU the torch
-    intra-op thread count is set to ``cpu_threads`` for the call and restored after (process-global
+    Primitives are frustum-culled per camera (default on CPU; on GPU all cameras go in one batch
+    instead; ``cull`` forces either, same pixels). ``chunk_rays`` defaults to 64k (CPU) / 1M (GPU).
+    On CPU the torch intra-op thread count is set to ``cpu_threads`` for the call and restored after (process-global
     setting: don't render while another thread runs torch work that depends on it).
     Returns rgb (C,H,W,3) uint8, depth (C,H,W) float32 z-depth, instance (C,H,W) int32 (numpy).
     """
@@ -480,20 +481,21 @@ def render_views(
     T = np.asarray(T_world_cam, dtype=np.float64).reshape(-1, 4, 4)
     C = T.shape[0]
     Ks = np.broadcast_to(np.asarray(K, dtype=np.float64).reshape(-1, 3, 3), (C, 3, 3))
-    u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
-    dirs, origins = [], []
-    for c in range(C):
-        Kinv = np.linalg.inv(Ks[c])
-        pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 0)
-        dc = Kinv @ pix  # z = 1 in the camera frame
-        dirs.append((T[c, :3, :3] @ dc).T)
-        origins.append(np.broadcast_to(T[c, :3, 3], (u.size, 3)))
-    d_all = torch.as_tensor(np.concatenate(dirs), dtype=torch.float32, device=dev)
-    o_all = torch.as_tensor(np.concatenate(origins), dtype=torch.float32, device=dev)
+    # rays: z = 1 camera-frame directions rotated to world (float64 on the device, then float32)
+    f64 = dict(dtype=torch.float64, device=dev)
+    vv, uu = torch.meshgrid(torch.arange(height, **f64), torch.arange(width, **f64), indexing="ij")
+    pix = torch.stack([uu.reshape(-1), vv.reshape(-1), torch.ones(width * height, **f64)], 0)  # (3, P)
+    M = torch.as_tensor(T[:, :3, :3] @ np.linalg.inv(Ks), **f64)  # (C, 3, 3): R_wc K^-1
+    d_all = (M @ pix).transpose(1, 2).reshape(-1, 3).to(torch.float32)
+    o_all = torch.as_tensor(T[:, :3, 3], **f64)[:, None, :].expand(C, width * height, 3).reshape(-1, 3).to(torch.float32)
     n = d_all.shape[0]
     rgb = torch.empty(n, 3, dtype=torch.uint8, device=dev)
     depth = torch.empty(n, dtype=torch.float32, device=dev)
     inst = torch.empty(n, dtype=torch.int32, device=dev)
+    if cull is None:
+        cull = dev.type == "cpu"
+    if chunk_rays is None:
+        chunk_rays = (1 << 16) if dev.type == "cpu" else (1 << 20)
     prev_threads = torch.get_num_threads()
     if dev.type == "cpu" and cpu_threads:
         # many small element-wise ops: intra-op threads only add sync cost (25x slower on a loaded box)
@@ -512,11 +514,14 @@ def render_views(
 
 def _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, cull, rgb, depth, inst):
     C, P = T.shape[0], width * height
+    n = C * P
     with torch.inference_mode():
-        for c in range(C):
-            bsel, csel = _frustum_select(g, Ks[c], T[c], width, height) if cull else (None, None)
-            for s in range(c * P, (c + 1) * P, chunk_rays):
-                e = min((c + 1) * P, s + chunk_rays)
+        # culled: one camera at a time with its visible primitives; else all rays in big chunks
+        groups = [(c * P, (c + 1) * P, *_frustum_select(g, Ks[c], T[c], width, height)) for c in range(C)] if cull \
+            else [(0, n, None, None)]
+        for start, stop, bsel, csel in groups:
+            for s in range(start, stop, chunk_rays):
+                e = min(stop, s + chunk_rays)
                 o, d = o_all[s:e], d_all[s:e]
                 t, ins, nrm, mat = _trace(g, o, d, bsel, csel)
                 col = _shade(g, o + t[:, None] * d, nrm, mat)
