@@ -192,6 +192,18 @@ def test_write_load_roundtrip_and_preview(tmp_path):
     assert im.shape == (3 * 30, 3 * 40, 3)
 
 
+def test_scene_frame_sets(scene):
+    from fast3dis_ros.data.synthetic import scene_frame_sets
+
+    fs = scene_frame_sets(scene, start_ns=100, rate_hz=20.0, known_poses=True)
+    assert [f.stamp_ns for f in fs] == [100 + i * 50_000_000 for i in range(4)]
+    assert fs[1].cameras == ["front", "left", "right"]
+    f = fs[1].frames[2]
+    assert f.frame_id == "right_optical_frame" and f.image is scene.frames[1][2].rgb
+    assert np.array_equal(f.T_world_cam, scene.frames[1][2].T_world_cam) and (f.width, f.height) == (64, 48)
+    assert scene_frame_sets(scene)[0].frames[0].T_world_cam is None
+
+
 def test_cli_writes_scenes_bag_and_prints_fps(tmp_path, capsys):
     main(["--out", str(tmp_path), "--scenes", "2", "--seed", "7", "--cameras", "2", "--frames", "2",
           "--width", "24", "--height", "18", "--objects", "5", "--bag", "--preview"])

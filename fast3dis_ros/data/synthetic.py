@@ -45,6 +45,7 @@ __all__ = [
     "load_dataset",
     "render_preview_png",
     "benchmark_fps",
+    "scene_frame_sets",
     "look_at",
     "intrinsics_from_fov",
     "main",
@@ -937,6 +938,21 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
         T_rig_cam={k: np.asarray(v) for k, v in meta["T_rig_cam"].items()},
         T_world_rig=[np.asarray(T) for T in meta["T_world_rig"]],
     )
+
+
+def scene_frame_sets(scene: SyntheticScene, start_ns: int = 1_700_000_000_000_000_000, rate_hz: float = 10.0,
+                     known_poses: bool = False) -> list:
+    """The scene as ``pipeline.frames.FrameSet`` objects (stamps as :func:`bags.write_scene_bag` writes them)."""
+    from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet
+
+    period = int(round(1e9 / rate_hz))
+    out = []
+    for fi, fr in enumerate(scene.frames):
+        stamp = int(start_ns) + fi * period
+        frames = [CameraFrame(camera=v.camera, stamp_ns=stamp, image=v.rgb, frame_id=f"{v.camera}_optical_frame",
+                              K=v.K.copy(), T_world_cam=v.T_world_cam.copy() if known_poses else None) for v in fr]
+        out.append(FrameSet(index=fi, stamp_ns=stamp, frames=frames))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
