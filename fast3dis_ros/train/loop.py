@@ -328,7 +328,8 @@ class Trainer:
         return total, parts, outputs
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def accumulate(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Forward + backward of ``loss / len(micro_batches)`` for each micro-batch (grads accumulate)."""
         self.model.train()
         accum = len(micro_batches)
         sums: dict[str, float] = {}
@@ -338,6 +339,10 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        return sums
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        sums = self.accumulate(micro_batches)
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named_trainable]
         if self.tcfg.grad_clip > 0:
@@ -437,8 +442,10 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------ main loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until ``tcfg.steps`` (or ``stop_at``, to simulate an interruption), save, validate."""
         t = self.tcfg
+        end = t.steps if stop_at is None else min(int(stop_at), t.steps)
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / TRAIN_LOG
         _truncate_log(log_path, self.step)
@@ -459,7 +466,7 @@ class Trainer:
         t0 = time.perf_counter()
         ema = None
         with open(log_path, "a") as logf:
-            while self.step < t.steps:
+            while self.step < end:
                 ts = time.perf_counter()
                 mbs = [next(it) for _ in range(t.accum_steps)]
                 stats = self.train_step(mbs)
@@ -486,7 +493,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save()
-        val = self._run_val(None)
+        val = self._run_val(None) if stop_at is None else {}
         if t.plot:
             plot_losses(log_path, self.out / "loss_curve.png")
         return {"step": self.step, "train": last, "val": val, "wall_s": time.perf_counter() - t0}
