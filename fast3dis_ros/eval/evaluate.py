@@ -439,7 +439,9 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-def print_table(metrics: dict, file=sys.stdout) -> None:
+def print_table(metrics: dict, file=None) -> None:
+    file = sys.stdout if file is None else file
+
     def f(v, pct=True):
         if v is None or (isinstance(v, float) and not np.isfinite(v)):
             return "n/a"
@@ -475,6 +477,15 @@ def run(argv: list[str] | None = None) -> int:
         kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
     t0 = time.perf_counter()
+    try:  # fail fast on an unreadable bag, before loading the model
+        from ..data.bags import bag_topics
+
+        bag_topics(args.bag)
+        if args.gt:
+            bag_topics(args.gt)
+    except BagReadError as e:
+        print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
+        return 2
     try:
         predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
     except FileNotFoundError as e:
