@@ -28,6 +28,8 @@ from addict import Dict as ADict
 from depth_anything_3.cfg import create_object, load_config
 from depth_anything_3.model.dinov2.dinov2 import DinoV2
 from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
+from depth_anything_3.model.dualdpt import DualDPT
+from depth_anything_3.model.utils.head_utils import custom_interpolate
 from depth_anything_3.model.reference_view_selector import (
     reorder_by_reference,
     restore_original_order,
@@ -135,6 +137,52 @@ def build_da3_net(cfg: BackboneConfig) -> nn.Module:
     return create_object(da3_config(cfg))
 
 
+def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int) -> dict[str, torch.Tensor]:
+    """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order."""
+    B, _, C = feats[0].shape
+    ph, pw = H // head.patch_size, W // head.patch_size
+    resized = []
+    for stage_idx, take_idx in enumerate(head.intermediate_layer_idx):
+        x = feats[take_idx][:, 0:]
+        x = head.norm(x)
+        x = x.permute(0, 2, 1).reshape(B, C, ph, pw)
+        x = head.projects[stage_idx](x)
+        if head.pos_embed:
+            x = head._add_pos_embed(x, W, H)
+        x = head.resize_layers[stage_idx](x)
+        resized.append(x)
+    sc = head.scratch
+    l1_rn, l2_rn, l3_rn, l4_rn = (sc.layer1_rn(resized[0]), sc.layer2_rn(resized[1]), sc.layer3_rn(resized[2]), sc.layer4_rn(resized[3]))
+    out = sc.refinenet4(l4_rn, size=l3_rn.shape[2:])
+    out = sc.refinenet3(out, l3_rn, size=l2_rn.shape[2:])
+    out = sc.refinenet2(out, l2_rn, size=l1_rn.shape[2:])
+    out = sc.refinenet1(out, l1_rn)
+    out = sc.output_conv1(out)
+    h_out, w_out = int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
+    fused = custom_interpolate(out, (h_out, w_out), mode="bilinear", align_corners=True)
+    if head.pos_embed:
+        fused = head._add_pos_embed(fused, W, H)
+    fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
+    pred = head._apply_activation_single(fmap[..., :-1], head.activation)
+    conf = head._apply_activation_single(fmap[..., -1], head.conf_activation)
+    return {head.head_main: pred.squeeze(-1), f"{head.head_main}_conf": conf}
+
+
+def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8) -> ADict:
+    """``DualDPT.forward`` (same chunking, so cuDNN sees the same shapes) returning depth + conf only."""
+    B, S, N, C = feats[0][0].shape
+    flat = [f[0].reshape(B * S, N, C) for f in feats]
+    if chunk_size is None or chunk_size >= S:
+        out = _dualdpt_main_impl(head, flat, H, W)
+        return ADict({k: v.reshape(B, S, *v.shape[1:]) for k, v in out.items()})
+    parts = [
+        _dualdpt_main_impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W)
+        for s0 in range(0, B * S, chunk_size)
+    ]
+    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+    return ADict({k: v.view(B, S, *v.shape[1:]) for k, v in out.items()})
+
+
 def to_homogeneous(T: torch.Tensor) -> torch.Tensor:
     """(..., 3, 4) -> (..., 4, 4) (no-op for 4x4)."""
     if T.shape[-2] == 4:
@@ -179,6 +227,9 @@ class DA3Backbone(nn.Module):
         self.vit: DinoVisionTransformer = self.net.backbone.pretrained
         self.out_layers = list(self.net.backbone.out_layers)
         self.lora_start = cfg.lora_start
+        # DA3 computes DualDPT's ray branch and then discards it when a camera decoder exists;
+        # skipping it leaves depth/conf/cameras bit-identical and saves a large part of the head.
+        self.skip_ray_branch = True
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
             self._inject_lora()
@@ -332,7 +383,10 @@ class DA3Backbone(nn.Module):
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
         with torch.autocast(device_type=device_type, enabled=False):
-            output = net._process_depth_head(feats, H, W)
+            if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
+                output = dualdpt_depth_only(net.head, feats, H, W)
+            else:
+                output = net._process_depth_head(feats, H, W)
             output = net._process_camera_estimation(feats, H, W, output)
         output = net._process_mono_sky_estimation(output)
         return output
