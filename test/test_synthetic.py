@@ -100,13 +100,13 @@ def test_depth_is_exact_along_optical_axis():
     assert inst[12, 16] == 2 and abs(depth[12, 16] - 1.0) < 1e-4
 
 
-def test_culling_changes_nothing(scene):
+def test_render_modes_agree_bit_for_bit(scene):
     from fast3dis_ros.data.synthetic import render_views
 
     v = scene.frames[2][1]
     Ts = np.stack([x.T_world_cam for x in scene.frames[2]])
-    for cull in (True, False):
-        rgb, depth, inst = render_views(scene.geometry, v.K, Ts, 64, 48, cull=cull, chunk_rays=1000)
+    for mode in ("rects", "frustum", "batch"):
+        rgb, depth, inst = render_views(scene.geometry, v.K, Ts, 64, 48, mode=mode, chunk_rays=1000)
         for c, x in enumerate(scene.frames[2]):
             assert np.array_equal(rgb[c], x.rgb) and np.array_equal(depth[c], x.depth) and np.array_equal(inst[c], x.instance)
 

@@ -295,6 +295,8 @@ class _GeomTensors:
             self.box_inst = torch.as_tensor(np.asarray(g.box_instance, dtype=np.int32), device=device)
             self.np_box_c = np.asarray(g.box_center, dtype=np.float64)
             self.np_box_r = np.linalg.norm(np.asarray(g.box_half, dtype=np.float64), axis=1)
+            self.np_box_half = np.asarray(g.box_half, dtype=np.float64)
+            self.np_box_yaw = np.asarray(g.box_yaw, dtype=np.float64)
         if self.nc:
             self.cyl_c = torch.as_tensor(np.asarray(g.cyl_center), **f)
             self.cyl_r = torch.as_tensor(np.asarray(g.cyl_radius), **f)
@@ -302,6 +304,8 @@ class _GeomTensors:
             self.cyl_inst = torch.as_tensor(np.asarray(g.cyl_instance, dtype=np.int32), device=device)
             self.np_cyl_c = np.asarray(g.cyl_center, dtype=np.float64)
             self.np_cyl_r = np.hypot(np.asarray(g.cyl_radius), np.asarray(g.cyl_half_height))
+            self.np_cyl_rad = np.asarray(g.cyl_radius, dtype=np.float64)
+            self.np_cyl_hh = np.asarray(g.cyl_half_height, dtype=np.float64)
         mats = list(g.room_materials) + list(g.box_material) + list(g.cyl_material)
         self.mat_c1 = torch.as_tensor(np.array([m["color1"] for m in mats]), **f)
         self.mat_c2 = torch.as_tensor(np.array([m["color2"] for m in mats]), **f)
@@ -349,25 +353,28 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(g: _GeomTensors, o: torch.Tensor, d: torch.Tensor, bsel: torch.Tensor | None = None,
-           csel: torch.Tensor | None = None):
+           csel: torch.Tensor | None = None, with_room: bool = True):
     """Nearest hit for rays o (N,3), d (N,3) (d scaled so the ray parameter is z-depth).
 
     ``bsel`` / ``csel``: indices of the boxes / cylinders to test (default all; frustum culling).
+    ``with_room=False`` skips the room (t = inf where no primitive is hit).
     Returns t (N,), instance (N,) int32, normal (N,3) facing the ray, material index (N,).
     """
     eps = 1e-6
     inf = float("inf")
     N = o.shape[0]
-    # room interior: exit distance
-    ds = _safe(d)
-    t_axis = torch.where(ds > 0, (g.room_max - o) / ds, (g.room_min - o) / ds)
-    t_best, axis = t_axis.min(-1)
-    d_ax = ds.gather(1, axis[:, None])
-    face = axis * 2 + (d_ax[:, 0] > 0).to(torch.int64)
     normal = torch.zeros_like(o)
-    normal.scatter_(1, axis[:, None], -torch.sign(d_ax))
     inst = torch.zeros(N, dtype=torch.int32, device=o.device)
-    mat = face
+    if with_room:  # room interior: exit distance
+        ds = _safe(d)
+        t_axis = torch.where(ds > 0, (g.room_max - o) / ds, (g.room_min - o) / ds)
+        t_best, axis = t_axis.min(-1)
+        d_ax = ds.gather(1, axis[:, None])
+        mat = axis * 2 + (d_ax[:, 0] > 0).to(torch.int64)
+        normal.scatter_(1, axis[:, None], -torch.sign(d_ax))
+    else:
+        t_best = torch.full((N,), inf, dtype=o.dtype, device=o.device)
+        mat = torch.zeros(N, dtype=torch.int64, device=o.device)
     bidx = bsel if bsel is not None else (torch.arange(g.nb, device=o.device) if g.nb else None)
     if bidx is not None and bidx.numel():
         R = g.box_R[bidx]
@@ -458,6 +465,75 @@ def _frustum_select(g: _GeomTensors, K: np.ndarray, T_world_cam: np.ndarray, wid
     return bsel, csel
 
 
+def _screen_rects(g: _GeomTensors, K: np.ndarray, T_world_cam: np.ndarray, width: int, height: int, near: float = 1e-3):
+    """Pixel rectangles (v0, v1, u0, u1; end exclusive) that contain each primitive's projection.
+
+    Conservative: the projected corners of the primitive's box (clipped at the near plane), +-1 px.
+    Rays outside a primitive's rectangle cannot hit it. None = off screen or behind the camera.
+    """
+    pairs = np.array([(i, j) for i in range(8) for j in range(i + 1, 8)])
+    T_cw = np.linalg.inv(T_world_cam)
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+
+    def rects(corners):  # (M, 8, 3) world
+        c = corners @ T_cw[:3, :3].T + T_cw[:3, 3]
+        out = []
+        for cc in c:
+            front = cc[:, 2] > near
+            if not front.any():
+                out.append(None)
+                continue
+            if not front.all():  # clip the hull at z = near: keep front corners + segment crossings
+                a, b = cc[pairs[:, 0]], cc[pairs[:, 1]]
+                cross = (a[:, 2] > near) != (b[:, 2] > near)
+                a, b = a[cross], b[cross]
+                w = (near - a[:, 2]) / (b[:, 2] - a[:, 2])
+                cc = np.concatenate([cc[front], a + w[:, None] * (b - a)])
+                cc[:, 2] = np.maximum(cc[:, 2], near)
+            uv = cc @ K.T
+            u, v = uv[:, 0] / uv[:, 2], uv[:, 1] / uv[:, 2]
+            u0, u1 = max(0, int(np.floor(u.min())) - 1), min(width, int(np.ceil(u.max())) + 2)
+            v0, v1 = max(0, int(np.floor(v.min())) - 1), min(height, int(np.ceil(v.max())) + 2)
+            out.append((v0, v1, u0, u1) if (u0 < u1 and v0 < v1) else None)
+        return out
+
+    box_r, cyl_r = [], []
+    if g.nb:
+        R = np.stack([_rot_z(a) for a in g.np_box_yaw])
+        local = signs[None] * g.np_box_half[:, None, :]
+        box_r = rects(np.einsum("bij,bkj->bki", R, local) + g.np_box_c[:, None, :])
+    if g.nc:
+        ext = np.stack([g.np_cyl_rad, g.np_cyl_rad, g.np_cyl_hh], -1)
+        cyl_r = rects(signs[None] * ext[:, None, :] + g.np_cyl_c[:, None, :])
+    return box_r, cyl_r
+
+
+def _render_camera_rects(g: _GeomTensors, o: torch.Tensor, d: torch.Tensor, K, T_world_cam, width, height):
+    """One camera on CPU: room for all rays, then each primitive only inside its screen rectangle."""
+    t, inst, nrm, mat = _trace(g, o, d, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    grid = lambda x: x.view(height, width, *x.shape[1:])  # noqa: E731
+    t_g, i_g, n_g, m_g, o_g, d_g = grid(t), grid(inst), grid(nrm), grid(mat), grid(o), grid(d)
+    box_r, cyl_r = _screen_rects(g, K, T_world_cam, width, height)
+    empty = torch.zeros(0, dtype=torch.int64)
+    jobs = [(r, torch.tensor([k]), empty) for k, r in enumerate(box_r)] + \
+           [(r, empty, torch.tensor([k])) for k, r in enumerate(cyl_r)]
+    for r, bsel, csel in jobs:
+        if r is None:
+            continue
+        v0, v1, u0, u1 = r
+        so, sd = o_g[v0:v1, u0:u1].reshape(-1, 3), d_g[v0:v1, u0:u1].reshape(-1, 3)
+        tn, i_n, nn, mn = _trace(g, so, sd, bsel, csel, with_room=False)
+        shape = (v1 - v0, u1 - u0)
+        better = (tn < t_g[v0:v1, u0:u1].reshape(-1)).view(shape)
+        if not bool(better.any()):
+            continue
+        t_g[v0:v1, u0:u1] = torch.where(better, tn.view(shape), t_g[v0:v1, u0:u1])
+        i_g[v0:v1, u0:u1] = torch.where(better, i_n.view(shape), i_g[v0:v1, u0:u1])
+        m_g[v0:v1, u0:u1] = torch.where(better, mn.view(shape), m_g[v0:v1, u0:u1])
+        n_g[v0:v1, u0:u1] = torch.where(better[..., None], nn.view(*shape, 3), n_g[v0:v1, u0:u1])
+    return t, inst, nrm, mat
+
+
 def render_views(
     geometry: SceneGeometry | _GeomTensors,
     K: np.ndarray,
@@ -466,13 +542,15 @@ def render_views(
     height: int,
     device: str | torch.device = "cpu",
     chunk_rays: int | None = None,
-    cull: bool | None = None,
+    mode: str | None = None,
     cpu_threads: int | None = 1,
 ):
     """Render C cameras at once. K (C,3,3) or (3,3), T_world_cam (C,4,4).
 
-    Primitives are frustum-culled per camera (default on CPU; on GPU all cameras go in one batch
-    instead; ``cull`` forces either, same pixels). ``chunk_rays`` defaults to 64k (CPU) / 1M (GPU).
+    ``mode`` (all give the same pixels): ``"rects"`` (CPU default) traces the room for every ray and each
+    primitive only inside its projected screen rectangle; ``"frustum"`` tests every ray against the
+    primitives inside the camera frustum; ``"batch"`` (GPU default) tests all rays of all cameras against
+    all primitives in chunks of ``chunk_rays`` (default 64k on CPU, 1M on GPU).
     On CPU the torch intra-op thread count is set to ``cpu_threads`` for the call and restored after (process-global
     setting: don't render while another thread runs torch work that depends on it).
     Returns rgb (C,H,W,3) uint8, depth (C,H,W) float32 z-depth, instance (C,H,W) int32 (numpy).
@@ -493,8 +571,10 @@ def render_views(
     rgb = torch.empty(n, 3, dtype=torch.uint8, device=dev)
     depth = torch.empty(n, dtype=torch.float32, device=dev)
     inst = torch.empty(n, dtype=torch.int32, device=dev)
-    if cull is None:
-        cull = dev.type == "cpu"
+    if mode is None:
+        mode = "rects" if dev.type == "cpu" else "batch"
+    if mode not in ("rects", "frustum", "batch"):
+        raise ValueError(f"mode must be rects, frustum or batch, not {mode!r}")
     if chunk_rays is None:
         chunk_rays = (1 << 16) if dev.type == "cpu" else (1 << 20)
     prev_threads = torch.get_num_threads()
@@ -502,7 +582,7 @@ def render_views(
         # many small element-wise ops: intra-op threads only add sync cost (25x slower on a loaded box)
         torch.set_num_threads(int(cpu_threads))
     try:
-        _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, cull, rgb, depth, inst)
+        _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, mode, rgb, depth, inst)
     finally:
         torch.set_num_threads(prev_threads)
     shp = (C, height, width)
@@ -513,13 +593,22 @@ def render_views(
     )
 
 
-def _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, cull, rgb, depth, inst):
+def _render_loop(g, o_all, d_all, Ks, T, width, height, chunk_rays, mode, rgb, depth, inst):
     C, P = T.shape[0], width * height
-    n = C * P
     with torch.inference_mode():
-        # culled: one camera at a time with its visible primitives; else all rays in big chunks
-        groups = [(c * P, (c + 1) * P, *_frustum_select(g, Ks[c], T[c], width, height)) for c in range(C)] if cull \
-            else [(0, n, None, None)]
+        if mode == "rects":
+            for c in range(C):
+                s, e = c * P, (c + 1) * P
+                o, d = o_all[s:e], d_all[s:e]
+                t, ins, nrm, mat = _render_camera_rects(g, o, d, Ks[c], T[c], width, height)
+                col = _shade(g, o + t[:, None] * d, nrm, mat)
+                rgb[s:e] = (col.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+                depth[s:e] = t
+                inst[s:e] = ins
+            return
+        # frustum: one camera at a time with its visible primitives; batch: all rays in big chunks
+        groups = [(c * P, (c + 1) * P, *_frustum_select(g, Ks[c], T[c], width, height)) for c in range(C)] \
+            if mode == "frustum" else [(0, C * P, None, None)]
         for start, stop, bsel, csel in groups:
             for s in range(start, stop, chunk_rays):
                 e = min(stop, s + chunk_rays)
