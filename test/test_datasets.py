@@ -83,6 +83,15 @@ def test_synthetic_relabel_float_resize(synth):
     assert one[1, 3, 4].item() == pytest.approx(want, abs=1e-5)
 
 
+def test_synthetic_dataloader_batches(synth):
+    from torch.utils.data import DataLoader
+
+    ds = SyntheticWindowDataset(synth[0], n_views=4, image_format="float")
+    batch = next(iter(DataLoader(ds, batch_size=2, shuffle=False)))
+    assert batch["images"].shape == (2, 4, 3, 18, 24) and batch["T_cam_world"].shape == (2, 4, 4, 4)
+    assert batch["instance"].shape == (2, 4, 18, 24) and len(batch["scene"]) == 2
+
+
 def test_synthetic_errors(tmp_path, synth):
     with pytest.raises(FileNotFoundError):
         SyntheticWindowDataset(tmp_path)
