@@ -68,6 +68,7 @@ class TrainConfig:
     max_eval_batches: int = 16
     quick_ap: bool = True
     plot: bool = True
+    time_budget_s: float = 0.0  # >0: after 20 steps, shrink ``steps`` so training ends within this wall time
     out: str = "outputs/train"
 
     @property
@@ -486,6 +487,9 @@ class Trainer:
                     msg = f"step {self.step}/{t.steps} " + " ".join(
                         f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
                     (bar.write if bar is not None else print)(msg)
+                if t.time_budget_s > 0 and self.step == self._budget_probe and stop_at is None:
+                    self._fit_to_budget(time.perf_counter() - t0, bar)
+                    end = t.steps
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
                     self.save()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
@@ -497,6 +501,31 @@ class Trainer:
         if t.plot:
             plot_losses(log_path, self.out / "loss_curve.png")
         return {"step": self.step, "train": last, "val": val, "wall_s": time.perf_counter() - t0}
+
+    _budget_probe = 20
+
+    def _fit_to_budget(self, elapsed: float, bar) -> None:
+        """Shrink the run to the wall-time budget (LR and overlap schedules are refitted to the new end)."""
+        t = self.tcfg
+        per_step = elapsed / max(self.step, 1)
+        n_eval = (t.steps // t.eval_every) if t.eval_every else 0
+        usable = t.time_budget_s * 0.97 - elapsed - 15.0 - 2.0 * n_eval
+        new_total = int(self.step + max(usable, 0.0) / max(per_step, 1e-6))
+        if new_total >= t.steps:
+            return
+        new_total = max(new_total, self.step + 1)
+        msg = (f"[fast3dis-train] {per_step * 1000:.0f} ms/step: shrinking --steps {t.steps} -> {new_total} "
+               f"to fit the {t.time_budget_s:.0f}s budget")
+        (bar.write if bar is not None else print)(msg)
+        t.steps = new_total
+        if bar is not None:
+            bar.total = new_total
+        self.scheduler.lr_lambdas = [cosine_warmup_lambda(new_total, t.warmup_steps, t.min_lr_ratio)
+                                     for _ in self.optimizer.param_groups]
+        sched = getattr(getattr(self.criterion, "cfg", None), "overlap", None)
+        if sched is not None and hasattr(sched, "total"):
+            sched.total = max(new_total, 2)
+            sched.warmup = min(sched.warmup, max(1, new_total // 10))
 
     def _run_val(self, bar) -> dict[str, float]:
         val = self.validate()

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="wall-time budget of the training loop: after 20 steps --steps is reduced to fit "
+                        "(LR/overlap schedules refitted); 0 = off")
     return p
 
 
@@ -244,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         save_every=args.save_every, eval_every=args.eval_every, full_finetune=args.full_finetune,
         geometry_loss_weight=args.geometry_loss_weight, num_workers=args.num_workers, save_dtype=args.save_dtype,
         deterministic=args.deterministic, progress=not args.no_progress, plot=not args.no_plot, out=str(out),
+        time_budget_s=args.time_budget,
     )
     (out / "train_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
     train_set, val_set = build_datasets(args)
