@@ -71,6 +71,9 @@ def standardise_sample(s: dict) -> dict[str, torch.Tensor]:
     if s.get("depth") is not None:
         d = _t(s["depth"], torch.float32).reshape(V, H, W)
         out["depth"] = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    if s.get("depth_valid") is not None and "depth" in out:
+        out["depth"] = torch.where(_t(s["depth_valid"]).bool().reshape(V, H, W), out["depth"],
+                                   torch.zeros_like(out["depth"]))
     if s.get("K") is not None:
         out["K"] = _t(s["K"], torch.float32).reshape(V, 3, 3)
     T = s.get("T_cam_world")

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "written by fast3dis-synth, or folders of them)")
     src.add_argument("--synthetic", type=int, default=None, metavar="N_SCENES",
                      help="generate N synthetic training scenes (seeds --scene-seed .. +N-1)")
+    p.add_argument("--data-layout", type=str, default="auto", choices=["auto", "synthetic", "ase", "scannetpp"])
     p.add_argument("--cache", type=str, default=None, help="cache folder for generated scenes (reused when present)")
     p.add_argument("--scene-seed", type=int, default=1000, help="first seed of the generated training scenes")
     p.add_argument("--val-seeds", type=str, default="900000,900001",
@@ -169,21 +170,33 @@ def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, he
     return scenes
 
 
-def _load_folders(spec: str) -> list[Any]:
-    """Scenes from dataset folders (via data/datasets.py when it offers a loader; else data/synthetic.py)."""
-    from fast3dis_ros.data.synthetic import load_dataset
+def _folder_datasets(spec: str, n_views: int, layout: str = "auto") -> Any:
+    """Lazy torch datasets (data/datasets.py) over comma-separated folders; layout auto-detected per folder:
+    ``scene.json`` -> synthetic, ``trajectory.csv`` -> Aria Synthetic Environments, ``dslr/nerfstudio``
+    -> ScanNet++."""
+    from torch.utils.data import ConcatDataset
 
-    scenes = []
-    for d in [s for s in spec.split(",") if s.strip()]:
-        root = Path(d.strip())
-        if (root / "scene.json").is_file():
-            scenes.append(load_dataset(root))
-        else:
-            subs = sorted(p.parent for p in root.glob("*/scene.json"))
-            if not subs:
-                raise FileNotFoundError(f"{root}: no scene.json here or one level below")
-            scenes.extend(load_dataset(s) for s in subs)
-    return scenes
+    from fast3dis_ros.data import datasets as D
+
+    parts = []
+    for d in [s.strip() for s in spec.split(",") if s.strip()]:
+        root = Path(d)
+        kind = layout
+        if kind == "auto":
+            if next(iter(root.glob("scene.json")), None) or next(iter(root.glob("*/scene.json")), None):
+                kind = "synthetic"
+            elif next(iter(root.glob("**/trajectory.csv")), None):
+                kind = "ase"
+            elif next(iter(root.glob("**/dslr/nerfstudio")), None):
+                kind = "scannetpp"
+            else:
+                raise FileNotFoundError(f"{root}: no synthetic (scene.json), ASE (trajectory.csv) or ScanNet++ "
+                                        "(dslr/nerfstudio) scenes found")
+        cls = {"synthetic": D.SyntheticWindowDataset, "ase": D.AriaSyntheticDataset,
+               "scannetpp": D.ScanNetPPDataset}[kind]
+        parts.append(cls(root, n_views=n_views))
+        print(f"[fast3dis-train] {root}: {kind}, {len(parts[-1])} windows of {n_views} views", flush=True)
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainSampleDataset | None]:
@@ -194,14 +207,14 @@ def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainS
     if rdev == "auto":
         rdev = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
     if args.data:
-        scenes = _load_folders(args.data)
+        train_base = _folder_datasets(args.data, frames * args.cameras, args.data_layout)
     else:
         n = args.synthetic if args.synthetic is not None else 8
         scenes = make_synthetic_scenes(range(args.scene_seed, args.scene_seed + n), cameras=args.cameras,
                                        frames=scene_frames, height=args.height, width=args.width,
                                        n_objects=args.objects, device=rdev, cache=args.cache,
                                        workers=args.gen_workers, desc="train")
-    train_base = SceneWindowDataset(scenes, frames_per_sample=frames)
+        train_base = SceneWindowDataset(scenes, frames_per_sample=frames)
     if len(train_base) == 0:
         raise ValueError(f"no training windows: scenes have fewer than {frames} frames")
     train = TrainSampleDataset(train_base, hw, augment=True, jitter=args.jitter,
