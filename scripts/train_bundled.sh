@@ -6,9 +6,10 @@
 # Tiny DA3-style backbone + instance head, trained end to end (--full-finetune: instance set losses +
 # scale-invariant depth / pose / intrinsics losses) on procedural scenes rendered on the GPU by
 # fast3dis_ros.data.synthetic at 196x140 (3 cameras x 2 frames = 6 views per sample).
-# The training loop stops within TIME_BUDGET seconds (default 600): after 20 steps it measures the step
+# The training loop stops within TIME_BUDGET seconds (default 540): after 20 steps it measures the step
 # time and shrinks --steps to fit, refitting the LR and overlap schedules. Scene rendering comes on
-# top (seconds on an H100).
+# top (GPU renderer; set RENDER_DEVICE=cpu to render with GEN_WORKERS CPU processes instead).
+# Env overrides: TIME_BUDGET, SCENES (256), WORKERS (DataLoader, 6), RENDER_DEVICE, GEN_WORKERS.
 #
 # Writes:
 #   OUT_DIR/train/    fp32 checkpoint + train_state.pt (exact resume), train_log.jsonl, val_log.jsonl,
@@ -21,7 +22,9 @@ OUT="${1:?usage: scripts/train_bundled.sh OUT_DIR [extra fast3dis-train args]}"
 shift || true
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-TIME_BUDGET="${TIME_BUDGET:-600}"
+TIME_BUDGET="${TIME_BUDGET:-540}"
+RENDER_DEVICE="${RENDER_DEVICE:-cuda}"   # cpu: render with GEN_WORKERS processes instead
+GEN_WORKERS="${GEN_WORKERS:-12}"
 SCENES="${SCENES:-256}"
 WORKERS="${WORKERS:-6}"
 mkdir -p "$OUT"
@@ -30,7 +33,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'needs a CUDA GPU'; print('[train_bundled]', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 
 "$PY" -m fast3dis_ros.train.train \
-  --synthetic "$SCENES" --scene-seed 1000 --scene-frames 6 --objects 10 --render-device cuda \
+  --synthetic "$SCENES" --scene-seed 1000 --scene-frames 6 --objects 10 --render-device "$RENDER_DEVICE" --gen-workers "$GEN_WORKERS" \
   --val-seeds 900000-900007 --eval-every 1000 \
   --size tiny --full-finetune \
   --cameras 3 --frames 2 --height 140 --width 196 \
