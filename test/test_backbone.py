@@ -162,3 +162,20 @@ def test_image_size_validation(pair):
     bb, _ = pair
     with pytest.raises(ValueError, match="multiple of 14"):
         bb.forward_geometry(torch.randn(1, 1, 3, 40, 56))
+
+
+def test_fresh_tiny_net_has_live_fov_branch():
+    """A from-scratch net must predict finite focal lengths with a gradient (DA3's FoV ReLU is dead at 0)."""
+    import torch
+
+    from fast3dis_ros.model.backbone import build_da3_net
+    from fast3dis_ros.model.config import Fast3disConfig
+
+    cfg = Fast3disConfig.tiny()
+    net = build_da3_net(cfg.backbone)
+    fov_layer = net.cam_dec.fc_fov[0]
+    feat = torch.randn(1, 3, fov_layer.in_features)
+    fov = net.cam_dec.fc_fov(feat)
+    assert torch.all(fov > 0.5) and torch.all(fov < 1.6), fov
+    fov.sum().backward()
+    assert fov_layer.bias.grad is not None and torch.all(fov_layer.bias.grad != 0)

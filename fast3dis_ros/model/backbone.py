@@ -133,8 +133,29 @@ def da3_config(cfg: BackboneConfig):
 
 
 def build_da3_net(cfg: BackboneConfig) -> nn.Module:
-    """A plain, randomly initialised ``DepthAnything3Net`` of the configured size."""
-    return create_object(da3_config(cfg))
+    """A plain, randomly initialised ``DepthAnything3Net`` of the configured size.
+
+    DA3's camera decoder ends its field-of-view branch in a ReLU and the intrinsics clamp
+    ``tan(fov/2)`` at 1e-6: from a random initialisation about half of the FoV outputs start at exactly
+    0, where the ReLU passes no gradient, so a model trained from scratch (the tiny configuration)
+    could never learn its focal lengths. We start the FoV bias at ~60 degrees so the branch is alive;
+    loading real DA3 weights overwrites it.
+    """
+    net = create_object(da3_config(cfg))
+    init_fov_branch(net)
+    return net
+
+
+def init_fov_branch(net: nn.Module, fov_rad: float = 1.05) -> None:
+    """Give the camera decoder's FoV head a live (positive) starting point; see ``build_da3_net``."""
+    cam_dec = getattr(net, "cam_dec", None)
+    fc_fov = getattr(cam_dec, "fc_fov", None)
+    if fc_fov is None:
+        return
+    linear = fc_fov[0]
+    with torch.no_grad():
+        linear.weight.mul_(0.01)
+        linear.bias.fill_(fov_rad)
 
 
 def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int) -> dict[str, torch.Tensor]:
