@@ -1,0 +1,500 @@
+"""Node-side CPU figures of fast3dis_ros, each a row with its target (``python -m fast3dis_ros.bench_node``).
+
+Rows (all on CPU, median over repeats unless said otherwise):
+
+- ``pack_1m``: 1M-point cloud -> ``geometry.clouds.pointcloud_structured`` + the sensor_msgs/PointCloud2
+  built by ``ros.conversions.cloud_to_pointcloud2`` (what the node publishes). Target < 20 ms. When rclpy
+  does not import, only the structured pack is timed (the row says so).
+- ``pack_1m_structured``: the structured pack alone (no message), for reference.
+- ``image_rgb8`` / ``image_bgr8``: ``ros.conversions.image_to_rgb`` of one frame set (``--cams`` cameras,
+  640x480) of sensor_msgs/Image messages, ms per frame set.
+- ``sync_push``: ``pipeline.sync.ApproximateTimeSync.push`` of every frame of a frame set (``--cams``
+  cameras, jittered stamps), µs per frame set.
+- ``fusion_<W>x<H>``: ``pipeline.fusion.MapFusion.integrate`` (node defaults: voxel 0.02, min_score 0.5,
+  pixel_stride 2) per 8-view window built from a synthetic scene's ground truth (depth, instances, cameras
+  relative to the window's first view; 2 cameras x 4 frame sets, stride 2, so windows share views and take
+  the shared-view Sim(3) path). Median over the windows after the first.
+- ``e2e_overhead``: ``PipelineRunner`` in async mode (as the node) with a real random tiny
+  ``Predictor.random_tiny`` on CPU, node window defaults (window 8 frame sets, stride 4, 3 cameras). Each
+  frame set is fed as Image messages (converted with ``image_to_rgb``), after the engine went idle (no
+  queueing). Latency = from converting+feeding the window's last frame to the end of ``on_fusion`` (which
+  builds the map/window PointCloud2, InstanceArray and MarkerArray as the node's publisher does), minus
+  the engine's own ``predict`` time. Target: engine + 30 ms, i.e. overhead < 30 ms.
+
+All figures are wall-clock on a possibly loaded machine; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run_node_bench", "format_rows", "main", "row"]
+
+
+def row(name: str, measured: float | str, unit: str, target: str | None = None, limit: float | None = None,
+        detail: dict | None = None) -> dict:
+    """One result row. ``limit``: measured must be <= limit to pass (None: no numeric target)."""
+    ok = None
+    if limit is not None and isinstance(measured, (int, float)) and np.isfinite(measured):
+        ok = bool(measured <= limit)
+    return {"name": name, "measured": measured, "unit": unit, "target": target or "-", "limit": limit,
+            "pass": ok, "detail": detail or {}}
+
+
+def _rclpy_ok() -> tuple[bool, str]:
+    try:
+        from fast3dis_ros.ros import conversions  # noqa: F401  (imports sensor_msgs / builtin_interfaces)
+
+        return True, ""
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _median_ms(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(ts)), ts
+
+
+# ------------------------------------------------------------------------------------------- pack
+def bench_pack(n: int = 1_000_000, repeats: int = 7, seed: int = 0) -> list[dict]:
+    from fast3dis_ros.geometry.clouds import POINT_STEP, pointcloud_structured
+    from fast3dis_ros.pipeline.frames import InstanceCloud
+
+    rng = np.random.default_rng(seed)
+    cloud = InstanceCloud("map", 123, rng.standard_normal((n, 3)).astype(np.float32),
+                          rng.integers(0, 256, (n, 3), dtype=np.uint8), rng.integers(0, 50, n).astype(np.uint32),
+                          rng.random(n, dtype=np.float32))
+    tag = f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n // 1000}k"
+    ms_s, ts_s = _median_ms(lambda: pointcloud_structured(cloud), repeats)
+    rows = []
+    ok, why = _rclpy_ok()
+    if ok:
+        from fast3dis_ros.ros.conversions import cloud_to_pointcloud2
+
+        msg = cloud_to_pointcloud2(cloud)
+        assert len(msg.data) == n * POINT_STEP
+        del msg
+        ms_m, ts_m = _median_ms(lambda: cloud_to_pointcloud2(cloud), repeats)
+        rows.append(row(f"pack_{tag}", ms_m, "ms", "< 20 ms", 20.0,
+                        {"what": "pointcloud_structured + PointCloud2 message (ros.conversions)", "points": n,
+                         "times_ms": ts_m, "min_ms": min(ts_m)}))
+    else:
+        rows.append(row(f"pack_{tag}", ms_s, "ms", "< 20 ms", 20.0,
+                        {"what": f"structured pack only (rclpy unavailable: {why})", "points": n, "times_ms": ts_s,
+                         "min_ms": min(ts_s)}))
+    rows.append(row(f"pack_{tag}_structured", ms_s, "ms", None, None,
+                    {"what": "pointcloud_structured alone (fresh buffer)", "points": n, "times_ms": ts_s,
+                     "min_ms": min(ts_s)}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ images
+def bench_images(cams: int = 3, height: int = 480, width: int = 640, repeats: int = 20, seed: int = 0) -> list[dict]:
+    ok, why = _rclpy_ok()
+    if not ok:
+        return [row(f"image_{enc}", "n/a", "ms/frame set", None, None, {"why": why}) for enc in ("rgb8", "bgr8")]
+    from fast3dis_ros.ros.conversions import image_to_rgb, numpy_to_image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for enc in ("rgb8", "bgr8"):
+        msgs = [numpy_to_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), enc) for _ in range(cams)]
+
+        def conv():
+            return [image_to_rgb(m) for m in msgs]
+
+        out = conv()
+        assert all(o.shape == (height, width, 3) and o.dtype == np.uint8 for o in out)
+        ms, ts = _median_ms(conv, repeats)
+        rows.append(row(f"image_{enc}", ms, "ms/frame set", None, None,
+                        {"what": f"image_to_rgb x {cams} cameras {width}x{height} {enc}", "cams": cams,
+                         "per_image_ms": ms / cams, "times_ms": ts}))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- sync
+def bench_sync(cams: int = 3, n_sets: int = 2000, repeats: int = 5, seed: int = 0) -> list[dict]:
+    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.pipeline.sync import ApproximateTimeSync
+
+    rng = np.random.default_rng(seed)
+    names = [f"cam{i}" for i in range(cams)]
+    img = np.zeros((4, 4, 3), np.uint8)  # the synchroniser never touches pixels
+    period = 33_333_333
+    frames = []
+    for k in range(n_sets):
+        jit = rng.integers(-3_000_000, 3_000_000, cams)
+        order = rng.permutation(cams)  # cameras arrive in any order
+        frames.extend(CameraFrame(names[c], 1_000_000_000 + k * period + int(jit[c]), img) for c in order)
+    per_set_us = []
+    emitted = 0
+    for _ in range(repeats):
+        sync = ApproximateTimeSync(names, slop_ns=50_000_000, queue_size=10)
+        push = sync.push
+        t0 = time.perf_counter()
+        for f in frames:
+            push(f)
+        per_set_us.append((time.perf_counter() - t0) * 1e6 / n_sets)
+        emitted = sync.emitted_sets
+    us = float(statistics.median(per_set_us))
+    return [row("sync_push", us, "µs/frame set", None, None,
+                {"what": f"ApproximateTimeSync.push x {cams} cameras, slop 50 ms, 30 Hz with +-3 ms jitter",
+                 "cams": cams, "frame_sets": n_sets, "emitted": emitted, "per_frame_us": us / cams,
+                 "runs_us": per_set_us})]
+
+
+# ------------------------------------------------------------------------------------------ fusion
+def _gt_windows(scene, frames_per_window: int, stride: int, score: float = 0.9):
+    """WindowPredictions from a synthetic scene's ground truth, world = camera of the window's view 0."""
+    from fast3dis_ros.pipeline.frames import WindowPrediction
+
+    cams = scene.camera_names
+    out = []
+    starts = range(0, scene.n_frames - frames_per_window + 1, stride)
+    for wi, s in enumerate(starts):
+        views = [scene.view(f, c) for f in range(s, s + frames_per_window) for c in cams]
+        T0 = views[0].T_world_cam
+        T_cam_world = np.stack([np.linalg.inv(v.T_world_cam) @ T0 for v in views])
+        inst = np.stack([v.instance for v in views]).astype(np.int64)
+        ids = np.unique(inst[inst > 0])
+        lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        labels = lut[inst].astype(np.int32)
+        stamps = [1_000_000_000 + f * 100_000_000 for f in range(s, s + frames_per_window) for _ in cams]
+        out.append(WindowPrediction(
+            window_index=wi, stamp_ns=stamps[-1], cameras=[v.camera for v in views],
+            frame_ids=[f"{v.camera}_optical_frame" for v in views], view_stamps_ns=stamps,
+            images=np.stack([v.rgb for v in views]), depth=np.stack([v.depth for v in views]).astype(np.float32),
+            depth_conf=np.ones((len(views),) + views[0].depth.shape, np.float32),
+            K=np.stack([v.K for v in views]).astype(np.float64), T_cam_world=T_cam_world, labels=labels,
+            scores=np.full(len(ids), score, np.float32), depth_scale_metric=True,
+        ))
+    return out
+
+
+def node_fusion(**overrides):
+    """MapFusion with the node's defaults (ros/params.py)."""
+    from fast3dis_ros.pipeline.fusion import MapFusion
+
+    kw = dict(voxel_size=0.02, max_points=1_000_000, min_score=0.5, conf_threshold=0.0)
+    kw.update(overrides)
+    return MapFusion(**kw)
+
+
+def fusion_windows(width: int, height: int, views: int = 8, cams: int = 2, n_windows: int = 4, seed: int = 0):
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
+
+    fpw = max(1, views // cams)
+    stride = max(1, fpw // 2)
+    n_frames = fpw + stride * (n_windows - 1)
+    scene = generate_scene(SceneConfig(n_cameras=cams, n_frames=n_frames, width=width, height=height, seed=seed))
+    return _gt_windows(scene, fpw, stride)
+
+
+def prefill_map(fusion, n: int, seed: int = 0, n_instances: int = 50) -> None:
+    """Put ``n`` old voxels (tick 0, random keys far from the scene, random instance ids) into the map, as
+    after a long run: the next windows then pay the cost of a map at (or near) its cap."""
+    from fast3dis_ros.geometry.clouds import pack_voxel_keys
+
+    if n <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    ijk = rng.integers(-500_000, 500_000, (int(n * 1.1) + 16, 3))
+    ijk[:, 0] = np.abs(ijk[:, 0]) + 10_000  # x >= 200 m: never overlaps the scene
+    keys = np.unique(pack_voxel_keys(ijk))[:n]
+    rng.shuffle(keys)
+    keys = np.sort(keys)
+    m = len(keys)
+    xyz = (rng.standard_normal((m, 3)) + 300.0) * 1.0
+    fusion.map.integrate(keys, xyz, rng.uniform(0, 255, (m, 3)), np.ones(m), 
+                         rng.integers(0, n_instances + 1, m).astype(np.uint32), rng.random(m).astype(np.float32), 0)
+
+
+def bench_fusion(sizes=((224, 168), (504, 378)), views: int = 8, cams: int = 2, n_windows: int = 4,
+                 seed: int = 0, prefill: int = 0) -> list[dict]:
+    """``prefill`` > 0: the map first holds that many old voxels (``prefill_map``), rows get a suffix."""
+    rows = []
+    for w, h in sizes:
+        preds = fusion_windows(w, h, views, cams, n_windows, seed)
+        fusion = node_fusion()
+        prefill_map(fusion, prefill, seed)
+        ms_all, methods, voxels = [], [], []
+        for p in preds:
+            t0 = time.perf_counter()
+            res = fusion.integrate(p)
+            ms_all.append((time.perf_counter() - t0) * 1e3)
+            methods.append(res.align_method)
+            voxels.append(len(res.map_cloud))
+        later = ms_all[1:] if len(ms_all) > 1 else ms_all
+        ms = float(statistics.median(later))
+        tag = f"_map{prefill / 1e6:g}M" if prefill >= 1_000_000 else (f"_map{prefill // 1000}k" if prefill else "")
+        rows.append(row(f"fusion_{w}x{h}{tag}", ms, "ms/window", None, None,
+                        {"what": f"MapFusion.integrate, {preds[0].depth.shape[0]}-view GT window {w}x{h} "
+                                 f"({cams} cameras), node defaults (voxel 0.02, pixel_stride 2, cap 1M voxels)"
+                                 + (f", map prefilled with {prefill} old voxels" if prefill else ""),
+                         "prefill_voxels": prefill, "evicted": fusion.map.evicted,
+                         "views": int(preds[0].depth.shape[0]), "windows": len(preds), "times_ms": ms_all,
+                         "align": methods, "map_voxels": voxels, "first_window_ms": ms_all[0]}))
+    return rows
+
+
+def profile_fusion(width: int = 504, height: int = 378, views: int = 8, top: int = 25, seed: int = 0,
+                   prefill: int = 0) -> str:
+    """cProfile of MapFusion.integrate over the windows after the first (cumulative + own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    preds = fusion_windows(width, height, views, seed=seed)
+    fusion = node_fusion()
+    prefill_map(fusion, prefill, seed)
+    fusion.integrate(preds[0])
+    pr = cProfile.Profile()
+    pr.enable()
+    for p in preds[1:]:
+        fusion.integrate(p)
+    pr.disable()
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s).strip_dirs()
+    st.sort_stats("cumulative").print_stats(top)
+    st.sort_stats("tottime").print_stats(top)
+    return s.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- e2e
+def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: int = 4, width: int = 224,
+              height: int = 168, process_size: int | None = None, seed: int = 0, threads: int | None = None
+              ) -> list[dict]:
+    import torch
+
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
+    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.pipeline.runner import PipelineRunner
+
+    if threads:
+        torch.set_num_threads(threads)
+    ok, why = _rclpy_ok()
+    if ok:
+        from fast3dis_ros.ros.conversions import (cloud_to_pointcloud2, image_to_rgb, instances_to_markers,
+                                                  numpy_to_image)
+        try:
+            from fast3dis_ros.ros.conversions import instances_to_msg
+            import fast3dis_msgs.msg  # noqa: F401
+        except Exception:  # noqa: BLE001
+            instances_to_msg = None
+    n_frames = window_size + stride * (n_windows - 1)
+    scene = generate_scene(SceneConfig(n_cameras=cams, n_frames=n_frames, width=width, height=height, seed=seed))
+    predictor = Predictor.random_tiny(seed=seed, device="cpu", **({"process_size": process_size} if process_size else {}))
+    # warm the model (first forward allocates)
+    predictor.predict_arrays([scene.view(0, c).rgb for c in range(cams)])
+
+    t_feed: dict[int, int] = {}
+    done: dict[int, tuple[int, float, float]] = {}
+    publish_ms: list[float] = []
+
+    def on_fusion(res, pred):
+        t0 = time.perf_counter_ns()
+        if ok:
+            mf, st = "map", int(res.stamp_ns)
+            cloud_to_pointcloud2(res.map_cloud, frame_id=mf, stamp_ns=st)
+            cloud_to_pointcloud2(res.window_cloud, frame_id=mf, stamp_ns=st)
+            if instances_to_msg is not None:
+                instances_to_msg(res.instances, mf, st)
+            instances_to_markers(res.instances, mf, st)
+        t1 = time.perf_counter_ns()
+        publish_ms.append((t1 - t0) / 1e6)
+        done[res.window_index] = (t1, float(pred.engine_ms), len(res.map_cloud))
+
+    fusion = node_fusion()
+    runner = PipelineRunner(scene.camera_names, predictor.predict, slop_ns=50_000_000, window_size=window_size,
+                            stride=stride, fusion=fusion, sync_mode=False, queue_depth=2, on_fusion=on_fusion)
+    msgs = []
+    for f in range(n_frames):
+        fs = []
+        for c, name in enumerate(scene.camera_names):
+            v = scene.view(f, c)
+            stamp = 1_000_000_000 + f * 100_000_000 + c * 1_000_000
+            fs.append((name, stamp, numpy_to_image(v.rgb, "rgb8") if ok else v.rgb, v.K))
+        msgs.append(fs)
+    try:
+        for fs in msgs:
+            runner.engine.wait_idle(120.0)
+            for name, stamp, m, K in fs:
+                n0 = runner.windows_emitted
+                t0 = time.perf_counter_ns()
+                img = image_to_rgb(m) if ok else m
+                runner.feed(CameraFrame(name, stamp, img, f"{name}_optical_frame", K))
+                if runner.windows_emitted > n0:
+                    t_feed[n0] = t0
+        runner.engine.wait_idle(120.0)
+    finally:
+        runner.stop(5.0)
+    lat, eng, over = [], [], []
+    for wi, t0 in sorted(t_feed.items()):
+        if wi not in done:
+            continue
+        t1, e_ms, _ = done[wi]
+        total = (t1 - t0) / 1e6
+        lat.append(total)
+        eng.append(e_ms)
+        over.append(total - e_ms)
+    if not over:
+        return [row("e2e_overhead", "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed"})]
+    acc = runner.accounting()
+    detail = {
+        "what": f"PipelineRunner async, random tiny Predictor on CPU (process size {predictor.process_size}), "
+                f"{cams} cameras {width}x{height}, window {window_size} sets ({window_size * cams} views), stride "
+                f"{stride}; last frame's Image->rgb + feed -> on_fusion incl. PointCloud2/InstanceArray/markers, "
+                f"minus engine predict time",
+        "views": window_size * cams, "windows": len(over), "latency_ms": lat, "engine_ms": eng,
+        "overhead_ms": over, "engine_ms_median": float(statistics.median(eng)),
+        "latency_ms_median": float(statistics.median(lat)), "publish_build_ms": publish_ms,
+        "fusion_ms": acc["fusion"]["ms"], "messages": ok,
+    }
+    return [row("e2e_overhead", float(statistics.median(over)), "ms", "engine + 30 ms", 30.0, detail)]
+
+
+# -------------------------------------------------------------------------------------------- main
+def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image_hw: tuple[int, int] = (480, 640),
+                   image_repeats: int = 20, cams: int = 3, sync_sets: int = 2000,
+                   fusion_sizes=((224, 168), (504, 378)), fusion_views: int = 8, fusion_windows_n: int = 4,
+                   e2e: dict | None = None, profile: bool = False, log=print) -> dict:
+    """Every node figure; returns {"rows": [...], "profile": str | None, "machine": {...}}."""
+    rows: list[dict] = []
+    steps = [
+        ("pack", lambda: bench_pack(pack_points, pack_repeats)),
+        ("images", lambda: bench_images(cams, image_hw[0], image_hw[1], image_repeats)),
+        ("sync", lambda: bench_sync(cams, sync_sets)),
+        ("fusion", lambda: bench_fusion(fusion_sizes, fusion_views, n_windows=fusion_windows_n)),
+        ("e2e", lambda: bench_e2e(cams=cams, **(e2e or {}))),
+    ]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        try:
+            new = fn()
+        except Exception as e:  # noqa: BLE001  -- one failing figure must not hide the others
+            import traceback
+
+            new = [row(name, "error", "", None, None, {"error": f"{type(e).__name__}: {e}",
+                                                        "traceback": traceback.format_exc(limit=6)})]
+        rows.extend(new)
+        if log:
+            for r in new:
+                log(format_rows([r], header=False))
+            log(f"#   ({name}: {time.perf_counter() - t0:.1f} s)")
+    prof = None
+    if profile and fusion_sizes:
+        w, h = fusion_sizes[-1]
+        prof = profile_fusion(w, h, fusion_views)
+    return {"rows": rows, "profile": prof, "machine": machine_info()}
+
+
+def machine_info() -> dict:
+    info: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:  # noqa: BLE001
+        pass
+    info["numpy"] = np.__version__
+    return info
+
+
+def _fmt(v, nd=2) -> str:
+    if isinstance(v, float):
+        if not np.isfinite(v):
+            return str(v)
+        return f"{v:.{nd}f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+def format_rows(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines.append(f"{'figure':<28} {'measured':>12} {'unit':<14} {'target':<18} {'ok':<4}")
+    for r in rows:
+        ok = {True: "yes", False: "NO", None: "-"}[r.get("pass")]
+        lines.append(f"{r['name']:<28} {_fmt(r['measured']):>12} {r['unit']:<14} {r['target']:<18} {ok:<4}")
+    return "\n".join(lines)
+
+
+def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
+    p = prefix
+    ap.add_argument(f"--{p}pack-points", type=int, default=1_000_000)
+    ap.add_argument(f"--{p}cams", type=int, default=3)
+    ap.add_argument(f"--{p}image-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
+    ap.add_argument(f"--{p}sync-sets", type=int, default=2000)
+    ap.add_argument(f"--{p}fusion-sizes", nargs="+", default=["224x168", "504x378"], help="WxH per entry")
+    ap.add_argument(f"--{p}fusion-views", type=int, default=8)
+    ap.add_argument(f"--{p}fusion-windows", type=int, default=4)
+    ap.add_argument(f"--{p}e2e-size", type=int, nargs=2, default=[224, 168], metavar=("W", "H"))
+    ap.add_argument(f"--{p}e2e-window", type=int, default=8, help="frame sets per window (node default 8)")
+    ap.add_argument(f"--{p}e2e-stride", type=int, default=4)
+    ap.add_argument(f"--{p}e2e-windows", type=int, default=4)
+    ap.add_argument(f"--{p}e2e-process-size", type=int, default=None,
+                    help="network long edge (default: the tiny config's, 70)")
+    ap.add_argument(f"--{p}profile", action="store_true", help="cProfile MapFusion.integrate at the last fusion size")
+
+
+def kwargs_from_args(args, prefix: str = "") -> dict:
+    g = lambda k: getattr(args, (prefix + k).replace("-", "_"))  # noqa: E731
+    sizes = []
+    for s in g("fusion-sizes"):
+        w, h = s.lower().split("x")
+        sizes.append((int(w), int(h)))
+    ew, eh = g("e2e-size")
+    iw, ih = g("image-size")
+    return dict(
+        pack_points=g("pack-points"), cams=g("cams"), image_hw=(ih, iw), sync_sets=g("sync-sets"),
+        fusion_sizes=tuple(sizes), fusion_views=g("fusion-views"), fusion_windows_n=g("fusion-windows"),
+        e2e=dict(window_size=g("e2e-window"), stride=g("e2e-stride"), n_windows=g("e2e-windows"), width=ew, height=eh,
+                 process_size=g("e2e-process-size")),
+        profile=g("profile"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.bench_node", description=__doc__.split("\n")[0])
+    add_args(ap)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: keep the machine usable)")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    print(f"# fast3dis bench_node (CPU) load={machine_info().get('loadavg')}")
+    print(format_rows([], header=True))
+    res = run_node_bench(**kwargs_from_args(args))
+    print("#")
+    print(format_rows(res["rows"]))
+    if res["profile"]:
+        print(res["profile"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
