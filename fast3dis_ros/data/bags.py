@@ -309,12 +309,13 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
 class StreamMessage(NamedTuple):
     """One decoded message. ``data``: image -> ndarray (RGB for colour encodings, 2D for 1-channel);
     camera info -> dict (width, height, K, D, P, distortion_model); tf -> list of dicts
-    (parent, child, stamp_ns, T (4x4)); string -> str."""
+    (parent, child, stamp_ns, T (4x4)); string -> str; bad_image / bad_message (``skip_bad`` only) ->
+    the reason (str)."""
 
     topic: str
     stamp_ns: int  # header stamp where the message has one, else the bag's receive time
     data: Any
-    kind: str  # image | camera_info | tf | string
+    kind: str  # image | camera_info | tf | string | bad_image | bad_message
     frame_id: str
     log_time_ns: int
 
@@ -409,14 +410,20 @@ class _OpenBag:
                 except Exception:  # noqa: BLE001 - unknown types are skipped unless asked for
                     pass
 
-    def messages(self, connections):
+    def messages(self, connections, skip_bad: bool = False):
+        """(conn, log_time, msg) in bag order. A message whose CDR cannot be deserialised raises
+        BagReadError, or with ``skip_bad`` is yielded with ``msg`` = that BagReadError (the reader goes on).
+        Failures of the reader itself (truncated / corrupt file) always raise."""
         try:
             for conn, t, raw in self.reader.messages(connections=connections):
                 try:
                     msg = self.ts.deserialize_cdr(raw, conn.msgtype)
                 except Exception as e:  # noqa: BLE001
-                    raise BagReadError(f"{self.path}: cannot decode a {conn.msgtype} on {conn.topic} at {t} "
-                                       f"({type(e).__name__}: {e}); the bag may be corrupt") from e
+                    err = BagReadError(f"{self.path}: cannot decode a {conn.msgtype} on {conn.topic} at {t} "
+                                       f"({type(e).__name__}: {e}); the bag may be corrupt")
+                    if not skip_bad:
+                        raise err from e
+                    msg = err
                 yield conn, t, msg
         except BagReadError:
             raise
@@ -462,13 +469,20 @@ def _decode(conn, t, msg) -> StreamMessage | None:
 
 
 def read_camera_streams(path: str | Path, cameras: Iterable[str] | None = None, topics: Iterable[str] | None = None,
-                        include_tf: bool = True) -> Iterator[StreamMessage]:
+                        include_tf: bool = True, skip_bad: bool = False) -> Iterator[StreamMessage]:
     """Iterate decoded camera messages of a rosbag2 (mcap or sqlite3), in bag order.
 
     ``cameras``: names -> ``/<cam>/image_raw``, ``/<cam>/image_raw/compressed``, ``/<cam>/camera_info``;
     ``topics``: explicit topic names (Image, CompressedImage, CameraInfo, TFMessage or String);
     neither: every Image / CompressedImage / CameraInfo topic. ``/tf`` and ``/tf_static`` are added when
     ``include_tf``.
+
+    A single message that cannot be decoded (corrupt CDR, unsupported encoding, short image buffer, bad
+    jpeg/png) raises :class:`BagReadError`; with ``skip_bad`` it is yielded instead as
+    ``StreamMessage(kind="bad_image"`` (Image/CompressedImage topics) or ``"bad_message"`` (others),
+    ``data`` = the reason, ``stamp_ns`` = the bag's receive time) and reading goes on, so that callers
+    can count it as a dropped frame. A bag that cannot be opened or read on (truncated, corrupt file)
+    raises in both modes.
     """
     b = _OpenBag(path)
     try:
@@ -490,12 +504,27 @@ def read_camera_streams(path: str | Path, cameras: Iterable[str] | None = None, 
             missing = set(topics) - {c.topic for c in conns}
             if missing:
                 raise BagReadError(f"{b.path}: topics not in bag: {sorted(missing)}")
-        for conn, t, msg in b.messages(sel):
-            item = _decode(conn, t, msg)
+        for conn, t, msg in b.messages(sel, skip_bad=skip_bad):
+            if isinstance(msg, BagReadError):  # skip_bad: undecodable CDR
+                yield _bad(conn, t, str(msg))
+                continue
+            try:
+                item = _decode(conn, t, msg)
+            except Exception as e:  # noqa: BLE001 - one bad message: a clear error, or counted with skip_bad
+                reason = f"{b.path}: cannot decode a {conn.msgtype} on {conn.topic} at {t} ({type(e).__name__}: {e})"
+                if not skip_bad:
+                    raise BagReadError(reason) from e
+                yield _bad(conn, t, reason)
+                continue
             if item is not None:
                 yield item
     finally:
         b.close()
+
+
+def _bad(conn, t: int, reason: str) -> StreamMessage:
+    kind = "bad_image" if conn.msgtype in (IMAGE, COMPRESSED) else "bad_message"
+    return StreamMessage(conn.topic, int(t), reason, kind, "", int(t))
 
 
 @dataclass

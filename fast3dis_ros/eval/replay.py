@@ -11,8 +11,10 @@ CameraInfo with the same stamp (or the latest one) when its size matches the ima
 
 Accounting (written as ``accounting.json``) covers every image message of the selected cameras:
 
-``frames``: ``read`` = ``rejected`` (replay checks: ``image_size_mismatch`` -- size differs from the
-camera's CameraInfo or, without one, from its first image --, ``empty_image``, ``zero_stamp``) +
+``frames``: ``read`` = ``rejected`` (replay checks: ``undecodable`` -- an image message of the camera that
+cannot be decoded (corrupt CDR, unsupported encoding, short buffer, bad jpeg/png): counted and logged, the
+replay goes on --, ``image_size_mismatch`` -- size differs from the camera's CameraInfo or, without one,
+from its first image --, ``empty_image``, ``zero_stamp``) +
 ``dropped_by_sync`` (per reason, see ``pipeline/sync.py``) + ``in_sets`` (+ ``pending``, 0 after flush);
 ``frame_sets`` (what the synchroniser emitted): ``received`` = ``processed`` + sum(``dropped``) (+
 ``in_flight``, 0 after flush). ``balanced`` is True when both identities hold.
@@ -209,9 +211,9 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
 
         have = bag_topics(path)
         topics = [t for t in topics if t in have]
-        stream = read_camera_streams(path, topics=topics, include_tf=False)
+        stream = read_camera_streams(path, topics=topics, include_tf=False, skip_bad=True)
     else:
-        stream = read_camera_streams(path, cameras=cameras, include_tf=False)
+        stream = read_camera_streams(path, cameras=cameras, include_tf=False, skip_bad=True)
 
     def emit(cam: str):
         stamp, img, fid = pending.pop(cam)
@@ -247,17 +249,24 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
         cam = camera_of_topic(m.topic)
         if cam not in cams:
             continue
-        if m.kind == "camera_info":
+        if m.kind == "bad_message":
+            counts["bad_camera_info"] += 1
+            log.warning("%s: undecodable message ignored: %s", cam, m.data)
+        elif m.kind == "camera_info":
             info[cam] = m.data
             if cam in pending and pending[cam][0] == m.stamp_ns:
                 f = emit(cam)
                 if f is not None:
                     yield f
-        elif m.kind == "image":
+        elif m.kind in ("image", "bad_image"):
             if max_per_camera is not None and n_cam[cam] >= max_per_camera:
                 continue
             n_cam[cam] += 1
             counts["read"] += 1
+            if m.kind == "bad_image":
+                rejected["undecodable"] += 1
+                log.warning("%s: undecodable image message dropped: %s", cam, m.data)
+                continue
             if cam in pending:
                 f = emit(cam)
                 if f is not None:

@@ -11,6 +11,7 @@
 - ``stop(timeout)`` returns within ``timeout`` even while ``predict_fn`` is running (the worker is a
   daemon thread; a result that completes after stop is discarded as ``shutdown``). Queued windows are
   dropped as ``shutdown``.
+- A window without views is dropped with reason ``empty_window`` (``predict_fn`` is not called).
 - ``process_now(window)``: synchronous mode for offline replay, nothing is dropped for lack of time.
 
 Callbacks ``on_result(window, prediction)`` and ``on_drop(window, reason)`` always receive the window
@@ -185,6 +186,10 @@ class InferenceEngine:
     def _process(self, window: Window, enq_ns: int, raise_errors: bool, check_stop: bool):
         t_start = self.clock()
         self.queue_wait_ms.add((t_start - enq_ns) / 1e6)
+        if window.n_views == 0:  # nothing to predict on: a counted drop, not a predictor exception
+            log.warning("window %d has no views: dropped", window.index)
+            self._drop(window, "empty_window")
+            return None
         attempt = window
         retries = 0
         while True:

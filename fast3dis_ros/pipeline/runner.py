@@ -10,10 +10,17 @@ window's drop: queue_full, oom, engine_error, fusion_error, shutdown; or ``not_w
 never part of a window, e.g. stride > window_size, or ``reset`` after a time jump before windowing) when
 none was. ``accounting()['frame_sets']`` satisfies received == processed + sum(dropped) + in_flight, and
 in_flight == 0 after ``flush()``. Per-frame drops of the synchroniser are reported under ``frames``.
+
+Before fusion every prediction goes through ``sanitize_prediction``: views whose camera pose or
+intrinsics are not finite are removed (counted in ``fusion.events`` as ``view_nonfinite_pose`` /
+``view_nonfinite_K``), non-finite depth pixels are counted (``nonfinite_depth_px``; lifting skips them);
+a window left without any usable view is dropped with reason ``nonfinite_prediction``. A NaN pose would
+otherwise poison the fusion's view memory and alignment (and the voxel keys) for later windows.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -26,9 +33,45 @@ from .stats import DropCounter, LatencyStats
 from .sync import ApproximateTimeSync
 from .window import SlidingWindow, SyncWatchdog
 
-__all__ = ["PipelineRunner"]
+__all__ = ["PipelineRunner", "sanitize_prediction"]
 
 log = logging.getLogger(__name__)
+
+
+def sanitize_prediction(pred: WindowPrediction) -> tuple[WindowPrediction | None, dict[str, int]]:
+    """(prediction restricted to views with finite pose and K, or None if none is left; event counts)."""
+    import numpy as np
+
+    ev: dict[str, int] = {}
+    V = int(np.asarray(pred.depth).shape[0]) if getattr(pred, "depth", None) is not None else 0
+    if V == 0:
+        return None, {"empty_prediction": 1}
+    T = np.asarray(pred.T_cam_world, np.float64).reshape(V, -1)
+    K = np.asarray(pred.K, np.float64).reshape(V, -1)
+    pose_ok = np.isfinite(T).all(axis=1)
+    k_ok = np.isfinite(K).all(axis=1) & (np.abs(K).sum(axis=1) > 0)
+    if (~pose_ok).any():
+        ev["view_nonfinite_pose"] = int((~pose_ok).sum())
+    if (pose_ok & ~k_ok).any():
+        ev["view_nonfinite_K"] = int((pose_ok & ~k_ok).sum())
+    keep = pose_ok & k_ok
+    bad_px = int(np.size(pred.depth) - np.isfinite(pred.depth).sum())
+    if bad_px:
+        ev["nonfinite_depth_px"] = bad_px
+    if keep.all():
+        return pred, ev
+    if not keep.any():
+        return None, ev
+    idx = np.flatnonzero(keep)
+    sub = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
+    out = copy.copy(pred)
+    out.cameras = [pred.cameras[i] for i in idx]
+    out.frame_ids = [pred.frame_ids[i] for i in idx]
+    out.view_stamps_ns = [pred.view_stamps_ns[i] for i in idx]
+    out.images, out.depth, out.depth_conf = sub(pred.images), sub(pred.depth), sub(pred.depth_conf)
+    out.K, out.T_cam_world, out.labels = sub(pred.K), sub(pred.T_cam_world), sub(pred.labels)
+    out.T_world_cam_known = sub(pred.T_world_cam_known)
+    return out, ev
 
 
 class _SetState:
@@ -177,8 +220,18 @@ class PipelineRunner:
             self.on_prediction(w, pred)
         t0 = self.clock()
         try:
+            clean, ev = sanitize_prediction(pred)
+            for k, n in ev.items():
+                self.fusion.events.add(k, n)
+            if clean is None:
+                log.warning("window %d: no view with a finite pose / intrinsics (%s): dropped", w.index, ev)
+                self._finish(w, False, "nonfinite_prediction")
+                return
+            if clean is not pred:
+                log.warning("window %d: %d view(s) with non-finite pose / intrinsics left out of fusion", w.index,
+                            len(pred.cameras) - len(clean.cameras))
             with self._fusion_lock:
-                res = self.fusion.integrate(pred)
+                res = self.fusion.integrate(clean)
         except Exception as exc:
             log.exception("fusion failed for window %d", w.index)
             if self.on_error_cb is not None:
@@ -193,7 +246,7 @@ class PipelineRunner:
         self._finish(w, True, None)
         if self.on_fusion is not None:
             try:
-                self.on_fusion(res, pred)
+                self.on_fusion(res, clean)  # views as fused (T_map_cam rows match)
             except Exception as exc:
                 log.exception("on_fusion callback failed")
                 if self.on_error_cb is not None:

@@ -314,7 +314,13 @@ class Fast3disNode(Node):
             err = getattr(self, "_last_engine_error", None)
             if err and eng.get("errors", 0) and not eng.get("processed", 0):
                 engine["error"] = f"inference failing: {err}"
-            outputs = {"map_points": len(self.runner.fusion.map), "sync_resets": acc.get("sync_resets", 0)}
+            outputs = {"map_points": len(self.runner.fusion.map), "sync_resets": acc.get("sync_resets", 0),
+                       # frame accounting: pushed == in_sets + pending + sum(sync drops)
+                       "frames_pushed": frames.get("pushed", 0), "frames_in_sets": frames.get("in_sets", 0),
+                       "frames_pending": frames.get("pending", 0),
+                       "frame_sets_dropped": sum(sets.get("dropped", {}).values()),
+                       "silent_cameras": ",".join(sorted(self.runner.silent_cameras())),
+                       **{f"fusion_{k}": v for k, v in acc.get("fusion", {}).get("events", {}).items()}}
             self.pub_diag.publish(self.diag.build(self.get_clock().now().to_msg(), sync, engine, outputs))
         except Exception as e:
             self._warn("diag", f"diagnostics failed: {e!r}")
@@ -364,7 +370,9 @@ def main(args=None) -> int:
         rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
         rc = 2
     except Exception as e:
-        if "Parameter" in type(e).__name__:  # rclpy's InvalidParameterValueException & co. at declare time
+        # rclpy's InvalidParameterValueException & co. at declare time; a checkpoint whose weights do not fit
+        # its configuration (model.checkpoint.CheckpointMismatchError names the keys and shapes)
+        if "Parameter" in type(e).__name__ or type(e).__name__ == "CheckpointMismatchError":
             rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
             rc = 2
         else:
