@@ -48,7 +48,7 @@ __all__ = [
     "replay_bag",
 ]
 
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "fast3dis_tiny"
+from ..model.checkpoint import BUNDLED_CHECKPOINT  # noqa: E402  (one definition, in model/checkpoint.py)
 RANDOM_WEIGHTS_WARNING = (
     "WEIGHTS ARE RANDOM: no FAST3DIS checkpoint found (bundled one expected at {path}); using "
     "Predictor.random_tiny(0). Depth, poses and instances below are NOT meaningful."

@@ -31,6 +31,10 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "fast3dis-v1"
 
 
+#: The small tiny-configuration checkpoint shipped inside the package (trained on synthetic scenes only).
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "fast3dis_tiny"
+
+
 class CheckpointMismatchError(RuntimeError):
     """Weights do not fit the network: lists missing / unexpected keys and shape mismatches."""
 

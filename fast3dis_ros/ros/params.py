@@ -57,8 +57,9 @@ PARAMS: list[ParamSpec] = [
               choices=MODEL_SIZES),
     ParamSpec("weights", "", "DA3 weights: a local folder (model.safetensors + config.json) or a hub id. "
               "Empty: none (random backbone)."),
-    ParamSpec("checkpoint", "", "FAST3DIS checkpoint folder (LoRA + heads + config). Empty with model_size tiny: "
-              "a random tiny model (outputs are meaningless; for tests and plumbing)."),
+    ParamSpec("checkpoint", "bundled", "FAST3DIS checkpoint folder (LoRA + heads + config). 'bundled': the small "
+              "tiny checkpoint shipped in the package (trained on synthetic rooms only). Empty with model_size "
+              "tiny: a random tiny model (outputs are meaningless; for tests and plumbing)."),
     ParamSpec("seed", 0, "Seed of the random tiny model (when no checkpoint is given).", (0, 2**31 - 1)),
     ParamSpec("device", "auto", "Torch device: auto (cuda if available), cpu or cuda.", choices=DEVICES),
     ParamSpec("queue_depth", 2, "Engine input queue length; when full the oldest window is dropped (counted).",
