@@ -4,14 +4,34 @@ For each view count: (a) plain ``DepthAnything3Net`` forward (a separate module 
 DA3 weights), (b) ``Fast3DIS`` forward (shared prefix + geometry pass + LoRA feature pass + instance
 head), (c) the backbone part of (b) alone. Median of ``--iters`` timed runs after ``--warmup``; CUDA
 timings use events, peak memory is ``torch.cuda.max_memory_allocated`` (weights + activations of the
-measured model). On CPU the memory column is the process RSS growth (psutil) or 'n/a'.
+measured model; with ``--suite`` plain DA3 leaves the GPU once it is no longer timed). On CPU the memory
+column is the peak process RSS growth during the timed runs (psutil, sampled every 5 ms) or 'n/a'.
 
 ``floor_*_ms``: arithmetic floor of the ViT trunk alone, FLOPs / ``--peak-tflops`` (default: H100 SXM
 dense bf16, 989 TFLOP/s): 2 x (block parameters) x tokens + attention (4 N^2 D per local block per
 view, 4 (V N)^2 D per global block); FAST3DIS runs blocks >= first_lora_block twice.
 Random weights unless ``--da3-weights`` is given (speed does not depend on the values).
 
+``--baseline``: the HDBSCAN clustering baseline (``eval.baseline.cluster_window``) on the same views: the
+FAST3DIS forward's depth is lifted with its own cameras (intrinsics + extrinsics) and its pixel decoder
+``mask_features`` are the per-pixel features; parameters as in ``eval.evaluate.run_baseline``
+(``min_cluster_size = max(20, valid pixels // 400)``, ``--baseline-max-points`` clustered points). Time is
+split into the network forward (the FAST3DIS forward timed above) + clustering on the host (numpy/hdbscan,
+after the device->host copy, which is reported too); memory is the forward's peak GPU memory and the peak
+host RSS while clustering (psutil, sampled every 5 ms).
+
+``--node``: also the node-side CPU figures of ``fast3dis_ros.bench_node`` (PointCloud2 packing, Image
+conversion, sync, fusion, end-to-end overhead), with their targets.
+
+``--suite gpu|cpu``: everything in one command with fixed sizes, then one "target vs measured" table:
+GPU = DA3-Large bf16 504x378, views 8 16 32 50 64 128 (warmup 2, iters 5), then 256 350 (warmup 1, iters 1,
+OOM caught; plain DA3 and the backbone-only column skipped above 128 views), the baseline at 8 and 32
+views, the node figures. Targets: FAST3DIS/DA3 time ratio at 32 views <= 1.6; 50 views <= 1.0 s; 350 views
+<= 30 s and <= 60 GiB; 8 views <= 1.5 x the arithmetic floor. CPU = the tiny model at small sizes (the same
+rows; the GPU-only targets are reported as not applicable).
+
 Example (H100): ``fast3dis-bench --size large --views 8 32 50 64 --dtype bf16 --json bench.json``
+All figures (H100): ``fast3dis-bench --suite gpu --json bench_gpu.json``
 CPU smoke test: ``fast3dis-bench --size tiny --device cpu --views 2 4 --height 56 --width 70 --iters 2``
 """
 
@@ -20,11 +40,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,18 +101,12 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
                 times.append(a.elapsed_time(b))
             mem = torch.cuda.max_memory_allocated(device) / 2**30
         else:
-            try:
-                import psutil
-
-                proc = psutil.Process()
-                rss0 = proc.memory_info().rss
-            except ImportError:  # pragma: no cover
-                proc = None
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1000.0)
-            mem = (proc.memory_info().rss - rss0) / 2**30 if proc is not None else "n/a"
+            with RssPeak() as rss:
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0) * 1000.0)
+            mem = (rss.peak - rss.start_rss) / 2**30 if rss.available else "n/a"
         return {"ms": statistics.median(times), "peak_gib": mem, "times_ms": times}
     except Exception as e:  # noqa: BLE001
         if _is_oom(e):
@@ -121,6 +138,168 @@ def build(args) -> tuple[Any, Any, Any]:
     return cfg, model, plain
 
 
+class RssPeak:
+    """Peak host RSS (bytes) of this process while active, sampled every ``period`` s by a thread."""
+
+    def __init__(self, period: float = 0.005):
+        self.period = period
+        self.start_rss = self.peak = 0
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:  # pragma: no cover
+            self._proc = None
+
+    @property
+    def available(self) -> bool:
+        return self._proc is not None
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss if self._proc is not None else 0
+
+    def __enter__(self) -> "RssPeak":
+        self.start_rss = self.peak = self._rss()
+        self._stop.clear()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def run_baseline(model, device: torch.device, dtype, amp: bool, V: int, height: int, width: int, *, warmup: int,
+                 max_points: int, fwd: dict | None = None) -> dict:
+    """One row of the HDBSCAN baseline at ``V`` views (see module doc). ``fwd``: the FAST3DIS forward row of
+    the main table at the same size (its median time / peak memory are reused); else measured here."""
+    from fast3dis_ros.eval.baseline import cluster_window
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(1, V, 3, height, width, generator=g).to(device)
+
+    def run_f3d():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            return model(x)
+
+    if fwd is None or not isinstance(fwd.get("ms"), float):
+        fwd = measure(run_f3d, device, warmup, 1)
+        fwd_src = "measured here (1 run)"
+    else:
+        fwd_src = "FAST3DIS forward of the main table"
+    if not isinstance(fwd.get("ms"), float):
+        return {"views": V, "forward_ms": fwd.get("ms"), "cluster_ms": "n/a", "total_s": "n/a",
+                "forward_peak_gib": fwd.get("peak_gib"), "error": "forward failed"}
+    # outputs for the clustering (one more forward, not timed), then device -> host
+    out = run_f3d()
+    _sync(device)
+    t0 = time.perf_counter()
+    depth = out["depth"][0].float().cpu().numpy()
+    K = out["intrinsics"][0].double().cpu().numpy()
+    T = out["extrinsics"][0].double().cpu().numpy()
+    feats = out["mask_features"][0].float().cpu().numpy()
+    to_host_ms = (time.perf_counter() - t0) * 1e3
+    del out, x
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    valid = np.isfinite(depth) & (depth > 0)
+    kw = dict(min_cluster_size=max(20, int(valid.sum() // 400)), max_points=int(max_points))
+    with RssPeak() as rss:
+        t0 = time.perf_counter()
+        _, scores, timing = cluster_window(depth, K, T, feats, valid=valid, **kw)
+        cluster_ms = (time.perf_counter() - t0) * 1e3
+    fwd_ms = float(fwd["ms"])
+    return {
+        "views": V, "forward_ms": fwd_ms, "forward_source": fwd_src, "to_host_ms": to_host_ms,
+        "cluster_ms": cluster_ms, "total_s": (fwd_ms + to_host_ms + cluster_ms) / 1e3,
+        "forward_peak_gib": fwd["peak_gib"], "forward_mem": "cuda max_memory_allocated" if device.type == "cuda"
+        else "process RSS growth",
+        "cluster_rss_peak_gib": rss.peak / 2**30, "cluster_rss_delta_gib": (rss.peak - rss.start_rss) / 2**30,
+        "features": f"mask_features {tuple(feats.shape)}", "n_points": timing.get("n_points"),
+        "n_clustered": timing.get("n_clustered"), "n_clusters": timing.get("n_clusters"),
+        "timing_ms": {k: v for k, v in timing.items() if k.endswith("_ms")}, **kw,
+    }
+
+
+def _f(v, nd=1):
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+SUITES = {
+    # views, warmup, iters; big views: warmup 1 iters 1, plain DA3 + backbone-only skipped; baseline views
+    "gpu": dict(size="large", dtype="bf16", height=378, width=504, views=[8, 16, 32, 50, 64, 128], warmup=2,
+                iters=5, big_views=[256, 350], baseline_views=[8, 32], plain_max_views=128),
+    "cpu": dict(size="tiny", dtype="fp32", height=126, width=168, views=[2, 4, 8], warmup=1, iters=3,
+                big_views=[16], baseline_views=[2, 8], plain_max_views=8),
+}
+
+
+def _row_at(rows: list[dict], V: int) -> dict | None:
+    return next((r for r in rows if r["views"] == V), None)
+
+
+def targets(result: dict) -> list[dict]:
+    """The 'target vs measured' rows of a suite (bench_node.row format)."""
+    from fast3dis_ros.bench_node import row
+
+    rows, out = result["rows"], []
+    gpu = result["device"].startswith("cuda")
+    na = "n/a (cpu: GPU target)"
+    rv = 32 if _row_at(rows, 32) else max([r["views"] for r in rows if isinstance(r["ratio"], float)] or [32])
+    r32 = _row_at(rows, rv)
+    ratio = r32["ratio"] if r32 else "not run"
+    out.append(row(f"ratio_f3d_da3_{rv}v", ratio, "x", "<= 1.6x" + ("" if rv == 32 else " (at 32v)"),
+                   1.6 if rv == 32 else None, {"what": f"FAST3DIS / plain DA3 forward time at {rv} views"}))
+    r50 = _row_at(rows, 50)
+    v50 = r50["fast3dis_ms"] / 1e3 if r50 and isinstance(r50["fast3dis_ms"], float) else (r50["fast3dis_ms"] if r50 else "not run")
+    g_ = "" if gpu else " (GPU)"
+    out.append(row("f3d_50v_time", v50, "s", "<= 1.0 s" + g_, 1.0 if gpu else None,
+                   {"what": "FAST3DIS forward at 50 views", "note": "" if gpu else na}))
+    r350 = _row_at(rows, 350)
+    v350 = r350["fast3dis_ms"] / 1e3 if r350 and isinstance(r350["fast3dis_ms"], float) else (r350["fast3dis_ms"] if r350 else "not run")
+    m350 = r350["fast3dis_peak_gib"] if r350 else "not run"
+    out.append(row("f3d_350v_time", v350, "s", "<= 30 s" + g_, 30.0 if gpu else None,
+                   {"what": "FAST3DIS forward at 350 views (1 run after 1 warm-up)", "note": "" if gpu else na}))
+    out.append(row("f3d_350v_memory", m350, "GiB", "<= 60 GiB" + g_, 60.0 if gpu else None,
+                   {"what": "peak GPU memory (max_memory_allocated, weights included) at 350 views",
+                    "note": "" if gpu else na}))
+    r8 = _row_at(rows, 8)
+    if r8 and isinstance(r8["fast3dis_ms"], float):
+        x8 = r8["fast3dis_ms"] / r8["floor_fast3dis_ms"]
+    else:
+        x8 = "not run"
+    out.append(row("f3d_8v_vs_floor", x8, "x floor", "<= 1.5x" + g_, 1.5 if gpu else None,
+                   {"what": f"FAST3DIS forward at 8 views / arithmetic floor at {result['peak_tflops']} TFLOP/s",
+                    "floor_ms": r8["floor_fast3dis_ms"] if r8 else None, "note": "" if gpu else na}))
+    for b in result.get("baseline_rows", []):
+        f3d = b.get("forward_ms")
+        speed = b["total_s"] * 1e3 / f3d if isinstance(b.get("total_s"), float) and isinstance(f3d, float) else "n/a"
+        out.append(row(f"hdbscan_{b['views']}v_total", b.get("total_s"), "s", "reference", None,
+                       {"what": "HDBSCAN baseline: forward + to host + clustering", "forward_ms": f3d,
+                        "cluster_ms": b.get("cluster_ms"), "cluster_rss_peak_gib": b.get("cluster_rss_peak_gib"),
+                        "forward_peak_gib": b.get("forward_peak_gib"), "x_fast3dis": speed}))
+    return out
+
+
+def print_targets(trows: list[dict], notes: list[str]) -> None:
+    from fast3dis_ros.bench_node import format_rows
+
+    print("#\n# ===== target vs measured =====")
+    print(format_rows(trows))
+    for n in notes:
+        print(f"# note: {n}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fast3dis-bench", description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="large", choices=["tiny", "small", "base", "large", "giant"])
@@ -138,8 +317,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true", help="torch.compile mode=reduce-overhead")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for the arithmetic floor (H100 bf16 dense)")
     ap.add_argument("--skip-plain", action="store_true", help="do not time plain DA3")
+    ap.add_argument("--baseline", action="store_true", help="also the HDBSCAN clustering baseline per view count")
+    ap.add_argument("--baseline-views", type=int, nargs="+", default=None, help="default: every --views entry")
+    ap.add_argument("--baseline-max-points", type=int, default=8000,
+                    help="points HDBSCAN clusters (the rest by nearest neighbour); as eval.evaluate")
+    ap.add_argument("--big-views", type=int, nargs="*", default=[],
+                    help="extra view counts run with warmup 1 / iters 1, without plain DA3 and backbone-only")
+    ap.add_argument("--node", action="store_true", help="also the node-side CPU figures (fast3dis_ros.bench_node)")
+    ap.add_argument("--no-node", action="store_true", help="with --suite: skip the node figures")
+    ap.add_argument("--suite", choices=sorted(SUITES), default=None,
+                    help="every figure with fixed sizes + a target vs measured table (overrides size/views/...)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads on cpu (default 2)")
     args = ap.parse_args(argv)
 
+    plain_max_views = None
+    if args.suite:
+        sv = SUITES[args.suite]
+        args.size, args.height, args.width, args.views = sv["size"], sv["height"], sv["width"], list(sv["views"])
+        args.warmup, args.iters, args.big_views = sv["warmup"], sv["iters"], list(sv["big_views"])
+        args.baseline, args.baseline_views = True, list(sv["baseline_views"])
+        plain_max_views = sv["plain_max_views"]
+        args.node = not args.no_node
+        if args.suite == "gpu":
+            if args.device == "cpu":
+                ap.error("--suite gpu needs CUDA (use --suite cpu on a machine without GPU)")
+            args.dtype = sv["dtype"]
+        else:
+            args.device = "cpu"
+            args.dtype = sv["dtype"]
     if args.height % 14 or args.width % 14:
         ap.error("--height and --width must be multiples of 14")
     device = torch.device(args.device)
@@ -150,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     amp = dtype != torch.float32
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    t_start = time.perf_counter()
 
     t0 = time.perf_counter()
     cfg, model, plain = build(args)
@@ -165,16 +371,23 @@ def main(argv: list[str] | None = None) -> int:
         f_plain = torch.compile(plain, mode=mode)
 
     rows = []
+    notes: list[str] = []
     print(
         f"# fast3dis-bench size={args.size} device={device} dtype={args.dtype} {args.height}x{args.width} "
         f"first_lora_block={split}/{model.backbone.vit.n_blocks} queries={getattr(cfg.head, 'num_queries', '?')} "
-        f"build={build_s:.1f}s"
+        f"build={build_s:.1f}s" + (f" suite={args.suite}" if args.suite else "")
     )
     if device.type == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name(device)}")
     hdr = f"{'views':>5} {'da3_ms':>9} {'f3d_ms':>9} {'bb_ms':>9} {'ratio':>6} {'da3_GiB':>8} {'f3d_GiB':>8} {'floor_da3':>9} {'floor_f3d':>9}"
-    print(hdr)
-    for V in args.views:
+    print(hdr, flush=True)
+    plan = [(V, args.warmup, args.iters, False) for V in args.views] + [(V, 1, 1, True) for V in args.big_views]
+    skipped_plain_big = []
+    plain_on_device = True
+    def _skips_plain(V: int, big: bool) -> bool:
+        return args.skip_plain or big or (plain_max_views is not None and V > plain_max_views)
+
+    for step, (V, warmup, iters, big) in enumerate(plan):
         g = torch.Generator().manual_seed(V)
         x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
 
@@ -190,40 +403,131 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
                 return f_bb(x)
 
-        a = {"ms": "skipped", "peak_gib": "skipped"} if args.skip_plain else measure(run_plain, device, args.warmup, args.iters)
-        b = measure(run_f3d, device, args.warmup, args.iters)
-        c = measure(run_bb, device, min(args.warmup, 1), args.iters)
+        def guarded(fn, w, it):
+            try:
+                return measure(fn, device, w, it)
+            except Exception as e:  # noqa: BLE001  -- a suite must survive one failing size
+                if not (big or args.suite):
+                    raise
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return {"ms": f"error: {type(e).__name__}", "peak_gib": "error", "error": repr(e)[:500]}
+
+        skip_a = _skips_plain(V, big)
+        if skip_a and not args.skip_plain:
+            skipped_plain_big.append(V)
+        if (args.suite and device.type == "cuda" and plain_on_device
+                and all(_skips_plain(p_[0], p_[3]) for p_ in plan[step:])):
+            plain.to("cpu")  # its weights would count in the FAST3DIS peak memory
+            plain_on_device = False
+            torch.cuda.empty_cache()
+            notes.append(f"plain DA3 moved off the GPU from {V} views on (not in the peak memory)")
+        a = {"ms": "skipped", "peak_gib": "skipped"} if skip_a else guarded(run_plain, warmup, iters)
+        b = guarded(run_f3d, warmup, iters)
+        c = {"ms": "skipped", "peak_gib": "skipped"} if big else guarded(run_bb, min(warmup, 1), iters)
         ratio = b["ms"] / a["ms"] if isinstance(a["ms"], float) and isinstance(b["ms"], float) else "n/a"
         fl_a = vit_flops(model.backbone, V, args.height, args.width, None) / (args.peak_tflops * 1e12) * 1e3
         fl_b = vit_flops(model.backbone, V, args.height, args.width, split) / (args.peak_tflops * 1e12) * 1e3
         row = {
             "views": V, "da3_ms": a["ms"], "fast3dis_ms": b["ms"], "backbone_ms": c["ms"], "ratio": ratio,
             "da3_peak_gib": a["peak_gib"], "fast3dis_peak_gib": b["peak_gib"],
-            "floor_da3_ms": fl_a, "floor_fast3dis_ms": fl_b,
+            "floor_da3_ms": fl_a, "floor_fast3dis_ms": fl_b, "warmup": warmup, "iters": iters,
+            "fast3dis_times_ms": b.get("times_ms"), "plain_weights_on_device": plain_on_device,
         }
+        for k, m in (("da3_error", a), ("fast3dis_error", b), ("backbone_error", c)):
+            if "error" in m:
+                row[k] = m["error"]
         rows.append(row)
-
-        def f(v, nd=1):
-            return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
         print(
-            f"{V:>5} {f(a['ms']):>9} {f(b['ms']):>9} {f(c['ms']):>9} {f(ratio, 2):>6} {f(a['peak_gib'], 2):>8} "
-            f"{f(b['peak_gib'], 2):>8} {f(fl_a, 2):>9} {f(fl_b, 2):>9}",
+            f"{V:>5} {_f(a['ms']):>9} {_f(b['ms']):>9} {_f(c['ms']):>9} {_f(ratio, 2):>6} {_f(a['peak_gib'], 2):>8} "
+            f"{_f(b['peak_gib'], 2):>8} {_f(fl_a, 2):>9} {_f(fl_b, 2):>9}",
             flush=True,
         )
         del x
+    if skipped_plain_big:
+        notes.append(f"plain DA3 not timed at {skipped_plain_big} views (saves time; the ratio target is at 32)")
+    if args.big_views:
+        notes.append(f"views {args.big_views}: warmup 1, iters 1; backbone-only column skipped")
+
+    baseline_rows = []
+    if args.baseline:
+        bviews = args.baseline_views or [r["views"] for r in rows]
+        print(f"# HDBSCAN baseline (mask_features, max_points={args.baseline_max_points}); forward on {device}, "
+              f"clustering on the host CPU")
+        print(f"{'views':>5} {'fwd_ms':>9} {'host_ms':>8} {'clust_ms':>9} {'total_s':>8} {'fwd_GiB':>8} "
+              f"{'rss_GiB':>8} {'points':>9} {'clusters':>8}", flush=True)
+        for V in bviews:
+            try:
+                b = run_baseline(model, device, dtype, amp, V, args.height, args.width, warmup=min(args.warmup, 1),
+                                 max_points=args.baseline_max_points, fwd=_fwd_of(_row_at(rows, V)))
+            except Exception as e:  # noqa: BLE001
+                if not args.suite:
+                    raise
+                b = {"views": V, "error": repr(e)[:500], "forward_ms": "error", "cluster_ms": "error",
+                     "total_s": "error"}
+            baseline_rows.append(b)
+            print(f"{V:>5} {_f(b.get('forward_ms')):>9} {_f(b.get('to_host_ms')):>8} {_f(b.get('cluster_ms')):>9} "
+                  f"{_f(b.get('total_s'), 2):>8} {_f(b.get('forward_peak_gib'), 2):>8} "
+                  f"{_f(b.get('cluster_rss_peak_gib'), 2):>8} {str(b.get('n_points')):>9} "
+                  f"{str(b.get('n_clusters')):>8}", flush=True)
     result = {
         "size": args.size, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": args.dtype, "height": args.height, "width": args.width, "first_lora_block": split,
         "depth": model.backbone.vit.n_blocks, "warmup": args.warmup, "iters": args.iters,
         "compile": args.compile, "cuda_graphs": args.cuda_graphs, "peak_tflops": args.peak_tflops,
-        "torch": torch.__version__, "rows": rows,
+        "torch": torch.__version__, "rows": rows, "suite": args.suite, "argv": list(sys.argv if argv is None else argv),
+        "cpu_count": os.cpu_count(), "loadavg": _loadavg(),
     }
+    if args.baseline:
+        result["baseline_rows"] = baseline_rows
+    del model, plain, f_model, f_plain, f_bb
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.node:
+        from fast3dis_ros.bench_node import format_rows, run_node_bench
+
+        print("# node-side figures (CPU)")
+        print(format_rows([], header=True), flush=True)
+        node = run_node_bench(log=lambda s: print(s, flush=True))
+        result["node"] = node
+    if args.suite:
+        trows = targets(result)
+        if args.node:
+            trows += [r for r in result["node"]["rows"]]
+        result["targets"] = trows
+        notes.append("node figures are CPU wall-clock on this host (load average recorded in the JSON)")
+        result["notes"] = notes
+        print_targets(trows, notes)
+    result["wall_s"] = time.perf_counter() - t_start
+    print(f"# total wall time {result['wall_s']:.1f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+            json.dump(result, fh, indent=2, default=_json_default)
     return 0
+
+
+def _fwd_of(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"ms": row["fast3dis_ms"], "peak_gib": row["fast3dis_peak_gib"]}
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 if __name__ == "__main__":

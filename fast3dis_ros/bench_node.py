@@ -13,7 +13,9 @@ Rows (all on CPU, median over repeats unless said otherwise):
 - ``fusion_<W>x<H>``: ``pipeline.fusion.MapFusion.integrate`` (node defaults: voxel 0.02, min_score 0.5,
   pixel_stride 2) per 8-view window built from a synthetic scene's ground truth (depth, instances, cameras
   relative to the window's first view; 2 cameras x 4 frame sets, stride 2, so windows share views and take
-  the shared-view Sim(3) path). Median over the windows after the first.
+  the shared-view Sim(3) path). Median over the windows after the first. ``fusion_<W>x<H>_map990k``: the
+  same windows at the largest size with the map first filled with 990k old voxels (cap 1M, as after a long
+  run), so every window pays for a map at its cap (insertion, eviction, summaries).
 - ``e2e_overhead``: ``PipelineRunner`` in async mode (as the node) with a real random tiny
   ``Predictor.random_tiny`` on CPU, node window defaults (window 8 frame sets, stride 4, 3 cameras). Each
   frame set is fed as Image messages (converted with ``image_to_rgb``), after the engine went idle (no
@@ -373,7 +375,7 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
 def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image_hw: tuple[int, int] = (480, 640),
                    image_repeats: int = 20, cams: int = 3, sync_sets: int = 2000,
                    fusion_sizes=((224, 168), (504, 378)), fusion_views: int = 8, fusion_windows_n: int = 4,
-                   e2e: dict | None = None, profile: bool = False, log=print) -> dict:
+                   fusion_prefill: int = 990_000, e2e: dict | None = None, profile: bool = False, log=print) -> dict:
     """Every node figure; returns {"rows": [...], "profile": str | None, "machine": {...}}."""
     rows: list[dict] = []
     steps = [
@@ -381,6 +383,8 @@ def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image
         ("images", lambda: bench_images(cams, image_hw[0], image_hw[1], image_repeats)),
         ("sync", lambda: bench_sync(cams, sync_sets)),
         ("fusion", lambda: bench_fusion(fusion_sizes, fusion_views, n_windows=fusion_windows_n)),
+        ("fusion_full_map", lambda: bench_fusion(fusion_sizes[-1:], fusion_views, n_windows=fusion_windows_n,
+                                                 prefill=fusion_prefill) if fusion_prefill > 0 else []),
         ("e2e", lambda: bench_e2e(cams=cams, **(e2e or {}))),
     ]
     for name, fn in steps:
@@ -400,7 +404,7 @@ def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image
     prof = None
     if profile and fusion_sizes:
         w, h = fusion_sizes[-1]
-        prof = profile_fusion(w, h, fusion_views)
+        prof = profile_fusion(w, h, fusion_views, prefill=fusion_prefill)
     return {"rows": rows, "profile": prof, "machine": machine_info()}
 
 
@@ -448,6 +452,8 @@ def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     ap.add_argument(f"--{p}fusion-sizes", nargs="+", default=["224x168", "504x378"], help="WxH per entry")
     ap.add_argument(f"--{p}fusion-views", type=int, default=8)
     ap.add_argument(f"--{p}fusion-windows", type=int, default=4)
+    ap.add_argument(f"--{p}fusion-prefill", type=int, default=990_000,
+                    help="also time the last fusion size with the map holding this many old voxels (cap 1M); 0: off")
     ap.add_argument(f"--{p}e2e-size", type=int, nargs=2, default=[224, 168], metavar=("W", "H"))
     ap.add_argument(f"--{p}e2e-window", type=int, default=8, help="frame sets per window (node default 8)")
     ap.add_argument(f"--{p}e2e-stride", type=int, default=4)
@@ -468,6 +474,7 @@ def kwargs_from_args(args, prefix: str = "") -> dict:
     return dict(
         pack_points=g("pack-points"), cams=g("cams"), image_hw=(ih, iw), sync_sets=g("sync-sets"),
         fusion_sizes=tuple(sizes), fusion_views=g("fusion-views"), fusion_windows_n=g("fusion-windows"),
+        fusion_prefill=g("fusion-prefill"),
         e2e=dict(window_size=g("e2e-window"), stride=g("e2e-stride"), n_windows=g("e2e-windows"), width=ew, height=eh,
                  process_size=g("e2e-process-size")),
         profile=g("profile"),
