@@ -100,6 +100,7 @@ class PipelineRunner:
         queue_depth: int = 2,
         oom_retries: int = 1,
         oom_subsample: float = 0.5,
+        on_oom: Callable[[], None] | None = None,
         on_fusion: Callable[[FusionResult, WindowPrediction], None] | None = None,
         on_prediction: Callable[[Window, WindowPrediction], None] | None = None,
         on_error: Callable[[Window, BaseException], None] | None = None,
@@ -128,7 +129,7 @@ class PipelineRunner:
         self.window = SlidingWindow(window_size, stride, max_views, on_evict=self._on_evict, clock=clock)
         self.watchdog = SyncWatchdog(self.cameras, watchdog_timeout_ns, clock=clock)
         self.engine = InferenceEngine(predict_fn, queue_depth, on_result=self._on_result, on_drop=self._on_drop,
-                                      on_error=self._on_engine_error, oom_retries=oom_retries,
+                                      on_error=self._on_engine_error, on_oom=on_oom, oom_retries=oom_retries,
                                       oom_subsample=oom_subsample, clock=clock, start=not self.sync_mode)
         self.windows_emitted = 0
         self.last_result: FusionResult | None = None

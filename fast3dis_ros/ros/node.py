@@ -65,16 +65,22 @@ def resolve_device(device: str) -> str:
 
 
 def make_predictor(p: dict):
-    """Predictor from the parameters: checkpoint > random tiny model (model_size 'tiny', no checkpoint)."""
+    """Predictor from the parameters: checkpoint ('bundled' = the packaged tiny one) > random tiny model
+    (model_size 'tiny', empty checkpoint)."""
     from ..model.predictor import Predictor
 
     device = resolve_device(p["device"])
     kw = {"score_threshold": p["score_threshold"]}
     if p["process_long_edge"]:
         kw["process_size"] = p["process_long_edge"]
-    if p["checkpoint"]:
-        return Predictor.from_checkpoint(p["checkpoint"], device=device, da3_weights=p["weights"] or None, **kw), \
-            f"checkpoint {p['checkpoint']}"
+    checkpoint = p["checkpoint"]
+    if checkpoint == "bundled":
+        from ..model.checkpoint import BUNDLED_CHECKPOINT
+
+        checkpoint = str(BUNDLED_CHECKPOINT)
+    if checkpoint:
+        return Predictor.from_checkpoint(checkpoint, device=device, da3_weights=p["weights"] or None, **kw), \
+            f"checkpoint {checkpoint}"
     if p["model_size"] == "tiny" and not p["weights"]:
         return Predictor.random_tiny(seed=p["seed"], device=device, **kw), \
             f"RANDOM tiny model (seed {p['seed']}): outputs are meaningless, for plumbing/tests only"
@@ -117,7 +123,7 @@ class Fast3disNode(Node):
             self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9),
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
             fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion,
-            on_error=self._on_engine_error,
+            on_error=self._on_engine_error, on_oom=self._on_oom,
         )
 
         # outputs
@@ -257,6 +263,18 @@ class Fast3disNode(Node):
         self._last_engine_error = f"window {getattr(window, 'index', '?')}: {exc!r}"
         self._warn("engine", f"inference failed on {self._last_engine_error}")
 
+    def _on_oom(self) -> None:
+        """Out of memory in predict: free the CUDA cache before the engine retries with fewer views."""
+        self.diag.node_errors.add("oom")
+        self._warn("oom", "out of GPU memory: retrying the window with fewer views (then dropping it)")
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass
+
     def _on_fusion(self, result, pred) -> None:
         if self._closing:
             return
@@ -305,6 +323,7 @@ class Fast3disNode(Node):
             engine = {
                 "windows_emitted": acc.get("windows", {}).get("emitted", 0),
                 "processed": eng.get("processed", 0), "errors": eng.get("errors", 0),
+                "oom_retried": eng.get("oom_retried", 0),
                 "queue_len": eng.get("queue_len", 0), "queue_depth": self.p["queue_depth"],
                 "engine_ms_p50": em.get("p50", 0.0), "engine_ms_max": em.get("max", 0.0),
                 "e2e_ms_p50": acc.get("fusion", {}).get("e2e_ms", {}).get("p50", 0.0),
