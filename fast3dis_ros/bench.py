@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for the arithmetic floor (H100 bf16 dense)")
     ap.add_argument("--skip-plain", action="store_true", help="do not time plain DA3")
     ap.add_argument("--baseline", action="store_true", help="also the HDBSCAN clustering baseline per view count")
-    ap.add_argument("--baseline-views", type=int, nargs="+", default=None, help="default: every --views entry")
+    ap.add_argument("--baseline-views", type=int, nargs="+", default=None,
+                    help="default: every --views entry (with --suite: the suite's, 8 32 on gpu)")
     ap.add_argument("--baseline-max-points", type=int, default=8000,
                     help="points HDBSCAN clusters (the rest by nearest neighbour); as eval.evaluate")
     ap.add_argument("--big-views", type=int, nargs="*", default=[],
@@ -335,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         sv = SUITES[args.suite]
         args.size, args.height, args.width, args.views = sv["size"], sv["height"], sv["width"], list(sv["views"])
         args.warmup, args.iters, args.big_views = sv["warmup"], sv["iters"], list(sv["big_views"])
-        args.baseline, args.baseline_views = True, list(sv["baseline_views"])
+        args.baseline = True
+        if args.baseline_views is None:  # an explicit --baseline-views wins
+            args.baseline_views = list(sv["baseline_views"])
         plain_max_views = sv["plain_max_views"]
         args.node = not args.no_node
         if args.suite == "gpu":

@@ -1,0 +1,107 @@
+"""CPU smoke tests of fast3dis-bench (--baseline, --node, --suite plumbing) and bench_node.
+
+They check that every expected row is there with finite positive numbers; no timing thresholds (the
+machine may be loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pos(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _nonneg(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _bench_exe() -> list[str]:
+    exe = Path(sys.executable).with_name("fast3dis-bench")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from fast3dis_ros.cli import bench_main; bench_main()"]
+
+
+def test_bench_cli_baseline_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = _bench_exe() + ["--size", "tiny", "--device", "cpu", "--views", "2", "--iters", "1", "--warmup", "0",
+                          "--height", "56", "--width", "70", "--baseline", "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "HDBSCAN baseline" in p.stdout and "f3d_ms" in p.stdout
+    res = json.loads(out.read_text())
+    assert [r["views"] for r in res["rows"]] == [2]
+    r = res["rows"][0]
+    for k in ("da3_ms", "fast3dis_ms", "backbone_ms", "ratio", "floor_da3_ms", "floor_fast3dis_ms"):
+        assert _pos(r[k]), (k, r[k])
+    assert [b["views"] for b in res["baseline_rows"]] == [2]
+    b = res["baseline_rows"][0]
+    for k in ("forward_ms", "cluster_ms", "total_s", "cluster_rss_peak_gib"):
+        assert _pos(b[k]), (k, b[k])
+    assert _nonneg(b["to_host_ms"]) and _nonneg(b["cluster_rss_delta_gib"])
+    assert b["n_points"] == 2 * 56 * 70 and b["features"].startswith("mask_features")
+    assert math.isclose(b["total_s"] * 1e3, b["forward_ms"] + b["to_host_ms"] + b["cluster_ms"], rel_tol=1e-6)
+
+
+def test_bench_node_tiny(tmp_path):
+    out = tmp_path / "node.json"
+    cmd = [sys.executable, "-m", "fast3dis_ros.bench_node", "--pack-points", "20000", "--image-size", "64", "48",
+           "--sync-sets", "50", "--fusion-sizes", "56x42", "84x63", "--fusion-windows", "2", "--fusion-prefill", "5000",
+           "--e2e-size", "70", "56", "--e2e-window", "2", "--e2e-stride", "1", "--e2e-windows", "2", "--profile",
+           "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "cumulative" in p.stdout  # the cProfile listing
+    res = json.loads(out.read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    expected = ["pack_20k", "pack_20k_structured", "image_rgb8", "image_bgr8", "sync_push", "fusion_56x42",
+                "fusion_84x63", "fusion_84x63_map5k", "e2e_overhead"]
+    assert list(rows) == expected, list(rows)
+    for name in expected:
+        assert _pos(rows[name]["measured"]), (name, rows[name])
+    assert rows["pack_20k"]["limit"] == 20.0 and rows["pack_20k"]["pass"] in (True, False)
+    assert rows["e2e_overhead"]["target"] == "engine + 30 ms"
+    e2e = rows["e2e_overhead"]["detail"]
+    assert e2e["windows"] >= 2 and all(_pos(x) for x in e2e["engine_ms"] + e2e["latency_ms"])
+    assert all(lat > eng for lat, eng in zip(e2e["latency_ms"], e2e["engine_ms"]))
+    assert rows["fusion_84x63_map5k"]["detail"]["map_voxels"][0] >= 5000
+    assert rows["fusion_84x63"]["detail"]["align"][1] == "shared_views"
+    assert rows["sync_push"]["detail"]["emitted"] == 50
+
+
+def test_bench_suite_targets_rows():
+    """The target table of a suite from a synthetic result (no model run)."""
+    from fast3dis_ros.bench import targets
+
+    rows = [{"views": V, "fast3dis_ms": 100.0 * V, "da3_ms": 70.0 * V, "ratio": 100 / 70, "fast3dis_peak_gib": 0.1 * V,
+             "floor_fast3dis_ms": 10.0 * V} for V in (8, 32, 50, 350)]
+    res = {"rows": rows, "device": "cuda:0", "peak_tflops": 989.0,
+           "baseline_rows": [{"views": 8, "forward_ms": 800.0, "cluster_ms": 5000.0, "total_s": 5.8}]}
+    t = {r["name"]: r for r in targets(res)}
+    assert t["ratio_f3d_da3_32v"]["pass"] is True
+    assert t["f3d_50v_time"]["measured"] == pytest.approx(5.0) and t["f3d_50v_time"]["pass"] is False
+    assert t["f3d_350v_time"]["measured"] == pytest.approx(35.0) and t["f3d_350v_time"]["pass"] is False
+    assert t["f3d_350v_memory"]["measured"] == pytest.approx(35.0) and t["f3d_350v_memory"]["pass"] is True
+    assert t["f3d_8v_vs_floor"]["measured"] == pytest.approx(10.0) and t["f3d_8v_vs_floor"]["pass"] is False
+    assert t["hdbscan_8v_total"]["detail"]["x_fast3dis"] == pytest.approx(5800 / 800)
+    res["device"] = "cpu"
+    t = {r["name"]: r for r in targets(res)}
+    assert t["f3d_50v_time"]["pass"] is None and "(GPU)" in t["f3d_50v_time"]["target"]
+
+
+def test_bench_suite_gpu_needs_cuda(capsys):
+    from fast3dis_ros.bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--suite", "gpu", "--device", "cpu"])
+    assert "needs CUDA" in capsys.readouterr().err
