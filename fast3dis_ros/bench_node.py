@@ -21,7 +21,10 @@ Rows (all on CPU, median over repeats unless said otherwise):
   frame set is fed as Image messages (converted with ``image_to_rgb``), after the engine went idle (no
   queueing). Latency = from converting+feeding the window's last frame to the end of ``on_fusion`` (which
   builds the map/window PointCloud2, InstanceArray and MarkerArray as the node's publisher does), minus
-  the engine's own ``predict`` time. Target: engine + 30 ms, i.e. overhead < 30 ms.
+  the engine's own ``predict`` time. Target: engine + 30 ms, i.e. overhead < 30 ms. The tiny network runs
+  at 70 px, so its fusion is cheap; ``e2e_overhead_gt_504x378`` is the same measurement with a stand-in
+  predictor that returns the scene's ground truth at 504x378 (the processing size of the DA3 models), i.e.
+  the node overhead at the real resolution (24 views per window).
 
 All figures are wall-clock on a possibly loaded machine; the JSON records the load average.
 """
@@ -162,30 +165,34 @@ def bench_sync(cams: int = 3, n_sets: int = 2000, repeats: int = 5, seed: int = 
 # ------------------------------------------------------------------------------------------ fusion
 def _gt_windows(scene, frames_per_window: int, stride: int, score: float = 0.9):
     """WindowPredictions from a synthetic scene's ground truth, world = camera of the window's view 0."""
-    from fast3dis_ros.pipeline.frames import WindowPrediction
-
     cams = scene.camera_names
     out = []
     starts = range(0, scene.n_frames - frames_per_window + 1, stride)
     for wi, s in enumerate(starts):
         views = [scene.view(f, c) for f in range(s, s + frames_per_window) for c in cams]
-        T0 = views[0].T_world_cam
-        T_cam_world = np.stack([np.linalg.inv(v.T_world_cam) @ T0 for v in views])
-        inst = np.stack([v.instance for v in views]).astype(np.int64)
-        ids = np.unique(inst[inst > 0])
-        lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
-        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-        labels = lut[inst].astype(np.int32)
         stamps = [1_000_000_000 + f * 100_000_000 for f in range(s, s + frames_per_window) for _ in cams]
-        out.append(WindowPrediction(
-            window_index=wi, stamp_ns=stamps[-1], cameras=[v.camera for v in views],
-            frame_ids=[f"{v.camera}_optical_frame" for v in views], view_stamps_ns=stamps,
-            images=np.stack([v.rgb for v in views]), depth=np.stack([v.depth for v in views]).astype(np.float32),
-            depth_conf=np.ones((len(views),) + views[0].depth.shape, np.float32),
-            K=np.stack([v.K for v in views]).astype(np.float64), T_cam_world=T_cam_world, labels=labels,
-            scores=np.full(len(ids), score, np.float32), depth_scale_metric=True,
-        ))
+        out.append(_gt_prediction(views, wi, stamps, score))
     return out
+
+
+def _gt_prediction(views, window_index: int, stamps: list[int], score: float = 0.9):
+    """WindowPrediction of rendered views (ground truth), world = camera of view 0."""
+    from fast3dis_ros.pipeline.frames import WindowPrediction
+
+    T0 = views[0].T_world_cam
+    T_cam_world = np.stack([np.linalg.inv(v.T_world_cam) @ T0 for v in views])
+    inst = np.stack([v.instance for v in views]).astype(np.int64)
+    ids = np.unique(inst[inst > 0])
+    lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return WindowPrediction(
+        window_index=window_index, stamp_ns=int(stamps[-1]), cameras=[v.camera for v in views],
+        frame_ids=[f"{v.camera}_optical_frame" for v in views], view_stamps_ns=[int(t) for t in stamps],
+        images=np.stack([v.rgb for v in views]), depth=np.stack([v.depth for v in views]).astype(np.float32),
+        depth_conf=np.ones((len(views),) + views[0].depth.shape, np.float32),
+        K=np.stack([v.K for v in views]).astype(np.float64), T_cam_world=T_cam_world, labels=lut[inst].astype(np.int32),
+        scores=np.full(len(ids), score, np.float32), depth_scale_metric=True,
+    )
 
 
 def node_fusion(**overrides):
@@ -279,8 +286,10 @@ def profile_fusion(width: int = 504, height: int = 378, views: int = 8, top: int
 
 # --------------------------------------------------------------------------------------------- e2e
 def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: int = 4, width: int = 224,
-              height: int = 168, process_size: int | None = None, seed: int = 0, threads: int | None = None
-              ) -> list[dict]:
+              height: int = 168, process_size: int | None = None, seed: int = 0, threads: int | None = None,
+              predictor: str = "tiny") -> list[dict]:
+    """``predictor="tiny"``: random tiny network on CPU; ``"gt"``: a stand-in returning the scene's ground
+    truth at the input resolution (no network: the overhead at full resolution, row ``e2e_overhead_gt``)."""
     import torch
 
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
@@ -301,9 +310,23 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
             instances_to_msg = None
     n_frames = window_size + stride * (n_windows - 1)
     scene = generate_scene(SceneConfig(n_cameras=cams, n_frames=n_frames, width=width, height=height, seed=seed))
-    predictor = Predictor.random_tiny(seed=seed, device="cpu", **({"process_size": process_size} if process_size else {}))
-    # warm the model (first forward allocates)
-    predictor.predict_arrays([scene.view(0, c).rgb for c in range(cams)])
+    if predictor == "gt":
+        lookup = {}
+        for f in range(n_frames):
+            for c, name in enumerate(scene.camera_names):
+                lookup[(name, 1_000_000_000 + f * 100_000_000 + c * 1_000_000)] = scene.view(f, c)
+
+        def predict_fn(w):
+            vs = w.views
+            return _gt_prediction([lookup[(v.camera, int(v.stamp_ns))] for v in vs], w.index,
+                                  [int(v.stamp_ns) for v in vs])
+
+        proc_desc = f"ground-truth stand-in at {width}x{height}"
+    else:
+        pr = Predictor.random_tiny(seed=seed, device="cpu", **({"process_size": process_size} if process_size else {}))
+        pr.predict_arrays([scene.view(0, c).rgb for c in range(cams)])  # warm the model (first forward allocates)
+        predict_fn = pr.predict
+        proc_desc = f"random tiny Predictor on CPU (process size {pr.process_size})"
 
     t_feed: dict[int, int] = {}
     done: dict[int, tuple[int, float, float]] = {}
@@ -323,7 +346,7 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
         done[res.window_index] = (t1, float(pred.engine_ms), len(res.map_cloud))
 
     fusion = node_fusion()
-    runner = PipelineRunner(scene.camera_names, predictor.predict, slop_ns=50_000_000, window_size=window_size,
+    runner = PipelineRunner(scene.camera_names, predict_fn, slop_ns=50_000_000, window_size=window_size,
                             stride=stride, fusion=fusion, sync_mode=False, queue_depth=2, on_fusion=on_fusion)
     msgs = []
     for f in range(n_frames):
@@ -355,11 +378,12 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
         lat.append(total)
         eng.append(e_ms)
         over.append(total - e_ms)
+    name = "e2e_overhead" if predictor != "gt" else f"e2e_overhead_gt_{width}x{height}"
     if not over:
-        return [row("e2e_overhead", "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed"})]
+        return [row(name, "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed"})]
     acc = runner.accounting()
     detail = {
-        "what": f"PipelineRunner async, random tiny Predictor on CPU (process size {predictor.process_size}), "
+        "what": f"PipelineRunner async, {proc_desc}, "
                 f"{cams} cameras {width}x{height}, window {window_size} sets ({window_size * cams} views), stride "
                 f"{stride}; last frame's Image->rgb + feed -> on_fusion incl. PointCloud2/InstanceArray/markers, "
                 f"minus engine predict time",
@@ -368,14 +392,15 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
         "latency_ms_median": float(statistics.median(lat)), "publish_build_ms": publish_ms,
         "fusion_ms": acc["fusion"]["ms"], "messages": ok,
     }
-    return [row("e2e_overhead", float(statistics.median(over)), "ms", "engine + 30 ms", 30.0, detail)]
+    return [row(name, float(statistics.median(over)), "ms", "engine + 30 ms", 30.0, detail)]
 
 
 # -------------------------------------------------------------------------------------------- main
 def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image_hw: tuple[int, int] = (480, 640),
                    image_repeats: int = 20, cams: int = 3, sync_sets: int = 2000,
                    fusion_sizes=((224, 168), (504, 378)), fusion_views: int = 8, fusion_windows_n: int = 4,
-                   fusion_prefill: int = 990_000, e2e: dict | None = None, profile: bool = False, log=print) -> dict:
+                   fusion_prefill: int = 990_000, e2e: dict | None = None, e2e_gt_size: tuple | None = (504, 378),
+                   profile: bool = False, log=print) -> dict:
     """Every node figure; returns {"rows": [...], "profile": str | None, "machine": {...}}."""
     rows: list[dict] = []
     steps = [
@@ -387,6 +412,9 @@ def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image
                                                  prefill=fusion_prefill) if fusion_prefill > 0 else []),
         ("e2e", lambda: bench_e2e(cams=cams, **(e2e or {}))),
     ]
+    if e2e_gt_size:
+        steps.append(("e2e_gt", lambda: bench_e2e(cams=cams, **{**(e2e or {}), "width": e2e_gt_size[0],
+                                                               "height": e2e_gt_size[1], "predictor": "gt"})))
     for name, fn in steps:
         t0 = time.perf_counter()
         try:
@@ -460,6 +488,8 @@ def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     ap.add_argument(f"--{p}e2e-windows", type=int, default=4)
     ap.add_argument(f"--{p}e2e-process-size", type=int, default=None,
                     help="network long edge (default: the tiny config's, 70)")
+    ap.add_argument(f"--{p}e2e-gt-size", type=int, nargs=2, default=[504, 378], metavar=("W", "H"),
+                    help="also the overhead with a ground-truth stand-in predictor at this size (0 0: off)")
     ap.add_argument(f"--{p}profile", action="store_true", help="cProfile MapFusion.integrate at the last fusion size")
 
 
@@ -477,6 +507,7 @@ def kwargs_from_args(args, prefix: str = "") -> dict:
         fusion_prefill=g("fusion-prefill"),
         e2e=dict(window_size=g("e2e-window"), stride=g("e2e-stride"), n_windows=g("e2e-windows"), width=ew, height=eh,
                  process_size=g("e2e-process-size")),
+        e2e_gt_size=tuple(g("e2e-gt-size")) if min(g("e2e-gt-size")) > 0 else None,
         profile=g("profile"),
     )
 
