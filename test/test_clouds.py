@@ -107,3 +107,34 @@ def test_packing_into_reused_buffer():
     assert a.tobytes() == pointcloud_structured(c).tobytes()
     with pytest.raises(ValueError, match="too small"):
         pointcloud_structured(c, out=np.empty(10, np.uint8))
+
+
+def test_lift_prediction_matches_lift_view_per_view():
+    from fast3dis_ros.geometry.cameras import invert_se3
+    from fast3dis_ros.geometry.clouds import lift_prediction, packed_voxel_keys, pack_voxel_keys, voxel_keys
+    from fast3dis_ros.pipeline.fusion import random_prediction
+
+    rng = np.random.default_rng(2)
+    p = random_prediction(rng, 3, 25, 33, 0, n_instances=5)
+    p.depth[1, 3:5, 4:9] = np.nan
+    p.depth[2, 0, :] = -1
+    p.depth_conf = rng.uniform(0, 2, p.depth.shape).astype(np.float32)
+    p.labels[0, 0, :4] = [-3, 9, 0, 5]  # negative and out-of-range labels
+    T = np.diag([2.0, 2.0, 2.0, 1.0])
+    T[:3, 3] = [1, -2, 0.5]
+    for stride in (1, 2, 3):
+        c = lift_prediction(p, T, conf_threshold=0.5, min_score=0.5, pixel_stride=stride)
+        parts = []
+        for v in range(3):
+            lab = p.labels[v]
+            low = np.concatenate([[False], p.scores < 0.5])
+            lab = np.where(low[np.clip(lab, 0, len(p.scores))], 0, lab)
+            parts.append(lift_view(p.depth[v], p.K[v], T @ invert_se3(p.T_cam_world[v]), rgb=p.images[v], labels=lab,
+                                   scores=p.scores, conf=p.depth_conf[v], conf_threshold=0.5, pixel_stride=stride))
+        assert len(c) == sum(len(q) for q in parts)
+        assert np.allclose(c.xyz, np.concatenate([q.xyz for q in parts]), atol=1e-5)
+        for name in ("rgb", "instance", "score"):
+            assert np.array_equal(getattr(c, name), np.concatenate([getattr(q, name) for q in parts]))
+        assert np.array_equal(packed_voxel_keys(c.xyz, 0.07), pack_voxel_keys(voxel_keys(c.xyz, 0.07)))
+    with pytest.raises(ValueError, match="packable"):
+        packed_voxel_keys(np.array([[1e9, 0, 0]], np.float32), 0.01)

@@ -252,3 +252,141 @@ def test_voxel_map_evicts_least_recently_seen():
     assert vm.n[vm.keys.tolist().index(3)] == 2
     add([7, 8, 9, 10, 11], 4)
     assert vm.keys.tolist() == [7, 8, 9, 10, 11]
+
+
+# ---------------------------------------------------------------- optimised map vs a simple reference
+class _RefVoxelMap:
+    """The original sorted-array voxel map (np.unique / argsort on every window): the reference."""
+
+    def __init__(self, max_points):
+        self.max_points = max_points
+        self.keys = np.zeros(0, np.int64)
+        self.xyz_sum = np.zeros((0, 3))
+        self.rgb_sum = np.zeros((0, 3))
+        self.n = np.zeros(0)
+        self.inst = np.zeros(0, np.uint32)
+        self.votes = np.zeros(0)
+        self.score = np.zeros(0, np.float32)
+        self.last_seen = np.zeros(0, np.int64)
+
+    def integrate(self, keys, xyz_sum, rgb_sum, n, inst, score, tick):
+        m = len(self.keys)
+        idx = np.searchsorted(self.keys, keys)
+        idx_c = np.minimum(idx, max(m - 1, 0))
+        found = (idx < m) & (self.keys[idx_c] == keys) if m else np.zeros(len(keys), bool)
+        f = idx_c[found]
+        self.xyz_sum[f] += xyz_sum[found]
+        self.rgb_sum[f] += rgb_sum[found]
+        self.n[f] += n[found]
+        self.last_seen[f] = tick
+        same = self.inst[f] == inst[found]
+        v = np.where(same, self.votes[f] + n[found], self.votes[f] - n[found])
+        flip = v < 0
+        self.votes[f] = np.abs(v)
+        self.score[f] = np.where(flip, score[found], np.where(same, np.maximum(self.score[f], score[found]),
+                                                               self.score[f]))
+        self.inst[f] = np.where(flip, inst[found], self.inst[f])
+        nf = ~found
+        names = ("keys", "xyz_sum", "rgb_sum", "n", "inst", "votes", "score", "last_seen")
+        add = (keys, xyz_sum, rgb_sum, n, inst, n, score, np.full(len(keys), tick, np.int64))
+        allk = np.concatenate([self.keys, keys[nf]])
+        order = np.argsort(allk, kind="stable")
+        for name, a in zip(names, add):
+            setattr(self, name, np.concatenate([getattr(self, name), a[nf]])[order])
+        if len(self.keys) > self.max_points:  # newest ticks first; at the cut tick keep the smallest keys
+            order = np.lexsort((self.keys, -self.last_seen))[: self.max_points]
+            keep = np.sort(order)
+            for name in names:
+                setattr(self, name, getattr(self, name)[keep])
+
+
+def _reference_window(ref, tracker, pred, res, fusion, tick):
+    """Old integrate() body on the same lifted points (alignment taken from the optimised result)."""
+    from fast3dis_ros.geometry.clouds import lift_prediction, pack_voxel_keys, voxel_keys
+
+    cloud = lift_prediction(pred, res.T_map_window, conf_threshold=fusion.conf_threshold, min_score=fusion.min_score,
+                            pixel_stride=fusion.pixel_stride)
+    ukeys, inv = np.unique(pack_voxel_keys(voxel_keys(cloud.xyz, fusion.voxel_size)), return_inverse=True)
+    inv = inv.reshape(-1)
+    lab = cloud.instance.astype(np.int64)
+    fg = lab > 0
+    pair = np.unique((inv[fg].astype(np.int64) << 32) | lab[fg])
+    id_map, _ = tracker.assign(ukeys[pair >> 32], pair & 0xFFFFFFFF, ref.keys, ref.inst.astype(np.int64),
+                               all_window_labels=np.unique(lab[fg]))
+    lut = np.zeros(max(pred.n_instances, int(lab.max())) + 1, np.uint32)
+    for w, g in id_map.items():
+        lut[w] = g
+    gl = lut[lab].astype(np.int64)
+    m = len(ukeys)
+    n = np.bincount(inv, minlength=m).astype(np.float64)
+    xyz_sum = np.stack([np.bincount(inv, weights=cloud.xyz[:, a], minlength=m) for a in range(3)], 1)
+    rgb_sum = np.stack([np.bincount(inv, weights=cloud.rgb[:, a], minlength=m) for a in range(3)], 1)
+    # majority global id per voxel by explicit counting (ties -> smaller id), mean score of its points
+    vinst = np.zeros(m, np.uint32)
+    vscore = np.zeros(m, np.float32)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(inv, minlength=m))]
+    for j in range(m):
+        p = order[bounds[j]:bounds[j + 1]]
+        ids, cnt = np.unique(gl[p], return_counts=True)
+        g = ids[np.argmax(cnt)]  # first max = smallest id among ties
+        vinst[j] = g
+        vscore[j] = np.float32(cloud.score[p][gl[p] == g].astype(np.float64).mean())
+    ref.integrate(ukeys, xyz_sum, rgb_sum, n, vinst, vscore, tick)
+    return id_map, ukeys, vinst
+
+
+@pytest.mark.parametrize("max_points,voxel", [(10**6, 0.25), (300, 0.25), (1500, 0.1)])
+def test_optimised_map_matches_reference(max_points, voxel):
+    from fast3dis_ros.geometry.clouds import packed_voxel_keys
+    from fast3dis_ros.pipeline.fusion import random_prediction
+    from fast3dis_ros.pipeline.tracker import InstanceTracker
+
+    rng = np.random.default_rng(3)
+    base = random_prediction(rng, 3, 30, 40, 0, n_instances=6, depth_range=(1.0, 3.0))
+    fusion = MapFusion(voxel_size=voxel, max_points=max_points, min_score=0.3, pixel_stride=1)
+    ref, tracker = _RefVoxelMap(max_points), InstanceTracker(match_iou=0.2)
+    for w in range(6):
+        p = random_prediction(rng, 3, 30, 40, w, n_instances=6, depth_range=(1.0, 3.0))
+        p.T_cam_world, p.K = base.T_cam_world.copy(), base.K  # the rig drifts slowly: voxels overlap, ids match
+        p.T_cam_world[:, 0, 3] += 0.15 * w
+        p.depth = (base.depth * rng.uniform(0.97, 1.03, base.depth.shape)).astype(np.float32)
+        p.depth[0, :2, :3] = np.nan
+        res = fusion.integrate(p)
+        id_map, wkeys, wvinst = _reference_window(ref, tracker, p, res, fusion, w + 1)
+        assert res.id_map == id_map
+        vm = fusion.map
+        assert np.array_equal(vm.keys, ref.keys)  # same voxel set (eviction included)
+        assert np.array_equal(vm.inst, ref.inst)  # same majority / hysteresis label per voxel
+        assert np.array_equal(vm.n, ref.n) and np.array_equal(vm.last_seen, ref.last_seen)
+        assert np.allclose(vm.votes, ref.votes) and np.allclose(vm.score, ref.score)
+        assert np.allclose(vm.xyz_sum, ref.xyz_sum) and np.allclose(vm.rgb_sum, ref.rgb_sum)
+        # window cloud: same voxels with the same labels
+        wc = res.window_cloud
+        k = packed_voxel_keys(wc.xyz, voxel)
+        o = np.argsort(k)
+        assert np.array_equal(k[o], wkeys) and np.array_equal(wc.instance[o], wvinst)
+        # map cloud and instance summaries
+        mc = res.map_cloud
+        mean = ref.xyz_sum / ref.n[:, None]
+        o = np.argsort(packed_voxel_keys(mc.xyz, voxel))
+        assert len(mc) == len(ref.keys) and np.array_equal(mc.instance[o], ref.inst)
+        assert np.allclose(mc.xyz[o], mean, atol=1e-5)
+        summ = {s.id: s for s in res.instances}
+        ids = np.unique(ref.inst[ref.inst > 0])
+        assert sorted(summ) == ids.tolist()
+        for g in ids:
+            sel = ref.inst == g
+            pts = mc.xyz[o][sel].astype(np.float64)
+            assert summ[g].n_points == sel.sum()
+            assert np.allclose(summ[g].centroid, pts.mean(0), atol=1e-5)
+            assert np.array_equal(summ[g].bbox_min, pts.min(0)) and np.array_equal(summ[g].bbox_max, pts.max(0))
+    if max_points < 10**6:
+        assert fusion.map.evicted > 0
+
+
+def test_bench_integrate_runs(capsys):
+    from fast3dis_ros.pipeline.fusion import bench_integrate
+
+    out = bench_integrate(2, 24, 32, max_points=2000, windows=2)
+    assert out["map_voxels"] == 2000 and "bench_integrate" in capsys.readouterr().out

@@ -27,6 +27,11 @@ __all__ = [
     "lift_prediction",
     "confidence_mask",
     "voxel_keys",
+    "pack_voxel_keys",
+    "packed_voxel_keys",
+    "unpack_voxel_keys",
+    "lift_prediction_arrays",
+    "label_scores",
     "voxel_downsample",
     "pack_rgb",
     "unpack_rgb",
@@ -165,6 +170,109 @@ def lift_view(
     return InstanceCloud(frame_id, int(stamp_ns), xyz, col, inst, score)
 
 
+_RAY_CACHE: dict = {}
+
+
+def _rays(K: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised ray coordinates (x/z, y/z) of the strided pixel grid (cached per K, size, stride)."""
+    K = np.asarray(K, np.float64)
+    key = (h, w, stride, K.tobytes())
+    r = _RAY_CACHE.get(key)
+    if r is None:
+        fx, fy, cx, cy, s = K[0, 0], K[1, 1], K[0, 2], K[1, 2], K[0, 1]
+        v = np.arange(0, h, stride, dtype=np.float64)
+        u = np.arange(0, w, stride, dtype=np.float64)
+        y = np.broadcast_to(((v - cy) / fy)[:, None], (len(v), len(u)))
+        x = (u[None, :] - cx - s * y) / fx
+        r = (np.ascontiguousarray(x), np.ascontiguousarray(y))
+        if len(_RAY_CACHE) >= 64:
+            _RAY_CACHE.pop(next(iter(_RAY_CACHE)))
+        _RAY_CACHE[key] = r
+    return r
+
+
+def lift_prediction_arrays(
+    pred: WindowPrediction,
+    T_out_world: np.ndarray | None = None,
+    conf_threshold: float = 0.0,
+    conf_mode: str = "abs",
+    min_score: float = 0.0,
+    instances_only: bool = False,
+    pixel_stride: int = 1,
+    views: list[int] | None = None,
+    min_depth: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fast path of ``lift_prediction``: (xyz (N, 3) float32, rgb (N, 3) uint8, label (N,) int64 >= 0).
+
+    ``label`` is the window label (instances with score < ``min_score`` -> 0, negative -> 0); the point
+    order and the kept pixels are those of ``lift_view`` per view. Rays are cached per K/size/stride and the
+    (Sim(3)) transform is folded into them, so each point costs a few fused multiply-adds."""
+    from .cameras import invert_se3
+
+    T_out_world = np.eye(4) if T_out_world is None else np.asarray(T_out_world, np.float64)
+    scores = np.asarray(pred.scores, np.float32)
+    ns = len(scores)
+    st = max(int(pixel_stride), 1)
+    vlist = list(range(pred.depth.shape[0])) if views is None else list(views)
+    h, w = pred.depth.shape[1:3]
+    low = None
+    if min_score > 0 and ns:
+        low = np.concatenate([[False], scores < min_score])
+    keeps, ds = [], []
+    for v in vlist:
+        d = pred.depth[v][::st, ::st]
+        with np.errstate(invalid="ignore"):
+            keep = d > min_depth  # False for NaN
+            keep &= d < np.inf
+        if pred.depth_conf is not None:
+            keep &= confidence_mask(np.asarray(pred.depth_conf[v])[::st, ::st], conf_threshold, conf_mode)
+        if instances_only:
+            keep &= np.asarray(pred.labels[v])[::st, ::st] > 0
+        keeps.append(keep)
+        ds.append(d)
+    counts = [int(k.sum()) for k in keeps]
+    n = sum(counts)
+    xyz = np.empty((n, 3), np.float32)
+    rgb = np.empty((n, 3), np.uint8)
+    lab = np.empty(n, np.int64)
+    o = 0
+    for v, keep, d, c in zip(vlist, keeps, ds, counts):
+        if c == 0:
+            continue
+        T = T_out_world @ invert_se3(pred.T_cam_world[v])
+        xr, yr = _rays(pred.K[v], h, w, st)
+        full = c == keep.size
+        dk = d.reshape(-1).astype(np.float64) if full else d[keep].astype(np.float64)
+        xk = xr.reshape(-1) if full else xr[keep]
+        yk = yr.reshape(-1) if full else yr[keep]
+        for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3
+            a = xk * T[i, 0]
+            a += yk * T[i, 1]
+            a += T[i, 2]
+            a *= dk
+            a += T[i, 3]
+            xyz[o:o + c, i] = a
+        im = np.asarray(pred.images[v])[::st, ::st]
+        rgb[o:o + c] = im.reshape(-1, 3) if full else im[keep]
+        lb = np.asarray(pred.labels[v])[::st, ::st]
+        lb = lb.reshape(-1) if full else lb[keep]
+        lab[o:o + c] = lb
+        o += c
+    np.maximum(lab, 0, out=lab)
+    if low is not None and n:
+        lab[low[np.minimum(lab, ns)]] = 0
+    return xyz, rgb, lab
+
+
+def label_scores(lab: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-point score of window labels as ``lift_view`` assigns it (label k -> scores[k-1], 0 -> 0)."""
+    sc = np.asarray(scores, np.float32)
+    if not len(sc):
+        return np.zeros(len(lab), np.float32)
+    lut = np.concatenate([[0.0], sc]).astype(np.float32)
+    return lut[np.minimum(lab, len(sc))]
+
+
 def lift_prediction(
     pred: WindowPrediction,
     T_out_world: np.ndarray | None = None,
@@ -178,25 +286,12 @@ def lift_prediction(
 ) -> InstanceCloud:
     """Lift every view of a prediction into the output frame (``T_out_world`` may be Sim(3)).
 
-    Instances with score < ``min_score`` become background (instance 0)."""
-    from .cameras import invert_se3
-
-    T_out_world = np.eye(4) if T_out_world is None else np.asarray(T_out_world, np.float64)
-    scores = np.asarray(pred.scores, np.float32)
-    clouds = []
-    for v in range(pred.depth.shape[0]) if views is None else views:
-        lab = pred.labels[v]
-        if min_score > 0 and len(scores):
-            low = np.concatenate([[False], scores < min_score])
-            lab = np.where(low[np.clip(lab, 0, len(scores))], 0, lab)
-        T_out_cam = T_out_world @ invert_se3(pred.T_cam_world[v])
-        clouds.append(
-            lift_view(pred.depth[v], pred.K[v], T_out_cam, rgb=pred.images[v], labels=lab, scores=scores,
-                      conf=pred.depth_conf[v], conf_threshold=conf_threshold, conf_mode=conf_mode,
-                      instances_only=instances_only, pixel_stride=pixel_stride, frame_id=frame_id,
-                      stamp_ns=pred.stamp_ns)
-        )
-    return concat_clouds(clouds, frame_id=frame_id, stamp_ns=pred.stamp_ns)
+    Instances with score < ``min_score`` become background (instance 0). Same points as ``lift_view``
+    per view (concatenated), computed by ``lift_prediction_arrays``."""
+    xyz, rgb, lab = lift_prediction_arrays(pred, T_out_world, conf_threshold, conf_mode, min_score,
+                                           instances_only, pixel_stride, views)
+    return InstanceCloud(frame_id, int(pred.stamp_ns), xyz, rgb, lab.astype(np.uint32),
+                         label_scores(lab, pred.scores))
 
 
 def voxel_keys(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
@@ -216,6 +311,29 @@ def pack_voxel_keys(ijk: np.ndarray) -> np.ndarray:
                          "increase voxel_size or check the points")
     u = ijk + _KOFF
     return (u[:, 0] << (2 * _KB)) | (u[:, 1] << _KB) | u[:, 2]
+
+
+def packed_voxel_keys(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
+    """``pack_voxel_keys(voxel_keys(xyz, voxel_size))`` in one pass per axis (same values, same errors)."""
+    xyz = np.asarray(xyz)
+    n = xyz.shape[0]
+    out = np.zeros(n, np.int64)
+    if n == 0:
+        return out
+    for a in range(3):
+        c = xyz[:, a].astype(np.float64)
+        c /= voxel_size
+        np.floor(c, out=c)
+        lo, hi = c.min(), c.max()
+        if not (lo >= -_KOFF and hi < _KOFF):
+            raise ValueError("voxel coordinates out of the packable range (+-2^20 voxels per axis); "
+                             "increase voxel_size or check the points")
+        c += _KOFF
+        ci = c.astype(np.int64)
+        if a < 2:
+            ci <<= (2 - a) * _KB
+        out |= ci
+    return out
 
 
 def unpack_voxel_keys(keys: np.ndarray) -> np.ndarray:

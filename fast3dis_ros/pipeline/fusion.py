@@ -28,7 +28,7 @@ import numpy as np
 
 from ..geometry.align import align_cameras, sim3_decompose
 from ..geometry.cameras import invert_se3
-from ..geometry.clouds import empty_cloud, lift_prediction, pack_voxel_keys, voxel_keys
+from ..geometry.clouds import empty_cloud, label_scores, lift_prediction_arrays, packed_voxel_keys
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
 from .stats import DropCounter
 from .tracker import InstanceTracker
@@ -52,82 +52,381 @@ class FusionResult:
     info: dict = field(default_factory=dict)
 
 
+# hash slots store key + 2 (packed voxel keys are >= 0), so a zeroed table (calloc: pages are mapped lazily,
+# no up-front fill) is all empty
+_EMPTY = 0
+_TOMB = 1
+_HMUL = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+
+
 class VoxelMap:
-    """Sorted-key voxel store with running sums; bounded by ``max_points`` voxels (LRU by window)."""
+    """Voxel store with running sums, bounded by ``max_points`` voxels (LRU by window tick).
+
+    Rows ``[0, len)`` of fixed-capacity arrays hold the voxels (compact: eviction moves the last rows into
+    the holes); an open-addressing hash table (linear probing, vectorised in numpy, tombstones that are
+    cleared whenever the next slot is empty) maps the packed voxel key to its row. Per window everything is
+    O(points in the window + evicted voxels), except the map cloud copy, which is O(map) memcpy.
+    Per-instance voxel counts, centroid sums and bounding boxes are maintained incrementally (a bounding box
+    is recomputed from the rows of its instance only when a removed voxel lay on it).
+
+    ``keys``, ``n``, ``inst``, ... are key-sorted copies for inspection (O(M log M)); the hot path uses
+    the row arrays ``_key``, ``_n``, ...
+    """
+
+    _FIELDS = ("_key", "_slot", "_xyz_sum", "_rgb_sum", "_n", "_inst", "_votes", "_score", "_last", "_xyz",
+               "_rgb")
 
     def __init__(self, voxel_size: float, max_points: int) -> None:
         self.voxel_size = float(voxel_size)
         self.max_points = int(max_points)
         self.clear()
 
+    # ------------------------------------------------------------------ storage
     def clear(self) -> None:
-        self.keys = np.zeros(0, np.int64)
-        self.xyz_sum = np.zeros((0, 3), np.float64)
-        self.rgb_sum = np.zeros((0, 3), np.float64)
-        self.n = np.zeros(0, np.float64)
-        self.inst = np.zeros(0, np.uint32)
-        self.votes = np.zeros(0, np.float64)
-        self.score = np.zeros(0, np.float32)
-        self.last_seen = np.zeros(0, np.int64)
+        self._count = 0
+        self._alloc_rows(1024)
+        self._new_table(1 << 12)
+        self._ticks: dict[int, int] = {}  # tick -> number of rows last seen then
+        self._lab_count = np.zeros(1, np.int64)  # per global id (index), voxels with that label
+        self._lab_sum = np.zeros((1, 3), np.float64)
+        self._lab_min = np.full((1, 3), np.inf, np.float32)
+        self._lab_max = np.full((1, 3), -np.inf, np.float32)
+        self._dirty = np.zeros(1, bool)
         self.evicted = 0
 
+    def _alloc_rows(self, cap: int, keep: int = 0) -> None:
+        # (3, cap) arrays hold x/y/z or r/g/b as contiguous rows: 1-D fancy indexing is ~10x faster than
+        # gathering rows of an (N, 3) array
+        spec = {"_key": ((), np.int64), "_slot": ((), np.int64), "_xyz_sum": ((3,), np.float64),
+                "_rgb_sum": ((3,), np.float64), "_n": ((), np.float64), "_inst": ((), np.int64),
+                "_votes": ((), np.float64), "_score": ((), np.float32), "_last": ((), np.int64),
+                "_xyz": ((3,), np.float32), "_rgb": ((3,), np.uint8)}
+        for name, (shape, dt) in spec.items():
+            a = np.zeros(shape + (cap,), dt)
+            if keep:
+                a[..., :keep] = getattr(self, name)[..., :keep]
+            setattr(self, name, a)
+        self._loc = np.empty(cap, np.int64)  # scratch: row -> window voxel index
+        self._cap = cap
+
+    def _new_table(self, size: int) -> None:
+        self._bits = int(size).bit_length() - 1
+        self._mask = size - 1
+        self._tab_key = np.zeros(size, np.int64)
+        self._tab_row = np.zeros(size, np.int32)
+        self._n_tomb = 0
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys.astype(np.uint64) * _HMUL) >> np.uint64(64 - self._bits)).astype(np.int64)
+
+    def _ensure(self, n_more: int) -> None:
+        """Room for ``n_more`` new voxels: row capacity and hash load (live + tombstones) <= 1/2."""
+        need = self._count + n_more
+        if need > self._cap:  # zeroed arrays: untouched pages cost nothing, so reserve the cap at once
+            self._alloc_rows(max(need, int(self._cap * 1.5), self.max_points + n_more), keep=self._count)
+        size = self._mask + 1
+        if need + self._n_tomb > size // 2:
+            new = size
+            while need * 4 > new:  # rebuilt tables start at load <= 1/4 (tombstones have room to come and go)
+                new *= 2
+            self._rehash(new)
+
+    def _rehash(self, size: int) -> None:
+        self._new_table(size)
+        rows = np.arange(self._count)
+        keys = self._key[:self._count]
+        pos = self._hash(keys)
+        keys = keys + 2
+        while len(rows):
+            free = self._tab_key[pos] == _EMPTY
+            self._tab_key[pos[free]] = keys[free]
+            won = free & (self._tab_key[pos] == keys)
+            self._tab_row[pos[won]] = rows[won]
+            self._slot[rows[won]] = pos[won]
+            go = ~won
+            rows, keys, pos = rows[go], keys[go], (pos[go] + 1) & self._mask
+
+    def _find_or_insert(self, q: np.ndarray) -> np.ndarray:
+        """Row of each (packed, possibly repeated) key; absent keys get new zeroed rows at the end."""
+        N = len(q)
+        self._ensure(N)
+        tk, mask = self._tab_key, self._mask
+        slot = np.empty(N, np.int64)
+        idx, pos, qa = np.arange(N), self._hash(q), q + 2
+        missing = []
+        while len(idx):  # lookup: stop at the key or at an empty slot (tombstones are skipped)
+            t = tk[pos]
+            hit = t == qa
+            emp = t == _EMPTY
+            slot[idx[hit]] = pos[hit]
+            missing.append(idx[emp])
+            go = ~(hit | emp)
+            idx, pos, qa = idx[go], (pos[go] + 1) & mask, qa[go]
+        idx = np.concatenate(missing)
+        if len(idx):
+            qa = q[idx]
+            pos = self._hash(qa)
+            qa = qa + 2
+            claimed, was_tomb = [], []
+            while len(idx):  # insert at the first empty/tombstone; equal keys move in lockstep
+                t = tk[pos]
+                free = (t == _EMPTY) | (t == _TOMB)
+                tk[pos[free]] = qa[free]
+                won = free & (tk[pos] == qa)
+                slot[idx[won]] = pos[won]
+                claimed.append(pos[won])
+                was_tomb.append(t[won] == _TOMB)
+                go = ~won
+                idx, pos, qa = idx[go], (pos[go] + 1) & mask, qa[go]
+            cp = np.concatenate(claimed)
+            wt = np.concatenate(was_tomb)
+            ar = np.arange(len(cp), dtype=np.int32)
+            self._tab_row[cp] = ar
+            first = self._tab_row[cp] == ar  # one representative per claimed slot
+            up = cp[first]
+            self._n_tomb -= int(wt[first].sum())
+            rows = np.arange(self._count, self._count + len(up))
+            self._tab_row[up] = rows
+            self._key[rows] = tk[up] - 2
+            self._slot[rows] = up
+            self._inst[rows] = 0  # the other fields are written by update_rows
+            self._count += len(up)
+        return self._tab_row[slot]
+
+    def lookup(self, keys) -> np.ndarray:
+        """Row of each key, -1 where absent (read only)."""
+        q = np.asarray(keys, np.int64).reshape(-1)
+        out = np.full(len(q), -1, np.int64)
+        idx, pos, qa = np.arange(len(q)), self._hash(q), q + 2
+        while len(idx):
+            t = self._tab_key[pos]
+            hit = t == qa
+            out[idx[hit]] = self._tab_row[pos[hit]]
+            go = ~(hit | (t == _EMPTY))
+            idx, pos, qa = idx[go], (pos[go] + 1) & self._mask, qa[go]
+        return out
+
+    def _delete_slots(self, slots: np.ndarray) -> None:
+        tk, mask = self._tab_key, self._mask
+        tk[slots] = _TOMB
+        self._tab_row[slots] = -1
+        n_tomb = len(slots)
+        cand = slots
+        while len(cand):  # a tombstone followed by an empty slot ends no probe chain: make it empty
+            c = cand[(tk[cand] == _TOMB) & (tk[(cand + 1) & mask] == _EMPTY)]
+            if not len(c):
+                break
+            tk[c] = _EMPTY
+            n_tomb -= len(c)
+            cand = (c - 1) & mask
+        self._n_tomb += n_tomb
+
+    # ------------------------------------------------------------------ per-instance statistics
+    def _grow_labels(self, max_label: int) -> None:
+        n = len(self._lab_count)
+        if max_label < n:
+            return
+        m = max(max_label + 1, 2 * n)
+        self._lab_count = np.concatenate([self._lab_count, np.zeros(m - n, np.int64)])
+        self._lab_sum = np.concatenate([self._lab_sum, np.zeros((m - n, 3))])
+        self._lab_min = np.concatenate([self._lab_min, np.full((m - n, 3), np.inf, np.float32)])
+        self._lab_max = np.concatenate([self._lab_max, np.full((m - n, 3), -np.inf, np.float32)])
+        self._dirty = np.concatenate([self._dirty, np.zeros(m - n, bool)])
+
+    def _stats_remove(self, rows: np.ndarray) -> None:
+        """Take rows (current label / mean) out of the per-instance statistics."""
+        lab = self._inst[rows]
+        fg = np.flatnonzero(lab > 0)
+        if not len(fg):
+            return
+        rows, lab = rows[fg], lab[fg]
+        L = len(self._lab_count)
+        self._lab_count -= np.bincount(lab, minlength=L)
+        on_box = np.zeros(len(rows), bool)
+        for a in range(3):
+            x = self._xyz[a][rows]
+            self._lab_sum[:, a] -= np.bincount(lab, weights=x, minlength=L)
+            on_box |= x <= self._lab_min[:, a][lab]
+            on_box |= x >= self._lab_max[:, a][lab]
+        self._dirty[lab[on_box]] = True
+
+    def _stats_add(self, rows: np.ndarray) -> None:
+        lab = self._inst[rows]
+        fg = np.flatnonzero(lab > 0)
+        if not len(fg):
+            return
+        rows, lab = rows[fg], lab[fg]
+        self._grow_labels(int(lab.max()))
+        L = len(self._lab_count)
+        self._lab_count += np.bincount(lab, minlength=L)
+        for a in range(3):
+            x = self._xyz[a][rows]
+            self._lab_sum[:, a] += np.bincount(lab, weights=x, minlength=L)
+            np.minimum.at(self._lab_min[:, a], lab, x)
+            np.maximum.at(self._lab_max[:, a], lab, x)
+
+    def _refresh_boxes(self) -> None:
+        d = np.flatnonzero(self._dirty)
+        if not len(d):
+            return
+        self._dirty[:] = False
+        self._lab_min[d] = np.inf
+        self._lab_max[d] = -np.inf
+        inst = self._inst[:self._count]
+        lut = np.zeros(len(self._lab_count), bool)
+        lut[d] = True
+        rows = np.flatnonzero(lut[inst])
+        lab = inst[rows]
+        for a in range(3):
+            x = self._xyz[a][rows]
+            np.minimum.at(self._lab_min[:, a], lab, x)
+            np.maximum.at(self._lab_max[:, a], lab, x)
+
+    def instance_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, voxel counts, centroid sums (K, 3) float64, bbox min (K, 3), bbox max (K, 3)) of the
+        instances (label > 0) present in the map, ids ascending."""
+        self._refresh_boxes()
+        ids = np.flatnonzero(self._lab_count > 0)
+        ids = ids[ids > 0]
+        return (ids, self._lab_count[ids], self._lab_sum[ids], self._lab_min[ids].astype(np.float64),
+                self._lab_max[ids].astype(np.float64))
+
+    # ------------------------------------------------------------------ window update
     def __len__(self) -> int:
-        return int(self.keys.shape[0])
+        return int(self._count)
 
     def integrate(self, keys, xyz_sum, rgb_sum, n, inst, score, tick: int) -> None:
-        """Add window voxels (unique sorted ``keys``) with per-voxel sums / majority label / score."""
-        m = len(self.keys)
-        idx = np.searchsorted(self.keys, keys)
-        idx_c = np.minimum(idx, max(m - 1, 0))
-        found = (idx < m) & (self.keys[idx_c] == keys) if m else np.zeros(len(keys), bool)
-        f = idx_c[found]
-        self.xyz_sum[f] += xyz_sum[found]
-        self.rgb_sum[f] += rgb_sum[found]
-        self.n[f] += n[found]
-        self.last_seen[f] = tick
-        same = self.inst[f] == inst[found]
-        nv = n[found]
-        v = np.where(same, self.votes[f] + nv, self.votes[f] - nv)
+        """Add window voxels (unique ``keys``) with per-voxel sums / majority label / score."""
+        keys = np.asarray(keys, np.int64)
+        before = self._count
+        rows = self._find_or_insert(keys)
+        self.update_rows(rows, rows >= before, np.asarray(xyz_sum, np.float64).T, np.asarray(rgb_sum, np.float64).T,
+                         n, inst, score, tick)
+
+    def update_rows(self, rows, is_new, xyz_sum, rgb_sum, n, inst, score, tick: int) -> None:
+        """Fold window voxels into rows (unique; ``is_new``: rows just created by ``_find_or_insert``;
+        ``xyz_sum``/``rgb_sum`` as (3, m)), then evict down to ``max_points``."""
+        n = np.asarray(n, np.float64)
+        inst = np.asarray(inst).astype(np.int64)
+        score = np.asarray(score, np.float32)
+        f = rows[~is_new]
+        fw = np.flatnonzero(~is_new)
+        nw = rows[is_new]
+        nww = np.flatnonzero(is_new)
+        tick = int(tick)
+        # existing voxels: sums, votes (hysteresis), score
+        old_inst = self._inst[f]
+        self._stats_remove(f)
+        if len(f):
+            old_ticks = self._last[f]
+            t0 = int(old_ticks.min())
+            cnt = np.bincount(old_ticks - t0)
+            for t in np.flatnonzero(cnt):
+                r = self._ticks[int(t) + t0] - int(cnt[t])
+                t = int(t) + t0
+                if r:
+                    self._ticks[int(t)] = r
+                else:
+                    del self._ticks[int(t)]
+        for a in range(3):
+            self._xyz_sum[a][f] += xyz_sum[a][fw]
+            self._rgb_sum[a][f] += rgb_sum[a][fw]
+        self._n[f] += n[fw]
+        self._last[f] = tick
+        ni, nv, ns = inst[fw], n[fw], score[fw]
+        same = old_inst == ni
+        votes = self._votes[f]
+        v = np.where(same, votes + nv, votes - nv)
         flip = v < 0
-        self.votes[f] = np.abs(v)
-        newl = np.where(flip, inst[found], self.inst[f])
-        self.score[f] = np.where(flip, score[found], np.where(same, np.maximum(self.score[f], score[found]),
-                                                               self.score[f]))
-        self.inst[f] = newl
-        nf = ~found
-        if nf.any():
-            keys_all = np.concatenate([self.keys, keys[nf]])
-            order = np.argsort(keys_all, kind="stable")
-            self.keys = keys_all[order]
-            self.xyz_sum = np.concatenate([self.xyz_sum, xyz_sum[nf]])[order]
-            self.rgb_sum = np.concatenate([self.rgb_sum, rgb_sum[nf]])[order]
-            self.n = np.concatenate([self.n, n[nf]])[order]
-            self.inst = np.concatenate([self.inst, inst[nf]])[order]
-            self.votes = np.concatenate([self.votes, n[nf]])[order]
-            self.score = np.concatenate([self.score, score[nf]])[order]
-            self.last_seen = np.concatenate([self.last_seen, np.full(int(nf.sum()), tick, np.int64)])[order]
-        if len(self.keys) > self.max_points:
-            # newest ticks first; among voxels of the cut-off tick keep the first ones (no full argsort)
-            ticks, counts = np.unique(self.last_seen, return_counts=True)
-            above = np.cumsum(counts[::-1])  # voxels with tick >= ticks[::-1][j]
-            j = int(np.searchsorted(above, self.max_points))  # cut-off tick index (descending)
-            cut = ticks[::-1][j]
-            n_above = int(above[j - 1]) if j > 0 else 0
-            keep_mask = self.last_seen > cut
-            at_cut = np.flatnonzero(self.last_seen == cut)[: self.max_points - n_above]
-            keep_mask[at_cut] = True
-            keep = np.flatnonzero(keep_mask)
-            self.evicted += len(self.keys) - len(keep)
-            for name in ("keys", "xyz_sum", "rgb_sum", "n", "inst", "votes", "score", "last_seen"):
-                setattr(self, name, getattr(self, name)[keep])
+        self._votes[f] = np.abs(v)
+        sc = self._score[f]
+        self._score[f] = np.where(flip, ns, np.where(same, np.maximum(sc, ns), sc))
+        self._inst[f] = np.where(flip, ni, old_inst)
+        # new voxels
+        for a in range(3):
+            self._xyz_sum[a][nw] = xyz_sum[a][nww]
+            self._rgb_sum[a][nw] = rgb_sum[a][nww]
+        self._n[nw] = n[nww]
+        self._inst[nw] = inst[nww]
+        self._votes[nw] = n[nww]
+        self._score[nw] = score[nww]
+        self._last[nw] = tick
+        self._ticks[tick] = self._ticks.get(tick, 0) + len(rows)
+        # cached means (what the map cloud publishes)
+        nn = self._n[rows]
+        for a in range(3):
+            self._xyz[a][rows] = self._xyz_sum[a][rows] / nn
+            self._rgb[a][rows] = np.clip(np.rint(self._rgb_sum[a][rows] / nn), 0, 255)
+        self._stats_add(rows)
+        if self._count > self.max_points:
+            self._evict(self._count - self.max_points)
+
+    def _evict(self, excess: int) -> None:
+        """Drop ``excess`` least recently seen voxels; among the cut-off tick's voxels the largest keys go."""
+        ticks = sorted(self._ticks)
+        below = 0
+        for cut in ticks:
+            c = self._ticks[cut]
+            if below + c >= excess:
+                break
+            below += c
+        last = self._last[:self._count]
+        parts = [np.flatnonzero(last < cut)] if below else []
+        at = np.flatnonzero(last == cut)
+        need = excess - below
+        if need < len(at):
+            kk = self._key[at]
+            at = at[np.argpartition(kk, len(at) - need)[len(at) - need:]]
+        parts.append(at)
+        ev = np.concatenate(parts)
+        for t in ticks:
+            if t >= cut:
+                break
+            del self._ticks[t]
+        rem = self._ticks[cut] - len(at)
+        if rem:
+            self._ticks[cut] = rem
+        else:
+            del self._ticks[cut]
+        self._stats_remove(ev)
+        self._delete_slots(self._slot[ev])
+        # compact: move the surviving rows of the tail into the holes
+        new_count = self._count - len(ev)
+        holes = ev[ev < new_count]
+        tail = np.ones(self._count - new_count, bool)
+        tail[ev[ev >= new_count] - new_count] = False
+        movers = new_count + np.flatnonzero(tail)
+        if len(holes):
+            for name in self._FIELDS:
+                a = getattr(self, name)
+                for col in (a if a.ndim == 2 else (a,)):
+                    col[holes] = col[movers]
+            self._tab_row[self._slot[holes]] = holes
+        self._count = new_count
+        self.evicted += len(ev)
+
+    # ------------------------------------------------------------------ views
+    def _sorted(self, name: str) -> np.ndarray:
+        a = getattr(self, name)[..., :self._count]
+        return a.T[np.argsort(self._key[:self._count], kind="stable")]
+
+    keys = property(lambda self: self._sorted("_key"), doc="sorted voxel keys (copy)")
+    xyz_sum = property(lambda self: self._sorted("_xyz_sum"))
+    rgb_sum = property(lambda self: self._sorted("_rgb_sum"))
+    n = property(lambda self: self._sorted("_n"))
+    inst = property(lambda self: self._sorted("_inst").astype(np.uint32))
+    votes = property(lambda self: self._sorted("_votes"))
+    score = property(lambda self: self._sorted("_score"))
+    last_seen = property(lambda self: self._sorted("_last"))
 
     def cloud(self, frame_id: str, stamp_ns: int) -> InstanceCloud:
-        if not len(self.keys):
+        """The map as a cloud (row order; copies, so later windows do not change it)."""
+        c = self._count
+        if not c:
             return empty_cloud(frame_id, stamp_ns)
-        nn = self.n[:, None]
-        return InstanceCloud(frame_id, stamp_ns, (self.xyz_sum / nn).astype(np.float32),
-                             np.clip(np.rint(self.rgb_sum / nn), 0, 255).astype(np.uint8), self.inst.copy(),
-                             self.score.copy())
+        return InstanceCloud(frame_id, stamp_ns, np.ascontiguousarray(self._xyz[:, :c].T),
+                             np.ascontiguousarray(self._rgb[:, :c].T), self._inst[:c].astype(np.uint32),
+                             self._score[:c].copy())
 
 
 @dataclass
@@ -280,90 +579,99 @@ class MapFusion:
         self._tick += 1
 
         # lift all (confident) pixels into map, window labels with low score -> background
-        cloud = lift_prediction(pred, T_map_window, conf_threshold=self.conf_threshold, conf_mode=self.conf_mode,
-                                min_score=self.min_score, pixel_stride=self.pixel_stride, frame_id=self.map_frame)
-        vs = self.voxel_size
-        if len(cloud):
-            pkeys = pack_voxel_keys(voxel_keys(cloud.xyz, vs))
-            ukeys, inv = np.unique(pkeys, return_inverse=True)
-            inv = inv.reshape(-1)
+        xyz, rgb, lab = lift_prediction_arrays(pred, T_map_window, conf_threshold=self.conf_threshold,
+                                               conf_mode=self.conf_mode, min_score=self.min_score,
+                                               pixel_stride=self.pixel_stride)
+        vm = self.map
+        N = len(lab)
+        nlab = max(int(pred.n_instances), int(lab.max()) if N else 0) + 1
+        if N:
+            before = len(vm)
+            prow = vm._find_or_insert(packed_voxel_keys(xyz, self.voxel_size))
+            # window voxels: unique rows (scratch row -> index, no sort), inverse index per point
+            ar = np.arange(N)
+            loc = vm._loc
+            loc[prow] = ar
+            wrows = prow[loc[prow] == ar]
+            m = len(wrows)
+            loc[wrows] = np.arange(m)
+            inv = loc[prow]
+            is_new = wrows >= before
+            # voxels whose points carry one window label ("pure") vs mixed voxels (sorted, subset only)
+            vlab = np.empty(m, np.int64)
+            vlab[inv] = lab
+            mixed = np.zeros(m, bool)
+            mixed[inv[lab != vlab[inv]]] = True
+            if mixed.any():
+                sel = mixed[inv]
+                up, pc = np.unique((inv[sel] << 32) | lab[sel], return_counts=True)
+                pv, pw = up >> 32, up & 0xFFFFFFFF
+            else:
+                pv = pw = pc = np.zeros(0, np.int64)
+            pure = np.flatnonzero(~mixed)
+            pure = pure[vlab[pure] > 0]
+            pfg = pw > 0
+            # (voxel, window label) pairs -> IoU with the map labels before this window
+            pair_v = np.concatenate([pure, pv[pfg]])
+            pair_w = np.concatenate([vlab[pure], pw[pfg]])
+            map_lab = np.where(is_new, 0, vm._inst[wrows])
+            kept_labels = np.flatnonzero(np.bincount(lab, minlength=nlab)[1:]) + 1
+            id_map, iou = self.tracker.assign_pairs(pair_w, map_lab[pair_v], vm._lab_count,
+                                                    all_window_labels=kept_labels)
         else:
-            ukeys, inv = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        # window instance voxel sets -> global ids
-        lab = cloud.instance.astype(np.int64)
-        fg = lab > 0
-        pair = np.unique((inv[fg].astype(np.int64) << 32) | lab[fg])
-        wkeys = ukeys[pair >> 32] if len(pair) else np.zeros(0, np.int64)
-        wlabs = pair & 0xFFFFFFFF
-        kept_labels = np.unique(lab[fg])
-        id_map, iou = self.tracker.assign(wkeys, wlabs, self.map.keys, self.map.inst.astype(np.int64),
-                                          all_window_labels=kept_labels)
-        lut = np.zeros(max(int(pred.n_instances), int(lab.max()) if len(lab) else 0) + 1, np.uint32)
+            id_map, iou = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
+        lut = np.zeros(nlab, np.int64)
         for wlab, gid in id_map.items():
-            if wlab < len(lut):
+            if wlab < nlab:
                 lut[wlab] = gid
-        cloud.instance = lut[lab] if len(lab) else cloud.instance
-
-        # per-voxel aggregation of the window (majority global id, mean score of that id)
-        m = len(ukeys)
-        if m:
+        scores = np.asarray(pred.scores, np.float32)
+        if N:
+            # majority global id per voxel (ties -> smaller id); its score is its window label's score
+            if len(pv):
+                order = np.lexsort((lut[pw], -pc, pv))
+                first = np.ones(len(order), bool)
+                first[1:] = pv[order][1:] != pv[order][:-1]
+                best = order[first]
+                vlab[pv[best]] = pw[best]
+            vinst = lut[vlab]
+            vscore = label_scores(vlab, scores)
             n = np.bincount(inv, minlength=m).astype(np.float64)
-            xyz_sum = np.stack([np.bincount(inv, weights=cloud.xyz[:, a], minlength=m) for a in range(3)], 1)
-            rgb_sum = np.stack([np.bincount(inv, weights=cloud.rgb[:, a], minlength=m) for a in range(3)], 1)
-            pr = (inv.astype(np.int64) << 32) | cloud.instance.astype(np.int64)
-            up, pinv, pc = np.unique(pr, return_inverse=True, return_counts=True)
-            psc = np.bincount(pinv.reshape(-1), weights=cloud.score, minlength=len(up)) / pc
-            pv, pi = up >> 32, up & 0xFFFFFFFF
-            order = np.lexsort((pi, -pc, pv))
-            first = np.ones(len(order), bool)
-            first[1:] = pv[order][1:] != pv[order][:-1]
-            best = order[first]
-            vinst = pi[best].astype(np.uint32)
-            vscore = psc[best].astype(np.float32)
-            self.map.integrate(ukeys, xyz_sum, rgb_sum, n, vinst, vscore, self._tick)
-            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, (xyz_sum / n[:, None]).astype(np.float32),
-                                         np.clip(np.rint(rgb_sum / n[:, None]), 0, 255).astype(np.uint8), vinst,
-                                         vscore)
+            xyz_sum = np.empty((3, m))
+            rgb_sum = np.empty((3, m))
+            for a in range(3):
+                xyz_sum[a] = np.bincount(inv, weights=xyz[:, a], minlength=m)
+                rgb_sum[a] = np.bincount(inv, weights=rgb[:, a], minlength=m)
+            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, (xyz_sum / n).T.astype(np.float32),
+                                         np.clip(np.rint(rgb_sum / n), 0, 255).T.astype(np.uint8),
+                                         vinst.astype(np.uint32), vscore)
+            vm.update_rows(wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore, self._tick)
         else:
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)
 
         # instance metadata: score, views seen (views not seen in an earlier window only)
-        scores = np.asarray(pred.scores, np.float32)
-        nlab = len(lut)
         views_per_label = np.zeros(nlab, np.int64)
         for v in range(V):
             if v not in shared_idx:
-                present = np.unique(pred.labels[v])
-                present = present[(present > 0) & (present < nlab)]
-                views_per_label[present] += 1
+                present = np.bincount(np.clip(np.asarray(pred.labels[v]).reshape(-1), 0, nlab), minlength=nlab + 1)
+                views_per_label += present[:nlab] > 0
+        views_per_label[0] = 0
         for wlab, gid in id_map.items():
             sc = float(scores[wlab - 1]) if 0 < wlab <= len(scores) else 0.0
             self.tracker.update(gid, sc, int(views_per_label[wlab]) if wlab < nlab else 0, pred.window_index)
         map_cloud = self.map.cloud(self.map_frame, pred.stamp_ns)
-        instances = self._summaries(map_cloud)
+        instances = self._summaries()
         self.tracker.prune([i.id for i in instances])
         info["map_voxels"] = len(self.map)
         info["evicted_total"] = self.map.evicted
         return FusionResult(pred.window_index, pred.stamp_ns, window_cloud, map_cloud, instances, T_map_cam,
                             T_map_window, id_map, method, n_shared, s, info)
 
-    def _summaries(self, cloud: InstanceCloud) -> list[InstanceSummary]:
-        inst = cloud.instance
-        fg = inst > 0
-        if not fg.any():
-            return []
-        ids = inst[fg].astype(np.int64)
-        xyz = cloud.xyz[fg].astype(np.float64)
-        order = np.argsort(ids, kind="stable")
-        ids, xyz = ids[order], xyz[order]
-        uid, start, cnt = np.unique(ids, return_index=True, return_counts=True)
-        sums = np.add.reduceat(xyz, start, axis=0)
-        mins = np.minimum.reduceat(xyz, start, axis=0)
-        maxs = np.maximum.reduceat(xyz, start, axis=0)
+    def _summaries(self) -> list[InstanceSummary]:
+        ids, cnt, sums, mins, maxs = self.map.instance_stats()
         out = []
-        for i, gid in enumerate(uid):
-            tr = self.tracker.tracks.get(int(gid))
-            out.append(InstanceSummary(int(gid), float(tr.score) if tr else 0.0, sums[i] / cnt[i], mins[i], maxs[i],
+        for i, gid in enumerate(ids.tolist()):
+            tr = self.tracker.tracks.get(gid)
+            out.append(InstanceSummary(gid, float(tr.score) if tr else 0.0, sums[i] / cnt[i], mins[i], maxs[i],
                                        int(cnt[i]), int(tr.views_seen) if tr else 0))
         return out
 

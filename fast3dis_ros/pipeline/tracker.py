@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["iou_matrix", "hungarian_match", "InstanceTrack", "InstanceTracker"]
+__all__ = ["iou_matrix", "iou_from_pairs", "hungarian_match", "InstanceTrack", "InstanceTracker"]
 
 
 def iou_matrix(
@@ -42,6 +42,35 @@ def iou_matrix(
     np.add.at(inter, (w_inv.reshape(-1)[sel], m_inv.reshape(-1)), 1.0)
     all_ml, all_cnt = np.unique(np.asarray(map_labels, np.int64), return_counts=True)
     m_size = all_cnt[np.searchsorted(all_ml, ml)].astype(np.float64)
+    union = w_size[:, None] + m_size[None, :] - inter
+    return inter / np.maximum(union, 1.0), wl, ml
+
+
+def iou_from_pairs(
+    win_labels: np.ndarray, map_labels: np.ndarray, map_sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU from (voxel, window label > 0) pairs without sorting (all labels are small non-negative ints).
+
+    ``win_labels`` (P,): window label of each unique (voxel, window label) pair; ``map_labels`` (P,): the
+    map label of that voxel (0 = not in the map / unlabelled); ``map_sizes``: voxels per map label,
+    indexed by label. Same result as ``iou_matrix``."""
+    win_labels = np.asarray(win_labels, np.int64)
+    map_labels = np.asarray(map_labels, np.int64)
+    wcnt = np.bincount(win_labels) if len(win_labels) else np.zeros(0, np.int64)
+    wl = np.flatnonzero(wcnt)
+    w_size = wcnt[wl].astype(np.float64)
+    sel = map_labels > 0
+    if not sel.any():
+        return np.zeros((len(wl), 0)), wl, np.zeros(0, np.int64)
+    mls = map_labels[sel]
+    ml = np.flatnonzero(np.bincount(mls))
+    m_lut = np.zeros(int(ml[-1]) + 1, np.int64)
+    m_lut[ml] = np.arange(len(ml))
+    w_lut = np.zeros(int(wl[-1]) + 1, np.int64)
+    w_lut[wl] = np.arange(len(wl))
+    code = w_lut[win_labels[sel]] * len(ml) + m_lut[mls]
+    inter = np.bincount(code, minlength=len(wl) * len(ml)).reshape(len(wl), len(ml)).astype(np.float64)
+    m_size = np.asarray(map_sizes, np.float64)[ml]
     union = w_size[:, None] + m_size[None, :] - inter
     return inter / np.maximum(union, 1.0), wl, ml
 
@@ -97,6 +126,20 @@ class InstanceTracker:
 
         Labels in ``all_window_labels`` that have no voxel also get new ids."""
         iou, wl, ml = iou_matrix(win_keys, win_labels, map_keys, map_labels)
+        return self._assign(iou, wl, ml, all_window_labels), iou
+
+    def assign_pairs(
+        self,
+        win_labels: np.ndarray,
+        map_labels: np.ndarray,
+        map_sizes: np.ndarray,
+        all_window_labels: np.ndarray | None = None,
+    ) -> tuple[dict[int, int], np.ndarray]:
+        """``assign`` from precomputed voxel pairs (see ``iou_from_pairs``)."""
+        iou, wl, ml = iou_from_pairs(win_labels, map_labels, map_sizes)
+        return self._assign(iou, wl, ml, all_window_labels), iou
+
+    def _assign(self, iou, wl, ml, all_window_labels) -> dict[int, int]:
         id_map: dict[int, int] = {}
         for i, j in hungarian_match(iou, self.match_iou):
             id_map[int(wl[i])] = int(ml[j])
@@ -106,7 +149,7 @@ class InstanceTracker:
         for lab in sorted(labels):
             if lab not in id_map:
                 id_map[lab] = self.new_id()
-        return id_map, iou
+        return id_map
 
     def update(self, gid: int, score: float, new_views: int, window_index: int) -> InstanceTrack:
         tr = self.tracks.get(gid)
