@@ -50,6 +50,8 @@ def row(name: str, measured: float | str, unit: str, target: str | None = None, 
     ok = None
     if limit is not None and isinstance(measured, (int, float)) and np.isfinite(measured):
         ok = bool(measured <= limit)
+    elif limit is not None and isinstance(measured, str) and measured.startswith(("OOM", "error")):
+        ok = False  # ran and failed: the target is missed
     return {"name": name, "measured": measured, "unit": unit, "target": target or "-", "limit": limit,
             "pass": ok, "detail": detail or {}}
 
