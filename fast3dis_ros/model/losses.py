@@ -14,9 +14,20 @@ Per decoder layer (final + every ``aux_outputs`` entry, each matched on its own)
   schedule `overlap_weight(step)` (`schedule.WarmupDecaySchedule`).
 
 Once per sample (final mask features): ``loss_contrastive``, a multi-view supervised contrastive
-(SupCon) loss: up to ``contrastive_points`` foreground pixels sampled from all views, embedded with
-the L2-normalised per-pixel mask features; positives = pixels of the same GT instance in any view;
-temperature ``contrastive_temperature``.
+(SupCon, Khosla et al. "L_out") loss: up to ``contrastive_points`` foreground pixels sampled from all
+views *without replacement, with probability proportional to 1 / (pixel area of their instance)*
+(instance-balanced: every visible instance contributes about the same number of anchors, small ones
+included, and an instance seen in several views gets positives across views), embedded with the
+L2-normalised per-pixel mask features; positives = pixels of the same GT instance in any view;
+temperature ``contrastive_temperature``. The reported value is the SupCon loss *minus its lower bound*
+``mean_i log |P(i)|`` (``|P(i)|`` = number of positives of anchor i): 0 for perfectly separated
+instances, gradients unchanged. (Before this change the raw SupCon value was reported; its floor of
+~log(#points / #instances) ~ 5 nats made it look stuck at ~6.)
+
+Matching is batched (`matching.HungarianMatcher.match_layers`): every layer's cost matrices are built on
+the device and moved to the CPU together, once per call. Targets may be a list of per-sample dicts or
+a padded dict ``{"masks": (B, G, V, h, w), "valid": (B, G), "counts": [G_b]}`` (`matching.pad_targets`,
+built in the DataLoader workers by `fast3dis_ros.train.data.TargetCollate`).
 
 Aux-layer losses get the suffix ``_<i>`` (i = index into ``aux_outputs``). ``total`` is the weighted
 sum; ``overlap_weight`` is reported (detached) too.
@@ -30,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .matching import HungarianMatcher
+from .matching import HungarianMatcher, pad_targets
 from .schedule import WarmupDecaySchedule
 
 
@@ -44,7 +55,9 @@ class CriterionConfig:
     overlap: WarmupDecaySchedule = field(default_factory=WarmupDecaySchedule)
     overlap_on_aux: bool = True
     overlap_objectness_weighted: bool = False  # sum_q sigmoid(obj_q) * sigmoid(m_qp) instead of sum_q sigmoid(m_qp)
-    focal_alpha: float = 0.25
+    # focal alpha 0.5 (= balanced): with ~10 instances for 16 queries positives are not rare, and RetinaNet's
+    # 0.25 pushed objectness scores of matched queries below the 0.3-0.5 thresholds of validation/postprocess
+    focal_alpha: float = 0.5
     focal_gamma: float = 2.0
     num_points: int = 12544
     oversample_ratio: float = 3.0
@@ -147,6 +160,60 @@ def targets_from_instance_maps(instance: Tensor, mask_size: tuple[int, int]) -> 
     return out
 
 
+# ----------------------------------------------------------------------------- batched helpers
+def padded_id_map(masks: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Padded masks ``(B, G, V, h, w)`` -> ``(B, V, h, w)`` int64 index of the first instance covering a
+    pixel, -1 = none (batched `instance_id_map`)."""
+    m = masks > 0.5
+    if valid is not None:
+        m = m & valid[:, :, None, None, None]
+    if m.shape[1] == 0:
+        return torch.full((m.shape[0], *m.shape[2:]), -1, dtype=torch.int64, device=m.device)
+    ids = m.to(torch.uint8).argmax(1)
+    return torch.where(m.any(1), ids, torch.full_like(ids, -1))
+
+
+def sample_balanced_points(ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Sample up to ``n`` foreground positions per row of ``ids (B, N)`` (-1 = background) without
+    replacement, with probability proportional to 1 / area of the pixel's instance (weighted
+    reservoir keys ``log(u) * area``). Returns indices ``(B, n')`` and valid ``(B, n')`` (False where a row
+    has fewer than ``n`` foreground pixels), ``n' = min(n, N)``. No host sync."""
+    B, N = ids.shape
+    n = min(int(n), N)
+    fg = ids >= 0
+    safe = ids.clamp_min(0)
+    area = torch.zeros(B, N + 1, dtype=torch.float32, device=ids.device)
+    area.scatter_add_(1, safe, fg.float())
+    pix_area = area.gather(1, safe).clamp_min(1.0)
+    u = torch.rand(B, N, device=ids.device).clamp_min(1e-12)
+    key = torch.where(fg, torch.log(u) * pix_area, torch.full_like(u, -float("inf")))
+    idx = key.topk(n, dim=1).indices
+    return idx, fg.gather(1, idx)
+
+
+def supcon_loss_batched(emb: Tensor, labels: Tensor, valid: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Batched SupCon on ``emb (B, P, C)`` (L2-normalised), ``labels (B, P)``, ``valid (B, P)``.
+
+    Returns ``(loss, floor)``: per-sample means over anchors with >= 1 positive of
+    ``-mean_{p in P(i)} log softmax_i(p)`` and of its lower bound ``log |P(i)|`` (both ``(B,)``; 0 for
+    samples without any such anchor), plus nothing else -- no host sync."""
+    B, P, _ = emb.shape
+    sim = emb @ emb.transpose(1, 2) / temperature
+    eye = torch.eye(P, dtype=torch.bool, device=emb.device)[None]
+    col_ok = valid[:, None, :] & ~eye
+    sim = sim.masked_fill(~col_ok, float("-inf"))
+    lse = torch.logsumexp(sim, dim=2, keepdim=True)
+    log_prob = (sim - lse).masked_fill(~col_ok, 0.0)
+    pos = (labels[:, :, None] == labels[:, None, :]) & col_ok & valid[:, :, None]
+    n_pos = pos.sum(2)
+    ok = valid & (n_pos > 0)
+    per = -(log_prob * pos).sum(2) / n_pos.clamp_min(1)
+    floor = torch.log(n_pos.clamp_min(1).float())
+    w = ok.float()
+    cnt = w.sum(1).clamp_min(1.0)
+    return (per * w).sum(1) / cnt, (floor * w).sum(1) / cnt
+
+
 # ----------------------------------------------------------------------------- criterion
 class SetCriterion(nn.Module):
     """forward(outputs, targets, step=0) -> dict of named losses + ``total`` (see module docstring)."""
@@ -162,27 +229,34 @@ class SetCriterion(nn.Module):
         return self.cfg.overlap(step)
 
     # ---- targets
-    def prepare_targets(self, outputs: dict, targets: list[dict]) -> list[dict]:
-        """Resize masks to the prediction size (nearest) and add ``centroids_norm``/``centroid_valid``."""
+    def prepare_targets(self, outputs: dict, targets: list[dict] | dict) -> dict:
+        """Padded targets on the prediction device: masks resized to the prediction size (nearest),
+        ``centroids_norm``/``centroid_valid`` added when the outputs carry points."""
         hm, wm = outputs["pred_masks"].shape[-2:]
         dtype = outputs["pred_masks"].dtype
-        out = []
-        for b, t in enumerate(targets):
-            m = t["masks"].to(dtype)
-            if m.shape[-2:] != (hm, wm):
-                G, V = m.shape[:2]
-                m = F.interpolate(m.reshape(G * V, 1, *m.shape[-2:]), size=(hm, wm), mode="nearest").view(G, V, hm, wm)
-            t = dict(t, masks=m)
-            if "points" in outputs and "scene_center" in outputs:
-                pts = outputs["points"][b].to(dtype)  # (V,3,hm,wm)
-                conf = outputs.get("point_conf")
-                w = m * (conf[b].to(dtype)[None] if conf is not None else 1.0)  # (G,V,hm,wm)
-                wsum = w.flatten(1).sum(1)
-                cent = torch.einsum("gvhw,vchw->gc", w, pts) / wsum.clamp_min(1e-12)[:, None]
-                t["centroids_norm"] = ((cent - outputs["scene_center"][b]) / outputs["scene_scale"][b]).detach()
-                t["centroid_valid"] = wsum > 0
-            out.append(t)
-        return out
+        dev = outputs["pred_masks"].device
+        if isinstance(targets, dict):
+            t = dict(targets)
+            if "counts" not in t:
+                t["counts"] = [int(x) for x in t["valid"].sum(1).tolist()]
+        else:
+            t = pad_targets(targets)
+        m = t["masks"].to(dev, non_blocking=True).to(dtype)
+        valid = t["valid"].to(dev, non_blocking=True)
+        if m.shape[-2:] != (hm, wm):
+            B, G, V = m.shape[:3]
+            m = F.interpolate(m.reshape(B * G * V, 1, *m.shape[-2:]), size=(hm, wm), mode="nearest").view(B, G, V, hm, wm)
+        m = m * valid[:, :, None, None, None].to(dtype)
+        t["masks"], t["valid"] = m, valid
+        if "points" in outputs and "scene_center" in outputs:
+            pts = outputs["points"].to(dtype)  # (B,V,3,hm,wm)
+            conf = outputs.get("point_conf")
+            w = m * (conf.to(dtype)[:, None] if conf is not None else 1.0)  # (B,G,V,hm,wm)
+            wsum = w.flatten(2).sum(2)
+            cent = torch.einsum("bgvhw,bvchw->bgc", w, pts) / wsum.clamp_min(1e-12)[..., None]
+            t["centroids_norm"] = ((cent - outputs["scene_center"][:, None]) / outputs["scene_scale"][:, None, None]).detach()
+            t["centroid_valid"] = (wsum > 0) & valid
+        return t
 
     # ---- per-layer losses
     def _point_indices(self, pred: Tensor) -> Tensor | None:
@@ -201,66 +275,82 @@ class SetCriterion(nn.Module):
             rnd = torch.randint(N, (M, c.num_points - n_imp), device=pred.device)
             return torch.cat([idx, rnd], dim=1)
 
-    def layer_losses(self, out: dict, targets: list[dict], num_masks: float, step: int, with_overlap: bool) -> dict:
+    @staticmethod
+    def _flat_indices(indices: list[tuple[Tensor, Tensor]], device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample (pred_idx, gt_idx) -> flat (batch, pred, gt) index tensors on ``device`` (one copy)."""
+        bi = torch.cat([torch.full_like(pi.cpu(), b) for b, (pi, _) in enumerate(indices)]) if indices else torch.zeros(0, dtype=torch.int64)
+        qi = torch.cat([pi.cpu() for pi, _ in indices]) if indices else torch.zeros(0, dtype=torch.int64)
+        gi = torch.cat([g.cpu() for _, g in indices]) if indices else torch.zeros(0, dtype=torch.int64)
+        flat = torch.stack([bi, qi, gi])
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        else:
+            flat = flat.to(device)
+        return flat[0], flat[1], flat[2]
+
+    def layer_losses(self, out: dict, targets: dict, num_masks: float, step: int, with_overlap: bool,
+                     indices: list[tuple[Tensor, Tensor]] | None = None) -> dict:
         c = self.cfg
         logits, masks = out["pred_logits"], out["pred_masks"]
         B, Q = logits.shape
-        indices = self.matcher(out, targets)
+        if indices is None:
+            indices = self.matcher.match_layers([out], targets)[0]
+        bi, qi, gi = self._flat_indices(indices, logits.device)
         # objectness
         tgt_obj = torch.zeros_like(logits)
-        for b, (pi, _) in enumerate(indices):
-            tgt_obj[b, pi] = 1.0
+        tgt_obj[bi, qi] = 1.0
         losses = {"loss_obj": sigmoid_focal_loss(logits, tgt_obj, c.focal_alpha, c.focal_gamma).sum() / num_masks}
         # masks
-        src = torch.cat([masks[b, pi].flatten(1) for b, (pi, _) in enumerate(indices)])
-        tgt = torch.cat([targets[b]["masks"][gi].flatten(1) for b, (_, gi) in enumerate(indices)]).to(src.dtype)
-        if src.shape[0] == 0:
+        if bi.numel() == 0:
             zero = masks.sum() * 0.0
             losses["loss_mask"], losses["loss_dice"] = zero, zero
         else:
+            src = masks[bi, qi].flatten(1)
+            tgt = targets["masks"][bi, gi].flatten(1).to(src.dtype)
             idx = self._point_indices(src)
             if idx is not None:
                 src, tgt = src.gather(1, idx), tgt.gather(1, idx)
             losses["loss_mask"] = F.binary_cross_entropy_with_logits(src, tgt, reduction="none").mean(1).sum() / num_masks
             losses["loss_dice"] = dice_loss(src, tgt).sum() / num_masks
         # anchors
-        if "anchors_norm" in out and targets and "centroids_norm" in targets[0]:
-            a = torch.cat([out["anchors_norm"][b, pi] for b, (pi, _) in enumerate(indices)])
-            g = torch.cat([targets[b]["centroids_norm"][gi] for b, (_, gi) in enumerate(indices)]).to(a.dtype)
-            v = torch.cat([targets[b]["centroid_valid"][gi] for b, (_, gi) in enumerate(indices)])
-            if v.any():
-                losses["loss_anchor"] = (a[v] - g[v]).abs().sum(-1).sum() / v.sum().clamp_min(1)
-            else:
-                losses["loss_anchor"] = out["anchors_norm"].sum() * 0.0
+        if "anchors_norm" in out and "centroids_norm" in targets:
+            a = out["anchors_norm"][bi, qi]
+            g = targets["centroids_norm"][bi, gi].to(a.dtype)
+            v = targets["centroid_valid"][bi, gi].to(a.dtype)
+            losses["loss_anchor"] = ((a - g).abs().sum(-1) * v).sum() / v.sum().clamp_min(1.0)
         # overlap
         if with_overlap:
             qw = logits.sigmoid() if c.overlap_objectness_weighted else None
             losses["loss_overlap"] = overlap_penalty(masks, out.get("point_conf"), qw)
         return losses
 
-    def contrastive(self, mask_features: Tensor, targets: list[dict]) -> Tensor:
+    def contrastive(self, mask_features: Tensor, targets: list[dict] | dict) -> Tensor:
+        """Instance-balanced multi-view SupCon minus its floor (module docstring), mean over samples with
+        at least one anchor that has a positive; batched, no host sync."""
         c = self.cfg
-        vals = []
-        for b, t in enumerate(targets):
-            ids = instance_id_map(t["masks"]).flatten()  # (V*H*W,)
-            fg = torch.nonzero(ids >= 0).squeeze(1)
-            if fg.numel() < 2:
-                continue
-            if fg.numel() > c.contrastive_points:
-                fg = fg[torch.randperm(fg.numel(), device=fg.device)[: c.contrastive_points]]
-            f = mask_features[b]  # (V,C,H,W)
-            emb = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[fg]
-            l = supcon_loss(F.normalize(emb.float(), dim=-1), ids[fg], c.contrastive_temperature)
-            if l is not None:
-                vals.append(l)
-        if not vals:
-            return mask_features.sum() * 0.0
-        return torch.stack(vals).mean()
+        if not isinstance(targets, dict):
+            targets = pad_targets(targets)
+        B, V, C = mask_features.shape[:3]
+        masks = targets["masks"]
+        if masks.shape[-2:] != mask_features.shape[-2:]:
+            G = masks.shape[1]
+            masks = F.interpolate(masks.float().reshape(B * G * V, 1, *masks.shape[-2:]), size=mask_features.shape[-2:],
+                                  mode="nearest").view(B, G, V, *mask_features.shape[-2:])
+        ids = padded_id_map(masks, targets.get("valid")).flatten(1)  # (B, V*h*w)
+        idx, ok = sample_balanced_points(ids, c.contrastive_points)
+        f = mask_features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, V*h*w, C)
+        emb = f.gather(1, idx[..., None].expand(-1, -1, C))
+        emb = F.normalize(emb.float(), dim=-1)
+        lab = ids.gather(1, idx)
+        loss, floor = supcon_loss_batched(emb, lab, ok, c.contrastive_temperature)
+        has = ((lab[:, :, None] == lab[:, None, :]) & ok[:, :, None] & ok[:, None, :]).sum((1, 2)) > ok.sum(1)
+        w = has.float()
+        return ((loss - floor) * w).sum() / w.sum().clamp_min(1.0) + mask_features.sum() * 0.0
 
-    def forward(self, outputs: dict, targets: list[dict], step: int = 0) -> dict:
+    def forward(self, outputs: dict, targets: list[dict] | dict, step: int = 0) -> dict:
         c = self.cfg
-        targets = self.prepare_targets(outputs, targets)
-        num_masks = max(float(sum(int(t["masks"].shape[0]) for t in targets)), 1.0)
+        tgt = self.prepare_targets(outputs, targets)
+        num_masks = max(float(sum(tgt["counts"])), 1.0)
         w_ov = self.overlap_weight(step)
         weights = {
             "loss_obj": c.weight_obj,
@@ -270,15 +360,17 @@ class SetCriterion(nn.Module):
             "loss_overlap": w_ov,
         }
         shared = {k: outputs[k] for k in ("point_conf",) if k in outputs}
-        losses = self.layer_losses(outputs, targets, num_masks, step, with_overlap=True)
+        aux = list(outputs.get("aux_outputs", [])) if c.deep_supervision else []
+        layers = [outputs] + [{**shared, **a} for a in aux]
+        all_idx = self.matcher.match_layers(layers, tgt)  # one host sync for every layer
+        losses = self.layer_losses(outputs, tgt, num_masks, step, with_overlap=True, indices=all_idx[0])
         total = sum(weights[k] * v for k, v in losses.items())
-        if c.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                la = self.layer_losses({**shared, **aux}, targets, num_masks, step, with_overlap=c.overlap_on_aux)
-                total = total + sum(weights[k] * v for k, v in la.items())
-                losses.update({f"{k}_{i}": v for k, v in la.items()})
+        for i, la_out in enumerate(layers[1:]):
+            la = self.layer_losses(la_out, tgt, num_masks, step, with_overlap=c.overlap_on_aux, indices=all_idx[i + 1])
+            total = total + sum(weights[k] * v for k, v in la.items())
+            losses.update({f"{k}_{i}": v for k, v in la.items()})
         if "mask_features" in outputs and c.weight_contrastive > 0:
-            losses["loss_contrastive"] = self.contrastive(outputs["mask_features"], targets)
+            losses["loss_contrastive"] = self.contrastive(outputs["mask_features"], tgt)
             total = total + c.weight_contrastive * losses["loss_contrastive"]
         losses["overlap_weight"] = torch.tensor(w_ov)
         losses["total"] = total

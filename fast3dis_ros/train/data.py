@@ -36,6 +36,7 @@ __all__ = [
     "TrainSampleDataset",
     "ResumableSampler",
     "collate",
+    "TargetCollate",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,6 +210,42 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     for s in samples[1:]:
         keys &= set(s)
     return {k: torch.stack([s[k] for s in samples]) for k in sorted(keys)}
+
+
+class TargetCollate:
+    """``collate`` + set-prediction targets built in the DataLoader worker (picklable).
+
+    Adds ``tgt_masks (B, G, V, Hm, Wm)`` bool (padded to the largest instance count G of the batch),
+    ``tgt_valid (B, G)`` bool and ``tgt_count (B,)`` int64 -- `fast3dis_ros.train.targets.build_targets`
+    at the decoder's mask resolution ``mask_hw`` -- so the training process does no per-sample target
+    work and the criterion runs on padded, batched tensors (no host syncs for target handling).
+    """
+
+    def __init__(self, mask_hw: tuple[int, int], max_instances: int | None = None, min_cover: float = 0.5) -> None:
+        self.mask_hw = (int(mask_hw[0]), int(mask_hw[1]))
+        self.max_instances = max_instances
+        self.min_cover = float(min_cover)
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        from fast3dis_ros.train.targets import build_targets
+
+        batch = collate(samples)
+        with torch.no_grad():
+            tl = build_targets(batch["instance"], self.mask_hw, max_instances=self.max_instances,
+                               min_cover=self.min_cover)
+        B = len(tl)
+        V = batch["instance"].shape[1]
+        G = max([int(t["ids"].numel()) for t in tl] + [0])
+        masks = torch.zeros((B, G, V, *self.mask_hw), dtype=torch.bool)
+        valid = torch.zeros((B, G), dtype=torch.bool)
+        count = torch.zeros((B,), dtype=torch.int64)
+        for b, t in enumerate(tl):
+            g = int(t["ids"].numel())
+            masks[b, :g] = t["masks"]
+            valid[b, :g] = True
+            count[b] = g
+        batch.update(tgt_masks=masks, tgt_valid=valid, tgt_count=count)
+        return batch
 
 
 class SceneWindowDataset(Dataset):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fast3dis_ros.train.data import ResumableSampler, TrainSampleDataset, collate
+from fast3dis_ros.train.data import ResumableSampler, TargetCollate, TrainSampleDataset, collate
 from fast3dis_ros.train.geometry_losses import GeometryLoss
 from fast3dis_ros.train.targets import build_targets
 
@@ -67,6 +67,7 @@ class TrainConfig:
     progress: bool = True
     max_eval_batches: int = 16
     quick_ap: bool = True
+    val_score_threshold: float = 0.05  # quick_ap: postprocess score threshold (AP ranks by score)
     plot: bool = True
     time_budget_s: float = 0.0  # >0: after 20 steps, shrink ``steps`` so training ends within this wall time
     out: str = "outputs/train"
@@ -280,25 +281,46 @@ class Trainer:
             pg.append({"params": params, "lr": t.lr * (t.lr_backbone_mult if bb else 1.0),
                        "weight_decay": t.weight_decay if decay else 0.0})
         fused = self.device.type == "cuda"
-        try:
-            return torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999), fused=fused)
-        except (TypeError, RuntimeError):
-            return torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999))
+        self._fused = False
+        if fused:
+            try:
+                opt = torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999), fused=True)
+                self._fused = True
+                return opt
+            except (TypeError, RuntimeError):
+                pass
+        return torch.optim.AdamW(pg, lr=t.lr, betas=(0.9, 0.999))
 
     def _loader(self, start_pos: int, n_micro: int) -> Iterable[dict]:
         t = self.tcfg
         sampler = ResumableSampler(len(self.train_set), seed=t.seed, start=start_pos, length=n_micro * t.batch_size)
+        mhw = self.mask_hw()
+        cf = TargetCollate(mhw, self.num_queries()) if mhw is not None else collate
+        # one loader per fit(): its workers live for the whole run (persistent_workers only matters
+        # across epochs of the same loader, and the sampler here is one endless stream)
         return DataLoader(
             self.train_set,
             batch_size=t.batch_size,
             sampler=sampler,
             num_workers=t.num_workers,
-            collate_fn=collate,
+            collate_fn=cf,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if t.num_workers > 0 else None,
             drop_last=True,
         )
+
+    def mask_hw(self) -> tuple[int, int] | None:
+        """Mask-logit resolution of the model for the training image size (None = unknown)."""
+        head = getattr(self.cfg, "head", None)
+        s = getattr(head, "mask_stride", None)
+        hw = getattr(self.train_set, "hw", None)
+        if s is None or hw is None:
+            return None
+        return (int(hw[0]) // int(s), int(hw[1]) // int(s))
+
+    def num_queries(self) -> int | None:
+        return getattr(getattr(self.cfg, "head", None), "num_queries", None)
 
     # ------------------------------------------------------------------ losses
     def _autocast(self):
@@ -312,8 +334,14 @@ class Trainer:
             outputs = self.model(images)
         outputs = _to_float(outputs)
         hm, wm = outputs["pred_masks"].shape[-2:]
-        targets = build_targets(batch["instance"], (hm, wm), max_instances=outputs["pred_masks"].shape[1])
-        targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        if "tgt_masks" in batch and tuple(batch["tgt_masks"].shape[-2:]) == (hm, wm):
+            # built by TargetCollate in the DataLoader workers; counts stay on the CPU (no sync)
+            targets = {"masks": batch["tgt_masks"].to(self.device, non_blocking=True),
+                       "valid": batch["tgt_valid"].to(self.device, non_blocking=True),
+                       "counts": [int(x) for x in batch["tgt_count"].tolist()]}
+        else:
+            targets = build_targets(batch["instance"], (hm, wm), max_instances=outputs["pred_masks"].shape[1])
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         if self.criterion is not None:
@@ -331,34 +359,54 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def accumulate(self, micro_batches: list[dict]) -> dict[str, float]:
         """Forward + backward of ``loss / len(micro_batches)`` for each micro-batch (grads accumulate)."""
+        return _floats(self._accumulate(micro_batches))
+
+    def _accumulate(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """`accumulate` with the statistics left as 0-d device tensors (no host sync)."""
         self.model.train()
         accum = len(micro_batches)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for mb in micro_batches:
             loss, parts, _ = self.compute_losses(mb, self.step)
             self.scaler.scale(loss / accum).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+            for k, v in (("loss", loss), *parts.items()):
+                v = v.detach().float() / accum
+                sums[k] = sums[k] + v if k in sums else v
         return sums
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        sums = self.accumulate(micro_batches)
+        """One optimizer step; returns python floats (one host sync)."""
+        return _floats(self._train_step(micro_batches))
+
+    def _train_step(self, micro_batches: list[dict]) -> dict[str, Any]:
+        """One optimizer step; statistics stay 0-d device tensors so the loop can log every N steps.
+
+        A non-finite gradient norm skips the update: fp16 through GradScaler; otherwise, with the fused
+        (CUDA) AdamW, through its ``found_inf`` input (no host sync), else by a host-side check."""
+        sums: dict[str, Any] = self._accumulate(micro_batches)
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named_trainable]
         if self.tcfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         else:
             gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
-        gnorm_f = float(gnorm)
-        if self.amp_dtype == torch.float16 or math.isfinite(gnorm_f):
+        gnorm = gnorm.detach().float()
+        nonfinite = (~torch.isfinite(gnorm)).float()
+        if self.amp_dtype == torch.float16:
             self.scaler.step(self.optimizer)  # GradScaler skips the step itself on inf/nan (fp16)
-        sums["skipped"] = float(not math.isfinite(gnorm_f))
+        elif self._fused:
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = nonfinite  # fused AdamW skips the update where found_inf == 1
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+        elif math.isfinite(float(gnorm)):
+            self.optimizer.step()
+        sums["skipped"] = nonfinite
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        sums["grad_norm"] = gnorm_f
+        sums["grad_norm"] = gnorm
         self.step += 1
         return sums
 
@@ -430,7 +478,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
             if self.tcfg.quick_ap:
-                r = quick_ap(outputs, batch)
+                r = quick_ap(outputs, batch, self.tcfg.val_score_threshold,
+                             getattr(self.cfg, "score_threshold", None))
                 if r:
                     ap_scores.append(r)
         self.model.train()
@@ -462,38 +511,74 @@ class Trainer:
                            mininterval=0.5)
             except ImportError:
                 bar = None
-        it = iter(loader)
+        rng = torch.get_rng_state()
+        it = iter(loader)  # draws the DataLoader's base seed from the global RNG:
+        torch.set_rng_state(rng)  # undo, so the losses' random draws are the same after a resume
         last: dict[str, float] = {}
         t0 = time.perf_counter()
         ema = None
+        # per-step statistics stay on the device and are written every `flush` steps with one transfer
+        flush = max(1, min(t.log_every or 50, 50))
+        pending: list[tuple[int, dict, float]] = []
+        start_step = self.step
+        t_rate0, s_rate0 = None, None
+
+        def write_pending() -> None:
+            nonlocal last, ema
+            if not pending:
+                return
+            keys = sorted({k for _, st, _ in pending for k, v in st.items() if isinstance(v, torch.Tensor)})
+            dev = next(v.device for _, st, _ in pending for v in st.values() if isinstance(v, torch.Tensor)) \
+                if keys else None
+            if keys:
+                nan = torch.tensor(float("nan"), device=dev)
+                mat = torch.stack([torch.stack([st[k].detach().float().reshape(()).to(dev) if k in st else nan
+                                                for k in keys]) for _, st, _ in pending]).cpu().tolist()
+            for j, (step, st, dt) in enumerate(pending):
+                stats = {k: (v if not isinstance(v, torch.Tensor) else None) for k, v in st.items()}
+                if keys:
+                    stats.update({k: mat[j][i] for i, k in enumerate(keys) if k in st})
+                stats["time_s"] = dt
+                stats["samples_per_s"] = t.batch_size * t.accum_steps / max(dt, 1e-9)
+                rec = {"step": step, **{k: _round(v) for k, v in stats.items()}}
+                logf.write(json.dumps(rec) + "\n")
+                self.history.append(rec)
+                last = rec
+                ema = stats["loss"] if ema is None else 0.9 * ema + 0.1 * stats["loss"]
+                if t.log_every and step % t.log_every == 0:
+                    msg = f"step {step}/{t.steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
+                    (bar.write if bar is not None else print)(msg)
+            logf.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", avg=f"{ema:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
+            pending.clear()
+
         with open(log_path, "a") as logf:
             while self.step < end:
                 ts = time.perf_counter()
                 mbs = [next(it) for _ in range(t.accum_steps)]
-                stats = self.train_step(mbs)
-                stats["time_s"] = time.perf_counter() - ts
-                stats["samples_per_s"] = t.batch_size * t.accum_steps / max(stats["time_s"], 1e-9)
-                rec = {"step": self.step, **{k: _round(v) for k, v in stats.items()}}
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                self.history.append(rec)
-                last = rec
-                ema = stats["loss"] if ema is None else 0.9 * ema + 0.1 * stats["loss"]
+                stats = self._train_step(mbs)
+                pending.append((self.step, stats, time.perf_counter() - ts))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", avg=f"{ema:.4f}", lr=f"{stats['lr']:.2e}",
-                                    refresh=False)
-                if t.log_every and self.step % t.log_every == 0:
-                    msg = f"step {self.step}/{t.steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
-                    (bar.write if bar is not None else print)(msg)
-                if t.time_budget_s > 0 and self.step == self._budget_probe and stop_at is None:
-                    self._fit_to_budget(time.perf_counter() - t0, bar)
+                done = self.step - start_step
+                if done == self._rate_skip:
+                    t_rate0, s_rate0 = time.perf_counter(), self.step
+                if self.step % flush == 0 or self.step >= end:
+                    write_pending()
+                if (t.time_budget_s > 0 and stop_at is None and t_rate0 is not None
+                        and done in self._budget_probes):
+                    per_step = (time.perf_counter() - t_rate0) / max(self.step - s_rate0, 1)
+                    self._fit_to_budget(time.perf_counter() - t0, bar, per_step=per_step)
                     end = t.steps
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                    write_pending()
                     self.save()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    write_pending()
                     self._run_val(bar)
+            write_pending()
         if bar is not None:
             bar.close()
         self.save()
@@ -502,19 +587,25 @@ class Trainer:
             plot_losses(log_path, self.out / "loss_curve.png")
         return {"step": self.step, "train": last, "val": val, "wall_s": time.perf_counter() - t0}
 
-    _budget_probe = 20
+    # time budget: the step time is measured after the first `_rate_skip` steps of this fit() (start-up:
+    # worker start, allocator / cuDNN warm-up, first-batch latency) and --steps is refitted at these
+    # step counts (may grow back up to the requested --steps or shrink)
+    _rate_skip = 10
+    _budget_probes = (30, 80, 200, 500, 1000, 2000)
 
-    def _fit_to_budget(self, elapsed: float, bar) -> None:
-        """Shrink the run to the wall-time budget (LR and overlap schedules are refitted to the new end)."""
+    def _fit_to_budget(self, elapsed: float, bar, per_step: float | None = None) -> None:
+        """Fit the run to the wall-time budget (LR and overlap schedules are refitted to the new end)."""
         t = self.tcfg
-        per_step = elapsed / max(self.step, 1)
-        n_eval = (t.steps // t.eval_every) if t.eval_every else 0
-        usable = t.time_budget_s * 0.97 - elapsed - 15.0 - 2.0 * n_eval
+        if not hasattr(self, "_requested_steps"):
+            self._requested_steps = t.steps
+        per_step = per_step if per_step is not None else elapsed / max(self.step, 1)
+        n_eval_left = ((self._requested_steps - self.step) // t.eval_every) if t.eval_every else 0
+        usable = t.time_budget_s * 0.97 - elapsed - 15.0 - 2.0 * n_eval_left
         new_total = int(self.step + max(usable, 0.0) / max(per_step, 1e-6))
-        if new_total >= t.steps:
+        new_total = max(min(new_total, self._requested_steps), self.step + 1)
+        if new_total == t.steps:
             return
-        new_total = max(new_total, self.step + 1)
-        msg = (f"[fast3dis-train] {per_step * 1000:.0f} ms/step: shrinking --steps {t.steps} -> {new_total} "
+        msg = (f"[fast3dis-train] {per_step * 1000:.0f} ms/step: --steps {t.steps} -> {new_total} "
                f"to fit the {t.time_budget_s:.0f}s budget")
         (bar.write if bar is not None else print)(msg)
         t.steps = new_total
@@ -546,6 +637,17 @@ def _to_float(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(_to_float(v) for v in x)
     return x
+
+
+def _floats(d: dict[str, Any]) -> dict[str, float]:
+    """0-d tensors -> python floats with one device->host transfer."""
+    keys = [k for k, v in d.items() if isinstance(v, torch.Tensor)]
+    out = {k: (float(v) if not isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    if keys:
+        dev = d[keys[0]].device
+        vals = torch.stack([d[k].detach().float().reshape(()).to(dev) for k in keys]).cpu().tolist()
+        out.update(zip(keys, vals))
+    return out
 
 
 def _round(v: Any) -> Any:
@@ -601,35 +703,37 @@ def plot_losses(log_path: Path, png: Path) -> Path | None:
     return png
 
 
-def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.3) -> dict[str, float] | None:
+def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
+             deploy_threshold: float | None = None, mask_threshold: float = 0.5) -> dict[str, float] | None:
     """Cheap validation metrics of the first sample with fast3dis_ros.eval.metrics (None if missing).
 
-    Predictions: queries with sigmoid(objectness) > ``score_threshold``, per-pixel argmax of their mask
-    probabilities (pixels below 0.5 unassigned). ``ap2d``: per-view COCO mask AP; ``mv_AP``/``mv_AP50``:
-    class-agnostic ScanNet AP over all pixels of all views (ids are consistent across views, so this
-    scores multi-view consistency like a 3D AP on the pixel point set); ``abs_rel``: depth (median scaled).
+    Predictions come from the deployed postprocess (`model.postprocess.instances_from_queries`: score =
+    sigmoid(objectness) x mean mask probability inside the mask, queries with score > ``score_threshold``,
+    per-pixel argmax of mask probability > ``mask_threshold``). AP ranks by score, so the low default
+    threshold only drops hopeless queries; ``n_pred`` counts the kept instances and ``n_pred_deploy``
+    those above ``deploy_threshold`` (the checkpoint's inference threshold; 0 there means the node would
+    output nothing). ``ap2d``: per-view COCO mask AP; ``mv_AP``/``mv_AP50``: class-agnostic ScanNet AP
+    over all pixels of all views (ids are consistent across views, so this scores multi-view
+    consistency like a 3D AP on the pixel point set); ``abs_rel``: depth (median scaled).
+
+    (Before: objectness > 0.3 alone, argmax of objectness x mask probability -- with focal-alpha 0.25
+    objectness rarely passed 0.3, which zeroed the AP.)
     """
     try:
         from fast3dis_ros.eval import metrics
+        from fast3dis_ros.model.postprocess import instances_from_queries
     except ImportError:
         return None
     logits = outputs["pred_logits"][0].float()
     masks = outputs["pred_masks"][0].float()  # Q,V,Hm,Wm
     gt = batch["instance"][0].cpu().numpy()
     V, H, W = gt.shape
-    scores = torch.sigmoid(logits)
-    probs = torch.sigmoid(torch.nn.functional.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False))
-    keep = scores > score_threshold
-    labels = torch.zeros(V, H, W, dtype=torch.long)
-    if bool(keep.any()):
-        kq = torch.nonzero(keep)[:, 0]
-        pk = probs[kq] * scores[kq, None, None, None]
-        best, arg = pk.max(0)
-        lab = kq[arg] + 1
-        labels = torch.where(probs[kq].max(0).values > 0.5, lab, torch.zeros_like(lab)).cpu()
-    labels_np = labels.numpy()
-    sc = scores.detach().cpu().numpy()
-    res: dict[str, float] = {}
+    labels, scores, _ = instances_from_queries(logits, masks, (H, W), score_threshold, mask_threshold)
+    labels_np = labels.long().cpu().numpy()
+    sc = scores.detach().float().cpu().numpy()
+    res: dict[str, float] = {"n_pred": float(len(sc))}
+    if deploy_threshold is not None:
+        res["n_pred_deploy"] = float((sc > deploy_threshold).sum())
     try:
         if hasattr(metrics, "mask_ap_2d"):
             r = metrics.mask_ap_2d(labels_np, sc, gt)
