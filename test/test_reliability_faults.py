@@ -69,7 +69,7 @@ def test_oom_retries_with_fewer_views_then_processes():
 def test_oom_on_every_attempt_drops_with_reason():
     calls = []
     r = PipelineRunner(["a", "b"], _predict_factory(oom_above=0, calls=calls), slop_ns=10 * MS, window_size=2,
-                       stride=2, fusion=MapFusion(voxel_size=0.1), sync_mode=False, oom_retries=2)
+                       stride=2, fusion=MapFusion(voxel_size=0.1), sync_mode=False, oom_retries=2, queue_depth=4)
     _feed(r, 6)
     assert r.flush(10)
     acc = r.accounting()
@@ -217,8 +217,8 @@ def test_short_soak(tmp_path):
     from ros_helpers import PYTHON, ROOT, ros_env, unique_domain_id
 
     out = tmp_path / "soak"
-    cmd = [PYTHON, str(ROOT / "scripts" / "soak.py"), "--seconds", "20", "--out", str(out), "--rate", "5",
-           "--sample-period", "2", "--max-map-points", "20000", "--loop-frames", "6", "--no-plot"]
+    cmd = [PYTHON, str(ROOT / "scripts" / "soak.py"), "--seconds", "24", "--warmup", "8", "--out", str(out),
+           "--rate", "5", "--sample-period", "2", "--max-map-points", "20000", "--loop-frames", "6", "--no-plot"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=220, env=ros_env(unique_domain_id()),
                        cwd=str(ROOT))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -229,6 +229,8 @@ def test_short_soak(tmp_path):
     assert s["frame_sets_processed"] > 0 and s["results_published"] > 0, s
     assert s["time_jumps_sent"] >= 1 and s["sync_resets"] >= 1, s
     assert s["max_map_points_seen"] <= 20000, s
-    assert s["rss_growth_mid_to_end_mib"] < 50, s  # bound on growth in the second half (no leak)
+    # no leak: RSS (medians of the two halves after an 8 s warm-up) grows < 64 MiB in ~8 s; this catches gross
+    # leaks (> ~8 MiB/s, e.g. every window's prediction kept); the 3-minute run shows the plateau
+    assert s["rss_growth_mid_to_end_mib"] < 64, s
     assert s["node_exit_code"] == 0, s
     print(r.stdout[-2500:])
