@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 "-p", f"stride:={a.stride}", "-p", f"queue_depth:={a.queue_depth}", "-p", "device:=cpu",
                 "-p", "sync_slop:=0.02", "-p", "diagnostics_period:=1.0", "-p", f"voxel_size:={a.voxel_size}",
                 "-p", f"max_map_points:={a.max_map_points}", "-p", "score_threshold:=0.3"]
-    node_cmd += ["-p", f"checkpoint:={BUNDLED_CHECKPOINT}"] if use_ck else ["-p", "model_size:=tiny"]
+    node_cmd += ["-p", f"checkpoint:={BUNDLED_CHECKPOINT}"] if use_ck else ["-p", "model_size:=tiny", "-p", "checkpoint:=''"]
     log_path = out / "node.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
