@@ -74,6 +74,10 @@ def make_predictor(p: dict):
     if p["process_long_edge"]:
         kw["process_size"] = p["process_long_edge"]
     checkpoint = p["checkpoint"]
+    if checkpoint == "bundled" and p["model_size"] != "tiny":
+        raise ValueError(
+            f"model_size '{p['model_size']}' needs a FAST3DIS checkpoint (parameter 'checkpoint'): the bundled "
+            "one is the tiny configuration")
     if checkpoint == "bundled":
         from ..model.checkpoint import BUNDLED_CHECKPOINT
 
