@@ -191,27 +191,26 @@ def sample_balanced_points(ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return idx, fg.gather(1, idx)
 
 
-def supcon_loss_batched(emb: Tensor, labels: Tensor, valid: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+def supcon_loss_batched(emb: Tensor, labels: Tensor, valid: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
     """Batched SupCon on ``emb (B, P, C)`` (L2-normalised), ``labels (B, P)``, ``valid (B, P)``.
 
-    Returns ``(loss, floor)``: per-sample means over anchors with >= 1 positive of
-    ``-mean_{p in P(i)} log softmax_i(p)`` and of its lower bound ``log |P(i)|`` (both ``(B,)``; 0 for
-    samples without any such anchor), plus nothing else -- no host sync."""
+    Returns ``(loss, floor, has)``: per-sample means over anchors with >= 1 positive of
+    ``-mean_{p in P(i)} log softmax_i(p)`` and of its lower bound ``log |P(i)|`` (both ``(B,)``, 0 for
+    samples without such an anchor) and ``has (B,)`` bool (the sample has one). No host sync."""
     B, P, _ = emb.shape
     sim = emb @ emb.transpose(1, 2) / temperature
     eye = torch.eye(P, dtype=torch.bool, device=emb.device)[None]
     col_ok = valid[:, None, :] & ~eye
-    sim = sim.masked_fill(~col_ok, float("-inf"))
-    lse = torch.logsumexp(sim, dim=2, keepdim=True)
-    log_prob = (sim - lse).masked_fill(~col_ok, 0.0)
-    pos = (labels[:, :, None] == labels[:, None, :]) & col_ok & valid[:, :, None]
+    sim = sim.masked_fill(~col_ok, -1e4)  # finite: exp underflows to 0, no inf*0 in the positives' sum
+    lse = torch.logsumexp(sim, dim=2)
+    pos = ((labels[:, :, None] == labels[:, None, :]) & col_ok).to(sim.dtype)
     n_pos = pos.sum(2)
     ok = valid & (n_pos > 0)
-    per = -(log_prob * pos).sum(2) / n_pos.clamp_min(1)
-    floor = torch.log(n_pos.clamp_min(1).float())
-    w = ok.float()
+    per = lse - (sim * pos).sum(2) / n_pos.clamp_min(1)
+    floor = torch.log(n_pos.clamp_min(1))
+    w = ok.to(sim.dtype)
     cnt = w.sum(1).clamp_min(1.0)
-    return (per * w).sum(1) / cnt, (floor * w).sum(1) / cnt
+    return (per * w).sum(1) / cnt, (floor * w).sum(1) / cnt, ok.any(1)
 
 
 # ----------------------------------------------------------------------------- criterion
@@ -342,8 +341,7 @@ class SetCriterion(nn.Module):
         emb = f.gather(1, idx[..., None].expand(-1, -1, C))
         emb = F.normalize(emb.float(), dim=-1)
         lab = ids.gather(1, idx)
-        loss, floor = supcon_loss_batched(emb, lab, ok, c.contrastive_temperature)
-        has = ((lab[:, :, None] == lab[:, None, :]) & ok[:, :, None] & ok[:, None, :]).sum((1, 2)) > ok.sum(1)
+        loss, floor, has = supcon_loss_batched(emb, lab, ok, c.contrastive_temperature)
         w = has.float()
         return ((loss - floor) * w).sum() / w.sum().clamp_min(1.0) + mask_features.sum() * 0.0
 
