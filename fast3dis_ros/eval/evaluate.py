@@ -278,7 +278,11 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
             feats = np.moveaxis(p.images.astype(np.float32) / 255.0, -1, 1)
             out["features"] = "RGB (mask_features not available)"
         valid = np.isfinite(p.depth) & (p.depth > 0)
-        kw = dict(min_cluster_size=max(20, int(valid.sum() // 400)), max_points=8000)
+        # HDBSCAN's min_cluster_size applies to the clustered subsample (max_points), not to all pixels:
+        # ~0.4% of the subsample, so that a small object seen in a few views still forms a cluster.
+        max_points = int(params.get("max_points", 8000))
+        n_sub = min(int(valid.sum()), max_points)
+        kw = dict(min_cluster_size=max(10, n_sub // 250), max_points=max_points)
         kw.update(params)
         lab, sc, timing = cluster_window(p.depth, p.K, p.T_cam_world, feats, valid=valid, **kw)
         out["labels"][ri] = lab
