@@ -5,6 +5,8 @@ Usage::
     fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
                   [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
                   [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
+                  [--hdbscan-min-cluster-frac 0.004 --hdbscan-min-samples 10 --hdbscan-w-xyz 1
+                   --hdbscan-w-feat 1 --hdbscan-max-points 8000]
 
 Writes into ``--out``: ``output_bag/`` (the node's output topics, ``eval/output_bag.py``),
 ``accounting.json`` (every input frame and frame set: processed or dropped with a reason), and when the
@@ -53,7 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ScoredViews", "select_views", "compute_metrics", "run_baseline", "evaluate_bag", "main"]
+__all__ = ["ScoredViews", "select_views", "compute_metrics", "run_baseline", "baseline_metrics", "evaluate_bag",
+           "add_baseline_args", "baseline_params_from_args", "main"]
 
 
 @dataclass
@@ -155,7 +158,8 @@ def _group_by_shape(idx: list[int], shapes: list[tuple]) -> list[list[int]]:
 
 
 def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes: list[list[int]],
-          voxel: float) -> dict:
+          voxel: float, pool=None) -> dict:
+    """``pool``: an extra ``InstanceAPEvaluator`` that receives the same scenes (multi-bag pooling)."""
     from .metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
@@ -170,6 +174,8 @@ def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes:
                                          T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
             n_pts += len(cps)
             ev.add_scene(cps.pred_labels, scores, cps.gt_labels)
+            if pool is not None:
+                pool.add_scene(cps.pred_labels, scores, cps.gt_labels)
     res = ev.compute()
     res["n_points"] = int(n_pts)
     return res
@@ -280,9 +286,14 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
         valid = np.isfinite(p.depth) & (p.depth > 0)
         # HDBSCAN's min_cluster_size applies to the clustered subsample (max_points), not to all pixels:
         # ~0.4% of the subsample, so that a small object seen in a few views still forms a cluster.
+        # ``min_cluster_frac`` (fraction of the subsample) overrides that default; an explicit
+        # ``min_cluster_size`` (points) overrides both.
+        params = dict(params)
+        frac = params.pop("min_cluster_frac", None)
         max_points = int(params.get("max_points", 8000))
         n_sub = min(int(valid.sum()), max_points)
-        kw = dict(min_cluster_size=max(10, n_sub // 250), max_points=max_points)
+        mcs = max(10, n_sub // 250) if frac is None else max(10, int(round(float(frac) * n_sub)))
+        kw = dict(min_cluster_size=mcs, max_points=max_points)
         kw.update(params)
         lab, sc, timing = cluster_window(p.depth, p.K, p.T_cam_world, feats, valid=valid, **kw)
         out["labels"][ri] = lab
@@ -291,9 +302,47 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
     return out
 
 
+def baseline_metrics(records, sv: ScoredViews, *, eval_voxel: float = 0.05, params: dict | None = None,
+                     pool: dict | None = None, depth: dict | None = None, pose: dict | None = None):
+    """HDBSCAN (``run_baseline`` with ``params``) on the replay's windows, scored like FAST3DIS.
+    Returns (method metrics, curves, baseline output). ``pool``: {"whole": ev, "per_window": ev} of
+    ``InstanceAPEvaluator`` s that also receive this replay's scenes (pooling over several bags)."""
+    pool = pool or {}
+    engine_ms = [r.engine_ms for r in records]
+    base_out = run_baseline(records, sv, **(params or {}))
+    b_loc = [base_out["labels"][ri][v] for ri, v in zip(sv.rec_idx, sv.view_idx)]
+    b_scores = {ri: base_out["scores"][ri] for ri in set(sv.rec_idx)}
+    b_lab, b_sc = _offset_window_labels(sv, b_loc, b_scores)
+    bap = _ap3d(sv, b_lab, b_sc, [list(range(len(sv)))], eval_voxel, pool=pool.get("whole"))
+    bapw = _ev_per_window(sv, b_loc, b_scores, eval_voxel, pool=pool.get("per_window"))
+    bm2 = _mask2d(sv, b_loc, [b_scores[ri] for ri in sv.rec_idx])
+    cl = base_out["ms"]
+    m = {
+        "AP": bap["AP"], "AP50": bap["AP50"], "AP25": bap["AP25"],
+        "ap_per_threshold": bap["ap_per_threshold"], "n_gt": bap["n_gt"], "n_pred": bap["n_pred"],
+        "n_points": bap["n_points"],
+        "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "mask2d": bm2,
+        "depth": depth, "pose": pose,  # same geometry (FAST3DIS forward)
+        "timing": {"cluster_ms_mean": float(np.mean(cl)) if cl else float("nan"), "ms_per_window_mean":
+                   float(np.mean(np.add(cl, engine_ms))) if cl else float("nan"), "n_windows": len(cl)},
+        "features": base_out["features"],
+        "params": dict(params or {}),
+        "note": "whole-replay AP: ids are per window (no tracking); compare AP_per_window",
+    }
+    return m, {"pr": bap["curves"]}, base_out
+
+
 def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | None = None,
-                    meta: dict | None = None) -> tuple[dict, dict, ScoredViews, dict | None]:
-    """(metrics for report.write_report, curves, scored views, baseline output or None)."""
+                    meta: dict | None = None, baseline_params: dict | None = None, pool: dict | None = None
+                    ) -> tuple[dict, dict, ScoredViews, dict | None]:
+    """(metrics for report.write_report, curves, scored views, baseline output or None).
+
+    ``baseline_params``: keyword arguments of ``run_baseline`` (``min_cluster_frac``, ``min_samples``,
+    ``w_xyz``, ``w_feat``, ``max_points``, ...). ``pool``: {method: {"whole": ev, "per_window": ev}} of
+    ``InstanceAPEvaluator`` s that also receive this replay's scenes (``eval/heldout.py`` pools bags)."""
+    pool = pool or {}
+    fpool = pool.get("fast3dis") or {}
     sv = select_views(records, gt)
     methods: dict = {}
     curves: dict = {}
@@ -308,10 +357,10 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
                                         "note": "no view matched ground truth"}}, {}, sv, None
     # FAST3DIS: whole replay, map ids
     glab, gsc = _dense(sv.pred_global, _global_scores(records))
-    ap = _ap3d(sv, glab, gsc, [list(range(len(sv)))], eval_voxel)
+    ap = _ap3d(sv, glab, gsc, [list(range(len(sv)))], eval_voxel, pool=fpool.get("whole"))
     # per window, window-local ids
     loc_scores = {ri: np.asarray(records[ri].prediction.scores, np.float64) for ri in set(sv.rec_idx)}
-    apw = _ev_per_window(sv, sv.pred_local, loc_scores, eval_voxel)
+    apw = _ev_per_window(sv, sv.pred_local, loc_scores, eval_voxel, pool=fpool.get("per_window"))
     m2 = _mask2d(sv, sv.pred_local, [loc_scores[ri] for ri in sv.rec_idx])
     dep = _depth(sv)
     pose_w, pose_m = _pose(records, sv, gt)
@@ -328,27 +377,9 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
     curves["fast3dis"] = {"pr": ap["curves"], "depth_abs_rel": dep.get("abs_rel_errors", [])}
     base_out = None
     if baseline == "hdbscan":
-        base_out = run_baseline(records, sv)
-        b_loc = [base_out["labels"][ri][v] for ri, v in zip(sv.rec_idx, sv.view_idx)]
-        b_scores = {ri: base_out["scores"][ri] for ri in set(sv.rec_idx)}
-        b_lab, b_sc = _offset_window_labels(sv, b_loc, b_scores)
-        bap = _ap3d(sv, b_lab, b_sc, [list(range(len(sv)))], eval_voxel)
-        bapw = _ev_per_window(sv, b_loc, b_scores, eval_voxel)
-        bm2 = _mask2d(sv, b_loc, [b_scores[ri] for ri in sv.rec_idx])
-        cl = base_out["ms"]
-        methods["hdbscan"] = {
-            "AP": bap["AP"], "AP50": bap["AP50"], "AP25": bap["AP25"],
-            "ap_per_threshold": bap["ap_per_threshold"], "n_gt": bap["n_gt"], "n_pred": bap["n_pred"],
-            "n_points": bap["n_points"],
-            "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
-            "mask2d": bm2,
-            "depth": methods["fast3dis"]["depth"], "pose": pose_w,  # same geometry (FAST3DIS forward)
-            "timing": {"cluster_ms_mean": float(np.mean(cl)), "ms_per_window_mean":
-                       float(np.mean(np.add(cl, engine_ms))), "n_windows": len(cl)},
-            "features": base_out["features"],
-            "note": "whole-replay AP: ids are per window (no tracking); compare AP_per_window",
-        }
-        curves["hdbscan"] = {"pr": bap["curves"]}
+        methods["hdbscan"], curves["hdbscan"], base_out = baseline_metrics(
+            records, sv, eval_voxel=eval_voxel, params=baseline_params, pool=(pool or {}).get("hdbscan"),
+            depth=methods["fast3dis"]["depth"], pose=pose_w)
     metrics = {"methods": methods,
                "meta": {**(meta or {}), "scored_views": len(sv), "eval_voxel_m": eval_voxel,
                         "protocol": "3D AP on the GT surface (pixel-to-voxel common point set), map ids via "
@@ -356,7 +387,7 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
     return metrics, curves, sv, base_out
 
 
-def _ev_per_window(sv, labels, scores_by_rec, voxel) -> dict:
+def _ev_per_window(sv, labels, scores_by_rec, voxel, pool=None) -> dict:
     from .metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
@@ -368,6 +399,8 @@ def _ev_per_window(sv, labels, scores_by_rec, voxel) -> dict:
                                          np.stack([sv.gt_K[i] for i in grp]), np.stack([labels[i] for i in grp]),
                                          T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
             ev.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
+            if pool is not None:
+                pool.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
     return ev.compute()
 
 
@@ -378,7 +411,7 @@ def has_ground_truth(gt) -> bool:
 # ----------------------------------------------------------------------------------------------------
 def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
-                 title: str = "FAST3DIS evaluation") -> dict:
+                 title: str = "FAST3DIS evaluation", baseline_params: dict | None = None) -> dict:
     """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths."""
     from ..data.bags import read_ground_truth
     from .replay import ReplayConfig, replay_bag
@@ -411,7 +444,8 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
         if weights_info.get("random_weights"):
             meta["WARNING"] = "WEIGHTS ARE RANDOM (no checkpoint found): metrics are not meaningful"
     t0 = time.perf_counter()
-    metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta)
+    metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta,
+                                                baseline_params=baseline_params)
     metrics["meta"]["metrics_s"] = time.perf_counter() - t0
     files = write_report(metrics, out, curves=curves, title=title)
     paths["report"] = files
@@ -439,8 +473,31 @@ def _parse(argv):
     ap.add_argument("--voxel-size", type=float, default=0.02, help="map voxel size (map units)")
     ap.add_argument("--eval-voxel", type=float, default=0.05, help="voxel of the GT common point set (m)")
     ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
+    add_baseline_args(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def add_baseline_args(ap) -> None:
+    """HDBSCAN baseline settings (``run_baseline`` / ``baseline.cluster_instances``); unset = defaults."""
+    g = ap.add_argument_group("HDBSCAN baseline")
+    g.add_argument("--hdbscan-min-cluster-frac", type=float, default=None,
+                   help="min_cluster_size as a fraction of the clustered subsample (default 0.004, at least 10)")
+    g.add_argument("--hdbscan-min-cluster-size", type=int, default=None,
+                   help="min_cluster_size in points (overrides the fraction)")
+    g.add_argument("--hdbscan-min-samples", type=int, default=None, help="HDBSCAN min_samples (default 10)")
+    g.add_argument("--hdbscan-w-xyz", type=float, default=None, help="weight of the xyz block (default 1)")
+    g.add_argument("--hdbscan-w-feat", type=float, default=None,
+                   help="weight of the feature block (default 1; 0 = cluster on xyz only)")
+    g.add_argument("--hdbscan-max-points", type=int, default=None, help="clustered subsample size (default 8000)")
+
+
+def baseline_params_from_args(args) -> dict:
+    """The ``--hdbscan-*`` options that were given, as ``run_baseline`` keyword arguments."""
+    names = {"hdbscan_min_cluster_frac": "min_cluster_frac", "hdbscan_min_cluster_size": "min_cluster_size",
+             "hdbscan_min_samples": "min_samples", "hdbscan_w_xyz": "w_xyz", "hdbscan_w_feat": "w_feat",
+             "hdbscan_max_points": "max_points"}
+    return {k: getattr(args, a) for a, k in names.items() if getattr(args, a, None) is not None}
 
 
 def print_table(metrics: dict, file=None) -> None:
@@ -500,7 +557,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
                          replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, baseline_params=baseline_params_from_args(args))
     except BagReadError as e:
         print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
         return 2
