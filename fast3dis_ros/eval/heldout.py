@@ -213,6 +213,10 @@ def _scene_row(seed: int, metrics: dict, info: dict, balanced: bool) -> dict:
     return row
 
 
+def _load(la) -> str:
+    return "n/a" if la is None else "/".join(f"{x:.1f}" for x in la)
+
+
 def _fmt(v, pct=True) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "n/a"
@@ -265,6 +269,7 @@ def run_heldout(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     command = "python -m fast3dis_ros.eval.heldout " + shlex.join(argv)
     t_start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     progress = not args.no_progress
 
     def log(msg):
@@ -387,7 +392,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
         "per_scene": rows,
         "warnings": warnings_,
         "runtime_s": wall,
-        "host": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "host": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                 "load_avg_1_5_15_start": load_start,
+                 "load_avg_1_5_15_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
     (out / "heldout.json").write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False))
 
@@ -414,7 +421,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
           f"- HDBSCAN settings: `{json.dumps(base_params)}` "
           + (f"(chosen on tuning seeds {args.tune_seeds})" if sweep else "(fixed)"),
           f"- pooling: {results['pooling']}",
-          f"- runtime: {wall:.0f} s on {os.cpu_count()} CPU cores", "",
+          f"- runtime: {wall:.0f} s on {os.cpu_count()} CPU cores (load average 1/5/15 min at start "
+          f"{_load(results['host']['load_avg_1_5_15_start'])}, at end {_load(results['host']['load_avg_1_5_15_end'])}; "
+          "ms/window and runtime depend on other jobs on the host, the AP figures do not)", "",
           "## Pooled results (%)", "", *_table_lines(results), "",
           "`per window` is the fair comparison (HDBSCAN has no ids across windows); `whole replay` scores the "
           "tracked map ids of FAST3DIS against HDBSCAN's per-window clusters.", ""]
