@@ -11,6 +11,14 @@ frame set stamp:
   (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
   TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp), ``/diagnostics``.
 
+Known poses (``use_known_poses``): each image's pose ``known_pose_frame <- header.frame_id`` is looked
+up at its stamp (tf2_ros when importable, else ``ros/tf_buffer.py`` on /tf + /tf_static; tolerance
+``sync_slop``). Windows whose views all have K and a pose are pose-conditioned and the map is then
+``known_pose_frame`` itself: the node publishes ``known_pose_frame -> map_frame`` (when the names
+differ and ``map_frame`` is not already in the TF tree) and does not re-publish a camera pose under a
+frame that is one of its pose inputs (that frame would get a second parent, and the node would read
+its own output back as input).
+
 Threads: subscription callbacks only convert and hand frames over (sync + windowing are cheap);
 inference, fusion and publishing run on the engine's worker thread. Nothing raises out of a callback:
 bad input is logged (throttled) and counted in diagnostics.
@@ -46,7 +54,8 @@ from .conversions import (
 )
 from .diagnostics import DiagnosticsBuilder
 from .qos import camera_info_qos, output_qos, sensor_qos
-from .tf import HAVE_TF2_ROS, TFBroadcaster, matrix_to_transform
+from .tf import TFBroadcaster, matrix_to_transform
+from .tf_buffer import TfLookup, TfLookupError
 
 __all__ = ["Fast3disNode", "main", "make_predictor"]
 
@@ -141,17 +150,16 @@ class Fast3disNode(Node):
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
 
-        # known poses from TF (needs tf2_ros)
+        # known poses from TF (tf2_ros when importable, else the node's own /tf + /tf_static buffer)
         self._tf_buffer = None
+        self.known_pose_frame = self.p["known_pose_frame"]
+        self._pose_input_frames: set[str] = set()  # frames looked up as pose inputs: never re-published
+        self._publish_known_to_map: bool | None = None  # decided at the first pose-conditioned window
         if self.p["use_known_poses"]:
-            if HAVE_TF2_ROS:  # pragma: no cover - real ROS install only
-                import tf2_ros
-
-                self._tf_buffer = tf2_ros.Buffer()
-                self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
-            else:
-                self.get_logger().warning("use_known_poses needs tf2_ros, which is not installed: poses are "
-                                          "estimated by the network instead")
+            self._tf_buffer = TfLookup(self)
+            self.get_logger().info(
+                f"known poses: {self.known_pose_frame} <- <image frame_id> from TF "
+                f"({'tf2_ros' if self._tf_buffer.uses_tf2_ros else 'fast3dis_ros.ros.tf_buffer'})")
 
         # inputs
         sq, iq = sensor_qos(), camera_info_qos()
@@ -217,9 +225,9 @@ class Fast3disNode(Node):
             return
         h, w = rgb.shape[:2]
         K = self._intrinsics(cam, w, h)
-        T_world_cam = self._known_pose(cam, header) if self._tf_buffer is not None else None
-        frame = CameraFrame(cam, stamp, rgb, frame_id=header.frame_id or self.p["camera_frame"].format(camera=cam),
-                            K=K, T_world_cam=T_world_cam)
+        frame_id = header.frame_id or self.p["camera_frame"].format(camera=cam)
+        T_world_cam = self._known_pose(cam, frame_id, stamp) if self._tf_buffer is not None else None
+        frame = CameraFrame(cam, stamp, rgb, frame_id=frame_id, K=K, T_world_cam=T_world_cam)
         self.runner.feed(frame)
 
     def _on_image(self, msg: Image, cam: str) -> None:
@@ -249,16 +257,19 @@ class Fast3disNode(Node):
             self.diag.input_errors[cam].add("internal_error")
             self._warn(f"err_{cam}", f"{cam}: failed to handle compressed image: {e!r}")
 
-    def _known_pose(self, cam: str, header):  # pragma: no cover - needs tf2_ros
-        from rclpy.time import Time
-
-        from .tf import transform_to_matrix
-
+    def _known_pose(self, cam: str, frame_id: str, stamp_ns: int) -> np.ndarray | None:
+        """T known_pose_frame <- frame_id at the image stamp (None, logged and shown in diagnostics, if TF
+        cannot give it: the window then falls back to estimated poses)."""
+        self._pose_input_frames.add(frame_id)
         try:
-            t = self._tf_buffer.lookup_transform(self.map_frame, header.frame_id, Time.from_msg(header.stamp))
-            return transform_to_matrix(t)
-        except Exception as e:
-            self._warn(f"pose_{cam}", f"{cam}: no TF {self.map_frame} <- {header.frame_id}: {e}")
+            T = self._tf_buffer.lookup(self.known_pose_frame, frame_id, stamp_ns,
+                                       tolerance_ns=int(self.p["sync_slop"] * 1e9))
+            if not np.all(np.isfinite(T)):
+                raise TfLookupError("non-finite transform")
+            return T
+        except (TfLookupError, ValueError) as e:
+            self.diag.input_errors[cam].add("no_known_pose")
+            self._warn(f"pose_{cam}", f"{cam}: no TF {self.known_pose_frame} <- {frame_id} at {stamp_ns} ns: {e}")
             return None
 
     # ------------------------------------------------------------------ engine thread
@@ -304,15 +315,45 @@ class Fast3disNode(Node):
     def _publish_tf(self, result, pred) -> None:
         tfs = []
         T = np.asarray(result.T_map_cam)
+        if self._tf_buffer is not None and pred.depth_scale_metric:
+            self._publish_known_frame(result)
         for v in range(T.shape[0]):
             if not np.all(np.isfinite(T[v])):
                 continue
             child = self.p["camera_frame"].format(camera=pred.cameras[v])
+            if child in self._pose_input_frames:
+                continue  # a pose input already has its parent in the input TF tree
             tfs.append((int(pred.view_stamps_ns[v]), matrix_to_transform(T[v], self.map_frame, child,
                                                                           pred.view_stamps_ns[v])))
         tfs.sort(key=lambda x: x[0])
         if tfs:
             self.tf.send([t for _, t in tfs])
+
+    def _publish_known_frame(self, result) -> None:
+        """known_pose_frame -> map_frame for a pose-conditioned window (its world is known_pose_frame, so
+        T_known_map = inverse of the window's Sim(3) T_map_window; identity when the map was anchored on
+        known poses; a Sim(3) scale is dropped, TF is rigid)."""
+        if self.known_pose_frame == self.map_frame:
+            return
+        if self._publish_known_to_map is None:
+            # someone else already relates the two frames (e.g. map -> odom with known_pose_frame odom):
+            # publishing would give map_frame a second parent
+            taken = True
+            try:
+                self._tf_buffer.lookup(self.known_pose_frame, self.map_frame, 0)
+            except Exception:
+                taken = False
+            self._publish_known_to_map = not taken
+            if taken:
+                self.get_logger().warning(
+                    f"'{self.map_frame}' is already in the TF tree with '{self.known_pose_frame}': not publishing "
+                    f"{self.known_pose_frame} -> {self.map_frame} (set map_frame to a new name to get it)")
+        if not self._publish_known_to_map:
+            return
+        from ..geometry.align import sim3_inverse
+
+        T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
+        self.tf.send([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:

@@ -79,7 +79,17 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("map_frame", "map", "Fixed frame of the outputs (the first window's reference).",
               extra="non-empty, no leading '/'"),
     ParamSpec("use_known_intrinsics", True, "Give CameraInfo K to the network (else it estimates intrinsics)."),
-    ParamSpec("use_known_poses", False, "Give camera poses from TF to the network (map <- <camera>_optical_frame)."),
+    ParamSpec("use_known_poses", False,
+              "Give camera poses from TF to the network: T known_pose_frame <- image frame_id at the image stamp "
+              "(tf2_ros when installed, else the node's own /tf + /tf_static buffer). Needs K too; a window "
+              "uses poses only when every view has one. The map then coincides with known_pose_frame (the "
+              "node publishes known_pose_frame -> map_frame when they differ) and camera poses are not "
+              "re-published under a frame that is already a pose input (it would get a second TF parent): "
+              "set camera_frame to other names to get the fused poses on TF as well."),
+    ParamSpec("known_pose_frame", "world",
+              "Fixed frame of the input TF tree in which known camera poses are looked up (use_known_poses). "
+              "May equal map_frame (e.g. fast3dis-synth bags: map -> <camera>_optical_frame).",
+              extra="non-empty, no leading '/'"),
     # outputs
     ParamSpec("publish_window_cloud", True, "Also publish each window's own cloud on ~/window_cloud.",
               read_only=False),
@@ -127,8 +137,8 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
             return f"camera names must be non-empty [A-Za-z0-9_]: {bad}"
     if name in ("image_topic", "camera_info_topic", "compressed_topic", "camera_frame") and "{camera}" not in value:
         return f"{name} '{value}' must contain '{{camera}}'"
-    if name == "map_frame" and (not value or value.startswith("/")):
-        return f"map_frame '{value}' must be non-empty and not start with '/'"
+    if name in ("map_frame", "known_pose_frame") and (not value or value.startswith("/")):
+        return f"{name} '{value}' must be non-empty and not start with '/'"
     if name == "process_long_edge" and value != 0 and (value % 14 or value < 28):
         return f"process_long_edge={value} must be 0 or a multiple of 14 >= 28 (DA3 patch size)"
     if name in ("stride", "window_size"):
