@@ -13,10 +13,8 @@ through the same pipeline.
 
 Known poses (use_known_poses, GT on /tf as world -> <cam>_optical_frame, camera_frame {camera}_fused):
 the first window's published poses equal GT to 1e-9 m; later windows are aligned by MapFusion on their
-shared views with a depth-ratio scale (0.56 and 0.38 on this scene) although the windows are already in
-the known (metric) frame, which moves the cameras by up to 0.49 m. That is a fusion issue
-(pipeline/fusion.py, ``_align``: the scale should be 1 when both windows are pose-conditioned); the test
-reports it as an xfail with the measured error until it is fixed, and passes once it is.
+shared views; both windows are metric (pose-conditioned), so the alignment uses scale 1 and every
+window's poses equal GT (before that fix a depth-ratio scale of 0.56 / 0.38 moved cameras by up to 0.49 m).
 """
 
 import time
@@ -301,7 +299,5 @@ def test_scene_known_poses_over_dds(scene):
           f"(per window {[f'{e:.2e}' for e in errs]}), world->map max deviation from identity {w2m_err:.2e}; {elapsed:.1f} s")
     # first window: its world is the known frame, anchored as map
     assert err_first < 1e-6
-    if err_all > 1e-4 or w2m_err > 1e-4:
-        pytest.xfail(f"later windows moved off the known poses by up to {err_all:.3f} (world->map off identity by "
-                     f"{w2m_err:.3f}): MapFusion aligns pose-conditioned windows with a depth-ratio scale "
-                     "(pipeline/fusion.py _align); expected 0")
+    # later windows: MapFusion aligns two metric (pose-conditioned) windows with scale 1, so they stay exact
+    assert err_all < 1e-4 and w2m_err < 1e-4, (errs, w2m_err)

@@ -433,6 +433,7 @@ class VoxelMap:
 class _ViewRecord:
     T_cam_map: np.ndarray  # rigid, map units
     depth_map_units: np.ndarray | None  # subsampled depth * scale
+    metric: bool = False  # the window that first saw this view had metric depth (known poses / metric model)
 
 
 def _rigid_in_map(T_cam_world: np.ndarray, T_map_world: np.ndarray) -> np.ndarray:
@@ -523,7 +524,12 @@ class MapFusion:
                 idx = [v for v, _ in shared]
                 A = np.stack([rec.T_cam_map for _, rec in shared])
                 B = np.asarray(pred.T_cam_world, np.float64)[idx]
-                scale = self._depth_ratio(pred, shared)
+                # Two metric windows (e.g. both placed by known poses) share units: estimating a scale
+                # from their depth ratio would only add noise to an exact alignment.
+                if pred.depth_scale_metric and all(rec.metric for _, rec in shared):
+                    scale = 1.0
+                else:
+                    scale = self._depth_ratio(pred, shared)
                 info["depth_scale"] = scale
                 T = align_cameras(A, B, scale=scale, info=info)
                 return T, "shared_views", len(shared), scale
@@ -572,7 +578,8 @@ class MapFusion:
         for v in range(V):
             k = (pred.cameras[v], int(pred.view_stamps_ns[v]))
             if k not in self._views:
-                self._views[k] = _ViewRecord(T_cam_map[v], (pred.depth[v][::st, ::st] * s).astype(np.float32))
+                self._views[k] = _ViewRecord(T_cam_map[v], (pred.depth[v][::st, ::st] * s).astype(np.float32),
+                                             metric=bool(pred.depth_scale_metric) and abs(s - 1.0) < 1e-6)
         while len(self._views) > self.view_memory:
             self._views.popitem(last=False)
         self._T_map_window_prev = T_map_window
