@@ -337,22 +337,21 @@ def instance_ap(scenes: Iterable, iou_thresholds="scannet", min_region_size: int
 
 def backproject_depth(depth: np.ndarray, K: np.ndarray, T_world_cam: np.ndarray) -> np.ndarray:
     """Lift depth maps (V, H, W) (z-depth along the optical axis) with pinhole K (V, 3, 3) and
-    camera-to-world poses (V, 4, 4) to world points (V, H, W, 3) float64. Pixel centres at +0.5."""
+    camera-to-world poses (V, 4, 4) to world points (V, H, W, 3) float64.
+
+    Same pixel convention as the rest of the project (``geometry.cameras``: integer pixel centres, the
+    convention of the synthetic renderer's K and of OpenCV), so GT and predictions lift alike.
+    """
+    from ..geometry.cameras import transform_points, unproject_depth
+
     depth = np.asarray(depth, dtype=np.float64)
     single = depth.ndim == 2
     if single:
         depth, K, T_world_cam = depth[None], np.asarray(K)[None], np.asarray(T_world_cam)[None]
-    V, H, W = depth.shape
+    V = depth.shape[0]
     K = np.asarray(K, dtype=np.float64).reshape(V, 3, 3)
     T = np.asarray(T_world_cam, dtype=np.float64).reshape(V, 4, 4)
-    u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
-    out = np.empty((V, H, W, 3))
-    for i in range(V):
-        fx, fy, cx, cy = K[i, 0, 0], K[i, 1, 1], K[i, 0, 2], K[i, 1, 2]
-        x = (u - cx) / fx * depth[i]
-        y = (v - cy) / fy * depth[i]
-        pc = np.stack([x, y, depth[i]], -1)
-        out[i] = pc @ T[i, :3, :3].T + T[i, :3, 3]
+    out = np.stack([transform_points(T[i], unproject_depth(K[i], depth[i])) for i in range(V)])
     return out[0] if single else out
 
 
@@ -682,22 +681,10 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = N
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares (s, R, t) with dst ~ s R src + t (Umeyama 1991). src, dst: (N, 3)."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    n = src.shape[0]
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    cov = xd.T @ xs / n
-    U, D, Vt = np.linalg.svd(cov)
-    S = np.eye(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        S[2, 2] = -1
-    R = U @ S @ Vt
-    var_s = (xs**2).sum() / n
-    s = float(np.trace(np.diag(D) @ S) / var_s) if (with_scale and var_s > 0) else 1.0
-    t = mu_d - s * R @ mu_s
-    return s, R, t
+    """Least-squares (s, R, t) with dst ~ s R src + t (Umeyama 1991); the project's one implementation."""
+    from ..geometry.align import umeyama as _umeyama
+
+    return _umeyama(src, dst, with_scale=with_scale)
 
 
 def apply_sim3(sim3, xyz: np.ndarray) -> np.ndarray:
