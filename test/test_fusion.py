@@ -390,3 +390,16 @@ def test_bench_integrate_runs(capsys):
 
     out = bench_integrate(2, 24, 32, max_points=2000, windows=2)
     assert out["map_voxels"] == 2000 and "bench_integrate" in capsys.readouterr().out
+
+
+def test_stride_caps_points_per_view():
+    """The lifting stride grows with resolution so a view lifts about max_points_per_view pixels at most."""
+    from fast3dis_ros.pipeline.fusion import MapFusion
+
+    f = MapFusion(pixel_stride=2, max_points_per_view=20_000)
+    assert f.stride_for((140, 196)) == 2  # 27k px: the base stride already fits
+    assert f.stride_for((378, 504)) == 4  # 190k px -> ceil(sqrt(9.5)) = 4
+    h, w = 378, 504
+    s = f.stride_for((h, w))
+    assert ((h + s - 1) // s) * ((w + s - 1) // s) <= 20_000 * 1.2
+    assert MapFusion(pixel_stride=3, max_points_per_view=0).stride_for((1000, 1000)) == 3

@@ -131,7 +131,8 @@ class Fast3disNode(Node):
 
         fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
-                           use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame)
+                           use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
+                           max_points_per_view=self.p["max_points_per_view"])
         self.runner = PipelineRunner(
             self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9),
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],

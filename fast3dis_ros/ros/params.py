@@ -72,6 +72,9 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("voxel_size", 0.02, "Voxel size of the running map (map units: metres when metric).", (1e-4, 10.0)),
     ParamSpec("max_map_points", 1_000_000, "Cap on running map points (oldest voxels dropped first).",
               (1000, 50_000_000)),
+    ParamSpec("max_points_per_view", 20_000, "Fusion lifts at most about this many pixels per view (a coarser "
+              "pixel stride at high processing resolution keeps fusion off the latency path); 0: no cap.",
+              (0, 10_000_000)),
     ParamSpec("camera_frame", "{camera}_optical_frame",
               "TF child frame template of the estimated camera poses (map -> camera_frame).",
               extra="must contain {camera}"),
