@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from .image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
+
 __all__ = [
     "BagReadError",
     "BagWriter",
@@ -56,14 +58,6 @@ CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 TF = "tf2_msgs/msg/TFMessage"
 STRING = "std_msgs/msg/String"
 GT_INSTANCES_TOPIC = "/fast3dis_gt/instances"
-
-# encoding -> (numpy dtype, channels)
-_ENCODINGS = {
-    "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3), "rgba8": (np.uint8, 4), "bgra8": (np.uint8, 4),
-    "mono8": (np.uint8, 1), "8uc1": (np.uint8, 1), "mono16": (np.uint16, 1), "16uc1": (np.uint16, 1),
-    "32fc1": (np.float32, 1), "32sc1": (np.int32, 1), "64fc1": (np.float64, 1), "8uc3": (np.uint8, 3),
-}
-
 
 class BagReadError(RuntimeError):
     """A rosbag2 could not be read (missing, corrupt, truncated, or an undecodable message)."""
@@ -158,13 +152,13 @@ def _stamp_ns(stamp) -> int:
 
 
 def image_dict(arr: np.ndarray, encoding: str, frame_id: str, stamp_ns: int) -> dict:
-    """sensor_msgs/Image as a dict (little endian, tightly packed rows)."""
-    arr = np.ascontiguousarray(arr)
-    h, w = arr.shape[:2]
+    """sensor_msgs/Image as a dict (little endian, tightly packed rows; ``data`` is a view of a
+    C-contiguous ``arr`` whose dtype already fits ``encoding``)."""
+    buf, h, w, step = encode_raw(arr, encoding, ignore_case=True)
     return {
         "header": {"stamp": _stamp(stamp_ns), "frame_id": frame_id},
         "height": h, "width": w, "encoding": encoding, "is_bigendian": False,
-        "step": int(arr.strides[0]), "data": arr.view(np.uint8).reshape(-1),
+        "step": step, "data": buf,
     }
 
 
@@ -321,39 +315,24 @@ class StreamMessage(NamedTuple):
 
 
 def decode_image(msg) -> np.ndarray:
-    """sensor_msgs/Image (rosbags or rclpy) -> numpy. Colour encodings come back RGB (alpha dropped)."""
-    enc = str(msg.encoding).lower()
-    if enc not in _ENCODINGS:
-        raise BagReadError(f"unsupported image encoding {msg.encoding!r}")
-    dt, ch = _ENCODINGS[enc]
-    dt = np.dtype(dt).newbyteorder(">" if msg.is_bigendian else "<")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    row = w * ch * dt.itemsize
-    buf = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), dtype=np.uint8)
-    if step < row or buf.size < step * (h - 1) + row:
-        raise BagReadError(f"image buffer too small: {buf.size} bytes for {h}x{w} {msg.encoding} step {step}")
-    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, row), strides=(step, 1)) if h else buf[:0].reshape(0, row)
-    arr = np.ascontiguousarray(rows).view(dt).astype(dt.newbyteorder("="), copy=False)
-    arr = arr.reshape(h, w, ch) if ch > 1 else arr.reshape(h, w)
-    if enc in ("bgr8", "bgra8"):
-        arr = arr[..., [2, 1, 0]]
-    elif enc == "rgba8":
-        arr = arr[..., :3]
-    return np.ascontiguousarray(arr)
+    """sensor_msgs/Image (rosbags or rclpy) -> numpy. Colour encodings come back RGB (alpha dropped),
+    1-channel ones (H, W). Encoding names are matched case-insensitively; recorded data only needs to
+    cover the last row's pixels (see ``image_codec.decode_raw(strict=False)``)."""
+    try:
+        enc, _, ch = lookup_encoding(str(msg.encoding), ignore_case=True)
+        arr = decode_raw(enc, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data, strict=False)
+        return to_rgb(arr, enc) if ch > 1 else arr
+    except ImageDecodeError as e:
+        raise BagReadError(str(e)) from e
 
 
 def _decode_compressed(msg) -> np.ndarray:
-    import cv2
-
-    buf = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise BagReadError(f"cannot decode CompressedImage (format {msg.format!r})")
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = img[..., ::-1]
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[..., [2, 1, 0]]
-    return np.ascontiguousarray(img)
+    """CompressedImage -> numpy via OpenCV: colour RGB (alpha dropped), grey (H, W); any format
+    OpenCV can decode."""
+    try:
+        return decode_compressed(str(msg.format), msg.data, check_format=False)
+    except ImageDecodeError as e:
+        raise BagReadError(str(e)) from e
 
 
 def _camera_info(msg) -> dict:

@@ -9,22 +9,27 @@
   ``fast3dis_ros.geometry.clouds.POINT_FIELDS`` (x y z rgb instance score).
 - ``instances_to_msg`` / ``instances_to_markers``: fast3dis_msgs/InstanceArray and MarkerArray.
 
-Problems with an input raise ``ImageConversionError`` (a ``ValueError``) whose message says what is
-wrong; the node logs it (throttled) and counts it in diagnostics.
+Image decoding/encoding is ``fast3dis_ros.data.image_codec`` (shared with ``data/bags.py``); marker
+contents are ``fast3dis_ros.pipeline.markers.instance_markers`` (shared with ``eval/output_bag.py``).
+
+Problems with an input raise ``ImageConversionError`` (a ``ValueError``; the same class as
+``image_codec.ImageDecodeError``) whose message says what is wrong; the node logs it (throttled) and
+counts it in diagnostics.
 """
 
 from __future__ import annotations
 
 import array
-import colorsys
-import math
 
 import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
+from ..data.image_codec import ENCODINGS as _CODEC_ENCODINGS
+from ..data.image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, to_rgb
 from ..pipeline.frames import InstanceCloud, InstanceSummary
+from ..pipeline.markers import instance_color, instance_markers  # noqa: F401 - instance_color re-exported
 
 __all__ = [
     "ImageConversionError",
@@ -44,27 +49,14 @@ __all__ = [
 ]
 
 
-class ImageConversionError(ValueError):
-    """An Image/CompressedImage message that cannot be converted (reason in the text; ``kind`` is a
-    short tag: encoding, size, step, decode, format, empty; used to throttle logs and count)."""
+# One exception class for every image problem, shared with data/bags.py through data/image_codec.py
+# (an alias, so ``except ImageConversionError`` and ``e.kind`` work as before).
+ImageConversionError = ImageDecodeError
 
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
-
-
-# encoding -> (numpy base dtype, channels)
+# encoding -> (numpy base dtype, channels): the subset of image_codec.ENCODINGS the node accepts
 ENCODINGS: dict[str, tuple[str, int]] = {
-    "rgb8": ("u1", 3),
-    "bgr8": ("u1", 3),
-    "rgba8": ("u1", 4),
-    "bgra8": ("u1", 4),
-    "mono8": ("u1", 1),
-    "8UC1": ("u1", 1),
-    "8UC3": ("u1", 3),
-    "mono16": ("u2", 1),
-    "16UC1": ("u2", 1),
-    "32FC1": ("f4", 1),
+    k: _CODEC_ENCODINGS[k]
+    for k in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3", "mono16", "16UC1", "32FC1")
 }
 
 # ----------------------------------------------------------------------------------------- stamps
@@ -92,76 +84,20 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     Row padding (``step`` > width * pixel size) is skipped without copying the padding; the result
     is a view on a private copy of the data (safe to keep after the message is gone).
     """
-    enc = msg.encoding
-    if enc not in ENCODINGS:
-        raise ImageConversionError(
-            f"unsupported image encoding '{enc}' (supported: {', '.join(ENCODINGS)})", kind="encoding"
-        )
-    base, ch = ENCODINGS[enc]
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0:
-        raise ImageConversionError(f"empty image ({w}x{h})", kind="empty")
-    itemsize = np.dtype(base).itemsize
-    row = w * ch * itemsize
-    if step < row:
-        raise ImageConversionError(
-            f"step {step} is smaller than width*pixel size {w}*{ch * itemsize}={row} for {enc}", kind="step"
-        )
-    if step % itemsize:
-        raise ImageConversionError(f"step {step} is not a multiple of the {enc} item size {itemsize}", kind="step")
-    n = len(msg.data)
-    if n != step * h:
-        raise ImageConversionError(f"data has {n} bytes, expected step*height = {step}*{h} = {step * h}", kind="size")
-    dt = np.dtype(base).newbyteorder(">" if msg.is_bigendian else "<") if itemsize > 1 else np.dtype(base)
-    raw = np.frombuffer(msg.data, np.uint8).copy()
-    rows = raw.reshape(h, step)[:, :row]
-    arr = np.ascontiguousarray(rows).view(dt).reshape(h, w, ch) if ch > 1 else np.ascontiguousarray(rows).view(dt).reshape(h, w)
-    if itemsize > 1 and not dt.isnative:
-        arr = arr.astype(dt.newbyteorder("="))
-    return arr
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data,
+                      encodings=ENCODINGS, strict=True)
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
     """(H, W, 3) uint8 RGB for the pipeline (mono is replicated, alpha dropped, BGR swapped)."""
-    arr = image_to_numpy(msg)
-    enc = msg.encoding
-    if enc in ("rgb8", "8UC3"):
-        return arr
-    if enc == "bgr8":
-        return np.ascontiguousarray(arr[..., ::-1])
-    if enc == "rgba8":
-        return np.ascontiguousarray(arr[..., :3])
-    if enc == "bgra8":
-        return np.ascontiguousarray(arr[..., 2::-1])
-    if enc in ("mono8", "8UC1"):
-        return np.repeat(arr[..., None], 3, axis=2)
-    raise ImageConversionError(f"encoding '{enc}' is not a colour image (depth/16-bit cannot feed the network)", kind="encoding")
+    return to_rgb(image_to_numpy(msg), msg.encoding)
 
 
 def numpy_to_image(arr: np.ndarray, encoding: str, header: Header | None = None, step: int | None = None,
                    is_bigendian: bool = False) -> Image:
     """Image message from an array in ``encoding``'s channel order; ``step`` > row size pads rows
     (used by tests); multi-byte encodings are written in the requested byte order."""
-    if encoding not in ENCODINGS:
-        raise ImageConversionError(f"unsupported image encoding '{encoding}'", kind="encoding")
-    base, ch = ENCODINGS[encoding]
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[2] != ch:
-        raise ImageConversionError(f"array of shape {np.shape(arr)} does not fit {encoding} ({ch} channel(s))", kind="size")
-    h, w = a.shape[:2]
-    dt = np.dtype(base).newbyteorder(">" if is_bigendian else "<")
-    a = np.ascontiguousarray(a.astype(dt, copy=False))
-    row = w * ch * dt.itemsize
-    step = row if step is None else int(step)
-    if step < row:
-        raise ImageConversionError(f"step {step} < row size {row}", kind="step")
-    if step > row:
-        buf = np.zeros((h, step), np.uint8)
-        buf[:, :row] = a.view(np.uint8).reshape(h, row)
-    else:
-        buf = a.view(np.uint8)
+    buf, h, w, step = encode_raw(arr, encoding, step=step, is_bigendian=is_bigendian, encodings=ENCODINGS)
     msg = Image()
     if header is not None:
         msg.header = header
@@ -173,26 +109,8 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header: Header | None = None,
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a jpeg/png CompressedImage (image_transport 'compressed' format)."""
-    fmt = (msg.format or "").lower()
-    if "compresseddepth" in fmt:
-        raise ImageConversionError(f"compressedDepth images are not supported (format '{msg.format}')", kind="format")
-    if fmt and not any(k in fmt for k in ("jpeg", "jpg", "png")):
-        raise ImageConversionError(f"unsupported CompressedImage format '{msg.format}' (jpeg or png expected)", kind="format")
-    if len(msg.data) == 0:
-        raise ImageConversionError("CompressedImage has no data", kind="empty")
-    import cv2  # lazy: only needed when compressed input is enabled
-
-    buf = np.frombuffer(msg.data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ImageConversionError(f"OpenCV could not decode the CompressedImage ({len(buf)} bytes, format '{msg.format}')", kind="decode")
-    if img.dtype != np.uint8:
-        raise ImageConversionError(f"decoded image has dtype {img.dtype}, 8-bit colour expected", kind="decode")
-    if img.ndim == 2:
-        return np.repeat(img[..., None], 3, axis=2)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    img = decode_compressed(msg.format, msg.data, check_format=True, uint8_only=True)
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
 
 
 # ------------------------------------------------------------------------------------- CameraInfo
@@ -299,12 +217,6 @@ def pointcloud2_to_structured(msg: PointCloud2) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- instances / markers
-def instance_color(instance_id: int) -> tuple[float, float, float]:
-    """Stable, well separated RGB in [0, 1] for an instance id (golden-ratio hue walk)."""
-    h = (int(instance_id) * 0.618033988749895) % 1.0
-    return colorsys.hsv_to_rgb(h, 0.75, 0.95)
-
-
 def instances_to_msg(instances: list[InstanceSummary], frame_id: str, stamp_ns: int):
     """fast3dis_msgs/InstanceArray."""
     from fast3dis_msgs.msg import Instance, InstanceArray
@@ -328,50 +240,21 @@ def instances_to_msg(instances: list[InstanceSummary], frame_id: str, stamp_ns: 
 
 def instances_to_markers(instances: list[InstanceSummary], frame_id: str, stamp_ns: int,
                          ns: str = "fast3dis", min_size: float = 1e-3, text_height: float = 0.1):
-    """MarkerArray: DELETEALL, then per instance a CUBE (its box) and a TEXT_VIEW_FACING id label."""
+    """MarkerArray: DELETEALL, then per instance a CUBE (its box) and a TEXT_VIEW_FACING id label
+    (the description is ``pipeline.markers.instance_markers``, shared with the output bags)."""
     from visualization_msgs.msg import Marker, MarkerArray
 
     stamp = ns_to_stamp(stamp_ns)
     out = MarkerArray()
-    clear = Marker()
-    clear.header.frame_id = frame_id
-    clear.header.stamp = stamp
-    clear.ns = ns
-    clear.action = Marker.DELETEALL
-    out.markers.append(clear)
-    for s in instances:
-        lo = np.asarray(s.bbox_min, np.float64).reshape(3)
-        hi = np.asarray(s.bbox_max, np.float64).reshape(3)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            continue
-        r, g, b = instance_color(s.id)
-        center = (lo + hi) / 2.0
-        size = np.maximum(hi - lo, min_size)
-        box = Marker()
-        box.header.frame_id = frame_id
-        box.header.stamp = stamp
-        box.ns = ns + "/boxes"
-        box.id = int(s.id)
-        box.type = Marker.CUBE
-        box.action = Marker.ADD
-        box.pose.position.x, box.pose.position.y, box.pose.position.z = (float(v) for v in center)
-        box.pose.orientation.w = 1.0
-        box.scale.x, box.scale.y, box.scale.z = (float(v) for v in size)
-        box.color.r, box.color.g, box.color.b, box.color.a = float(r), float(g), float(b), 0.35
-        out.markers.append(box)
-        text = Marker()
-        text.header.frame_id = frame_id
-        text.header.stamp = stamp
-        text.ns = ns + "/labels"
-        text.id = int(s.id)
-        text.type = Marker.TEXT_VIEW_FACING
-        text.action = Marker.ADD
-        text.pose.position.x, text.pose.position.y = float(center[0]), float(center[1])
-        text.pose.position.z = float(hi[2] + text_height)
-        text.pose.orientation.w = 1.0
-        text.scale.z = float(text_height)
-        text.color.r, text.color.g, text.color.b, text.color.a = float(r), float(g), float(b), 1.0
-        score = float(s.score)
-        text.text = f"{int(s.id)} ({score:.2f})" if math.isfinite(score) else str(int(s.id))
-        out.markers.append(text)
+    for d in instance_markers(instances, ns=ns, min_size=min_size, text_height=text_height):
+        m = Marker()
+        m.header.frame_id = frame_id
+        m.header.stamp = stamp
+        m.ns, m.id, m.type, m.action, m.text = d["ns"], d["id"], d["type"], d["action"], d["text"]
+        m.pose.position.x, m.pose.position.y, m.pose.position.z = d["position"]
+        q = m.pose.orientation
+        q.x, q.y, q.z, q.w = d["orientation"]
+        m.scale.x, m.scale.y, m.scale.z = d["scale"]
+        m.color.r, m.color.g, m.color.b, m.color.a = d["color"]
+        out.markers.append(m)
     return out
