@@ -34,6 +34,7 @@ import numpy as np
 
 from ..geometry.clouds import POINT_DTYPE, POINT_FIELDS, POINT_STEP, pointcloud_structured, structured_to_cloud
 from ..pipeline.frames import InstanceCloud, InstanceSummary
+from ..pipeline.markers import instance_markers
 
 __all__ = [
     "TOPIC_WINDOW_CLOUD",
@@ -120,13 +121,6 @@ def _quat_xyzw(R: np.ndarray) -> np.ndarray:
     return Rotation.from_matrix(R).as_quat()  # x, y, z, w
 
 
-def _colour(i: int) -> tuple[float, float, float]:
-    """Deterministic distinct colour per instance id (golden-ratio hue walk)."""
-    import colorsys
-
-    return colorsys.hsv_to_rgb((int(i) * 0.618033988749895) % 1.0, 0.75, 0.95)
-
-
 class OutputBagWriter:
     """Context manager writing output topics to a new rosbag2 (mcap by default; sqlite3 optional).
 
@@ -200,44 +194,33 @@ class OutputBagWriter:
                            "num_points": int(s.n_points), "views_seen": int(s.views_seen)} for s in instances],
         })
 
-    def _marker(self, header, ns: str, mid: int, mtype: int, action: int, pos, scale, rgba, text: str = ""):
+    def _marker(self, header, d: dict):
+        """visualization_msgs/Marker from one ``pipeline.markers.instance_markers`` description."""
         T = self.ts.types
         V = T["geometry_msgs/msg/Vector3"]
+        pos, q, scale, rgba = d["position"], d["orientation"], d["scale"], d["color"]
         pose = T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=pos[0], y=pos[1], z=pos[2]),
-                                           orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
+                                           orientation=T["geometry_msgs/msg/Quaternion"](x=q[0], y=q[1], z=q[2], w=q[3]))
         return T["visualization_msgs/msg/Marker"](
-            header=header, ns=ns, id=int(mid), type=int(mtype), action=int(action), pose=pose,
-            scale=V(x=float(scale[0]), y=float(scale[1]), z=float(scale[2])),
-            color=T["std_msgs/msg/ColorRGBA"](r=float(rgba[0]), g=float(rgba[1]), b=float(rgba[2]), a=float(rgba[3])),
+            header=header, ns=d["ns"], id=d["id"], type=d["type"], action=d["action"], pose=pose,
+            scale=V(x=scale[0], y=scale[1], z=scale[2]),
+            color=T["std_msgs/msg/ColorRGBA"](r=rgba[0], g=rgba[1], b=rgba[2], a=rgba[3]),
             lifetime=T["builtin_interfaces/msg/Duration"](sec=0, nanosec=0), frame_locked=False, points=[],
             colors=[], texture_resource="",
             texture=T["sensor_msgs/msg/CompressedImage"](header=header, format="", data=np.zeros(0, np.uint8)),
-            uv_coordinates=[], text=text, mesh_resource="",
+            uv_coordinates=[], text=d["text"], mesh_resource="",
             mesh_file=T["visualization_msgs/msg/MeshFile"](filename="", data=np.zeros(0, np.uint8)),
             mesh_use_embedded_materials=False,
         )
 
     def marker_array(self, instances: list[InstanceSummary], frame_id: str, stamp_ns: int, ns: str = "fast3dis",
                      text_height: float = 0.1):
-        """Same markers as the node (ros/conversions.instances_to_markers): DELETEALL, then per instance a
-        CUBE (its axis-aligned box, ns ``fast3dis/boxes``) and a TEXT label ``id (score)`` (``fast3dis/labels``)."""
-        T = self.ts.types
-        M = T["visualization_msgs/msg/Marker"]
+        """Same markers as the node (both built from ``pipeline.markers.instance_markers``): DELETEALL, then
+        per instance a CUBE (its axis-aligned box, ns ``fast3dis/boxes``) and a TEXT label ``id (score)``
+        (``fast3dis/labels``)."""
         hdr = _header(self.ts, frame_id, stamp_ns)
-        markers = [self._marker(hdr, ns, 0, M.ARROW, M.DELETEALL, (0.0, 0.0, 0.0), (0, 0, 0), (0, 0, 0, 0))]
-        for s in instances:
-            lo, hi = np.asarray(s.bbox_min, float).reshape(3), np.asarray(s.bbox_max, float).reshape(3)
-            if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-                continue
-            ctr, size = (lo + hi) / 2, np.maximum(hi - lo, 1e-3)
-            r, g, b = _colour(s.id)
-            markers.append(self._marker(hdr, ns + "/boxes", s.id, M.CUBE, M.ADD, ctr, size, (r, g, b, 0.35)))
-            sc = float(s.score)
-            markers.append(self._marker(hdr, ns + "/labels", s.id, M.TEXT_VIEW_FACING, M.ADD,
-                                        (ctr[0], ctr[1], hi[2] + text_height), (0.0, 0.0, text_height),
-                                        (r, g, b, 1.0),
-                                        text=f"{int(s.id)} ({sc:.2f})" if np.isfinite(sc) else str(int(s.id))))
-        return T["visualization_msgs/msg/MarkerArray"](markers=markers)
+        markers = [self._marker(hdr, d) for d in instance_markers(instances, ns=ns, text_height=text_height)]
+        return self.ts.types["visualization_msgs/msg/MarkerArray"](markers=markers)
 
     def tf_message(self, parent: str, children: list[str], T_parent_child: np.ndarray, stamps_ns: list[int]):
         T = self.ts.types
