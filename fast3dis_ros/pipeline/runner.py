@@ -107,7 +107,11 @@ class PipelineRunner:
         watchdog_timeout_ns: int = 2_000_000_000,
         reset_map_on_time_jump: bool = True,
         clock: Callable[[], int] = time.monotonic_ns,
+        sync=None,
     ) -> None:
+        """``sync``: an alternative synchroniser with the ``ApproximateTimeSync`` interface (``push``,
+        ``flush``, ``pushed``, ``emitted_sets``, ``pending_count``, ``drops``, ``resets``), e.g. the ROS
+        layer's message_filters adapter; default: the project's ``ApproximateTimeSync``."""
         self.cameras = list(cameras)
         self.sync_mode = bool(sync_mode)
         self.clock = clock
@@ -124,8 +128,8 @@ class PipelineRunner:
         self.dropped = DropCounter()
         self.fusion_ms = LatencyStats()
         self.e2e_ms = LatencyStats()  # window creation -> fusion result
-        self.sync = ApproximateTimeSync(self.cameras, slop_ns, sync_queue_size, jump_back_ns,
-                                        on_reset=self._on_time_jump)
+        self.sync = sync if sync is not None else ApproximateTimeSync(
+            self.cameras, slop_ns, sync_queue_size, jump_back_ns, on_reset=self._on_time_jump)
         self.window = SlidingWindow(window_size, stride, max_views, on_evict=self._on_evict, clock=clock)
         self.watchdog = SyncWatchdog(self.cameras, watchdog_timeout_ns, clock=clock)
         self.engine = InferenceEngine(predict_fn, queue_depth, on_result=self._on_result, on_drop=self._on_drop,

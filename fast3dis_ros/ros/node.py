@@ -133,8 +133,14 @@ class Fast3disNode(Node):
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
                            use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
                            max_points_per_view=self.p["max_points_per_view"])
+        from .sync_adapter import make_synchronizer
+
+        sync = None  # the runner's own ApproximateTimeSync (with time-jump reset)
+        if self.p["sync_backend"] == "message_filters":
+            sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
+                                     backend="message_filters")
         self.runner = PipelineRunner(
-            self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9),
+            self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9), sync=sync,
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
             fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion,
             on_error=self._on_engine_error, on_oom=self._on_oom,
@@ -363,7 +369,8 @@ class Fast3disNode(Node):
             frames = acc.get("frames", {})
             eng = acc.get("windows", {}).get("engine", {})
             sets = acc.get("frame_sets", {})
-            sync = {"backend": "pipeline.sync.ApproximateTimeSync", "frame_sets": sets.get("received", 0),
+            backend = getattr(self.runner.sync, "backend", "project")
+            sync = {"backend": backend, "frame_sets": sets.get("received", 0),
                     "drops": frames.get("dropped", {})}
             em = eng.get("engine_ms", {})
             engine = {

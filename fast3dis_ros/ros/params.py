@@ -46,6 +46,10 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
     ParamSpec("sync_queue_size", 10, "Approximate-time sync: frames kept per camera while matching.", (1, 1000)),
     # windowing
+    ParamSpec("sync_backend", "project", "Frame-set grouping: 'project' (the package's ApproximateTimeSync: same "
+              "matching rule as message_filters, plus drop counts by reason and a reset when time jumps back, "
+              "e.g. a looping bag) or 'message_filters' (ApproximateTimeSynchronizer; needs a ROS 2 install).",
+              choices=("project", "message_filters")),
     ParamSpec("window_size", 8, "Frame sets per inference window (views = window_size x cameras).", (1, 512)),
     ParamSpec("stride", 4, "A new window every `stride` frame sets (stride <= window_size: overlapping windows "
               "share frame sets, which aligns them to the map).", (1, 512), extra="stride <= window_size"),

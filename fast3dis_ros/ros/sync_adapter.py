@@ -70,12 +70,23 @@ class MessageFiltersSync:
         self._next = 0
         self.pushed = 0
         self.emitted_frames = 0
+        self.emitted_sets = 0
+        self.resets = 0  # message_filters has no time-jump reset; a jump back just leaves frames unmatched
         self.drops = _Counts(self)
+
+    def pending_count(self) -> int:
+        """message_filters does not expose its queues: frames waiting there count as ``unmatched``."""
+        return 0
+
+    def flush(self) -> list[FrameSet]:
+        """Nothing to flush from outside message_filters; what it still holds stays ``unmatched``."""
+        return []
 
     def _on_set(self, *msgs) -> None:
         frames = [m.frame for m in msgs]
         self._out.append(FrameSet(self._next, max(f.stamp_ns for f in frames), frames))
         self._next += 1
+        self.emitted_sets += 1
         self.emitted_frames += len(frames)
 
     def push(self, frame: CameraFrame) -> list[FrameSet]:
