@@ -153,3 +153,30 @@ def wait_for_subscribers(ctx: RosContext, publisher, n: int = 1, timeout: float 
 
 def wait_for_publishers(ctx: RosContext, subscription, n: int = 1, timeout: float = 20.0) -> bool:
     return ctx.spin_until(lambda: subscription.get_publisher_count() >= n, timeout)
+
+
+class StubPredictor:
+    """A predictor for in-process node tests that publish no images: it must never be called."""
+
+    score_threshold = 0.5
+
+    def predict(self, window):
+        raise AssertionError("predict called in a test that publishes no images")
+
+
+def in_process_node():
+    """Generator for a pytest fixture: a Fast3disNode in this process (own context and domain id) with a
+    StubPredictor; shut down cleanly afterwards."""
+    import rclpy
+
+    from fast3dis_ros.ros.node import Fast3disNode
+
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx, domain_id=unique_domain_id())
+    n = Fast3disNode(predictor=StubPredictor(), context=ctx)
+    try:
+        yield n
+    finally:
+        n.shutdown()
+        n.destroy_node()
+        rclpy.shutdown(context=ctx)

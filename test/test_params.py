@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from ros_helpers import ROOT, ros_env, unique_domain_id  # noqa: E402
+from ros_helpers import ROOT, in_process_node, ros_env, unique_domain_id  # noqa: E402
 
 from fast3dis_ros.ros import params as P  # noqa: E402
 
@@ -49,26 +49,9 @@ def test_validate_accepts_defaults_and_ints_for_floats():
     assert P.validate("use_sim_time", True) is None  # not ours
 
 
-class _StubPredictor:
-    score_threshold = 0.5
-
-    def predict(self, window):  # never called: no images are published in this test
-        raise AssertionError
-
-
 @pytest.fixture
 def node():
-    import rclpy
-
-    from fast3dis_ros.ros.node import Fast3disNode
-
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=unique_domain_id())
-    n = Fast3disNode(predictor=_StubPredictor(), context=ctx)
-    yield n
-    n.shutdown()
-    n.destroy_node()
-    rclpy.shutdown(context=ctx)
+    yield from in_process_node()
 
 
 def test_descriptors_and_runtime_callback(node):

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from ros_helpers import ROOT, RosContext, RosProcess, ros_env, unique_domain_id  # noqa: E402
+from ros_helpers import ROOT, RosContext, RosProcess, in_process_node, ros_env, unique_domain_id  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from fast3dis_ros.data.bags import (CAMERA_INFO, IMAGE, BagReadError, BagWriter, camera_info_dict,  # noqa: E402
@@ -62,26 +62,9 @@ def test_step_and_size_mismatch(h, w, step, n, kind):
 
 
 # -------------------------------------------------------------------------- in-process node (no images)
-class _StubPredictor:
-    score_threshold = 0.5
-
-    def predict(self, window):
-        raise AssertionError("not called")
-
-
 @pytest.fixture
 def node():
-    import rclpy
-
-    from fast3dis_ros.ros.node import Fast3disNode
-
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=unique_domain_id())
-    n = Fast3disNode(predictor=_StubPredictor(), context=ctx)
-    yield n
-    n.shutdown()
-    n.destroy_node()
-    rclpy.shutdown(context=ctx)
+    yield from in_process_node()
 
 
 def _info(k, width=64, height=48):
