@@ -74,8 +74,7 @@ __all__ = [
     "find_scene_dirs",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips camera y and z: OpenGL/nerfstudio <-> OpenCV
 
 

@@ -42,8 +42,7 @@ from omegaconf import OmegaConf
 from fast3dis_ros.model.config import BackboneConfig
 
 PATCH_SIZE = 14
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
 
 
 class TinyDinoV2(nn.Module):

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: DA3's input normalisation (ImageNet mean/std, RGB in [0, 1]); the one definition for the model,
+#: the dataset readers and the training transforms.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 #: DA3 sizes: registry name, ViT embed dim, depth, heads, tapped blocks, alt_start.
 DA3_SPECS: dict[str, dict[str, Any]] = {
     "tiny": dict(registry=None, embed_dim=96, depth=6, num_heads=3, out_layers=[2, 3, 4, 5], alt_start=2),

@@ -39,8 +39,7 @@ __all__ = [
     "TargetCollate",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
 
 
 def _t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
