@@ -39,10 +39,19 @@ from depth_anything_3.registry import MODEL_REGISTRY
 from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
 from omegaconf import OmegaConf
 
+from fast3dis_ros.model.camera_encoding import encode_cameras
 from fast3dis_ros.model.config import BackboneConfig
+from fast3dis_ros.model.grid_rope import install_grid_rope, rope_table_len
 
 PATCH_SIZE = 14
 from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
+
+
+def autocast_off(device_type: str):
+    """DA3 runs its camera encoder and heads in fp32; ``meta`` (shape-only runs) has no autocast."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class TinyDinoV2(nn.Module):
@@ -246,6 +255,9 @@ class DA3Backbone(nn.Module):
         self.net.eval()
         self.vit: DinoVisionTransformer = self.net.backbone.pretrained
         self.out_layers = list(self.net.backbone.out_layers)
+        # RoPE table sized on the host: no device->host sync per block (see grid_rope.py)
+        self._rope = install_grid_rope(self.vit)
+        self._grid_cache: dict[tuple, torch.Tensor] = {}
         self.lora_start = cfg.lora_start
         # DA3 computes DualDPT's ray branch and then discards it when a camera decoder exists;
         # skipping it leaves depth/conf/cameras bit-identical and saves a large part of the head.
@@ -324,8 +336,9 @@ class DA3Backbone(nn.Module):
     # ------------------------------------------------------------------ trunk
     def encode_cameras(self, K: torch.Tensor, T_cam_world: torch.Tensor, image_hw) -> torch.Tensor:
         """DA3's camera encoder: (B, V, D) camera tokens from known intrinsics + extrinsics."""
-        with torch.autocast(device_type=K.device.type, enabled=False):
-            return self.net.cam_enc(T_cam_world.float(), K.float(), image_hw)
+        with autocast_off(K.device.type):
+            # same arithmetic as self.net.cam_enc(...), without its host syncs (camera_encoding.py)
+            return encode_cameras(self.net.cam_enc, T_cam_world.float(), K.float(), image_hw)
 
     def _stem(self, images: torch.Tensor, K, T_cam_world) -> _TrunkState:
         if images.ndim != 5 or images.shape[2] != 3:
@@ -340,8 +353,32 @@ class DA3Backbone(nn.Module):
             cam_token = self.encode_cameras(K, T_cam_world, images.shape[-2:])
         vit = self.vit
         x = vit.prepare_tokens_with_masks(images)
-        pos, pos_nodiff = vit._prepare_rope(B, S, H, W, images.device)
+        pos, pos_nodiff = self._prepare_rope(B, S, H, W, images.device)
         return _TrunkState(x, None, None, 0, pos, pos_nodiff, cam_token)
+
+    def _prepare_rope(self, B: int, S: int, H: int, W: int, device: torch.device):
+        """``DinoVisionTransformer._prepare_rope`` with every tensor made on ``device``.
+
+        DA3 builds the special-token positions on the CPU and copies them over, a synchronising
+        host-to-device copy that also cannot be captured in a CUDA graph; the values are the same.
+        """
+        vit = self.vit
+        if vit.rope is None:
+            return None, None
+        gh, gw = H // vit.patch_size, W // vit.patch_size
+        self._rope.table_len = rope_table_len(gh, gw, vit.patch_start_idx)
+        key = (gh, gw, str(device))
+        grid = self._grid_cache.get(key)
+        if grid is None:  # DA3's PositionGetter caches per grid size only, not per device
+            grid = torch.cartesian_prod(torch.arange(gh, device=device), torch.arange(gw, device=device))
+            self._grid_cache[key] = grid
+        pos = grid.view(1, 1, gh * gw, 2).expand(B, S, -1, -1).clone()
+        pos_nodiff = torch.zeros_like(pos)
+        if vit.patch_start_idx > 0:
+            special = torch.zeros(B, S, vit.patch_start_idx, 2, device=device, dtype=pos.dtype)
+            pos = torch.cat([special, pos + 1], dim=2)
+            pos_nodiff = torch.cat([special, pos_nodiff + 1], dim=2)
+        return pos, pos_nodiff
 
     def _run_blocks(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
         """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state."""
@@ -402,7 +439,7 @@ class DA3Backbone(nn.Module):
 
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
-        with torch.autocast(device_type=device_type, enabled=False):
+        with autocast_off(device_type):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
                 output = dualdpt_depth_only(net.head, feats, H, W)
             else:

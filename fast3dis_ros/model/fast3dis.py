@@ -47,7 +47,7 @@ def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
         indexing="ij",
     )
     pix = torch.stack([u, v, torch.ones_like(u)], 0).reshape(3, H * W)  # (3, HW)
-    Kinv = torch.linalg.inv(K.float())  # (B,V,3,3)
+    Kinv = torch.linalg.inv_ex(K.float()).inverse  # (B,V,3,3)
     rays = Kinv @ pix  # (B,V,3,HW)
     p_cam = rays * depth.float().reshape(B, V, 1, H * W)
     T_wc = rigid_inverse(T_cam_world.float())

@@ -94,19 +94,16 @@ def scene_normalization(points_world: Tensor, patch_hw: tuple[int, int]) -> tupl
     B, V = points_world.shape[:2]
     p = F.interpolate(points_world.flatten(0, 1).float(), size=patch_hw, mode="nearest")  # (BV,3,h,w)
     p = p.view(B, V, 3, -1).permute(0, 1, 3, 2).reshape(B, -1, 3)  # (B, N, 3)
-    finite = torch.isfinite(p).all(-1)
-    centers, scales = [], []
-    for b in range(B):
-        pb = p[b][finite[b]]
-        if pb.shape[0] == 0:
-            centers.append(p.new_zeros(3))
-            scales.append(p.new_ones(()))
-            continue
-        c = pb.median(dim=0).values
-        s = (pb - c).norm(dim=-1).median().clamp_min(1e-6)
-        centers.append(c)
-        scales.append(s)
-    return torch.stack(centers).to(points_world.dtype), torch.stack(scales).to(points_world.dtype)
+    finite = torch.isfinite(p).all(-1, keepdim=True)
+    # NaN-out the invalid points and use nanmedian: same (lower) medians as boolean indexing,
+    # without its data-dependent shape (a host sync, and no CUDA-graph capture).
+    p = torch.where(finite, p, torch.full_like(p, float("nan")))
+    c = torch.nanmedian(p, dim=1).values  # (B, 3); NaN when a scene has no finite point
+    s = torch.nanmedian((p - c[:, None]).norm(dim=-1), dim=1).values.clamp_min(1e-6)
+    empty = ~finite.any(dim=1).squeeze(-1)  # (B,)
+    c = torch.where(empty[:, None], torch.zeros_like(c), c)
+    s = torch.where(empty, torch.ones_like(s), s)
+    return c.to(points_world.dtype), s.to(points_world.dtype)
 
 
 def normalize_points(points: Tensor, center: Tensor, scale: Tensor, channel_dim: int = 2) -> Tensor:

@@ -99,9 +99,9 @@ def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
     B, V, H, W = depth.shape
     dtype = depth.dtype
     uv1 = torch.cat([pixel_grid(H, W, depth.device, dtype), depth.new_ones(H, W, 1)], dim=-1)  # (H,W,3)
-    rays = torch.einsum("bvij,hwj->bvhwi", torch.linalg.inv(K.to(dtype)), uv1)
+    rays = torch.einsum("bvij,hwj->bvhwi", torch.linalg.inv_ex(K.to(dtype)).inverse, uv1)
     p_cam = rays * depth[..., None]
-    T_world_cam = torch.linalg.inv(T_cam_world.to(dtype))
+    T_world_cam = torch.linalg.inv_ex(T_cam_world.to(dtype)).inverse
     p_world = torch.einsum("bvij,bvhwj->bvhwi", T_world_cam[..., :3, :3], p_cam) + T_world_cam[:, :, None, None, :3, 3]
     return p_world.permute(0, 1, 4, 2, 3).contiguous()
 

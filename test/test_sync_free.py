@@ -1,0 +1,116 @@
+"""The forward has no data-dependent host operations (what CUDA-graph capture and a sync-free GPU
+queue need), and the sync-free replacements of DA3 pieces give bit-identical values.
+
+The ``meta`` device has shapes but no data: any op whose result shape or control flow depends on
+tensor values (``.item()``, ``int(t.max())``, boolean indexing, ``nonzero``) or that copies a CPU
+tensor in fails there. So a full forward on ``meta`` is a CPU-side proof that the GPU forward
+never waits for the host, i.e. that it can be captured once and replayed.
+"""
+
+import math
+
+import pytest
+import torch
+from depth_anything_3.model.dinov2.layers.rope import RotaryPositionEmbedding2D
+
+from fast3dis_ros.model.camera_encoding import mat_to_quat
+from fast3dis_ros.model.config import Fast3disConfig
+from fast3dis_ros.model.fast3dis import Fast3DIS
+from fast3dis_ros.model.grid_rope import GridRope, rope_table_len
+from fast3dis_ros.model.pixel_decoder import scene_normalization
+
+
+def _rotations(n: int, seed: int = 0) -> torch.Tensor:
+    """Random rotations plus the 180-degree turns that select every quaternion candidate."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    R = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], -1).view(n, 3, 3)
+    flips = torch.diag_embed(torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64))
+    return torch.cat([R, flips, torch.eye(3, dtype=torch.float64)[None]]).float()
+
+
+def test_mat_to_quat_bit_identical_to_da3():
+    from depth_anything_3.model.utils.transform import mat_to_quat as da3_mat_to_quat
+
+    R = _rotations(64)[None]  # (1, 68, 3, 3)
+    with torch.no_grad():
+        ours, ref = mat_to_quat(R), da3_mat_to_quat(R)
+    assert torch.equal(ours, ref)
+    m = R[0]
+    trace_terms = torch.stack([1 + m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
+                               1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1)
+    assert len(trace_terms.argmax(-1).unique()) == 4  # every candidate branch was exercised
+
+
+def test_camera_tokens_bit_identical_to_da3_encoder():
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    bb = model.backbone
+    R = _rotations(5, seed=3)[None]
+    T = torch.eye(4).repeat(1, R.shape[1], 1, 1)
+    T[..., :3, :3] = R
+    T[..., :3, 3] = torch.randn(1, R.shape[1], 3)
+    K = torch.tensor([[60.0, 0, 49], [0, 55, 35], [0, 0, 1]]).expand(1, R.shape[1], 3, 3)
+    with torch.no_grad():
+        ours = bb.encode_cameras(K, T, (70, 98))
+        ref = bb.net.cam_enc(T, K, (70, 98))
+    assert ours.shape == (1, R.shape[1], bb.vit.embed_dim)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (27, 36), (36, 27)])
+def test_grid_rope_matches_da3_rope(grid):
+    gh, gw = grid
+    da3 = RotaryPositionEmbedding2D(frequency=100.0)
+    ours = GridRope(frequency=100.0)
+    ours.table_len = rope_table_len(gh, gw, patch_start_idx=1)
+    pos = torch.cartesian_prod(torch.arange(gh), torch.arange(gw)) + 1
+    pos = torch.cat([torch.zeros(1, 2, dtype=pos.dtype), pos])[None]  # special token at 0
+    nodiff = torch.cat([torch.zeros(1, 2, dtype=pos.dtype), torch.ones(gh * gw, 2, dtype=pos.dtype)])[None]
+    tok = torch.randn(1, 2, pos.shape[1], 16)
+    for p in (pos, nodiff):
+        assert torch.equal(ours(tok, p), da3(tok, p))
+    assert ours.table_len == int(pos.max()) + 1  # the longest table DA3 itself builds
+
+
+def test_scene_normalization_ignores_invalid_points_like_boolean_indexing():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(2, 3, 3, 14, 14, generator=g) * 3 + 1
+    pts[0, 1, :, 2:5] = float("nan")
+    pts[0, 2, 1, 7:9] = float("inf")
+    pts[1] = float("nan")  # a scene with no valid point at all
+    centre, scale = scene_normalization(pts, (7, 7))
+    p = torch.nn.functional.interpolate(pts.flatten(0, 1), size=(7, 7), mode="nearest")
+    p = p.view(2, 3, 3, -1).permute(0, 1, 3, 2).reshape(2, -1, 3)
+    valid = p[0][torch.isfinite(p[0]).all(-1)]
+    assert 0 < len(valid) < p.shape[1]
+    c_ref = valid.median(dim=0).values
+    assert torch.equal(centre[0], c_ref)
+    assert torch.equal(scale[0], (valid - c_ref).norm(dim=-1).median())
+    assert torch.equal(centre[1], torch.zeros(3)) and scale[1].item() == 1.0
+
+
+@pytest.mark.parametrize("known_pose", [False, True])
+def test_forward_has_no_data_dependent_host_ops(known_pose):
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    V, H, W = 4, 70, 98
+    x = torch.randn(1, V, 3, H, W)
+    K = torch.tensor([[60.0, 0, 49], [0, 60, 35], [0, 0, 1]]).expand(1, V, 3, 3)
+    T = torch.eye(4).repeat(1, V, 1, 1)
+    T[:, :, 0, 3] = torch.arange(V) * 0.2
+    args = {"K": K, "T_cam_world": T} if known_pose else {}
+    with torch.no_grad():
+        ref = model(x, **args)
+        meta = model.to("meta")
+        out = meta(x.to("meta"), **{k: v.to("meta") for k, v in args.items()})
+    for key in ("depth", "extrinsics", "pred_logits", "pred_masks"):
+        assert out[key].device.type == "meta"
+        assert out[key].shape == ref[key].shape
+    assert math.prod(out["pred_masks"].shape[:3]) == model.cfg.head.num_queries * V
