@@ -33,7 +33,7 @@ from .frames import InstanceCloud, InstanceSummary, WindowPrediction
 from .stats import DropCounter
 from .tracker import InstanceTracker
 
-__all__ = ["MapFusion", "FusionResult", "VoxelMap"]
+__all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelMap"]
 
 
 @dataclass
@@ -50,6 +50,35 @@ class FusionResult:
     n_shared_views: int = 0
     scale: float = 1.0
     info: dict = field(default_factory=dict)
+
+
+@dataclass
+class WindowResult:
+    """What ``MapFusion.begin`` knows about a window before the map is updated (see ``FusionResult``)."""
+
+    window_index: int
+    stamp_ns: int
+    window_cloud: InstanceCloud  # this window, in map frame, voxelised, global instance ids
+    T_map_cam: np.ndarray  # (V, 4, 4) rigid camera poses in map
+    T_map_window: np.ndarray  # (4, 4) Sim(3)
+    id_map: dict[int, int]  # window label (1-based) -> global id
+    align_method: str = ""
+    n_shared_views: int = 0
+    scale: float = 1.0
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class PendingWindow:
+    """A window between ``MapFusion.begin`` and ``MapFusion.commit``."""
+
+    window: WindowResult
+    pred: WindowPrediction
+    update: tuple | None  # arguments of VoxelMap.update_rows (None: the window lifted no point)
+    shared_idx: set
+    nlab: int
+    scores: np.ndarray
+    tick: int
 
 
 # hash slots store key + 2 (packed voxel keys are >= 0), so a zeroed table (calloc: pages are mapped lazily,
@@ -489,6 +518,7 @@ class MapFusion:
         self._T_map_window_prev: np.ndarray | None = None
         self._T_map_known: np.ndarray | None = None
         self._tick = 0
+        self._pending: PendingWindow | None = None  # begin() done, commit() not yet
 
     # ------------------------------------------------------------------ alignment
     def _depth_ratio(self, pred: WindowPrediction, shared: list[tuple[int, _ViewRecord]]) -> float | None:
@@ -569,6 +599,17 @@ class MapFusion:
 
     # ------------------------------------------------------------------ main entry
     def integrate(self, pred: WindowPrediction) -> FusionResult:
+        """Fuse one window: ``commit(begin(pred))``."""
+        return self.commit(self.begin(pred))
+
+    def begin(self, pred: WindowPrediction) -> PendingWindow:
+        """First half of ``integrate``: align the window to ``map``, lift and voxelise it, match its instances
+        to the map (global ids). ``PendingWindow.window`` holds everything about the window itself (its cloud
+        in ``map`` with global ids, camera poses, Sim(3)) and can be published at once; the map itself is
+        only updated by ``commit`` (voxel sums, votes, eviction, map cloud, instance summaries), which must
+        follow before the next ``begin`` (the map holds the window's new voxels as empty rows meanwhile)."""
+        if self._pending is not None:
+            raise RuntimeError("MapFusion.begin: commit() the previous window first")
         info: dict = {}
         V = pred.depth.shape[0]
         keys = list(zip(pred.cameras, (int(t) for t in pred.view_stamps_ns)))
@@ -608,6 +649,7 @@ class MapFusion:
         vm = self.map
         N = len(lab)
         nlab = max(int(pred.n_instances), int(lab.max()) if N else 0) + 1
+        upd = None
         if N:
             before = len(vm)
             prow = vm._find_or_insert(packed_voxel_keys(xyz, self.voxel_size))
@@ -667,27 +709,43 @@ class MapFusion:
             window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, (xyz_sum / n).T.astype(np.float32),
                                          np.clip(np.rint(rgb_sum / n), 0, 255).T.astype(np.uint8),
                                          vinst.astype(np.uint32), vscore)
-            vm.update_rows(wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore, self._tick)
+            upd = (wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)
+        window = WindowResult(pred.window_index, pred.stamp_ns, window_cloud, T_map_cam, T_map_window, id_map,
+                              method, n_shared, s, info)
+        self._pending = PendingWindow(window, pred, upd, shared_idx, nlab, scores, self._tick)
+        return self._pending
+
+    def commit(self, pending: PendingWindow) -> FusionResult:
+        """Second half of ``integrate``: fold the window of ``begin`` into the map (sums, votes, eviction),
+        update the tracks, and return the full result with the map cloud and the instance summaries."""
+        if pending is not self._pending:
+            raise RuntimeError("MapFusion.commit: not the window of the last begin() (or the map was reset)")
+        self._pending = None
+        w, pred, nlab, scores = pending.window, pending.pred, pending.nlab, pending.scores
+        if pending.update is not None:
+            self.map.update_rows(*pending.update, pending.tick)
 
         # instance metadata: score, views seen (views not seen in an earlier window only)
+        V = pred.depth.shape[0]
         views_per_label = np.zeros(nlab, np.int64)
         for v in range(V):
-            if v not in shared_idx:
+            if v not in pending.shared_idx:
                 present = np.bincount(np.clip(np.asarray(pred.labels[v]).reshape(-1), 0, nlab), minlength=nlab + 1)
                 views_per_label += present[:nlab] > 0
         views_per_label[0] = 0
-        for wlab, gid in id_map.items():
+        for wlab, gid in w.id_map.items():
             sc = float(scores[wlab - 1]) if 0 < wlab <= len(scores) else 0.0
             self.tracker.update(gid, sc, int(views_per_label[wlab]) if wlab < nlab else 0, pred.window_index)
         map_cloud = self.map.cloud(self.map_frame, pred.stamp_ns)
         instances = self._summaries()
         self.tracker.prune([i.id for i in instances])
+        info = w.info
         info["map_voxels"] = len(self.map)
         info["evicted_total"] = self.map.evicted
-        return FusionResult(pred.window_index, pred.stamp_ns, window_cloud, map_cloud, instances, T_map_cam,
-                            T_map_window, id_map, method, n_shared, s, info)
+        return FusionResult(w.window_index, w.stamp_ns, w.window_cloud, map_cloud, instances, w.T_map_cam,
+                            w.T_map_window, w.id_map, w.align_method, w.n_shared_views, w.scale, info)
 
     def _summaries(self) -> list[InstanceSummary]:
         ids, cnt, sums, mins, maxs = self.map.instance_stats()

@@ -28,18 +28,36 @@ from collections.abc import Callable
 
 from .engine import InferenceEngine
 from .frames import CameraFrame, FrameSet, Window, WindowPrediction
-from .fusion import FusionResult, MapFusion
+from .fusion import FusionResult, MapFusion, WindowResult
 from .stats import DropCounter, LatencyStats
 from .sync import ApproximateTimeSync
 from .window import SlidingWindow, SyncWatchdog
 
-__all__ = ["PipelineRunner", "sanitize_prediction"]
+__all__ = ["PipelineRunner", "sanitize_prediction", "count_nonfinite"]
 
 log = logging.getLogger(__name__)
 
 
-def sanitize_prediction(pred: WindowPrediction) -> tuple[WindowPrediction | None, dict[str, int]]:
-    """(prediction restricted to views with finite pose and K, or None if none is left; event counts)."""
+def count_nonfinite(a) -> int:
+    """Number of non-finite values of a float array (one reduction when all are finite, the common case)."""
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+        return 0
+    with np.errstate(all="ignore"):
+        total = np.add.reduce(a, axis=None, dtype=np.float64)
+    if np.isfinite(total):  # any inf / nan would make the float64 sum non-finite (no overflow below 1e308)
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+def sanitize_prediction(pred: WindowPrediction, count_nonfinite_depth: bool = True
+                        ) -> tuple[WindowPrediction | None, dict[str, int]]:
+    """(prediction restricted to views with finite pose and K, or None if none is left; event counts).
+
+    ``count_nonfinite_depth=False``: leave out the ``nonfinite_depth_px`` count (a pass over every depth
+    pixel; the runner counts it after the window's outputs are out)."""
     import numpy as np
 
     ev: dict[str, int] = {}
@@ -55,7 +73,7 @@ def sanitize_prediction(pred: WindowPrediction) -> tuple[WindowPrediction | None
     if (pose_ok & ~k_ok).any():
         ev["view_nonfinite_K"] = int((pose_ok & ~k_ok).sum())
     keep = pose_ok & k_ok
-    bad_px = int(np.size(pred.depth) - np.isfinite(pred.depth).sum())
+    bad_px = count_nonfinite(pred.depth) if count_nonfinite_depth else 0
     if bad_px:
         ev["nonfinite_depth_px"] = bad_px
     if keep.all():
@@ -102,6 +120,7 @@ class PipelineRunner:
         oom_subsample: float = 0.5,
         on_oom: Callable[[], None] | None = None,
         on_fusion: Callable[[FusionResult, WindowPrediction], None] | None = None,
+        on_window: Callable[[WindowResult, WindowPrediction], None] | None = None,
         on_prediction: Callable[[Window, WindowPrediction], None] | None = None,
         on_error: Callable[[Window, BaseException], None] | None = None,
         watchdog_timeout_ns: int = 2_000_000_000,
@@ -116,6 +135,7 @@ class PipelineRunner:
         self.sync_mode = bool(sync_mode)
         self.clock = clock
         self.on_fusion = on_fusion
+        self.on_window = on_window
         self.on_prediction = on_prediction
         self.on_error_cb = on_error
         self.reset_map_on_time_jump = reset_map_on_time_jump
@@ -128,6 +148,7 @@ class PipelineRunner:
         self.dropped = DropCounter()
         self.fusion_ms = LatencyStats()
         self.e2e_ms = LatencyStats()  # window creation -> fusion result
+        self.window_e2e_ms = LatencyStats()  # window creation -> on_window called (window cloud ready)
         self.sync = sync if sync is not None else ApproximateTimeSync(
             self.cameras, slop_ns, sync_queue_size, jump_back_ns, on_reset=self._on_time_jump)
         self.window = SlidingWindow(window_size, stride, max_views, on_evict=self._on_evict, clock=clock)
@@ -224,27 +245,19 @@ class PipelineRunner:
         if self.on_prediction is not None:
             self.on_prediction(w, pred)
         t0 = self.clock()
+        cb_ns = 0  # time spent in on_window (not fusion time)
         try:
-            clean, ev = sanitize_prediction(pred)
-            for k, n in ev.items():
-                self.fusion.events.add(k, n)
-            if clean is None:
-                log.warning("window %d: no view with a finite pose / intrinsics (%s): dropped", w.index, ev)
-                self._finish(w, False, "nonfinite_prediction")
-                return
-            if clean is not pred:
-                log.warning("window %d: %d view(s) with non-finite pose / intrinsics left out of fusion", w.index,
-                            len(pred.cameras) - len(clean.cameras))
-            with self._fusion_lock:
-                res = self.fusion.integrate(clean)
-        except Exception as exc:
-            log.exception("fusion failed for window %d", w.index)
-            if self.on_error_cb is not None:
-                self.on_error_cb(w, exc)
-            self._finish(w, False, "fusion_error")
+            res, clean, cb_ns, reason = self._fuse(w, pred)
+        finally:
+            # diagnostics only (lifting skips non-finite depth): counted once the window's outputs are out
+            bad_px = count_nonfinite(pred.depth) if getattr(pred, "depth", None) is not None else 0
+            if bad_px:
+                self.fusion.events.add("nonfinite_depth_px", bad_px)
+        if res is None:
+            self._finish(w, False, reason)
             return
         t1 = self.clock()
-        self.fusion_ms.add((t1 - t0) / 1e6)
+        self.fusion_ms.add((t1 - t0 - cb_ns) / 1e6)
         if w.created_ns:
             self.e2e_ms.add((t1 - w.created_ns) / 1e6)
         self.last_result = res
@@ -256,6 +269,43 @@ class PipelineRunner:
                 log.exception("on_fusion callback failed")
                 if self.on_error_cb is not None:
                     self.on_error_cb(w, exc)
+
+    def _fuse(self, w: Window, pred: WindowPrediction
+              ) -> tuple[FusionResult | None, WindowPrediction | None, int, str | None]:
+        """sanitize -> fusion.begin -> on_window -> fusion.commit; (result or None when the window is dropped,
+        the prediction as fused, ns spent in on_window, drop reason)."""
+        cb_ns = 0
+        try:
+            clean, ev = sanitize_prediction(pred, count_nonfinite_depth=False)
+            for k, n in ev.items():
+                self.fusion.events.add(k, n)
+            if clean is None:
+                log.warning("window %d: no view with a finite pose / intrinsics (%s): dropped", w.index, ev)
+                return None, None, 0, "nonfinite_prediction"
+            if clean is not pred:
+                log.warning("window %d: %d view(s) with non-finite pose / intrinsics left out of fusion", w.index,
+                            len(pred.cameras) - len(clean.cameras))
+            with self._fusion_lock:
+                pending = self.fusion.begin(clean)
+                if self.on_window is not None:
+                    # the window's own outputs (its cloud in map, poses) go out before the map update
+                    c0 = self.clock()
+                    if w.created_ns:
+                        self.window_e2e_ms.add((c0 - w.created_ns) / 1e6)
+                    try:
+                        self.on_window(pending.window, clean)
+                    except Exception as exc:
+                        log.exception("on_window callback failed")
+                        if self.on_error_cb is not None:
+                            self.on_error_cb(w, exc)
+                    cb_ns = self.clock() - c0
+                res = self.fusion.commit(pending)
+        except Exception as exc:
+            log.exception("fusion failed for window %d", w.index)
+            if self.on_error_cb is not None:
+                self.on_error_cb(w, exc)
+            return None, None, 0, "fusion_error"
+        return res, clean, cb_ns, None
 
     def _on_drop(self, w: Window, reason: str) -> None:
         self._finish(w, False, reason)
@@ -282,7 +332,7 @@ class PipelineRunner:
                 },
                 "windows": {"emitted": self.windows_emitted, "engine": self.engine.stats()},
                 "fusion": {"events": self.fusion.events.as_dict(), "ms": self.fusion_ms.as_dict(),
-                           "e2e_ms": self.e2e_ms.as_dict()},
+                           "e2e_ms": self.e2e_ms.as_dict(), "window_e2e_ms": self.window_e2e_ms.as_dict()},
                 "sync_resets": self.sync.resets,
             }
 

@@ -112,7 +112,9 @@ class DiagnosticsBuilder:
         self.k_status: dict[str, str] = {c: "no CameraInfo yet" for c in self.cameras}
         self.output_rate = RateMeter(window_s=30.0)
         self.node_errors = Counter()
-        self.last_publish_ms = 0.0
+        self.last_publish_ms = 0.0  # instances + markers + map (after the map update)
+        self.last_window_publish_ms = 0.0  # window cloud + TF (before the map update)
+        self.maps_published = 0  # ~/instances_cloud messages (fewer than results with map_publish_period)
 
     def build(self, stamp, sync: dict, engine: dict, outputs: dict) -> DiagnosticArray:
         arr = DiagnosticArray()
@@ -154,6 +156,7 @@ class DiagnosticsBuilder:
             f"{hw}: outputs", WARN if nerr else OK,
             f"{self.output_rate.count} results published" + (f", {sum(nerr.values())} errors" if nerr else ""),
             {"results_published": self.output_rate.count, "result_rate_hz": self.output_rate.rate(),
-             "last_publish_ms": self.last_publish_ms, **outputs, **{f"error_{k}": v for k, v in nerr.items()}},
+             "last_publish_ms": self.last_publish_ms, "last_window_publish_ms": self.last_window_publish_ms,
+             "maps_published": self.maps_published, **outputs, **{f"error_{k}": v for k, v in nerr.items()}},
             hw))
         return arr

@@ -19,6 +19,12 @@ differ and ``map_frame`` is not already in the TF tree) and does not re-publish 
 frame that is one of its pose inputs (that frame would get a second parent, and the node would read
 its own output back as input).
 
+Order per window (engine thread): as soon as the window is aligned, voxelised and its instances matched
+(``MapFusion.begin``), ``~/window_cloud`` and the TF poses go out; then the map is updated
+(``MapFusion.commit``) and ``~/instances``, ``~/markers`` and ``~/instances_cloud`` follow. With
+``map_publish_period`` > 0 the running map is sent at most once per period (the newest pending map goes
+out from a steady timer when the period is over).
+
 Threads: subscription callbacks only convert and hand frames over (sync + windowing are cheap);
 inference, fusion and publishing run on the engine's worker thread. Nothing raises out of a callback:
 bad input is logged (throttled) and counted in diagnostics.
@@ -142,7 +148,7 @@ class Fast3disNode(Node):
         self.runner = PipelineRunner(
             self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9), sync=sync,
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
-            fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion,
+            fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion, on_window=self._on_window,
             on_error=self._on_engine_error, on_oom=self._on_oom,
         )
 
@@ -155,6 +161,12 @@ class Fast3disNode(Node):
         self.pub_instances = self.create_publisher(InstanceArray, "~/instances", oq)
         self.pub_markers = self.create_publisher(MarkerArray, "~/markers", oq)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # running map throttle (map_publish_period): engine thread and map timer share this state
+        self._map_lock = threading.Lock()
+        self._map_pending = None  # (cloud, stamp) not published yet
+        self._map_last_pub = -float("inf")  # time.monotonic() of the last map message
+        self._map_timer = None
+        self._map_timer_tick = 0.0
         self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
 
         # known poses from TF (tf2_ros when importable, else the node's own /tf + /tf_static buffer)
@@ -297,20 +309,36 @@ class Fast3disNode(Node):
         except Exception:  # pragma: no cover
             pass
 
+    def _on_window(self, window, pred) -> None:
+        """The window's own outputs, before the map update (``MapFusion.begin``): its cloud, already aligned
+        into ``map_frame`` with global instance ids, and the camera poses on TF."""
+        if self._closing:
+            return
+        t0 = time.perf_counter()
+        try:
+            if self.p["publish_window_cloud"]:
+                self.pub_window.publish(cloud_to_pointcloud2(window.window_cloud, frame_id=self.map_frame,
+                                                             stamp_ns=int(window.stamp_ns)))
+            if self.tf is not None:
+                self._publish_tf(window, pred)
+        except Exception as e:
+            self.diag.node_errors.add("publish")
+            self._warn("publish", f"publishing window {window.window_index} failed: {e!r}\n"
+                                  f"{traceback.format_exc(limit=4)}")
+            return
+        self.diag.last_window_publish_ms = (time.perf_counter() - t0) * 1000.0
+
     def _on_fusion(self, result, pred) -> None:
+        """After the map update: instances, markers, then the running map (throttled by map_publish_period)."""
         if self._closing:
             return
         t0 = time.perf_counter()
         stamp = int(result.stamp_ns)
         mf = self.map_frame
         try:
-            self.pub_map.publish(cloud_to_pointcloud2(result.map_cloud, frame_id=mf, stamp_ns=stamp))
-            if self.p["publish_window_cloud"]:
-                self.pub_window.publish(cloud_to_pointcloud2(result.window_cloud, frame_id=mf, stamp_ns=stamp))
             self.pub_instances.publish(instances_to_msg(result.instances, mf, stamp))
             self.pub_markers.publish(instances_to_markers(result.instances, mf, stamp))
-            if self.tf is not None:
-                self._publish_tf(result, pred)
+            self._offer_map(result.map_cloud, stamp)
         except Exception as e:
             self.diag.node_errors.add("publish")
             self._warn("publish", f"publishing window {result.window_index} failed: {e!r}\n"
@@ -319,7 +347,54 @@ class Fast3disNode(Node):
         self.diag.last_publish_ms = (time.perf_counter() - t0) * 1000.0
         self.diag.output_rate.tick()
 
+    # ------------------------------------------------------------------ running map (~/instances_cloud)
+    def _offer_map(self, cloud, stamp: int) -> None:
+        """Publish the running map now, or (``map_publish_period`` > 0 and the last one went out less than a
+        period ago) keep it as the pending map that the map timer publishes when the period is over. Only
+        the newest pending map is kept: a skipped map is superseded, never lost at the end."""
+        with self._map_lock:
+            period = float(self.p["map_publish_period"])
+            now = time.monotonic()
+            if period > 0.0 and now - self._map_last_pub < period:
+                self._map_pending = (cloud, stamp)
+                self._ensure_map_timer(period)
+                return
+            self._map_pending = None
+            self._publish_map_locked(cloud, stamp, now)
+
+    def _publish_map_locked(self, cloud, stamp: int, now: float) -> None:
+        self.pub_map.publish(cloud_to_pointcloud2(cloud, frame_id=self.map_frame, stamp_ns=stamp))
+        self._map_last_pub = now
+        self.diag.maps_published += 1
+
+    def _on_map_timer(self) -> None:
+        try:
+            with self._map_lock:
+                pend = self._map_pending
+                if pend is None or self._closing:
+                    return
+                period = float(self.p["map_publish_period"])
+                now = time.monotonic()
+                if period > 0.0 and now - self._map_last_pub < period:
+                    return  # published by a window meanwhile: wait for the next tick
+                self._map_pending = None
+                self._publish_map_locked(pend[0], pend[1], now)
+        except Exception as e:
+            self.diag.node_errors.add("publish")
+            self._warn("publish", f"publishing the pending map failed: {e!r}")
+
+    def _ensure_map_timer(self, period: float) -> None:
+        """A steady-clock timer that flushes the pending map; re-created when the period changes."""
+        tick = max(0.01, period / 4.0)  # a pending map goes out at most a quarter period late
+        if self._map_timer is not None and abs(self._map_timer_tick - tick) < 1e-9:
+            return
+        if self._map_timer is not None:
+            self.destroy_timer(self._map_timer)
+        self._map_timer = self.create_timer(tick, self._on_map_timer, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._map_timer_tick = tick
+
     def _publish_tf(self, result, pred) -> None:
+        """TF of the window's views (``result``: a WindowResult or FusionResult)."""
         tfs = []
         T = np.asarray(result.T_map_cam)
         if self._tf_buffer is not None and pred.depth_scale_metric:
@@ -380,6 +455,7 @@ class Fast3disNode(Node):
                 "queue_len": eng.get("queue_len", 0), "queue_depth": self.p["queue_depth"],
                 "engine_ms_p50": em.get("p50", 0.0), "engine_ms_max": em.get("max", 0.0),
                 "e2e_ms_p50": acc.get("fusion", {}).get("e2e_ms", {}).get("p50", 0.0),
+                "window_e2e_ms_p50": acc.get("fusion", {}).get("window_e2e_ms", {}).get("p50", 0.0),
                 "frame_sets_processed": sets.get("processed", 0), "frame_sets_in_flight": sets.get("in_flight", 0),
                 "drops": {**eng.get("drops", {}), **{f"sets_{k}": v for k, v in sets.get("dropped", {}).items()}},
             }

@@ -100,6 +100,10 @@ PARAMS: list[ParamSpec] = [
     # outputs
     ParamSpec("publish_window_cloud", True, "Also publish each window's own cloud on ~/window_cloud.",
               read_only=False),
+    ParamSpec("map_publish_period", 0.0, "Least time between two running-map messages on ~/instances_cloud [s]; "
+              "0: one per window. The window cloud, instances and markers still go out for every window; a map "
+              "held back is replaced by newer ones and the newest goes out when the period is over.",
+              (0.0, 3600.0), read_only=False),
     ParamSpec("output_qos_depth", 2, "History depth of the reliable output publishers.", (1, 100)),
     ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0)),
 ]
