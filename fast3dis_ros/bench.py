@@ -50,6 +50,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fast3dis_ros.bench_profile import flop_count, floor_ms
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -238,9 +240,10 @@ def _f(v, nd=1):
 SUITES = {
     # views, warmup, iters; big views: warmup 1 iters 1, plain DA3 + backbone-only skipped; baseline views
     "gpu": dict(size="large", dtype="bf16", height=378, width=504, views=[8, 16, 32, 50, 64, 128], warmup=2,
-                iters=5, big_views=[256, 350], baseline_views=[8, 32], plain_max_views=128),
+                iters=5, big_views=[256, 350], baseline_views=[8, 32], plain_max_views=128, cuda_graphs=True,
+                profile=[8]),
     "cpu": dict(size="tiny", dtype="fp32", height=126, width=168, views=[2, 4, 8], warmup=1, iters=3,
-                big_views=[16], baseline_views=[2, 8], plain_max_views=8),
+                big_views=[16], baseline_views=[2, 8], plain_max_views=8, cuda_graphs=False, profile=[4]),
 }
 
 
@@ -274,13 +277,17 @@ def targets(result: dict) -> list[dict]:
                    {"what": "peak GPU memory (max_memory_allocated, weights included) at 350 views",
                     "note": "" if gpu else na}))
     r8 = _row_at(rows, 8)
-    if r8 and isinstance(r8["fast3dis_ms"], float):
-        x8 = r8["fast3dis_ms"] / r8["floor_fast3dis_ms"]
-    else:
-        x8 = "not run"
+    floor8, floor_what = None, ""
+    if r8:  # the whole forward's FLOPs when counted, else the ViT trunk's (a lower floor)
+        full = r8.get("floor_full_fast3dis_ms")
+        floor8, floor_what = (full, "whole-forward FLOPs") if isinstance(full, float) else (
+            r8["floor_fast3dis_ms"], "ViT-trunk FLOPs only")
+    x8 = r8["fast3dis_ms"] / floor8 if r8 and isinstance(r8["fast3dis_ms"], float) and floor8 else "not run"
     out.append(row("f3d_8v_vs_floor", x8, "x floor", "<= 1.5x" + g_, 1.5 if gpu else None,
-                   {"what": f"FAST3DIS forward at 8 views / arithmetic floor at {result['peak_tflops']} TFLOP/s",
-                    "floor_ms": r8["floor_fast3dis_ms"] if r8 else None, "note": "" if gpu else na}))
+                   {"what": f"FAST3DIS forward at 8 views / arithmetic floor ({floor_what}) at "
+                            f"{result['peak_tflops']} TFLOP/s", "floor_ms": floor8,
+                    "mode": "cuda graph" if r8 and r8.get("cuda_graphs") else "eager",
+                    "note": "" if gpu else na}))
     for b in result.get("baseline_rows", []):
         f3d = b.get("forward_ms")
         speed = b["total_s"] * 1e3 / f3d if isinstance(b.get("total_s"), float) and isinstance(f3d, float) else "n/a"
@@ -313,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--first-lora-block", type=int, default=None)
     ap.add_argument("--da3-weights", default=None, help="DA3 weights folder/hub id (default: random)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
-    ap.add_argument("--cuda-graphs", action="store_true", help="torch.compile mode=reduce-overhead")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay captured CUDA graphs (model.cuda_graph.GraphedForward, what the node runs) up to "
+                         "--graph-max-views; plain DA3 then runs as the backbone's sync-free transcription")
+    ap.add_argument("--graph-max-views", type=int, default=64, help="larger windows run eagerly (default 64)")
+    ap.add_argument("--profile", type=int, nargs="*", default=[],
+                    help="view counts to profile (per-stage GPU time, kernels, FLOPs by part; bench_profile)")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count per view count")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for the arithmetic floor (H100 bf16 dense)")
     ap.add_argument("--skip-plain", action="store_true", help="do not time plain DA3")
     ap.add_argument("--baseline", action="store_true", help="also the HDBSCAN clustering baseline per view count")
@@ -340,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_views is None:  # an explicit --baseline-views wins
             args.baseline_views = list(sv["baseline_views"])
         plain_max_views = sv["plain_max_views"]
+        args.cuda_graphs = args.cuda_graphs or sv["cuda_graphs"]
+        args.profile = args.profile or list(sv["profile"])
         args.node = not args.no_node
         if args.suite == "gpu":
             if args.device == "cpu":
@@ -367,11 +382,45 @@ def main(argv: list[str] | None = None) -> int:
     plain.to(device)
     build_s = time.perf_counter() - t0
     split = model.backbone.lora_start
-    f_model, f_plain, f_bb = model, plain, model.backbone.forward_both
-    if args.compile or args.cuda_graphs:
-        mode = "reduce-overhead" if args.cuda_graphs else None
-        f_model = torch.compile(model, mode=mode)
-        f_plain = torch.compile(plain, mode=mode)
+    c_model, c_plain = model, plain
+    if args.compile:
+        c_model, c_plain = torch.compile(model), torch.compile(plain)
+    plain_bb = None
+    if args.cuda_graphs and device.type == "cuda":
+        from dataclasses import replace as dc_replace
+
+        from fast3dis_ros.model.backbone import DA3Backbone
+
+        # stock DepthAnything3Net.forward synchronises with the host (its RoPE, its camera encoder) and
+        # cannot be captured; the backbone's transcription of it is bit-identical (test_backbone) and
+        # sync-free. With its ray branch on it does the same work as stock DA3.
+        plain_bb = DA3Backbone(dc_replace(cfg.backbone, lora_rank=0, pretrained=None), net=plain)
+        plain_bb.skip_ray_branch = False
+
+    def f3d_call(x, K=None, T_cam_world=None):
+        return c_model(x, K=K, T_cam_world=T_cam_world, return_aux=False)
+
+    def plain_call(x, K=None, T_cam_world=None):
+        return plain_bb.forward_geometry(x, K, T_cam_world) if plain_bb is not None else c_plain(x)
+
+    def bb_call(x, K=None, T_cam_world=None):
+        return model.backbone.forward_both(x, K, T_cam_world)
+
+    def runner(fn, x, graphs: bool) -> Callable[[], Any]:
+        """A no-argument timed call: eager under autocast, or replaying a captured CUDA graph."""
+        if graphs:
+            from fast3dis_ros.model.cuda_graph import GraphedForward
+
+            g = GraphedForward(fn, amp_dtype=dtype if amp else None, max_graphs=1)
+            run = lambda: g(x)  # noqa: E731
+            run.graphed = g
+            return run
+
+        def run():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+                return fn(x)
+
+        return run
 
     rows = []
     notes: list[str] = []
@@ -382,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name(device)}")
-    hdr = f"{'views':>5} {'da3_ms':>9} {'f3d_ms':>9} {'bb_ms':>9} {'ratio':>6} {'da3_GiB':>8} {'f3d_GiB':>8} {'floor_da3':>9} {'floor_f3d':>9}"
+    hdr = f"{'views':>5} {'da3_ms':>9} {'f3d_ms':>9} {'bb_ms':>9} {'ratio':>6} {'da3_GiB':>8} {'f3d_GiB':>8} {'floor_da3':>9} {'floor_f3d':>9} {'full_da3':>9} {'full_f3d':>9} {'mode':>6}"
     print(hdr, flush=True)
     plan = [(V, args.warmup, args.iters, False) for V in args.views] + [(V, 1, 1, True) for V in args.big_views]
     skipped_plain_big = []
@@ -394,17 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(V)
         x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
 
-        def run_plain():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-                return f_plain(x)
-
-        def run_f3d():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-                return f_model(x)
-
-        def run_bb():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-                return f_bb(x)
+        graphs = args.cuda_graphs and device.type == "cuda" and V <= args.graph_max_views
+        run_plain, run_f3d, run_bb = (runner(fn, x, graphs) for fn in (plain_call, f3d_call, bb_call))
 
         def guarded(fn, w, it):
             try:
@@ -426,25 +466,49 @@ def main(argv: list[str] | None = None) -> int:
             plain_on_device = False
             torch.cuda.empty_cache()
             notes.append(f"plain DA3 moved off the GPU from {V} views on (not in the peak memory)")
-        a = {"ms": "skipped", "peak_gib": "skipped"} if skip_a else guarded(run_plain, warmup, iters)
-        b = guarded(run_f3d, warmup, iters)
-        c = {"ms": "skipped", "peak_gib": "skipped"} if big else guarded(run_bb, min(warmup, 1), iters)
+        def timed(run, w, it):
+            res = guarded(run, w, it)
+            g = getattr(run, "graphed", None)
+            if g is not None:  # free this graph's memory pool before the next measurement
+                res["graph_captures"], res["graph_failures"] = g.captures, list(g.failures)
+                run.graphed = None
+                del g
+                gc.collect()
+                torch.cuda.empty_cache()
+            return res
+
+        a = {"ms": "skipped", "peak_gib": "skipped"} if skip_a else timed(run_plain, warmup, iters)
+        b = timed(run_f3d, warmup, iters)
+        c = {"ms": "skipped", "peak_gib": "skipped"} if big else timed(run_bb, min(warmup, 1), iters)
         ratio = b["ms"] / a["ms"] if isinstance(a["ms"], float) and isinstance(b["ms"], float) else "n/a"
         fl_a = vit_flops(model.backbone, V, args.height, args.width, None) / (args.peak_tflops * 1e12) * 1e3
         fl_b = vit_flops(model.backbone, V, args.height, args.width, split) / (args.peak_tflops * 1e12) * 1e3
+        flops_a = flops_b = "n/a"
+        if not (big or args.no_flops):  # whole-forward FLOPs (one extra eager forward each)
+            flops_b = flop_count(runner(f3d_call, x, False))["total"]
+            if not skip_a:
+                flops_a = flop_count(runner(plain_call, x, False))["total"]
+        full_a = floor_ms(flops_a, args.peak_tflops) if isinstance(flops_a, float) else "n/a"
+        full_b = floor_ms(flops_b, args.peak_tflops) if isinstance(flops_b, float) else "n/a"
         row = {
             "views": V, "da3_ms": a["ms"], "fast3dis_ms": b["ms"], "backbone_ms": c["ms"], "ratio": ratio,
             "da3_peak_gib": a["peak_gib"], "fast3dis_peak_gib": b["peak_gib"],
             "floor_da3_ms": fl_a, "floor_fast3dis_ms": fl_b, "warmup": warmup, "iters": iters,
+            "flops_da3": flops_a, "flops_fast3dis": flops_b, "floor_full_da3_ms": full_a,
+            "floor_full_fast3dis_ms": full_b, "cuda_graphs": graphs,
             "fast3dis_times_ms": b.get("times_ms"), "plain_weights_on_device": plain_on_device,
         }
+        for k, m in (("da3", a), ("fast3dis", b)):
+            if m.get("graph_failures"):
+                row[f"{k}_graph_failures"] = m["graph_failures"]
         for k, m in (("da3_error", a), ("fast3dis_error", b), ("backbone_error", c)):
             if "error" in m:
                 row[k] = m["error"]
         rows.append(row)
         print(
             f"{V:>5} {_f(a['ms']):>9} {_f(b['ms']):>9} {_f(c['ms']):>9} {_f(ratio, 2):>6} {_f(a['peak_gib'], 2):>8} "
-            f"{_f(b['peak_gib'], 2):>8} {_f(fl_a, 2):>9} {_f(fl_b, 2):>9}",
+            f"{_f(b['peak_gib'], 2):>8} {_f(fl_a, 2):>9} {_f(fl_b, 2):>9} {_f(full_a, 2):>9} {_f(full_b, 2):>9} "
+            f"{'graph' if graphs else 'eager':>6}",
             flush=True,
         )
         del x
@@ -452,6 +516,33 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"plain DA3 not timed at {skipped_plain_big} views (saves time; the ratio target is at 32)")
     if args.big_views:
         notes.append(f"views {args.big_views}: warmup 1, iters 1; backbone-only column skipped")
+
+    profiles = []
+    for V in args.profile:
+        from fast3dis_ros.bench_profile import format_profile, stage_profile
+
+        g = torch.Generator().manual_seed(V)
+        x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
+        modes = [("eager", False)] + ([("cuda graph", True)] if args.cuda_graphs and device.type == "cuda" else [])
+        for mode, graphs in modes:
+            for what, fn in (("FAST3DIS", f3d_call), ("plain DA3", plain_call)):
+                run = runner(fn, x, graphs)
+                try:
+                    prof = stage_profile(run, device)
+                    flops = flop_count(runner(fn, x, False)) if not graphs else None
+                except Exception as e:  # noqa: BLE001 -- a profile must not sink the suite
+                    notes.append(f"profile {what} {V}v {mode} failed: {e!r:.300}")
+                    continue
+                finally:
+                    run.__dict__.pop("graphed", None)
+                title = f"{what}, {V} views, {mode}, {args.height}x{args.width} {args.dtype}"
+                print(format_profile(title, prof, flops, args.peak_tflops), flush=True)
+                profiles.append({"what": what, "views": V, "mode": mode, **prof,
+                                 "flops": flops})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del x
 
     baseline_rows = []
     if args.baseline:
@@ -485,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.baseline:
         result["baseline_rows"] = baseline_rows
-    del model, plain, f_model, f_plain, f_bb
+    if profiles:
+        result["profiles"] = profiles
+    del model, plain, c_model, c_plain, plain_bb
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

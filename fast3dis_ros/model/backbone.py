@@ -47,6 +47,11 @@ PATCH_SIZE = 14
 from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
 
 
+def stage(name: str):
+    """A named range for ``torch.profiler`` (``fast3dis-bench --profile``); near free when not profiling."""
+    return torch.profiler.record_function(name)
+
+
 def autocast_off(device_type: str):
     """DA3 runs its camera encoder and heads in fp32; ``meta`` (shape-only runs) has no autocast."""
     if device_type == "meta":
@@ -499,11 +504,14 @@ class DA3Backbone(nn.Module):
         split = min(self.lora_start, self._last_block)
         with torch.set_grad_enabled(grad_geo):
             with self.adapters(False):
-                st0 = self._stem(images, K, T_cam_world)
-                st0 = self._run_blocks(st0, split, self.cfg.ref_view_strategy)
-                st1 = self._run_blocks(st0, self._last_block, self.cfg.ref_view_strategy)
-                geometry = self._geometry_outputs(st1, H, W, images.device.type)
-        with self.adapters(True):
+                with stage("f3d.stem+shared_blocks"):
+                    st0 = self._stem(images, K, T_cam_world)
+                    st0 = self._run_blocks(st0, split, self.cfg.ref_view_strategy)
+                with stage("f3d.geometry_blocks"):
+                    st1 = self._run_blocks(st0, self._last_block, self.cfg.ref_view_strategy)
+                with stage("f3d.geometry_head"):
+                    geometry = self._geometry_outputs(st1, H, W, images.device.type)
+        with self.adapters(True), stage("f3d.feature_blocks"):
             # reuse pass 1's reference view so both passes see the same view order
             st2 = self._run_blocks(st0, self._last_block, self.cfg.ref_view_strategy, b_idx=st1.b_idx)
             features = self._feature_outputs(st2, H, W)

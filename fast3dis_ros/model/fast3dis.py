@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
 
 
@@ -98,7 +98,10 @@ class Fast3DIS(nn.Module):
         return {k: v for k, v in sd.items() if k.startswith("head.") or "lora_" in k}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, K: Tensor | None = None, T_cam_world: Tensor | None = None) -> dict:
+    def forward(
+        self, images: Tensor, K: Tensor | None = None, T_cam_world: Tensor | None = None, return_aux: bool = True
+    ) -> dict:
+        """``return_aux``: also every earlier decoder layer's masks (deep supervision); inference skips them."""
         B, V, _, H, W = images.shape
         known_pose = T_cam_world is not None
         if known_pose and K is None:
@@ -127,10 +130,12 @@ class Fast3DIS(nn.Module):
             extrinsics = T_pred
         intrinsics = K.float() if K is not None else geo["intrinsics"].float()
 
-        points = unproject_depth(depth, intrinsics, extrinsics)
+        with stage("f3d.lift"):
+            points = unproject_depth(depth, intrinsics, extrinsics)
         if not self.cfg.train_backbone:
             points = points.detach()
-        head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W))
+        with stage("f3d.instance_head"):
+            head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W), return_aux=return_aux)
         out = {
             "depth": depth,
             "depth_conf": conf,

@@ -60,6 +60,7 @@ class Predictor:
         process_size: int | None = None,
         score_threshold: float | None = None,
         mask_threshold: float | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = torch.device(device)
         if isinstance(dtype, str) or dtype is None:
@@ -70,6 +71,13 @@ class Predictor:
         self.process_size = int(process_size or cfg.backbone.process_res)
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
+        # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
+        # windows the eager forward is bound by kernel launches, not arithmetic.
+        self.graphed = None
+        if cuda_graphs and self.device.type == "cuda":
+            from fast3dis_ros.model.cuda_graph import GraphedForward
+
+            self.graphed = GraphedForward(self._forward_no_aux, amp_dtype=self.dtype)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -90,6 +98,9 @@ class Predictor:
         return cls(Fast3DIS(cfg), cfg, device=device, **kw)
 
     # ------------------------------------------------------------------ inference
+    def _forward_no_aux(self, images, K=None, T_cam_world=None) -> dict:
+        return self.model(images, K=K, T_cam_world=T_cam_world, return_aux=False)
+
     def predict(self, window: Window) -> WindowPrediction:
         views = window.views
         Ks = [v.K for v in views]
@@ -137,7 +148,10 @@ class Predictor:
         T_t = None if T_cam_world is None else torch.from_numpy(np.asarray(T_cam_world)).float().to(dev)[None]
         use_amp = self.dtype != torch.float32
         with torch.inference_mode(), torch.autocast(dev.type, dtype=self.dtype, enabled=use_amp):
-            out = self.model(x, K=K_t, T_cam_world=T_t)
+            if self.graphed is not None:  # static outputs: read below, before the next window
+                out = self.graphed(x, K=K_t, T_cam_world=T_t)
+            else:
+                out = self._forward_no_aux(x, K=K_t, T_cam_world=T_t)
             labels, scores, qidx = instances_from_queries(
                 out["pred_logits"][0], out["pred_masks"][0], hw, self.score_threshold, self.mask_threshold
             )
