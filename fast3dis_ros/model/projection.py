@@ -68,15 +68,14 @@ def inside_image(uv: Tensor, image_size: tuple[int, int]) -> Tensor:
 def pixel_to_grid(uv: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Pixel coords (centre convention above) -> ``grid_sample`` coords for ``align_corners=False``."""
     H, W = image_size
-    scale = uv.new_tensor([2.0 / W, 2.0 / H])
-    return (uv + 0.5) * scale - 1.0
+    # per-axis python scalars, not ``new_tensor``: a host-to-device copy cannot be graph-captured
+    return torch.stack([(uv[..., 0] + 0.5) * (2.0 / W), (uv[..., 1] + 0.5) * (2.0 / H)], dim=-1) - 1.0
 
 
 def grid_to_pixel(grid: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Inverse of `pixel_to_grid`."""
     H, W = image_size
-    scale = grid.new_tensor([W / 2.0, H / 2.0])
-    return (grid + 1.0) * scale - 0.5
+    return torch.stack([(grid[..., 0] + 1.0) * (W / 2.0), (grid[..., 1] + 1.0) * (H / 2.0)], dim=-1) - 0.5
 
 
 def pixel_grid(H: int, W: int, device=None, dtype=torch.float32) -> Tensor:
