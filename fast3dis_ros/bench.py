@@ -324,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay captured CUDA graphs (model.cuda_graph.GraphedForward, what the node runs) up to "
                          "--graph-max-views; plain DA3 then runs as the backbone's sync-free transcription")
+    ap.add_argument("--compile-blocks", action="store_true",
+                    help="torch.compile each DA3 ViT block (DA3Backbone.compile_blocks), both models")
+    ap.add_argument("--head-autocast", action="store_true",
+                    help="run DA3's DPT head / camera decoder under autocast (DA3 runs them in fp32)")
     ap.add_argument("--graph-max-views", type=int, default=64, help="larger windows run eagerly (default 64)")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="view counts to profile (per-stage GPU time, kernels, FLOPs by part; bench_profile)")
@@ -396,6 +400,20 @@ def main(argv: list[str] | None = None) -> int:
         # sync-free. With its ray branch on it does the same work as stock DA3.
         plain_bb = DA3Backbone(dc_replace(cfg.backbone, lora_rank=0, pretrained=None), net=plain)
         plain_bb.skip_ray_branch = False
+
+    fast_opts = args.compile_blocks or args.head_autocast
+    reference = None
+    if fast_opts:  # exact (DA3-identical) outputs at the first view count, to report the deviation
+        g0 = torch.Generator().manual_seed(args.views[0])
+        x0 = torch.randn(1, args.views[0], 3, args.height, args.width, generator=g0).to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            ref_out = model(x0, return_aux=False)
+        reference = {k: ref_out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
+        del ref_out
+        for bb in [model.backbone] + ([plain_bb] if plain_bb is not None else []):
+            bb.head_autocast = args.head_autocast
+            if args.compile_blocks:
+                bb.compile_blocks()
 
     def f3d_call(x, K=None, T_cam_world=None):
         return c_model(x, K=K, T_cam_world=T_cam_world, return_aux=False)
@@ -512,6 +530,23 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         del x
+    deviation = None
+    if reference is not None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            fast_out = model(x0, return_aux=False)
+        deviation = {
+            "views": args.views[0],
+            "depth_max_rel": float(((fast_out["depth"].float() - reference["depth"]).abs()
+                                    / reference["depth"].abs().clamp_min(1e-6)).max()),
+            "depth_median_rel": float(((fast_out["depth"].float() - reference["depth"]).abs()
+                                       / reference["depth"].abs().clamp_min(1e-6)).median()),
+            "logits_max_abs": float((fast_out["pred_logits"].float() - reference["pred_logits"]).abs().max()),
+            "masks_max_abs": float((fast_out["pred_masks"].float() - reference["pred_masks"]).abs().max()),
+            "mask_sign_agreement": float(((fast_out["pred_masks"].float() > 0) == (reference["pred_masks"] > 0))
+                                         .float().mean()),
+        }
+        print(f"# deviation of the fast path from the exact one at {args.views[0]} views: {deviation}")
+        del fast_out, reference, x0
     if skipped_plain_big:
         notes.append(f"plain DA3 not timed at {skipped_plain_big} views (saves time; the ratio target is at 32)")
     if args.big_views:
@@ -578,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline_rows"] = baseline_rows
     if profiles:
         result["profiles"] = profiles
+    result["compile_blocks"], result["head_autocast"] = args.compile_blocks, args.head_autocast
+    if deviation is not None:
+        result["fast_path_deviation"] = deviation
     del model, plain, c_model, c_plain, plain_bb
     gc.collect()
     if device.type == "cuda":

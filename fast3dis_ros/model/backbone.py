@@ -268,6 +268,9 @@ class DA3Backbone(nn.Module):
         # DA3 computes DualDPT's ray branch and then discards it when a camera decoder exists;
         # skipping it leaves depth/conf/cameras bit-identical and saves a large part of the head.
         self.skip_ray_branch = True
+        # DA3 runs its DPT head and camera decoder in fp32 (autocast off); True lets them run under the
+        # caller's autocast (bf16: faster on tensor cores, geometry no longer bit-identical to DA3).
+        self.head_autocast = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
             self._inject_lora()
@@ -338,6 +341,25 @@ class DA3Backbone(nn.Module):
                 continue
             out[k.replace(".base_layer.", ".")] = v
         return out
+
+    # ------------------------------------------------------------------ speed options
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """``torch.compile`` every ViT block in place (Inductor fuses the block's element-wise work).
+
+        Why: at robot-sized windows a DA3-Large block is bound by memory traffic, not arithmetic: about
+        67 kernels, most of them fp32 element-wise passes over the token tensor (layer norms, residual
+        adds, layer scale, RoPE, casts; ``fast3dis-bench --profile``). Blocks of the same structure share
+        one compiled graph (parameters are graph inputs), so there are a handful of compilations, not 24.
+        Numerics change at rounding level (fused kernels round differently); eager stays bit-identical
+        to DA3. The forward stays free of host syncs, so compiled blocks can be graph-captured.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for blk in self.vit.blocks:
+            blk.compile(mode=mode, dynamic=False)
 
     # ------------------------------------------------------------------ trunk
     def encode_cameras(self, K: torch.Tensor, T_cam_world: torch.Tensor, image_hw) -> torch.Tensor:
@@ -474,7 +496,7 @@ class DA3Backbone(nn.Module):
 
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
-        with autocast_off(device_type):
+        with contextlib.nullcontext() if self.head_autocast else autocast_off(device_type):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
                 output = dualdpt_depth_only(net.head, feats, H, W)
             else:

@@ -45,7 +45,7 @@ class GraphedForward:
     """
 
     def __init__(self, model: Callable, amp_dtype: torch.dtype | None = torch.bfloat16, max_graphs: int = 2,
-                 warmup: int = 2) -> None:
+                 warmup: int = 3) -> None:
         self.model = model
         self.amp_dtype = amp_dtype
         self.max_graphs = max(1, int(max_graphs))
