@@ -28,12 +28,12 @@ import numpy as np
 
 from ..geometry.align import align_cameras, sim3_decompose
 from ..geometry.cameras import invert_se3
-from ..geometry.clouds import empty_cloud, label_scores, lift_prediction_arrays, packed_voxel_keys
+from ..geometry.clouds import _KB, _KOFF, _rays, confidence_mask, empty_cloud, label_scores
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
 from .stats import DropCounter
 from .tracker import InstanceTracker
 
-__all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelMap"]
+__all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelMap", "lift_window"]
 
 
 @dataclass
@@ -149,16 +149,32 @@ class VoxelMap:
         return ((keys.astype(np.uint64) * _HMUL) >> np.uint64(64 - self._bits)).astype(np.int64)
 
     def _ensure(self, n_more: int) -> None:
-        """Room for ``n_more`` new voxels: row capacity and hash load (live + tombstones) <= 1/2."""
+        """Room for ``n_more`` new voxels: row capacity, and a hash table that stays below 3/4 load (live +
+        tombstones) even if all of them are distinct (``_settle_load`` brings it back to <= 1/2 afterwards)."""
         need = self._count + n_more
         if need > self._cap:  # zeroed arrays: untouched pages cost nothing, so reserve the cap at once
             self._alloc_rows(max(need, int(self._cap * 1.5), self.max_points + n_more), keep=self._count)
         size = self._mask + 1
-        if need + self._n_tomb > size // 2:
-            new = size
-            while need * 4 > new:  # rebuilt tables start at load <= 1/4 (tombstones have room to come and go)
+        if (need + self._n_tomb) * 4 > size * 3:
+            new = self._table_size(self._count)
+            while need * 4 > new * 3:
                 new *= 2
             self._rehash(new)
+
+    @staticmethod
+    def _table_size(n: int) -> int:
+        """Power of two >= 4 n (rebuilt tables start at load <= 1/4: tombstones have room to come and go)."""
+        size = 1 << 12
+        while n * 4 > size:
+            size *= 2
+        return size
+
+    def _settle_load(self) -> None:
+        """After an insertion: rebuild when live + tombstones exceed half the table. The table is sized by
+        voxels actually present, not by the points of a window (many points share a voxel), so it stays
+        small and its random lookups cache-friendly."""
+        if (self._count + self._n_tomb) * 2 > self._mask + 1:
+            self._rehash(self._table_size(self._count))
 
     def _rehash(self, size: int) -> None:
         self._new_table(size)
@@ -175,65 +191,85 @@ class VoxelMap:
             go = ~won
             rows, keys, pos = rows[go], keys[go], (pos[go] + 1) & self._mask
 
+    def _probe(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each key, -1 where absent; indices of the absent keys). Read only.
+
+        The home slot is looked up for every key at once (two gathers); only the keys not found there
+        (absent, or displaced by a collision) go through the probing loop, on compacted arrays."""
+        tk, tr, mask = self._tab_key, self._tab_row, self._mask
+        pos = self._hash(q)
+        qa = q + 2
+        t = tk[pos]
+        hit = t == qa
+        out = tr[pos].astype(np.int64)
+        rest = np.flatnonzero(~hit)
+        if not len(rest):
+            return out, rest
+        out[rest] = -1
+        idx, p, qr, tt = rest, pos[rest], qa[rest], t[rest]
+        missing = []
+        while True:  # stop at the key or at an empty slot (tombstones are skipped)
+            emp = tt == _EMPTY
+            if emp.any():
+                missing.append(idx[emp])
+                go = ~emp
+                idx, p, qr = idx[go], p[go], qr[go]
+            if not len(idx):
+                break
+            p = (p + 1) & mask
+            tt = tk[p]
+            h = tt == qr
+            if h.any():
+                out[idx[h]] = tr[p[h]]
+                nh = ~h
+                idx, p, qr, tt = idx[nh], p[nh], qr[nh], tt[nh]
+                if not len(idx):
+                    break
+        return out, (np.concatenate(missing) if missing else np.zeros(0, np.int64))
+
     def _find_or_insert(self, q: np.ndarray) -> np.ndarray:
         """Row of each (packed, possibly repeated) key; absent keys get new zeroed rows at the end."""
-        N = len(q)
-        self._ensure(N)
-        tk, mask = self._tab_key, self._mask
-        slot = np.empty(N, np.int64)
-        idx, pos, qa = np.arange(N), self._hash(q), q + 2
-        missing = []
-        while len(idx):  # lookup: stop at the key or at an empty slot (tombstones are skipped)
+        q = np.asarray(q, np.int64)
+        out, idx = self._probe(q)  # the table is never full (load <= 3/4): every probe meets an empty slot
+        if not len(idx):
+            return out
+        self._ensure(len(idx))  # may rebuild the table: rows found above stay valid
+        tk, tr, mask = self._tab_key, self._tab_row, self._mask
+        qa = q[idx]
+        pos = self._hash(qa)
+        qa = qa + 2
+        claimed, was_tomb, who = [], [], []
+        while len(idx):  # insert at the first empty/tombstone; equal keys move in lockstep
             t = tk[pos]
-            hit = t == qa
-            emp = t == _EMPTY
-            slot[idx[hit]] = pos[hit]
-            missing.append(idx[emp])
-            go = ~(hit | emp)
+            free = (t == _EMPTY) | (t == _TOMB)
+            tk[pos[free]] = qa[free]
+            won = free & (tk[pos] == qa)
+            claimed.append(pos[won])
+            was_tomb.append(t[won] == _TOMB)
+            who.append(idx[won])
+            go = ~won
             idx, pos, qa = idx[go], (pos[go] + 1) & mask, qa[go]
-        idx = np.concatenate(missing)
-        if len(idx):
-            qa = q[idx]
-            pos = self._hash(qa)
-            qa = qa + 2
-            claimed, was_tomb = [], []
-            while len(idx):  # insert at the first empty/tombstone; equal keys move in lockstep
-                t = tk[pos]
-                free = (t == _EMPTY) | (t == _TOMB)
-                tk[pos[free]] = qa[free]
-                won = free & (tk[pos] == qa)
-                slot[idx[won]] = pos[won]
-                claimed.append(pos[won])
-                was_tomb.append(t[won] == _TOMB)
-                go = ~won
-                idx, pos, qa = idx[go], (pos[go] + 1) & mask, qa[go]
-            cp = np.concatenate(claimed)
-            wt = np.concatenate(was_tomb)
-            ar = np.arange(len(cp), dtype=np.int32)
-            self._tab_row[cp] = ar
-            first = self._tab_row[cp] == ar  # one representative per claimed slot
-            up = cp[first]
-            self._n_tomb -= int(wt[first].sum())
-            rows = np.arange(self._count, self._count + len(up))
-            self._tab_row[up] = rows
-            self._key[rows] = tk[up] - 2
-            self._slot[rows] = up
-            self._inst[rows] = 0  # the other fields are written by update_rows
-            self._count += len(up)
-        return self._tab_row[slot]
+        cp = np.concatenate(claimed)
+        wt = np.concatenate(was_tomb)
+        ar = np.arange(len(cp), dtype=np.int32)
+        tr[cp] = ar
+        first = tr[cp] == ar  # one representative per claimed slot
+        up = cp[first]
+        self._n_tomb -= int(wt[first].sum())
+        rows = np.arange(self._count, self._count + len(up))
+        tr[up] = rows
+        self._key[rows] = tk[up] - 2
+        self._slot[rows] = up
+        self._inst[rows] = 0  # the other fields are written by update_rows
+        self._count += len(up)
+        out[np.concatenate(who)] = tr[cp]
+        self._settle_load()
+        return out
 
     def lookup(self, keys) -> np.ndarray:
         """Row of each key, -1 where absent (read only)."""
         q = np.asarray(keys, np.int64).reshape(-1)
-        out = np.full(len(q), -1, np.int64)
-        idx, pos, qa = np.arange(len(q)), self._hash(q), q + 2
-        while len(idx):
-            t = self._tab_key[pos]
-            hit = t == qa
-            out[idx[hit]] = self._tab_row[pos[hit]]
-            go = ~(hit | (t == _EMPTY))
-            idx, pos, qa = idx[go], (pos[go] + 1) & self._mask, qa[go]
-        return out
+        return self._probe(q)[0]
 
     def _delete_slots(self, slots: np.ndarray) -> None:
         tk, mask = self._tab_key, self._mask
@@ -465,6 +501,91 @@ class _ViewRecord:
     metric: bool = False  # the window that first saw this view had metric depth (known poses / metric model)
 
 
+def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: int, voxel_size: float,
+                conf_threshold: float = 0.0, conf_mode: str = "abs", min_score: float = 0.0,
+                min_depth: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every view of a window lifted into ``map`` at once, as fusion needs it: (xyz (3, N) float64 holding
+    float32 values, rgb (3, N) uint8, window label (N,) int64 >= 0, packed voxel key (N,) int64).
+
+    The same points, values and order as ``geometry.clouds.lift_prediction_arrays`` (its float32 xyz, its
+    rgb, its labels with low-score instances -> 0) followed by ``packed_voxel_keys`` of that xyz: the
+    per-view transforms and the per-point arithmetic are the same operations in the same order, only done
+    on all views together (no per-view Python loop, one strided read per input array, coordinates kept as
+    contiguous rows that ``np.bincount`` takes without a conversion)."""
+    T_out = np.asarray(T_map_window, np.float64)
+    st = max(int(pixel_stride), 1)
+    depth = np.asarray(pred.depth)
+    V, H, W = depth.shape
+    d = depth[:, ::st, ::st].astype(np.float64)  # (V, h, w), one strided read
+    h, w = d.shape[1:]
+    with np.errstate(invalid="ignore"):
+        keep = d > min_depth  # False for NaN
+        keep &= d < np.inf
+    if pred.depth_conf is not None:
+        conf = np.asarray(pred.depth_conf)[:, ::st, ::st]
+        if conf_mode == "abs":
+            with np.errstate(invalid="ignore"):
+                keep &= conf >= conf_threshold
+        else:
+            for v in range(V):
+                keep[v] &= confidence_mask(conf[v], conf_threshold, conf_mode)
+    flat_keep = keep.reshape(-1)
+    n = int(np.count_nonzero(flat_keep))
+    sel = None if n == flat_keep.size else np.flatnonzero(flat_keep)
+    Ks = np.asarray(pred.K, np.float64).reshape(V, 3, 3)
+    if V and (Ks == Ks[:1]).all():
+        xr, yr = _rays(Ks[0], H, W, st)  # (h, w), broadcast over views
+    else:
+        rays = [_rays(Ks[v], H, W, st) for v in range(V)]
+        xr, yr = np.stack([r[0] for r in rays]), np.stack([r[1] for r in rays])
+    # per view exactly as lift_prediction_arrays: T_out_world @ inv(T_cam_world[v])
+    T = np.stack([T_out @ invert_se3(pred.T_cam_world[v]) for v in range(V)]) if V else np.zeros((0, 4, 4))
+    xyz = np.empty((3, n))
+    keys = np.zeros(n, np.int64)
+    tmp = np.empty((V, h, w))
+    for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3, then float32, then the voxel key
+        a = np.multiply(xr, T[:, i, 0, None, None], out=tmp)
+        a += yr * T[:, i, 1, None, None]
+        a += T[:, i, 2, None, None]
+        a *= d
+        a += T[:, i, 3, None, None]
+        a = a.reshape(-1)
+        if sel is not None:
+            a = a[sel]
+        xi = xyz[i]
+        xi[...] = a.astype(np.float32)
+        if not n:
+            continue
+        c = xi / voxel_size  # as packed_voxel_keys on the float32 coordinates
+        np.floor(c, out=c)
+        if not (c.min() >= -_KOFF and c.max() < _KOFF):
+            raise ValueError("voxel coordinates out of the packable range (+-2^20 voxels per axis); "
+                             "increase voxel_size or check the points")
+        c += _KOFF
+        ci = c.astype(np.int64)
+        if i < 2:
+            ci <<= (2 - i) * _KB
+        keys |= ci
+    im = np.asarray(pred.images)[:, ::st, ::st]
+    rgb = np.empty((3, n), np.uint8)
+    for a in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
+        ch = im[..., a].reshape(-1)
+        rgb[a] = ch if sel is None else ch[sel]
+    lab = np.asarray(pred.labels)[:, ::st, ::st].reshape(-1)
+    if sel is not None:
+        lab = lab[sel]
+    lab = np.maximum(lab, 0).astype(np.int64, copy=False)
+    scores = np.asarray(pred.scores, np.float32)
+    if min_score > 0 and len(scores) and n:
+        low = np.concatenate([[False], scores < min_score])
+        if low.any():  # label k -> 0 when its score is low; labels past the scores follow the last one
+            top = int(lab.max())
+            lut = np.arange(top + 1, dtype=np.int64)
+            lut[low[np.minimum(lut, len(scores))]] = 0
+            lab = lut[lab]
+    return xyz, rgb, lab, keys
+
+
 def _rigid_in_map(T_cam_world: np.ndarray, T_map_world: np.ndarray) -> np.ndarray:
     """Rigid camera extrinsics in map given the window's Sim(3) T_map_world (V, 4, 4)."""
     s, R, t = sim3_decompose(T_map_world)
@@ -629,30 +750,20 @@ class MapFusion:
                 except (ValueError, np.linalg.LinAlgError):
                     self.events.add("align_failed")
 
-        # remember this window's views (first estimate of a view wins: anchors do not drift)
-        T_cam_map = invert_se3(T_map_cam)
-        st = self.depth_ratio_stride
-        for v in range(V):
-            k = (pred.cameras[v], int(pred.view_stamps_ns[v]))
-            if k not in self._views:
-                self._views[k] = _ViewRecord(T_cam_map[v], (pred.depth[v][::st, ::st] * s).astype(np.float32),
-                                             metric=bool(pred.depth_scale_metric) and abs(s - 1.0) < 1e-6)
-        while len(self._views) > self.view_memory:
-            self._views.popitem(last=False)
         self._T_map_window_prev = T_map_window
         self._tick += 1
 
         # lift all (confident) pixels into map, window labels with low score -> background
-        xyz, rgb, lab = lift_prediction_arrays(pred, T_map_window, conf_threshold=self.conf_threshold,
-                                               conf_mode=self.conf_mode, min_score=self.min_score,
-                                               pixel_stride=self.stride_for(pred.depth.shape[-2:]))
+        xyz, rgb, lab, vkeys = lift_window(pred, T_map_window, self.stride_for(pred.depth.shape[-2:]),
+                                           self.voxel_size, conf_threshold=self.conf_threshold,
+                                           conf_mode=self.conf_mode, min_score=self.min_score)
         vm = self.map
         N = len(lab)
         nlab = max(int(pred.n_instances), int(lab.max()) if N else 0) + 1
         upd = None
         if N:
             before = len(vm)
-            prow = vm._find_or_insert(packed_voxel_keys(xyz, self.voxel_size))
+            prow = vm._find_or_insert(vkeys)
             # window voxels: unique rows (scratch row -> index, no sort), inverse index per point
             ar = np.arange(N)
             loc = vm._loc
@@ -679,9 +790,9 @@ class MapFusion:
             # (voxel, window label) pairs -> IoU with the map labels before this window
             pair_v = np.concatenate([pure, pv[pfg]])
             pair_w = np.concatenate([vlab[pure], pw[pfg]])
-            map_lab = np.where(is_new, 0, vm._inst[wrows])
+            map_lab = vm._inst[wrows[pair_v]]  # rows new in this window hold 0 (_find_or_insert)
             kept_labels = np.flatnonzero(np.bincount(lab, minlength=nlab)[1:]) + 1
-            id_map, iou = self.tracker.assign_pairs(pair_w, map_lab[pair_v], vm._lab_count,
+            id_map, iou = self.tracker.assign_pairs(pair_w, map_lab, vm._lab_count,
                                                     all_window_labels=kept_labels)
         else:
             id_map, iou = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
@@ -704,10 +815,12 @@ class MapFusion:
             xyz_sum = np.empty((3, m))
             rgb_sum = np.empty((3, m))
             for a in range(3):
-                xyz_sum[a] = np.bincount(inv, weights=xyz[:, a], minlength=m)
-                rgb_sum[a] = np.bincount(inv, weights=rgb[:, a], minlength=m)
-            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, (xyz_sum / n).T.astype(np.float32),
-                                         np.clip(np.rint(rgb_sum / n), 0, 255).T.astype(np.uint8),
+                xyz_sum[a] = np.bincount(inv, weights=xyz[a], minlength=m)
+                rgb_sum[a] = np.bincount(inv, weights=rgb[a], minlength=m)
+            # (m, 3) C-ordered, as the PointCloud2 packing wants them
+            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns,
+                                         (xyz_sum / n).T.astype(np.float32, order="C"),
+                                         np.rint(rgb_sum / n).T.astype(np.uint8, order="C"),  # in [0, 255]
                                          vinst.astype(np.uint32), vscore)
             upd = (wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
@@ -724,6 +837,7 @@ class MapFusion:
             raise RuntimeError("MapFusion.commit: not the window of the last begin() (or the map was reset)")
         self._pending = None
         w, pred, nlab, scores = pending.window, pending.pred, pending.nlab, pending.scores
+        self._remember_views(pred, w.T_map_cam, w.scale)
         if pending.update is not None:
             self.map.update_rows(*pending.update, pending.tick)
 
@@ -746,6 +860,19 @@ class MapFusion:
         info["evicted_total"] = self.map.evicted
         return FusionResult(w.window_index, w.stamp_ns, w.window_cloud, map_cloud, instances, w.T_map_cam,
                             w.T_map_window, w.id_map, w.align_method, w.n_shared_views, w.scale, info)
+
+    def _remember_views(self, pred: WindowPrediction, T_map_cam: np.ndarray, s: float) -> None:
+        """Remember the window's views for aligning later windows (first estimate of a view wins: anchors do
+        not drift)."""
+        T_cam_map = invert_se3(T_map_cam)
+        st = self.depth_ratio_stride
+        for v in range(pred.depth.shape[0]):
+            k = (pred.cameras[v], int(pred.view_stamps_ns[v]))
+            if k not in self._views:
+                self._views[k] = _ViewRecord(T_cam_map[v], (pred.depth[v][::st, ::st] * s).astype(np.float32),
+                                             metric=bool(pred.depth_scale_metric) and abs(s - 1.0) < 1e-6)
+        while len(self._views) > self.view_memory:
+            self._views.popitem(last=False)
 
     def _summaries(self) -> list[InstanceSummary]:
         ids, cnt, sums, mins, maxs = self.map.instance_stats()
