@@ -137,6 +137,20 @@ class VoxelMap:
             setattr(self, name, a)
         self._loc = np.empty(cap, np.int64)  # scratch: row -> window voxel index
         self._cap = cap
+        self._touched = keep  # rows [0, _touched) of the arrays above are backed by memory (see prefault)
+
+    def prefault(self, n: int) -> None:
+        """Back the next ``n`` rows (past the current count) of the arrays that ``_find_or_insert`` and the
+        window grouping write with memory now. The row arrays are reserved zeroed (lazily mapped pages), so
+        the first write to a page costs a page fault; doing it here (after a window's map update, off the
+        window's latency path) keeps those faults out of the next window's ``begin``."""
+        a = max(self._touched, self._count)
+        b = min(self._count + int(n), self._cap)
+        if b <= a:
+            return
+        for arr in (self._key, self._slot, self._inst, self._loc):
+            arr[a:b] = 0  # rows past the count hold nothing: any value will do
+        self._touched = b
 
     def _new_table(self, size: int) -> None:
         self._bits = int(size).bit_length() - 1
@@ -227,10 +241,20 @@ class VoxelMap:
                     break
         return out, (np.concatenate(missing) if missing else np.zeros(0, np.int64))
 
-    def _find_or_insert(self, q: np.ndarray) -> np.ndarray:
-        """Row of each (packed, possibly repeated) key; absent keys get new zeroed rows at the end."""
+    def _find_or_insert(self, q: np.ndarray, run=None, parts: int = 1) -> np.ndarray:
+        """Row of each (packed, possibly repeated) key; absent keys get new zeroed rows at the end.
+        ``run``/``parts``: the read-only lookup is done in ``parts`` chunks side by side (see
+        ``lift_window``); the insertion is serial."""
         q = np.asarray(q, np.int64)
-        out, idx = self._probe(q)  # the table is never full (load <= 3/4): every probe meets an empty slot
+        # the table is never full (load <= 3/4): every probe meets an empty slot
+        k = max(1, min(int(parts), len(q) // 65536)) if run is not None else 1
+        if k == 1:
+            out, idx = self._probe(q)
+        else:
+            cuts = [len(q) * i // k for i in range(k + 1)]
+            res = run([lambda a=a, b=b: self._probe(q[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+            out = np.concatenate([r[0] for r in res])
+            idx = np.concatenate([r[1] + a for r, a in zip(res, cuts[:-1])])
         if not len(idx):
             return out
         self._ensure(len(idx))  # may rebuild the table: rows found above stay valid
@@ -501,9 +525,14 @@ class _ViewRecord:
     metric: bool = False  # the window that first saw this view had metric depth (known poses / metric model)
 
 
+def _serial(fns):
+    return [f() for f in fns]
+
+
 def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: int, voxel_size: float,
                 conf_threshold: float = 0.0, conf_mode: str = "abs", min_score: float = 0.0,
-                min_depth: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                min_depth: float = 1e-6, run=None, parts: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every view of a window lifted into ``map`` at once, as fusion needs it: (xyz (3, N) float64 holding
     float32 values, rgb (3, N) uint8, window label (N,) int64 >= 0, packed voxel key (N,) int64).
 
@@ -511,27 +540,18 @@ def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: 
     rgb, its labels with low-score instances -> 0) followed by ``packed_voxel_keys`` of that xyz: the
     per-view transforms and the per-point arithmetic are the same operations in the same order, only done
     on all views together (no per-view Python loop, one strided read per input array, coordinates kept as
-    contiguous rows that ``np.bincount`` takes without a conversion)."""
+    contiguous rows that ``np.bincount`` takes without a conversion).
+
+    ``run``/``parts``: the views are cut into ``parts`` contiguous groups whose work ``run`` (a callable
+    running a list of thunks, e.g. on threads: numpy releases the GIL in these loops) does side by side;
+    the output is the same."""
+    run = run or _serial
     T_out = np.asarray(T_map_window, np.float64)
     st = max(int(pixel_stride), 1)
     depth = np.asarray(pred.depth)
     V, H, W = depth.shape
-    d = depth[:, ::st, ::st].astype(np.float64)  # (V, h, w), one strided read
-    h, w = d.shape[1:]
-    with np.errstate(invalid="ignore"):
-        keep = d > min_depth  # False for NaN
-        keep &= d < np.inf
-    if pred.depth_conf is not None:
-        conf = np.asarray(pred.depth_conf)[:, ::st, ::st]
-        if conf_mode == "abs":
-            with np.errstate(invalid="ignore"):
-                keep &= conf >= conf_threshold
-        else:
-            for v in range(V):
-                keep[v] &= confidence_mask(conf[v], conf_threshold, conf_mode)
-    flat_keep = keep.reshape(-1)
-    n = int(np.count_nonzero(flat_keep))
-    sel = None if n == flat_keep.size else np.flatnonzero(flat_keep)
+    conf = None if pred.depth_conf is None else np.asarray(pred.depth_conf)
+    images, labels = np.asarray(pred.images), np.asarray(pred.labels)
     Ks = np.asarray(pred.K, np.float64).reshape(V, 3, 3)
     if V and (Ks == Ks[:1]).all():
         xr, yr = _rays(Ks[0], H, W, st)  # (h, w), broadcast over views
@@ -540,49 +560,87 @@ def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: 
         xr, yr = np.stack([r[0] for r in rays]), np.stack([r[1] for r in rays])
     # per view exactly as lift_prediction_arrays: T_out_world @ inv(T_cam_world[v])
     T = np.stack([T_out @ invert_se3(pred.T_cam_world[v]) for v in range(V)]) if V else np.zeros((0, 4, 4))
-    xyz = np.empty((3, n))
-    keys = np.zeros(n, np.int64)
-    tmp = np.empty((V, h, w))
-    for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3, then float32, then the voxel key
-        a = np.multiply(xr, T[:, i, 0, None, None], out=tmp)
-        a += yr * T[:, i, 1, None, None]
-        a += T[:, i, 2, None, None]
-        a *= d
-        a += T[:, i, 3, None, None]
-        a = a.reshape(-1)
-        if sel is not None:
-            a = a[sel]
-        xi = xyz[i]
-        xi[...] = a.astype(np.float32)
-        if not n:
-            continue
-        c = xi / voxel_size  # as packed_voxel_keys on the float32 coordinates
-        np.floor(c, out=c)
-        if not (c.min() >= -_KOFF and c.max() < _KOFF):
-            raise ValueError("voxel coordinates out of the packable range (+-2^20 voxels per axis); "
-                             "increase voxel_size or check the points")
-        c += _KOFF
-        ci = c.astype(np.int64)
-        if i < 2:
-            ci <<= (2 - i) * _KB
-        keys |= ci
-    im = np.asarray(pred.images)[:, ::st, ::st]
-    rgb = np.empty((3, n), np.uint8)
-    for a in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
-        ch = im[..., a].reshape(-1)
-        rgb[a] = ch if sel is None else ch[sel]
-    lab = np.asarray(pred.labels)[:, ::st, ::st].reshape(-1)
-    if sel is not None:
-        lab = lab[sel]
-    lab = np.maximum(lab, 0).astype(np.int64, copy=False)
     scores = np.asarray(pred.scores, np.float32)
-    if min_score > 0 and len(scores) and n:
-        low = np.concatenate([[False], scores < min_score])
-        if low.any():  # label k -> 0 when its score is low; labels past the scores follow the last one
-            top = int(lab.max())
-            lut = np.arange(top + 1, dtype=np.int64)
+    low = np.concatenate([[False], scores < min_score]) if (min_score > 0 and len(scores)) else None
+    if low is not None and not low.any():
+        low = None
+    k = max(1, min(int(parts), V))
+    cuts = [V * i // k for i in range(k + 1)]
+    groups = [(cuts[i], cuts[i + 1]) for i in range(k)]
+
+    def prepare(a: int, b: int):
+        d = depth[a:b, ::st, ::st].astype(np.float64)  # (v, h, w), one strided read
+        with np.errstate(invalid="ignore"):
+            keep = d > min_depth  # False for NaN
+            keep &= d < np.inf
+        if conf is not None:
+            c = conf[a:b, ::st, ::st]
+            if conf_mode == "abs":
+                with np.errstate(invalid="ignore"):
+                    keep &= c >= conf_threshold
+            else:
+                for v in range(b - a):
+                    keep[v] &= confidence_mask(c[v], conf_threshold, conf_mode)
+        flat = keep.reshape(-1)
+        n = int(np.count_nonzero(flat))
+        return d, (None if n == flat.size else np.flatnonzero(flat)), n
+
+    preps = run([lambda a=a, b=b: prepare(a, b) for a, b in groups])
+    counts = [p[2] for p in preps]
+    n = sum(counts)
+    offs = np.cumsum([0] + counts)
+    xyz = np.empty((3, n))
+    rgb = np.empty((3, n), np.uint8)
+    lab = np.empty(n, np.int64)
+    keys = np.empty(n, np.int64)
+
+    def fill(a: int, b: int, d: np.ndarray, sel, o0: int, o1: int) -> None:
+        if o1 == o0:
+            return
+        xg, yg = (xr, yr) if xr.ndim == 2 else (xr[a:b], yr[a:b])
+        Tg = T[a:b]
+        tmp = np.empty(d.shape)
+        kk = keys[o0:o1]
+        for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3, then float32, then the voxel key
+            v = np.multiply(xg, Tg[:, i, 0, None, None], out=tmp)
+            v += yg * Tg[:, i, 1, None, None]
+            v += Tg[:, i, 2, None, None]
+            v *= d
+            v += Tg[:, i, 3, None, None]
+            v = v.reshape(-1)
+            if sel is not None:
+                v = v[sel]
+            xi = xyz[i, o0:o1]
+            xi[...] = v.astype(np.float32)
+            c = xi / voxel_size  # as packed_voxel_keys on the float32 coordinates
+            np.floor(c, out=c)
+            if not (c.min() >= -_KOFF and c.max() < _KOFF):
+                raise ValueError("voxel coordinates out of the packable range (+-2^20 voxels per axis); "
+                                 "increase voxel_size or check the points")
+            c += _KOFF
+            ci = c.astype(np.int64)
+            if i < 2:
+                ci <<= (2 - i) * _KB
+            if i == 0:
+                kk[...] = ci
+            else:
+                kk |= ci
+        im = images[a:b, ::st, ::st]
+        for ch in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
+            x = im[..., ch].reshape(-1)
+            rgb[ch, o0:o1] = x if sel is None else x[sel]
+        lb = labels[a:b, ::st, ::st].reshape(-1)
+        if sel is not None:
+            lb = lb[sel]
+        lb = np.maximum(lb, 0)
+        if low is not None:  # label k -> 0 when its score is low; labels past the scores follow the last one
+            lut = np.arange(int(lb.max()) + 1, dtype=np.int64)
             lut[low[np.minimum(lut, len(scores))]] = 0
-            lab = lut[lab]
+            lb = lut[lb]
+        lab[o0:o1] = lb
+
+    run([lambda a=a, b=b, p=p, o0=int(offs[i]), o1=int(offs[i + 1]): fill(a, b, p[0], p[1], o0, o1)
+         for i, ((a, b), p) in enumerate(zip(groups, preps))])
     return xyz, rgb, lab, keys
 
 
@@ -613,7 +671,11 @@ class MapFusion:
         view_memory: int = 64,
         depth_ratio_stride: int = 4,
         map_frame: str = "map",
+        workers: int = 2,
     ) -> None:
+        """``workers``: threads that ``begin`` uses for the lifting, the map lookups and the per-voxel sums
+        of a window (numpy releases the GIL in those loops; the other fusion steps stay on the caller's
+        thread). 1: none. The result does not depend on it."""
         if voxel_size <= 0 or max_points < 1:
             raise ValueError("MapFusion: voxel_size > 0 and max_points >= 1 required")
         self.voxel_size = float(voxel_size)
@@ -627,6 +689,8 @@ class MapFusion:
         self.view_memory = int(view_memory)
         self.depth_ratio_stride = int(depth_ratio_stride)
         self.map_frame = map_frame
+        self.workers = max(1, int(workers))
+        self._pool = None  # ThreadPoolExecutor of workers - 1 threads, made on first use
         self.tracker = InstanceTracker(match_iou=match_iou, score_mode=score_mode)
         self.map = VoxelMap(voxel_size, max_points)
         self.events = DropCounter()
@@ -640,6 +704,21 @@ class MapFusion:
         self._T_map_known: np.ndarray | None = None
         self._tick = 0
         self._pending: PendingWindow | None = None  # begin() done, commit() not yet
+
+    def _run(self, fns: list) -> list:
+        """Results of the thunks ``fns``, the first on this thread, the others on the pool (``workers``)."""
+        if self.workers <= 1 or len(fns) <= 1:
+            return [f() for f in fns]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self.workers - 1, thread_name_prefix="fusion")
+        futs = [self._pool.submit(f) for f in fns[1:]]
+        try:
+            first = fns[0]()
+        finally:
+            rest = [f.result() for f in futs] if futs else []
+        return [first] + rest
 
     # ------------------------------------------------------------------ alignment
     def _depth_ratio(self, pred: WindowPrediction, shared: list[tuple[int, _ViewRecord]]) -> float | None:
@@ -756,20 +835,22 @@ class MapFusion:
         # lift all (confident) pixels into map, window labels with low score -> background
         xyz, rgb, lab, vkeys = lift_window(pred, T_map_window, self.stride_for(pred.depth.shape[-2:]),
                                            self.voxel_size, conf_threshold=self.conf_threshold,
-                                           conf_mode=self.conf_mode, min_score=self.min_score)
+                                           conf_mode=self.conf_mode, min_score=self.min_score,
+                                           run=self._run, parts=self.workers)
         vm = self.map
         N = len(lab)
         nlab = max(int(pred.n_instances), int(lab.max()) if N else 0) + 1
         upd = None
         if N:
             before = len(vm)
-            prow = vm._find_or_insert(vkeys)
-            # window voxels: unique rows (scratch row -> index, no sort), inverse index per point
-            ar = np.arange(N)
-            loc = vm._loc
-            loc[prow] = ar
-            wrows = prow[loc[prow] == ar]
+            prow = vm._find_or_insert(vkeys, run=self._run, parts=self.workers)
+            # window voxels: the rows touched (ascending: later row gathers walk memory forward), inverse
+            # index per point through a row -> window voxel scratch (no sort)
+            touched = np.zeros(len(vm), bool)
+            touched[prow] = True
+            wrows = np.flatnonzero(touched)
             m = len(wrows)
+            loc = vm._loc
             loc[wrows] = np.arange(m)
             inv = loc[prow]
             is_new = wrows >= before
@@ -811,12 +892,15 @@ class MapFusion:
                 vlab[pv[best]] = pw[best]
             vinst = lut[vlab]
             vscore = label_scores(vlab, scores)
-            n = np.bincount(inv, minlength=m).astype(np.float64)
             xyz_sum = np.empty((3, m))
             rgb_sum = np.empty((3, m))
-            for a in range(3):
-                xyz_sum[a] = np.bincount(inv, weights=xyz[a], minlength=m)
-                rgb_sum[a] = np.bincount(inv, weights=rgb[a], minlength=m)
+
+            def sums(dst, src):
+                for a in range(3):
+                    dst[a] = np.bincount(inv, weights=src[a], minlength=m)
+
+            n = self._run([lambda: sums(xyz_sum, xyz), lambda: sums(rgb_sum, rgb),
+                           lambda: np.bincount(inv, minlength=m).astype(np.float64)])[2]
             # (m, 3) C-ordered, as the PointCloud2 packing wants them
             window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns,
                                          (xyz_sum / n).T.astype(np.float32, order="C"),
@@ -840,6 +924,8 @@ class MapFusion:
         self._remember_views(pred, w.T_map_cam, w.scale)
         if pending.update is not None:
             self.map.update_rows(*pending.update, pending.tick)
+            # memory for the next window's new voxels (about as many as this one's), off its latency path
+            self.map.prefault(2 * int(np.count_nonzero(pending.update[1])) + 4096)
 
         # instance metadata: score, views seen (views not seen in an earlier window only)
         V = pred.depth.shape[0]
