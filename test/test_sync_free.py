@@ -140,6 +140,11 @@ def test_forward_modules_make_no_host_copies(name):
             body[0] = ast.Pass(lineno=body[0].lineno, col_offset=body[0].col_offset)
     hits = []
     for node in ast.walk(tree):
+        # advanced indexing with a Python list (``x[..., [1, 2]]``) copies the index to the device
+        if isinstance(node, ast.Subscript) and node.lineno not in allowed and any(
+            isinstance(n, (ast.List, ast.ListComp)) for n in ast.walk(node.slice)
+        ):
+            hits.append(f"{name}.py:{node.lineno}: list index {ast.unparse(node)}")
         if isinstance(node, ast.Call) and getattr(node, "lineno", None) not in allowed:
             call = ast.unparse(node.func) + "("
             if any(re.search(p, "." + call if not call.startswith("torch") else call) for p in HOST_PATTERNS):

@@ -35,7 +35,7 @@ def mat_to_quat(matrix: torch.Tensor) -> torch.Tensor:
     candidates = quat_by_rijk / (2.0 * q_abs[..., None].max(flr))
     best = q_abs.argmax(dim=-1)[..., None, None].expand(batch_dim + (1, 4))
     out = torch.gather(candidates, -2, best).squeeze(-2)
-    out = out[..., [1, 2, 3, 0]]
+    out = torch.cat([out[..., 1:], out[..., :1]], dim=-1)  # [1, 2, 3, 0]: a list index is a host copy
     return torch.where(out[..., 3:4] < 0, -out, out)
 
 
