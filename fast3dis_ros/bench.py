@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--graph-max-views; plain DA3 then runs as the backbone's sync-free transcription")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="torch.compile each DA3 ViT block (DA3Backbone.compile_blocks), both models")
+    ap.add_argument("--compile-head", action="store_true", help="torch.compile the instance head (one graph)")
     ap.add_argument("--head-autocast", action="store_true",
                     help="run DA3's DPT head / camera decoder under autocast (DA3 runs them in fp32)")
     ap.add_argument("--graph-max-views", type=int, default=64, help="larger windows run eagerly (default 64)")
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_bb = DA3Backbone(dc_replace(cfg.backbone, lora_rank=0, pretrained=None), net=plain)
         plain_bb.skip_ray_branch = False
 
-    fast_opts = args.compile_blocks or args.head_autocast
+    fast_opts = args.compile_blocks or args.head_autocast or args.compile_head
     reference = None
     if fast_opts:  # exact (DA3-identical) outputs at the first view count, to report the deviation
         g0 = torch.Generator().manual_seed(args.views[0])
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             bb.head_autocast = args.head_autocast
             if args.compile_blocks:
                 bb.compile_blocks()
+        if args.compile_head:
+            model.head.compile(dynamic=False)
 
     def f3d_call(x, K=None, T_cam_world=None):
         return c_model(x, K=K, T_cam_world=T_cam_world, return_aux=False)
@@ -614,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     if profiles:
         result["profiles"] = profiles
     result["compile_blocks"], result["head_autocast"] = args.compile_blocks, args.head_autocast
+    result["compile_head"] = args.compile_head
     if deviation is not None:
         result["fast_path_deviation"] = deviation
     del model, plain, c_model, c_plain, plain_bb

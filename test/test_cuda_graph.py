@@ -64,3 +64,18 @@ def test_one_graph_per_shape_with_lru_eviction():
         assert out["pred_masks"].shape[2] == V
     # 2 and 3 captured, 2 replayed, 4 captured (evicts 3), 3 captured again
     assert g.captures == 4 and g.replays == 5 and len(g._graphs) == 2
+
+
+@cuda
+def test_compiled_and_graphed_close_to_eager():
+    dev = torch.device("cuda")
+    model = _model(dev)
+    x = torch.randn(1, 3, 3, 70, 98, device=dev)
+    with torch.inference_mode():
+        ref = model(x, return_aux=False)
+    model.compile_for_inference()
+    g = GraphedForward(_fwd(model), amp_dtype=None)
+    out = g(x)
+    assert g.captures == 1 and not g.failures
+    for key in ("depth", "pred_logits", "pred_masks"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-3, atol=1e-3)

@@ -97,6 +97,16 @@ class Fast3DIS(nn.Module):
             return sd
         return {k: v for k, v in sd.items() if k.startswith("head.") or "lora_" in k}
 
+    # ------------------------------------------------------------------ speed
+    def compile_for_inference(self, blocks: bool = True, head: bool = True) -> None:
+        """``torch.compile`` the DA3 ViT blocks (one graph per block structure) and the instance head
+        (one graph, no breaks). Compilation happens at the first forward of each window shape (about
+        a minute for DA3-Large on a 16-core host); outputs move at rounding level (see BENCHMARKS.md)."""
+        if blocks:
+            self.backbone.compile_blocks()
+        if head:
+            self.head.compile(dynamic=False)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, images: Tensor, K: Tensor | None = None, T_cam_world: Tensor | None = None, return_aux: bool = True

@@ -61,6 +61,7 @@ class Predictor:
         score_threshold: float | None = None,
         mask_threshold: float | None = None,
         cuda_graphs: bool = True,
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         if isinstance(dtype, str) or dtype is None:
@@ -73,6 +74,8 @@ class Predictor:
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
         # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
         # windows the eager forward is bound by kernel launches, not arithmetic.
+        if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
+            self.model.compile_for_inference()
         self.graphed = None
         if cuda_graphs and self.device.type == "cuda":
             from fast3dis_ros.model.cuda_graph import GraphedForward
