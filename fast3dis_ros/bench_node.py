@@ -16,15 +16,21 @@ Rows (all on CPU, median over repeats unless said otherwise):
   the shared-view Sim(3) path). Median over the windows after the first. ``fusion_<W>x<H>_map990k``: the
   same windows at the largest size with the map first filled with 990k old voxels (cap 1M, as after a long
   run), so every window pays for a map at its cap (insertion, eviction, summaries).
-- ``e2e_overhead``: ``PipelineRunner`` in async mode (as the node) with a real random tiny
+- ``e2e_overhead``: a real ``Fast3disNode`` (in this process, own ROS domain on loopback) with a real random tiny
   ``Predictor.random_tiny`` on CPU, node window defaults (window 8 frame sets, stride 4, 3 cameras). Each
-  frame set is fed as Image messages (converted with ``image_to_rgb``), after the engine went idle (no
-  queueing). Latency = from converting+feeding the window's last frame to the end of ``on_fusion`` (which
-  builds the map/window PointCloud2, InstanceArray and MarkerArray as the node's publisher does), minus
-  the engine's own ``predict`` time. Target: engine + 30 ms, i.e. overhead < 30 ms. The tiny network runs
-  at 70 px, so its fusion is cheap; ``e2e_overhead_gt_504x378`` is the same measurement with a stand-in
-  predictor that returns the scene's ground truth at 504x378 (the processing size of the DA3 models), i.e.
-  the node overhead at the real resolution (24 views per window).
+  frame is fed as a sensor_msgs/Image through the node's image callback, a frame set after the engine went
+  idle (no queueing). Latency = from the window's last frame entering the callback to ``publish()`` of its
+  ``~/window_cloud`` returning (the node publishes it from ``MapFusion.begin``, before the map update; the
+  message is then serialised and in DDS), minus the engine's own ``predict`` time. Target (issue 7):
+  engine + 30 ms, i.e. overhead < 30 ms. ``e2e_map_overhead``: the same up to ``publish()`` of the running
+  map ``~/instances_cloud`` (after the map update, instances and markers). ``e2e_recv_overhead`` /
+  ``e2e_map_recv_overhead``: up to the moment a plain rclpy subscriber in another process had the message
+  (default middleware settings: large messages cross Fast DDS's UDP loopback unless its shared-memory
+  segment is made large enough, see docs/BENCHMARKS.md section 13). The tiny network runs at 70 px, so its
+  fusion is cheap; ``*_gt_504x378`` is the same with a stand-in predictor that returns the scene's ground
+  truth at 504x378 (the processing size of the DA3 models), i.e. the node overhead at the real resolution
+  (24 views per window), and ``*_gt_504x378_map990k`` again with the map first holding 990k old voxels (a
+  map at its 1M cap, as after a long run). Without rclpy the runner alone is timed (no messages).
 
 All figures are wall-clock on a possibly loaded machine; the JSON records the load average.
 """
@@ -287,114 +293,349 @@ def profile_fusion(width: int = 504, height: int = 378, views: int = 8, top: int
 
 
 # --------------------------------------------------------------------------------------------- e2e
-def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: int = 4, width: int = 224,
-              height: int = 168, process_size: int | None = None, seed: int = 0, threads: int | None = None,
-              predictor: str = "tiny") -> list[dict]:
-    """``predictor="tiny"``: random tiny network on CPU; ``"gt"``: a stand-in returning the scene's ground
-    truth at the input resolution (no network: the overhead at full resolution, row ``e2e_overhead_gt``)."""
-    import torch
+class _TimedPublisher:
+    """Stands in front of one of the node's real rclpy publishers: publishes through it, then records
+    (header stamp, time.monotonic_ns() after publish() returned, points) -- the message is then in the
+    middleware (serialised and written to DDS)."""
 
+    def __init__(self, pub, log: list):
+        self._pub, self._log = pub, log
+
+    def publish(self, msg) -> None:
+        from fast3dis_ros.ros.conversions import stamp_to_ns
+
+        self._pub.publish(msg)
+        self._log.append((stamp_to_ns(msg.header.stamp), time.monotonic_ns(), int(getattr(msg, "width", 0))))
+
+    def __getattr__(self, name):
+        return getattr(self._pub, name)
+
+
+LISTEN_TOPICS = {"window": "/fast3dis/window_cloud", "map": "/fast3dis/instances_cloud"}
+
+
+def listen(out_path: str, expect: int, timeout_s: float = 120.0) -> int:
+    """Child process of the e2e bench: a plain rclpy subscriber (another process, as a user's) to the node's
+    window and map clouds; writes one JSON line per message (topic, header stamp, time.monotonic_ns() on
+    receipt, points) and exits after ``expect`` messages of each topic or ``timeout_s``."""
+    import rclpy
+    from sensor_msgs.msg import PointCloud2
+
+    from fast3dis_ros.ros.conversions import stamp_to_ns
+    from fast3dis_ros.ros.qos import output_qos
+
+    rclpy.init()
+    node = rclpy.create_node("fast3dis_bench_listener")
+    got = {k: 0 for k in LISTEN_TOPICS}
+    fh = open(out_path, "w")
+
+    def cb(msg, key):
+        t = time.monotonic_ns()
+        st = stamp_to_ns(msg.header.stamp)
+        fh.write(json.dumps({"topic": key, "stamp_ns": st, "t_ns": t, "points": int(msg.width)}) + "\n")
+        fh.flush()
+        if st > 1:  # stamp 1 ns: the bench's warm-up messages
+            got[key] += 1
+
+    for key, topic in LISTEN_TOPICS.items():
+        node.create_subscription(PointCloud2, topic, lambda m, k=key: cb(m, k), output_qos(10))
+    end = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < end and min(got.values()) < expect:
+            rclpy.spin_once(node, timeout_sec=0.05)
+    finally:
+        fh.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def _start_listener(domain_id: int, out_path: str, expect: int):
+    import subprocess
+
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("ROS_LOCALHOST_ONLY", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.Popen([sys.executable, "-m", "fast3dis_ros.bench_node", "--listen", out_path,
+                             "--listen-expect", str(expect)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _e2e_scene_and_predictor(cams, window_size, stride, n_windows, width, height, process_size, seed, predictor):
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
     from fast3dis_ros.model.predictor import Predictor
-    from fast3dis_ros.pipeline.frames import CameraFrame
-    from fast3dis_ros.pipeline.runner import PipelineRunner
 
-    if threads:
-        torch.set_num_threads(threads)
-    ok, why = _rclpy_ok()
-    if ok:
-        from fast3dis_ros.ros.conversions import (cloud_to_pointcloud2, image_to_rgb, instances_to_markers,
-                                                  numpy_to_image)
-        try:
-            from fast3dis_ros.ros.conversions import instances_to_msg
-            import fast3dis_msgs.msg  # noqa: F401
-        except Exception:  # noqa: BLE001
-            instances_to_msg = None
     n_frames = window_size + stride * (n_windows - 1)
     scene = generate_scene(SceneConfig(n_cameras=cams, n_frames=n_frames, width=width, height=height, seed=seed))
     if predictor == "gt":
         lookup = {}
         for f in range(n_frames):
             for c, name in enumerate(scene.camera_names):
-                lookup[(name, 1_000_000_000 + f * 100_000_000 + c * 1_000_000)] = scene.view(f, c)
+                lookup[(name, _e2e_stamp(f, c))] = scene.view(f, c)
 
         def predict_fn(w):
             vs = w.views
             return _gt_prediction([lookup[(v.camera, int(v.stamp_ns))] for v in vs], w.index,
                                   [int(v.stamp_ns) for v in vs])
 
-        proc_desc = f"ground-truth stand-in at {width}x{height}"
+        return scene, n_frames, predict_fn, f"ground-truth stand-in at {width}x{height}"
+    pr = Predictor.random_tiny(seed=seed, device="cpu", **({"process_size": process_size} if process_size else {}))
+    pr.predict_arrays([scene.view(0, c).rgb for c in range(cams)])  # warm the model (first forward allocates)
+    return scene, n_frames, pr.predict, f"random tiny Predictor on CPU (process size {pr.process_size})"
+
+
+def _e2e_stamp(f: int, c: int) -> int:
+    return 1_000_000_000 + f * 100_000_000 + c * 1_000_000
+
+
+class _StandIn:
+    score_threshold = 0.5
+
+    def __init__(self, fn):
+        self.predict = fn
+
+
+def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: int = 4, width: int = 224,
+              height: int = 168, process_size: int | None = None, seed: int = 0, threads: int | None = None,
+              predictor: str = "tiny", prefill: int = 0, listener: bool = True) -> list[dict]:
+    """Latency of the node's outputs minus the engine's own predict time.
+
+    ``predictor="tiny"``: random tiny network on CPU; ``"gt"``: a stand-in returning the scene's ground truth
+    at the input resolution (no network: the node overhead at full resolution). ``prefill``: the map first
+    holds that many old voxels (as after a long run; the map cloud is then ~1M points).
+
+    With rclpy: a real ``Fast3disNode`` (own context and ROS domain, loopback) with the node's defaults except
+    the cameras / window / stride; every frame goes through the node's image callback (Image message ->
+    numpy -> runner), frame sets are fed after the engine went idle (no queueing). Times are taken when
+    ``publish()`` of the node's real publisher returned (the message is serialised and in DDS):
+    ``window`` = ``~/window_cloud`` (the issue-7 figure), ``map`` = ``~/instances_cloud``. With ``listener``
+    a subscriber in another process also records when each cloud arrived (``recv_*``). Without rclpy the
+    runner alone is timed (no messages)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    scene, n_frames, predict_fn, proc_desc = _e2e_scene_and_predictor(
+        cams, window_size, stride, n_windows, width, height, process_size, seed, predictor)
+    ok, why = _rclpy_ok()
+    if ok:
+        try:
+            import fast3dis_msgs.msg  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            ok, why = False, f"{type(e).__name__}: {e}"
+    base = "e2e_overhead" if predictor != "gt" else f"e2e_overhead_gt_{width}x{height}"
+    if prefill:
+        base += f"_map{prefill / 1e6:g}M" if prefill >= 1_000_000 else f"_map{prefill // 1000}k"
+    map_name = base.replace("e2e_overhead", "e2e_map_overhead", 1)
+    desc = (f"{proc_desc}, {cams} cameras {width}x{height}, window {window_size} sets ({window_size * cams} "
+            f"views), stride {stride}" + (f", map prefilled with {prefill} old voxels" if prefill else ""))
+    if ok:
+        res = _e2e_node(scene, n_frames, predict_fn, cams, window_size, stride, prefill, listener, seed)
     else:
-        pr = Predictor.random_tiny(seed=seed, device="cpu", **({"process_size": process_size} if process_size else {}))
-        pr.predict_arrays([scene.view(0, c).rgb for c in range(cams)])  # warm the model (first forward allocates)
-        predict_fn = pr.predict
-        proc_desc = f"random tiny Predictor on CPU (process size {pr.process_size})"
+        res = _e2e_runner(scene, n_frames, predict_fn, window_size, stride, prefill, seed)
+        res["why_no_messages"] = why
+    lat_w, lat_m, eng = res["window_ms"], res["map_ms"], res["engine_ms"]
+    if not lat_w:
+        return [row(base, "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed", **res})]
+    over_w = [a - e for a, e in zip(lat_w, eng)]
+    over_m = [a - e for a, e in zip(lat_m, eng)]
+    what_w = ("last frame's Image callback -> ~/window_cloud publish() returned, minus engine predict time"
+              if ok else "last frame's feed -> window cloud ready (on_window; no rclpy: no message), minus engine")
+    what_m = ("last frame's Image callback -> ~/instances_cloud (running map) publish() returned, minus engine"
+              if ok else "last frame's feed -> map cloud ready (on_fusion; no rclpy: no message), minus engine")
+    detail = {"what": f"{what_w}; {desc}", "views": window_size * cams, "windows": len(over_w),
+              "latency_ms": lat_w, "engine_ms": eng, "overhead_ms": over_w,
+              "engine_ms_median": float(statistics.median(eng)), "latency_ms_median": float(statistics.median(lat_w)),
+              "messages": ok, **{k: v for k, v in res.items() if k not in ("window_ms", "map_ms", "engine_ms")}}
+    rows = [row(base, float(statistics.median(over_w)), "ms", "engine + 30 ms", 30.0, detail)]
+    if over_m:
+        rows.append(row(map_name, float(statistics.median(over_m)), "ms", None, None,
+                        {"what": f"{what_m}; {desc}", "views": window_size * cams, "windows": len(over_m),
+                         "latency_ms": lat_m, "engine_ms": eng, "overhead_ms": over_m,
+                         "map_points": res.get("map_points", [])}))
+    for key in ("window", "map"):
+        rec = res.get(f"recv_{key}_ms")
+        if rec and len(rec) == len(eng):
+            over_r = [a - e for a, e in zip(rec, eng)]
+            name = (base if key == "window" else map_name).replace("overhead", "recv_overhead", 1)
+            rows.append(row(name, float(statistics.median(over_r)), "ms", None, None,
+                            {"what": f"as {base if key == 'window' else map_name}, but until a Python rclpy "
+                                     f"subscriber in another process had the message; {desc}",
+                             "latency_ms": rec, "engine_ms": eng, "overhead_ms": over_r}))
+    return rows
 
-    t_feed: dict[int, int] = {}
-    done: dict[int, tuple[int, float, float]] = {}
-    publish_ms: list[float] = []
 
-    def on_fusion(res, pred):
-        t0 = time.perf_counter_ns()
-        if ok:
-            mf, st = "map", int(res.stamp_ns)
-            cloud_to_pointcloud2(res.map_cloud, frame_id=mf, stamp_ns=st)
-            cloud_to_pointcloud2(res.window_cloud, frame_id=mf, stamp_ns=st)
-            if instances_to_msg is not None:
-                instances_to_msg(res.instances, mf, st)
-            instances_to_markers(res.instances, mf, st)
-        t1 = time.perf_counter_ns()
-        publish_ms.append((t1 - t0) / 1e6)
-        done[res.window_index] = (t1, float(pred.engine_ms), len(res.map_cloud))
+def _e2e_node(scene, n_frames, predict_fn, cams, window_size, stride, prefill, listener, seed) -> dict:
+    """The e2e measurement through a real Fast3disNode (see ``bench_e2e``)."""
+    import random
+    import tempfile
 
-    fusion = node_fusion()
-    runner = PipelineRunner(scene.camera_names, predict_fn, slop_ns=50_000_000, window_size=window_size,
-                            stride=stride, fusion=fusion, sync_mode=False, queue_depth=2, on_fusion=on_fusion)
-    msgs = []
-    for f in range(n_frames):
-        fs = []
-        for c, name in enumerate(scene.camera_names):
-            v = scene.view(f, c)
-            stamp = 1_000_000_000 + f * 100_000_000 + c * 1_000_000
-            fs.append((name, stamp, numpy_to_image(v.rgb, "rgb8") if ok else v.rgb, v.K))
-        msgs.append(fs)
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from fast3dis_ros.ros.conversions import ns_to_stamp, numpy_to_image
+    from fast3dis_ros.ros.node import Fast3disNode
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # loopback only (this process)
+    dom = random.Random(os.getpid() ^ time.monotonic_ns()).randint(101, 200)
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx, domain_id=dom)
+    names = list(scene.camera_names)
+    params = [Parameter("cameras", value=names), Parameter("window_size", value=window_size),
+              Parameter("stride", value=stride), Parameter("queue_depth", value=2)]
+    node = Fast3disNode(predictor=_StandIn(predict_fn), context=ctx, parameter_overrides=params)
+    pub_log = {"window": [], "map": []}
+    node.pub_window = _TimedPublisher(node.pub_window, pub_log["window"])
+    node.pub_map = _TimedPublisher(node.pub_map, pub_log["map"])
+    engine_ms: dict[int, float] = {}
+    node.runner.on_prediction = lambda w, p: engine_ms.__setitem__(int(p.stamp_ns), float(p.engine_ms))
+    prefill_map(node.runner.fusion, prefill, seed)
+    n_win = (n_frames - window_size) // stride + 1
+    proc, recv_path, listen_note = None, None, ""
     try:
+        if listener:
+            fd, recv_path = tempfile.mkstemp(prefix="fast3dis_bench_recv_", suffix=".jsonl")
+            os.close(fd)
+            proc = _start_listener(dom, recv_path, n_win)
+            end = time.monotonic() + 30.0
+            while time.monotonic() < end and not (node.pub_window.get_subscription_count() >= 1
+                                                   and node.pub_map.get_subscription_count() >= 1):
+                time.sleep(0.05)
+            if node.pub_window.get_subscription_count() < 1:
+                listen_note = "listener never matched (DDS discovery): no recv_* figures"
+            elif not _warm_listener(node, recv_path):
+                listen_note = "listener matched but got no warm-up message: recv_* figures may be late"
+        msgs = []
+        for f in range(n_frames):
+            fs = []
+            for c, name in enumerate(names):
+                m = numpy_to_image(scene.view(f, c).rgb, "rgb8")
+                m.header.stamp = ns_to_stamp(_e2e_stamp(f, c))
+                m.header.frame_id = f"{name}_optical_frame"
+                fs.append((name, m))
+            msgs.append(fs)
+        t_feed: dict[int, int] = {}
+        runner = node.runner
         for fs in msgs:
             runner.engine.wait_idle(120.0)
-            for name, stamp, m, K in fs:
+            for name, m in fs:
                 n0 = runner.windows_emitted
-                t0 = time.perf_counter_ns()
-                img = image_to_rgb(m) if ok else m
-                runner.feed(CameraFrame(name, stamp, img, f"{name}_optical_frame", K))
+                t0 = time.monotonic_ns()
+                node._on_image(m, name)  # the node's Image subscription callback
                 if runner.windows_emitted > n0:
-                    t_feed[n0] = t0
+                    t_feed[max(_e2e_stamp_of(x) for _, x in fs)] = t0
+        runner.engine.wait_idle(120.0)
+        recv = {"window": {}, "map": {}}
+        if proc is not None:
+            try:
+                proc.wait(timeout=15.0)
+            except Exception:  # noqa: BLE001 - the listener missed messages: stop it, keep what it had
+                proc.terminate()
+                proc.wait(timeout=5.0)
+            with open(recv_path) as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    recv[r["topic"]].setdefault(r["stamp_ns"], r["t_ns"])
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if recv_path:
+            try:
+                os.unlink(recv_path)
+            except OSError:
+                pass
+        node.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    pubw = {s: t for s, t, _ in pub_log["window"]}
+    pubm = {s: (t, n) for s, t, n in pub_log["map"]}
+    out = {"window_ms": [], "map_ms": [], "engine_ms": [], "map_points": [], "window_points": [],
+           "recv_window_ms": [], "recv_map_ms": []}
+    wpts = {s: n for s, _, n in pub_log["window"]}
+    for st, t0 in sorted(t_feed.items()):
+        if st not in pubw or st not in pubm or st not in engine_ms:
+            continue
+        out["window_ms"].append((pubw[st] - t0) / 1e6)
+        out["map_ms"].append((pubm[st][0] - t0) / 1e6)
+        out["engine_ms"].append(engine_ms[st])
+        out["map_points"].append(pubm[st][1])
+        out["window_points"].append(wpts[st])
+        if st in recv["window"]:
+            out["recv_window_ms"].append((recv["window"][st] - t0) / 1e6)
+        if st in recv["map"]:
+            out["recv_map_ms"].append((recv["map"][st] - t0) / 1e6)
+    acc = runner.accounting()
+    out["fusion_ms"] = acc["fusion"]["ms"]
+    out["listener"] = listen_note or ("subscriber process" if listener else "off")
+    return out
+
+
+def _warm_listener(node, recv_path: str, timeout_s: float = 20.0) -> bool:
+    """Publish empty clouds stamped 1 ns on both topics until the listener has one of each (discovery is
+    complete both ways: no first-sample repair delay in the figures)."""
+    from sensor_msgs.msg import PointCloud2
+
+    from fast3dis_ros.ros.conversions import ns_to_stamp
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        for pub in (node.pub_window, node.pub_map):
+            m = PointCloud2()
+            m.header.stamp = ns_to_stamp(1)
+            pub._pub.publish(m)  # not through the timing wrapper
+        time.sleep(0.1)
+        with open(recv_path) as fh:
+            topics = {json.loads(line)["topic"] for line in fh if line.strip()}
+        if topics >= set(LISTEN_TOPICS):
+            return True
+    return False
+
+
+def _e2e_stamp_of(msg) -> int:
+    from fast3dis_ros.ros.conversions import stamp_to_ns
+
+    return stamp_to_ns(msg.header.stamp)
+
+
+def _e2e_runner(scene, n_frames, predict_fn, window_size, stride, prefill, seed) -> dict:
+    """Fallback without rclpy: the runner alone (async, as in the node), callbacks without messages."""
+    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.pipeline.runner import PipelineRunner
+
+    t_win: dict[int, int] = {}
+    t_map: dict[int, int] = {}
+    eng: dict[int, float] = {}
+    fusion = node_fusion()
+    prefill_map(fusion, prefill, seed)
+    runner = PipelineRunner(scene.camera_names, predict_fn, slop_ns=50_000_000, window_size=window_size,
+                            stride=stride, fusion=fusion, sync_mode=False, queue_depth=2,
+                            on_window=lambda w, p: t_win.__setitem__(int(w.stamp_ns), time.monotonic_ns()),
+                            on_fusion=lambda r, p: (t_map.__setitem__(int(r.stamp_ns), time.monotonic_ns()),
+                                                    eng.__setitem__(int(r.stamp_ns), float(p.engine_ms))))
+    t_feed: dict[int, int] = {}
+    try:
+        for f in range(n_frames):
+            runner.engine.wait_idle(120.0)
+            for c, name in enumerate(scene.camera_names):
+                v = scene.view(f, c)
+                n0 = runner.windows_emitted
+                t0 = time.monotonic_ns()
+                runner.feed(CameraFrame(name, _e2e_stamp(f, c), v.rgb, f"{name}_optical_frame", v.K))
+                if runner.windows_emitted > n0:
+                    t_feed[_e2e_stamp(f, len(scene.camera_names) - 1)] = t0
         runner.engine.wait_idle(120.0)
     finally:
         runner.stop(5.0)
-    lat, eng, over = [], [], []
-    for wi, t0 in sorted(t_feed.items()):
-        if wi not in done:
-            continue
-        t1, e_ms, _ = done[wi]
-        total = (t1 - t0) / 1e6
-        lat.append(total)
-        eng.append(e_ms)
-        over.append(total - e_ms)
-    name = "e2e_overhead" if predictor != "gt" else f"e2e_overhead_gt_{width}x{height}"
-    if not over:
-        return [row(name, "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed"})]
-    acc = runner.accounting()
-    detail = {
-        "what": f"PipelineRunner async, {proc_desc}, "
-                f"{cams} cameras {width}x{height}, window {window_size} sets ({window_size * cams} views), stride "
-                f"{stride}; last frame's Image->rgb + feed -> on_fusion incl. PointCloud2/InstanceArray/markers, "
-                f"minus engine predict time",
-        "views": window_size * cams, "windows": len(over), "latency_ms": lat, "engine_ms": eng,
-        "overhead_ms": over, "engine_ms_median": float(statistics.median(eng)),
-        "latency_ms_median": float(statistics.median(lat)), "publish_build_ms": publish_ms,
-        "fusion_ms": acc["fusion"]["ms"], "messages": ok,
-    }
-    return [row(name, float(statistics.median(over)), "ms", "engine + 30 ms", 30.0, detail)]
+    out = {"window_ms": [], "map_ms": [], "engine_ms": []}
+    for st, t0 in sorted(t_feed.items()):
+        if st in t_win and st in t_map:
+            out["window_ms"].append((t_win[st] - t0) / 1e6)
+            out["map_ms"].append((t_map[st] - t0) / 1e6)
+            out["engine_ms"].append(eng[st])
+    out["fusion_ms"] = runner.accounting()["fusion"]["ms"]
+    return out
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -402,7 +643,7 @@ def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image
                    image_repeats: int = 20, cams: int = 3, sync_sets: int = 2000,
                    fusion_sizes=((224, 168), (504, 378)), fusion_views: int = 8, fusion_windows_n: int = 4,
                    fusion_prefill: int = 990_000, e2e: dict | None = None, e2e_gt_size: tuple | None = (504, 378),
-                   profile: bool = False, log=print) -> dict:
+                   e2e_gt_prefill: int = 990_000, profile: bool = False, log=print) -> dict:
     """Every node figure; returns {"rows": [...], "profile": str | None, "machine": {...}}."""
     rows: list[dict] = []
     steps = [
@@ -415,8 +656,10 @@ def run_node_bench(*, pack_points: int = 1_000_000, pack_repeats: int = 7, image
         ("e2e", lambda: bench_e2e(cams=cams, **(e2e or {}))),
     ]
     if e2e_gt_size:
-        steps.append(("e2e_gt", lambda: bench_e2e(cams=cams, **{**(e2e or {}), "width": e2e_gt_size[0],
-                                                               "height": e2e_gt_size[1], "predictor": "gt"})))
+        gt = {**(e2e or {}), "width": e2e_gt_size[0], "height": e2e_gt_size[1], "predictor": "gt"}
+        steps.append(("e2e_gt", lambda: bench_e2e(cams=cams, **gt)))
+        if e2e_gt_prefill > 0:
+            steps.append(("e2e_gt_full_map", lambda: bench_e2e(cams=cams, **{**gt, "prefill": e2e_gt_prefill})))
     for name, fn in steps:
         t0 = time.perf_counter()
         try:
@@ -492,6 +735,10 @@ def add_args(ap: argparse.ArgumentParser, prefix: str = "") -> None:
                     help="network long edge (default: the tiny config's, 70)")
     ap.add_argument(f"--{p}e2e-gt-size", type=int, nargs=2, default=[504, 378], metavar=("W", "H"),
                     help="also the overhead with a ground-truth stand-in predictor at this size (0 0: off)")
+    ap.add_argument(f"--{p}e2e-gt-prefill", type=int, default=990_000,
+                    help="and again with the map first holding this many old voxels (cap 1M); 0: off")
+    ap.add_argument(f"--{p}e2e-no-listener", action="store_true",
+                    help="no subscriber process (no recv_* figures)")
     ap.add_argument(f"--{p}profile", action="store_true", help="cProfile MapFusion.integrate at the last fusion size")
 
 
@@ -508,8 +755,9 @@ def kwargs_from_args(args, prefix: str = "") -> dict:
         fusion_sizes=tuple(sizes), fusion_views=g("fusion-views"), fusion_windows_n=g("fusion-windows"),
         fusion_prefill=g("fusion-prefill"),
         e2e=dict(window_size=g("e2e-window"), stride=g("e2e-stride"), n_windows=g("e2e-windows"), width=ew, height=eh,
-                 process_size=g("e2e-process-size")),
+                 process_size=g("e2e-process-size"), listener=not g("e2e-no-listener")),
         e2e_gt_size=tuple(g("e2e-gt-size")) if min(g("e2e-gt-size")) > 0 else None,
+        e2e_gt_prefill=g("e2e-gt-prefill"),
         profile=g("profile"),
     )
 
@@ -519,7 +767,11 @@ def main(argv: list[str] | None = None) -> int:
     add_args(ap)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: keep the machine usable)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--listen", default=None, help=argparse.SUPPRESS)  # the e2e bench's subscriber process
+    ap.add_argument("--listen-expect", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.listen:
+        return listen(args.listen, args.listen_expect)
     import torch
 
     torch.set_num_threads(max(1, args.threads))

@@ -57,24 +57,36 @@ def test_bench_node_tiny(tmp_path):
     out = tmp_path / "node.json"
     cmd = [sys.executable, "-m", "fast3dis_ros.bench_node", "--pack-points", "20000", "--image-size", "64", "48",
            "--sync-sets", "50", "--fusion-sizes", "56x42", "84x63", "--fusion-windows", "2", "--fusion-prefill", "5000",
-           "--e2e-size", "70", "56", "--e2e-window", "2", "--e2e-stride", "1", "--e2e-windows", "2", "--e2e-gt-size", "84", "63", "--profile",
-           "--json", str(out)]
+           "--e2e-size", "70", "56", "--e2e-window", "2", "--e2e-stride", "1", "--e2e-windows", "2", "--e2e-gt-size", "84", "63",
+           "--e2e-gt-prefill", "5000", "--profile", "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "cumulative" in p.stdout  # the cProfile listing
     res = json.loads(out.read_text())
     rows = {r["name"]: r for r in res["rows"]}
+    e2e = [f"e2e_{k}{s}" for s in ("", "_gt_84x63", "_gt_84x63_map5k")
+           for k in ("overhead", "map_overhead", "recv_overhead", "map_recv_overhead")]
     expected = ["pack_20k", "pack_20k_structured", "image_rgb8", "image_bgr8", "sync_push", "fusion_56x42",
-                "fusion_84x63", "fusion_84x63_map5k", "e2e_overhead", "e2e_overhead_gt_84x63"]
+                "fusion_84x63", "fusion_84x63_map5k"] + e2e
     assert list(rows) == expected, list(rows)
     for name in expected:
         assert _pos(rows[name]["measured"]), (name, rows[name])
     assert rows["pack_20k"]["limit"] == 20.0 and rows["pack_20k"]["pass"] in (True, False)
-    for name in ("e2e_overhead", "e2e_overhead_gt_84x63"):
-        assert rows[name]["target"] == "engine + 30 ms"
-        e2e = rows[name]["detail"]
-        assert e2e["windows"] >= 2 and all(_pos(x) for x in e2e["engine_ms"] + e2e["latency_ms"])
-        assert all(lat > eng for lat, eng in zip(e2e["latency_ms"], e2e["engine_ms"]))
+    for suffix in ("", "_gt_84x63", "_gt_84x63_map5k"):
+        win, mp = rows[f"e2e_overhead{suffix}"], rows[f"e2e_map_overhead{suffix}"]
+        assert win["target"] == "engine + 30 ms" and mp["target"] == "-"
+        d = win["detail"]
+        assert d["messages"] is True and d["listener"] == "subscriber process"
+        assert d["windows"] >= 2 and all(_pos(x) for x in d["engine_ms"] + d["latency_ms"])
+        assert all(lat > eng for lat, eng in zip(d["latency_ms"], d["engine_ms"]))
+        # the window cloud is published before the map update, the running map after it
+        assert all(m > w for m, w in zip(mp["detail"]["latency_ms"], d["latency_ms"]))
+        assert len(d["recv_window_ms"]) == len(d["latency_ms"])
+        for k in ("recv_overhead", "map_recv_overhead"):
+            r = rows[f"e2e_{k}{suffix}"]["detail"]
+            assert all(lat > eng for lat, eng in zip(r["latency_ms"], r["engine_ms"]))
+        assert all(n > 0 for n in d["window_points"])
+    assert all(n >= 5000 for n in rows["e2e_map_overhead_gt_84x63_map5k"]["detail"]["map_points"])
     assert rows["fusion_84x63_map5k"]["detail"]["map_voxels"][0] >= 5000
     assert rows["fusion_84x63"]["detail"]["align"][1] == "shared_views"
     assert rows["sync_push"]["detail"]["emitted"] == 50

@@ -184,7 +184,7 @@ class VoxelMap:
         return size
 
     def _settle_load(self) -> None:
-        """After an insertion: rebuild when live + tombstones exceed half the table. The table is sized by
+        """After a window's update (and eviction): rebuild when live + tombstones exceed half the table. The table is sized by
         voxels actually present, not by the points of a window (many points share a voxel), so it stays
         small and its random lookups cache-friendly."""
         if (self._count + self._n_tomb) * 2 > self._mask + 1:
@@ -287,8 +287,7 @@ class VoxelMap:
         self._inst[rows] = 0  # the other fields are written by update_rows
         self._count += len(up)
         out[np.concatenate(who)] = tr[cp]
-        self._settle_load()
-        return out
+        return out  # the load is brought back to <= 1/2 by update_rows (after eviction, off the window path)
 
     def lookup(self, keys) -> np.ndarray:
         """Row of each key, -1 where absent (read only)."""
@@ -449,6 +448,7 @@ class VoxelMap:
         self._stats_add(rows)
         if self._count > self.max_points:
             self._evict(self._count - self.max_points)
+        self._settle_load()
 
     def _evict(self, excess: int) -> None:
         """Drop ``excess`` least recently seen voxels; among the cut-off tick's voxels the largest keys go."""
@@ -895,17 +895,21 @@ class MapFusion:
             xyz_sum = np.empty((3, m))
             rgb_sum = np.empty((3, m))
 
-            def sums(dst, src):
+            def sums(dst, src, dtype):
+                """Per-voxel sums of ``src`` rows into ``dst`` and their means as the (m, 3) cloud column
+                block (C order, as the PointCloud2 packing wants it); each side counts points itself."""
+                cnt = np.bincount(inv, minlength=m).astype(np.float64)
                 for a in range(3):
                     dst[a] = np.bincount(inv, weights=src[a], minlength=m)
+                mean = dst / cnt
+                if dtype == np.uint8:
+                    np.rint(mean, out=mean)  # means of 0..255 values: no clip needed
+                return cnt, mean.T.astype(dtype, order="C")
 
-            n = self._run([lambda: sums(xyz_sum, xyz), lambda: sums(rgb_sum, rgb),
-                           lambda: np.bincount(inv, minlength=m).astype(np.float64)])[2]
-            # (m, 3) C-ordered, as the PointCloud2 packing wants them
-            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns,
-                                         (xyz_sum / n).T.astype(np.float32, order="C"),
-                                         np.rint(rgb_sum / n).T.astype(np.uint8, order="C"),  # in [0, 255]
-                                         vinst.astype(np.uint32), vscore)
+            (n, w_xyz), (_, w_rgb) = self._run([lambda: sums(xyz_sum, xyz, np.float32),
+                                                lambda: sums(rgb_sum, rgb, np.uint8)])
+            window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, w_xyz, w_rgb, vinst.astype(np.uint32),
+                                         vscore)
             upd = (wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)

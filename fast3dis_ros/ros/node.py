@@ -138,7 +138,7 @@ class Fast3disNode(Node):
         fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
                            use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
-                           max_points_per_view=self.p["max_points_per_view"])
+                           max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"])
         from .sync_adapter import make_synchronizer
 
         sync = None  # the runner's own ApproximateTimeSync (with time-jump reset)
@@ -384,8 +384,9 @@ class Fast3disNode(Node):
             self._warn("publish", f"publishing the pending map failed: {e!r}")
 
     def _ensure_map_timer(self, period: float) -> None:
-        """A steady-clock timer that flushes the pending map; re-created when the period changes."""
-        tick = max(0.01, period / 4.0)  # a pending map goes out at most a quarter period late
+        """A steady-clock timer that flushes the pending map; re-created when the period changes (call with
+        ``_map_lock`` held)."""
+        tick = max(0.01, period / 4.0) if period > 0 else 0.05  # at most a quarter period late
         if self._map_timer is not None and abs(self._map_timer_tick - tick) < 1e-9:
             return
         if self._map_timer is not None:
@@ -492,6 +493,10 @@ class Fast3disNode(Node):
                     self.predictor.score_threshold = float(prm.value)
             elif prm.name == "conf_threshold":
                 self.runner.fusion.conf_threshold = float(prm.value)
+            elif prm.name == "map_publish_period":
+                with self._map_lock:  # a held-back map goes out on the new period's schedule
+                    if self._map_timer is not None or self._map_pending is not None:
+                        self._ensure_map_timer(float(prm.value))
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ shutdown

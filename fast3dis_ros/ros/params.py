@@ -79,6 +79,8 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("max_points_per_view", 20_000, "Fusion lifts at most about this many pixels per view (a coarser "
               "pixel stride at high processing resolution keeps fusion off the latency path); 0: no cap.",
               (0, 10_000_000)),
+    ParamSpec("fusion_threads", 2, "Threads fusion uses to lift, look up and sum a window's points (numpy "
+              "releases the GIL there; the window cloud comes out sooner). 1: the engine thread only.", (1, 16)),
     ParamSpec("camera_frame", "{camera}_optical_frame",
               "TF child frame template of the estimated camera poses (map -> camera_frame).",
               extra="must contain {camera}"),
