@@ -17,6 +17,11 @@ order of preference:
 The running map is a voxel map (``voxel_size`` in map units) holding mean xyz / colour, one instance id
 per voxel (majority with vote hysteresis) and score; it never holds more than ``max_points`` voxels (the
 least recently observed are evicted).
+
+``integrate(pred)`` is ``commit(begin(pred))``: ``begin`` aligns, lifts, voxelises and matches the
+window's instances to global ids (everything the window's own cloud needs, ``WindowResult``); ``commit``
+folds the window into the map and builds the map cloud and instance summaries (``FusionResult``). The
+node publishes the window cloud in between, so the map's cost is not on the first-cloud latency.
 """
 
 from __future__ import annotations

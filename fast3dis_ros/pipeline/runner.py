@@ -13,9 +13,15 @@ in_flight == 0 after ``flush()``. Per-frame drops of the synchroniser are report
 
 Before fusion every prediction goes through ``sanitize_prediction``: views whose camera pose or
 intrinsics are not finite are removed (counted in ``fusion.events`` as ``view_nonfinite_pose`` /
-``view_nonfinite_K``), non-finite depth pixels are counted (``nonfinite_depth_px``; lifting skips them);
-a window left without any usable view is dropped with reason ``nonfinite_prediction``. A NaN pose would
-otherwise poison the fusion's view memory and alignment (and the voxel keys) for later windows.
+``view_nonfinite_K``); a window left without any usable view is dropped with reason
+``nonfinite_prediction``. A NaN pose would otherwise poison the fusion's view memory and alignment (and
+the voxel keys) for later windows. Non-finite depth pixels (lifting skips them) are counted as
+``nonfinite_depth_px`` once the window is done, off its latency path.
+
+Fusion runs in two steps (``MapFusion.begin`` / ``commit``) with ``on_window(WindowResult, prediction)``
+in between: the window's cloud in ``map`` with global ids and its camera poses are ready before the map
+update, so a publisher can send them first; ``on_fusion(FusionResult, prediction)`` follows the update.
+An ``on_window`` that raises is reported through ``on_error`` and does not stop the map update.
 """
 
 from __future__ import annotations
