@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay captured CUDA graphs (model.cuda_graph.GraphedForward, what the node runs) up to "
                          "--graph-max-views; plain DA3 then runs as the backbone's sync-free transcription")
     ap.add_argument("--compile-blocks", action="store_true",
-                    help="torch.compile each DA3 ViT block (DA3Backbone.compile_blocks), both models")
+                    help="torch.compile each DA3 ViT block and the DPT head (DA3Backbone.compile_blocks), both "
+                         "models; FAST3DIS's LoRA folded into its weights (merge_lora_for_inference)")
     ap.add_argument("--compile-head", action="store_true", help="torch.compile the instance head (one graph)")
     ap.add_argument("--head-autocast", action="store_true",
                     help="run DA3's DPT head / camera decoder under autocast (DA3 runs them in fp32)")
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return x0, {k: ref_out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
 
     def enable_fast(compile_blocks: bool, compile_head: bool, head_autocast: bool) -> None:
+        if compile_blocks:  # as Fast3DIS.compile_for_inference: LoRA folded into a second weight copy
+            model.backbone.merge_lora_for_inference()
         for bb in [model.backbone] + ([plain_bb] if plain_bb is not None else []):
             bb.head_autocast = head_autocast
             if compile_blocks:
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                                          .float().mean()),
         }
 
-    fast_label = "+".join(n for n, on in (("compile", args.compile_blocks), ("head-compile", args.compile_head),
+    fast_label = "+".join(n for n, on in (("merge+compile", args.compile_blocks), ("head-compile", args.compile_head),
                                           ("head-bf16", args.head_autocast)) if on)
     deviation = None
     x0 = reference = None
@@ -625,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_f(b.get('cluster_rss_peak_gib'), 2):>8} {str(b.get('n_points')):>9} "
                   f"{str(b.get('n_clusters')):>8}", flush=True)
     if args.fast_views and device.type == "cuda" and not fast_label:
-        fast_label = "compile+head-compile+head-bf16"
+        fast_label = "merge+compile+head-compile+head-bf16"
         x0, reference = exact_reference(args.fast_views[0])
         enable_fast(True, True, True)
         print(f"# fast path ({fast_label}): compiled at the first call of each window shape", flush=True)

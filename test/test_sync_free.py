@@ -166,3 +166,23 @@ def test_position_embedding_cache_follows_weight_updates():
         moved = bb._prepare_tokens(x)
         assert torch.equal(moved, bb.vit.prepare_tokens_with_masks(x))
         assert not torch.equal(moved, first)
+
+
+def test_merged_lora_matches_adapters():
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    x = torch.randn(1, 3, 3, 70, 98)
+    with torch.no_grad():
+        zero_lora = model(x, return_aux=False)["pred_masks"]
+        for p in model.backbone.lora_parameters():  # non-zero adapters (B starts at zero)
+            p.normal_(0, 0.05)
+        ref = model(x, return_aux=False)
+        n_lora = len(model.backbone._lora_layers)
+        model.backbone.merge_lora_for_inference()
+        out = model(x, return_aux=False)
+    assert not torch.allclose(ref["pred_masks"], zero_lora, atol=1e-3)  # the adapters matter here
+    assert n_lora > 0 and len(model.backbone._lora_layers) == n_lora
+    assert torch.equal(out["depth"], ref["depth"])  # pass 1 still uses the frozen weights exactly
+    torch.testing.assert_close(out["pred_masks"], ref["pred_masks"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="merged"):
+        model.backbone.lora_parameters()

@@ -98,10 +98,15 @@ class Fast3DIS(nn.Module):
         return {k: v for k, v in sd.items() if k.startswith("head.") or "lora_" in k}
 
     # ------------------------------------------------------------------ speed
-    def compile_for_inference(self, blocks: bool = True, head: bool = True) -> None:
-        """``torch.compile`` the DA3 ViT blocks (one graph per block structure) and the instance head
-        (one graph, no breaks). Compilation happens at the first forward of each window shape (about
-        a minute for DA3-Large on a 16-core host); outputs move at rounding level (see BENCHMARKS.md)."""
+    def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True) -> None:
+        """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
+        LoRA folded into a second weight copy (one GEMM per linear in pass 2), ``torch.compile`` of
+        the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
+        graph, no breaks). Compilation happens at the first forward of each window shape (about a
+        minute for DA3-Large on a 16-core host). Load weights first; training afterwards is unsupported.
+        """
+        if merge_lora:
+            self.backbone.merge_lora_for_inference()
         if blocks:
             self.backbone.compile_blocks()
         if head:
