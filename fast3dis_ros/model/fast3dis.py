@@ -98,13 +98,16 @@ class Fast3DIS(nn.Module):
         return {k: v for k, v in sd.items() if k.startswith("head.") or "lora_" in k}
 
     # ------------------------------------------------------------------ speed
-    def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True) -> None:
+    def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
+                              dpt_bf16: bool = True) -> None:
         """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
-        LoRA folded into a second weight copy (one GEMM per linear in pass 2), ``torch.compile`` of
+        DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
+        (one GEMM per linear in pass 2), ``torch.compile`` of
         the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
         graph, no breaks). Compilation happens at the first forward of each window shape (about a
         minute for DA3-Large on a 16-core host). Load weights first; training afterwards is unsupported.
         """
+        self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
         if merge_lora:
             self.backbone.merge_lora_for_inference()
         if blocks:

@@ -85,7 +85,7 @@ def make_predictor(p: dict):
     from ..model.predictor import Predictor
 
     device = resolve_device(p["device"])
-    kw = {"score_threshold": p["score_threshold"]}
+    kw = {"score_threshold": p["score_threshold"], "cuda_graphs": p["cuda_graphs"], "compile": p["compile"]}
     if p["process_long_edge"]:
         kw["process_size"] = p["process_long_edge"]
     checkpoint = p["checkpoint"]

@@ -66,6 +66,12 @@ PARAMS: list[ParamSpec] = [
               "tiny: a random tiny model (outputs are meaningless; for tests and plumbing)."),
     ParamSpec("seed", 0, "Seed of the random tiny model (when no checkpoint is given).", (0, 2**31 - 1)),
     ParamSpec("device", "auto", "Torch device: auto (cuda if available), cpu or cuda.", choices=DEVICES),
+    ParamSpec("cuda_graphs", True, "On CUDA, capture the whole forward once per window shape and replay it "
+              "(same outputs; 8-view DA3-Large 91 ms instead of 154 ms on an H100). Costs one graph's activation "
+              "memory per window shape (at most 2 kept)."),
+    ParamSpec("compile", False, "torch.compile the network for inference (fused kernels, LoRA folded into the "
+              "weights, bf16 DPT head): 8-view DA3-Large 44 ms instead of 91 ms on an H100, outputs move at rounding "
+              "level (depth <= 0.08 %), and the first window of each shape compiles for ~40 s."),
     ParamSpec("queue_depth", 2, "Engine input queue length; when full the oldest window is dropped (counted).",
               (1, 64)),
     # post-processing / map
