@@ -67,7 +67,7 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("seed", 0, "Seed of the random tiny model (when no checkpoint is given).", (0, 2**31 - 1)),
     ParamSpec("device", "auto", "Torch device: auto (cuda if available), cpu or cuda.", choices=DEVICES),
     ParamSpec("cuda_graphs", True, "On CUDA, capture the whole forward once per window shape and replay it "
-              "(same outputs; 8-view DA3-Large 91 ms instead of 154 ms on an H100). Costs one graph's activation "
+              "(same outputs; 8-view DA3-Large 91 ms instead of 118 ms eager on an H100). Costs one graph's activation "
               "memory per window shape (at most 2 kept)."),
     ParamSpec("compile", False, "torch.compile the network for inference (fused kernels, LoRA folded into the "
               "weights, bf16 DPT head): 8-view DA3-Large 44 ms instead of 91 ms on an H100, outputs move at rounding "
