@@ -5,13 +5,21 @@
   ros2 launch fast3dis_ros fast3dis.launch.py bag:=run.mcap use_sim_time:=true rviz:=true
 
 Arguments override the values of ``config`` (default: the installed config/fast3dis.yaml).
+
+``large_clouds_profile`` (default true) points FASTDDS_DEFAULT_PROFILES_FILE (Fast DDS 3, Kilted) and
+FASTRTPS_DEFAULT_PROFILES_FILE (Fast DDS 2, Humble / Jazzy) at the installed
+config/fastdds_large_clouds.xml for every process this file starts (node, bag replay, RViz): a 64 MB
+shared-memory segment, so the multi-MB clouds reach local subscribers through shared memory instead of
+UDP loopback (docs/BENCHMARKS.md section 13). It replaces a profile file set in the environment; pass
+``large_clouds_profile:=false`` to keep yours. Subscribers started elsewhere need the same variable to
+benefit (see the README, "Large clouds over DDS").
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -53,6 +61,8 @@ def _node(context, *args, **kwargs):
 
 def generate_launch_description():
     share = get_package_share_directory("fast3dis_ros")
+    dds_profile = os.path.join(share, "config", "fastdds_large_clouds.xml")
+    use_dds_profile = IfCondition(LaunchConfiguration("large_clouds_profile"))
     return LaunchDescription([
         DeclareLaunchArgument("cameras", default_value="",
                               description="Camera names, e.g. [front,left,right] (empty: from config)"),
@@ -73,6 +83,14 @@ def generate_launch_description():
         DeclareLaunchArgument("rviz", default_value="false", description="Start RViz with rviz/fast3dis.rviz"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
         DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node"),
+        DeclareLaunchArgument("large_clouds_profile", default_value="true",
+                              description="Start the node, bag replay and RViz with the Fast DDS profile "
+                                          "config/fastdds_large_clouds.xml (64 MB shared-memory segment per "
+                                          "process, for multi-MB clouds); replaces a profile file set in the "
+                                          "environment. Other processes need the same profile to benefit"),
+        # before any process is started, so the node (and bag replay, RViz) inherit them
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", dds_profile, condition=use_dds_profile),
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", dds_profile, condition=use_dds_profile),
         OpaqueFunction(function=_node),
         Node(
             package="rviz2",
