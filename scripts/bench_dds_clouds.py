@@ -216,16 +216,19 @@ def read_records(path: str) -> list[dict]:
         return []
 
 
-def run_pair(profile: Path | None, messages: int, points: int, period: float, timeout: float = 120.0) -> dict:
+def run_pair(profile: Path | None, messages: int, points: int, period: float, timeout: float = 120.0,
+             sub_profile: Path | None | str = "same") -> dict:
+    """One publisher and one subscriber process; ``profile`` for both, or for the publisher only when
+    ``sub_profile`` is given (a Path or None)."""
     dom = random.Random(os.getpid() ^ time.monotonic_ns()).randint(101, 200)
     tmp = Path(tempfile.mkdtemp(prefix="dds_bench_"))
-    env = child_env(dom, profile)
+    envs = {"pub": child_env(dom, profile), "sub": child_env(dom, profile if sub_profile == "same" else sub_profile)}
     common = ["--messages", str(messages), "--points", str(points)]
     procs = {}
     for role in ("sub", "pub"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--out", str(tmp / f"{role}.jsonl"),
                *common] + (["--period", str(period)] if role == "pub" else [])
-        procs[role] = subprocess.Popen(cmd, env=env, stdout=open(tmp / f"{role}.log", "wb"),
+        procs[role] = subprocess.Popen(cmd, env=envs[role], stdout=open(tmp / f"{role}.log", "wb"),
                                        stderr=subprocess.STDOUT, start_new_session=True)
     rcs = {}
     for role, p in procs.items():
@@ -240,7 +243,8 @@ def run_pair(profile: Path | None, messages: int, points: int, period: float, ti
     shm = {r["role"]: r["bytes"] for rr in recs.values() for r in rr if r["kind"] == "shm"}
     logs = {r: (tmp / f"{r}.log").read_text(errors="replace") for r in procs}
     lat = [r["latency_ms"] for r in recv]
-    return {"profile": str(profile) if profile else None, "points": points, "messages": messages,
+    sp = profile if sub_profile == "same" else sub_profile
+    return {"profile": str(profile) if profile else None, "sub_profile": str(sp) if sp else None, "points": points, "messages": messages,
             "rc": rcs, "received": len(recv), "all_equal": bool(recv) and all(r["equal"] for r in recv),
             "latency_ms": lat, "publish_ms": [r["publish_ms"] for r in sent], "shm_segment_bytes": shm,
             "xml_errors": any("XMLPARSER" in t for t in logs.values()), "logs": logs}
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=float, default=0.4, help="seconds between messages")
     ap.add_argument("--runs", type=int, default=2, help="runs per setting (alternated)")
     ap.add_argument("--profile", default=str(PROFILE), help="the profile file of the 'profile' setting")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also 'pub-only' and 'sub-only': the profile loaded by one of the two processes")
     ap.add_argument("--json", default=None, help="write all runs here")
     args = ap.parse_args(argv)
     if args.role == "pub":
@@ -270,25 +276,29 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# bench_dds_clouds: {os.cpu_count()} cpus, load {os.getloadavg()}, profile {args.profile}")
     print(f"{'points':>8} {'MB':>5} {'setting':<8} {'run':>3} {'recv':>5} {'equal':<5} "
-          f"{'latency ms median (min-max)':<28} {'p90':>6} {'publish() ms':<18} {'SHM segment'}")
+          f"{'latency ms median (min-max)':<28} {'p90':>6} {'publish() ms':<18} {'SHM segments mapped'}")
     runs = []
+    prof = Path(args.profile)
+    settings = {"default": (None, None), "profile": (prof, prof)}
+    if args.mixed:
+        settings.update({"pub-only": (prof, None), "sub-only": (None, prof)})
     for points in args.points:
         for k in range(args.runs):
-            for setting in ("default", "profile"):
-                r = run_pair(Path(args.profile) if setting == "profile" else None, args.messages, points, args.period)
+            for setting, (p_pub, p_sub) in settings.items():
+                r = run_pair(p_pub, args.messages, points, args.period, sub_profile=p_sub)
                 r.update(setting=setting, run=k)
                 runs.append(r)
                 lat = sorted(r["latency_ms"])
                 p90 = lat[int(0.9 * (len(lat) - 1))] if lat else float("nan")
-                seg = max(r["shm_segment_bytes"].values(), default=0)
                 print(f"{points:>8} {points * 24 / 1e6:>5.1f} {setting:<8} {k:>3} {r['received']:>5} "
                       f"{str(r['all_equal']):<5} {_summ(lat):<28} {p90:>6.1f} {_summ(r['publish_ms']):<18} "
-                      f"{seg / 2**20:.1f} MiB{'  XMLPARSER errors!' if r['xml_errors'] else ''}", flush=True)
+                      f"pub {r['shm_segment_bytes'].get('pub', 0) / 2**20:.1f} / sub "
+                      f"{r['shm_segment_bytes'].get('sub', 0) / 2**20:.1f} MiB{'  XMLPARSER errors!' if r['xml_errors'] else ''}", flush=True)
                 if r["rc"] != {"sub": 0, "pub": 0}:
                     print(f"#   exit codes {r['rc']}; logs:\n" + "\n".join(r["logs"].values())[-3000:])
     print("# pooled over runs: median (min-max) of the per-message latencies")
     for points in args.points:
-        for setting in ("default", "profile"):
+        for setting in settings:
             lat = [x for r in runs if r["points"] == points and r["setting"] == setting for x in r["latency_ms"]]
             print(f"{points:>8} {setting:<8} n={len(lat):<4} {_summ(lat)}")
     if args.json:
