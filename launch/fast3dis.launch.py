@@ -11,8 +11,9 @@ FASTRTPS_DEFAULT_PROFILES_FILE (Fast DDS 2, Humble / Jazzy) at the installed
 config/fastdds_large_clouds.xml for every process this file starts (node, bag replay, RViz): a 64 MB
 shared-memory segment, so the multi-MB clouds reach local subscribers through shared memory instead of
 UDP loopback (docs/BENCHMARKS.md section 13). It replaces a profile file set in the environment; pass
-``large_clouds_profile:=false`` to keep yours. Subscribers started elsewhere need the same variable to
-benefit (see the README, "Large clouds over DDS").
+``large_clouds_profile:=false`` to keep yours. Processes started elsewhere that publish large messages
+(camera drivers: 640x480 rgb8 is 0.9 MB) need the same variable; subscribers need it only for what they
+publish themselves (the gain is on the sending side; README, "Large clouds over DDS").
 """
 
 import os
@@ -87,7 +88,8 @@ def generate_launch_description():
                               description="Start the node, bag replay and RViz with the Fast DDS profile "
                                           "config/fastdds_large_clouds.xml (64 MB shared-memory segment per "
                                           "process, for multi-MB clouds); replaces a profile file set in the "
-                                          "environment. Other processes need the same profile to benefit"),
+                                          "environment. Processes started elsewhere that publish large "
+                                          "messages (camera drivers) need the same variable"),
         # before any process is started, so the node (and bag replay, RViz) inherit them
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", dds_profile, condition=use_dds_profile),
         SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", dds_profile, condition=use_dds_profile),
