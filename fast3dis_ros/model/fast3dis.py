@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fast3dis_ros.model.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
+from fast3dis_ros.model.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
 
 
 def rigid_inverse(T: Tensor) -> Tensor:
@@ -35,24 +36,6 @@ def rigid_inverse(T: Tensor) -> Tensor:
     Rt = R.transpose(-1, -2)
     top = torch.cat([Rt, -Rt @ t], dim=-1)
     return torch.cat([top, T[..., 3:, :]], dim=-2)
-
-
-def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
-    """Lift depth (B,V,H,W) to world points (B,V,3,H,W); pixel (row i, col j) centre at (u,v) = (j,i)."""
-    B, V, H, W = depth.shape
-    dev = depth.device
-    v, u = torch.meshgrid(
-        torch.arange(H, device=dev, dtype=torch.float32),
-        torch.arange(W, device=dev, dtype=torch.float32),
-        indexing="ij",
-    )
-    pix = torch.stack([u, v, torch.ones_like(u)], 0).reshape(3, H * W)  # (3, HW)
-    Kinv = torch.linalg.inv_ex(K.float()).inverse  # (B,V,3,3)
-    rays = Kinv @ pix  # (B,V,3,HW)
-    p_cam = rays * depth.float().reshape(B, V, 1, H * W)
-    T_wc = rigid_inverse(T_cam_world.float())
-    p_world = T_wc[..., :3, :3] @ p_cam + T_wc[..., :3, 3:]
-    return p_world.reshape(B, V, 3, H, W)
 
 
 def normalize_extrinsics(T_cam_world: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,7 +132,8 @@ class Fast3DIS(nn.Module):
         intrinsics = K.float() if K is not None else geo["intrinsics"].float()
 
         with stage("f3d.lift"):
-            points = unproject_depth(depth, intrinsics, extrinsics)
+            # fp32 lifting whatever the head's dtype: bf16 world coordinates would cost centimetres
+            points = unproject_depth(depth.float(), intrinsics.float(), extrinsics.float())
         if not self.cfg.train_backbone:
             points = points.detach()
         with stage("f3d.instance_head"):
