@@ -22,15 +22,10 @@ from fast3dis_ros.model.pixel_decoder import scene_normalization
 
 def _rotations(n: int, seed: int = 0) -> torch.Tensor:
     """Random rotations plus the 180-degree turns that select every quaternion candidate."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    R = torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], -1).view(n, 3, 3)
+    from depth_anything_3.model.utils.transform import quat_to_mat
+
+    q = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    R = quat_to_mat(q)  # normalises the quaternion itself
     flips = torch.diag_embed(torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64))
     return torch.cat([R, flips, torch.eye(3, dtype=torch.float64)[None]]).float()
 
