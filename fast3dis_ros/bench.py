@@ -419,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         return x0, {k: ref_out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
 
     def enable_fast(compile_blocks: bool, compile_head: bool, head_autocast: bool) -> None:
-        if compile_blocks:  # as Fast3DIS.compile_for_inference: LoRA folded into a second weight copy
-            model.backbone.merge_lora_for_inference()
-        for bb in [model.backbone] + ([plain_bb] if plain_bb is not None else []):
-            bb.head_autocast = head_autocast
+        """The options of ``Fast3DIS.compile_for_inference`` (what the node's ``compile`` runs); plain DA3
+        gets the ones that apply to it."""
+        model.compile_for_inference(blocks=compile_blocks, head=compile_head, merge_lora=compile_blocks,
+                                    dpt_bf16=head_autocast)
+        if plain_bb is not None:
+            plain_bb.head_autocast = head_autocast
             if compile_blocks:
-                bb.compile_blocks()
-        if compile_head:
-            model.head.compile(dynamic=False)
+                plain_bb.compile_blocks()
 
     def deviation_from(x0, reference) -> dict:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(V, args.warmup, args.iters, False) for V in args.views] + [(V, 1, 1, True) for V in args.big_views]
     skipped_plain_big = []
     plain_on_device = True
+    def uses_graphs(V: int) -> bool:
+        return args.cuda_graphs and device.type == "cuda" and V <= args.graph_max_views
+
     def _skips_plain(V: int, big: bool) -> bool:
         return args.skip_plain or big or (plain_max_views is not None and V > plain_max_views)
 
@@ -495,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(V)
         x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
 
-        graphs = args.cuda_graphs and device.type == "cuda" and V <= args.graph_max_views
+        graphs = uses_graphs(V)
         run_plain, run_f3d, run_bb = (runner(fn, x, graphs) for fn in (plain_call, f3d_call, bb_call))
 
         def guarded(fn, w, it):
@@ -566,10 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         del x
         return row
 
-    mode_name = lambda V: ("graph" if args.cuda_graphs and device.type == "cuda" and V <= args.graph_max_views  # noqa: E731
-                           else "eager") + (f"+{fast_label}" if fast_label else "")
     for step, (V, warmup, iters, big) in enumerate(plan):
-        measure_row(step, V, warmup, iters, big, mode_name(V))
+        measure_row(step, V, warmup, iters, big, ("graph" if uses_graphs(V) else "eager")
+                    + (f"+{fast_label}" if fast_label else ""))
     if reference is not None:
         deviation = deviation_from(x0, reference)
         print(f"# deviation of the fast path from the exact one at {args.views[0]} views: {deviation}")
@@ -594,25 +596,21 @@ def main(argv: list[str] | None = None) -> int:
 
         g = torch.Generator().manual_seed(V)
         x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
-        modes = [("eager", False)]  # graph replays are one launch: the profiler cannot split them by stage
-        for mode, graphs in modes:
-            for what, fn in (("FAST3DIS", f3d_call), ("plain DA3", plain_call)):
-                run = runner(fn, x, graphs)
-                try:
-                    prof = stage_profile(run, device)
-                    flops = flop_count(runner(fn, x, False)) if not graphs else None
-                except Exception as e:  # noqa: BLE001 -- a profile must not sink the suite
-                    notes.append(f"profile {what} {V}v {mode} failed: {e!r:.300}")
-                    continue
-                finally:
-                    run.__dict__.pop("graphed", None)
-                title = f"{what}, {V} views, {mode}, {args.height}x{args.width} {args.dtype}"
-                print(format_profile(title, prof, flops, args.peak_tflops), flush=True)
-                profiles.append({"what": what, "views": V, "mode": mode, **prof,
-                                 "flops": flops})
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # eager only: a graph replay is one launch, which the profiler cannot split by stage
+        for what, fn in (("FAST3DIS", f3d_call), ("plain DA3", plain_call)):
+            run = runner(fn, x, False)
+            try:
+                prof = stage_profile(run, device)
+                flops = flop_count(run)
+            except Exception as e:  # noqa: BLE001 -- a profile must not sink the suite
+                notes.append(f"profile {what} {V}v eager failed: {e!r:.300}")
+                continue
+            title = f"{what}, {V} views, eager, {args.height}x{args.width} {args.dtype}"
+            print(format_profile(title, prof, flops, args.peak_tflops), flush=True)
+            profiles.append({"what": what, "views": V, "mode": "eager", **prof, "flops": flops})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         del x
 
     baseline_rows = []
