@@ -72,10 +72,10 @@ class Predictor:
         self.process_size = int(process_size or cfg.backbone.process_res)
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
-        # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
-        # windows the eager forward is bound by kernel launches, not arithmetic.
         if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
             self.model.compile_for_inference()
+        # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
+        # windows the eager forward is bound by kernel launches, not arithmetic.
         self.graphed = None
         if cuda_graphs and self.device.type == "cuda":
             from fast3dis_ros.model.cuda_graph import GraphedForward
