@@ -226,3 +226,21 @@ def test_custom_message_type(tmp_path):
     finally:
         b.close()
     assert m.name == "a" and np.allclose(m.values, [1.0, 2.5])
+
+
+def test_tf_quaternions_non_unit_are_normalised_and_zero_is_a_bad_message(tmp_path):
+    """/tf rotations read back in ROS (x, y, z, w) order; a non-unit quaternion is normalised (as tf2 and
+    transforms3d do); a zero one cannot be a rotation: BagReadError, or a bad_message with skip_bad."""
+    path = tmp_path / "tf"
+    rot = {"x": 0.0, "y": 0.0, "z": 2.0, "w": 2.0}  # 90 deg about z, norm 2*sqrt(2)
+    with BagWriter(path) as w:
+        for i, r in enumerate([rot, {"x": 0.0, "y": 0.0, "z": 0.0, "w": 0.0}]):
+            w.write("/tf", "tf2_msgs/msg/TFMessage", {"transforms": [{
+                "header": {"frame_id": "map", "stamp": {"sec": i, "nanosec": 0}}, "child_frame_id": "base",
+                "transform": {"translation": {"x": 1.0}, "rotation": r}}]}, i)
+    good, bad = list(read_camera_streams(path, topics=["/tf"], skip_bad=True))
+    np.testing.assert_allclose(good.data[0]["T"], [[0, -1, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+                               atol=1e-15)
+    assert bad.kind == "bad_message" and "quaternion" in bad.data
+    with pytest.raises(BagReadError, match="quaternion"):
+        list(read_camera_streams(path, topics=["/tf"]))

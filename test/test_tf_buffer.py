@@ -7,7 +7,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from fast3dis_ros.ros.tf import matrix_from_quat, quat_from_matrix
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
 from fast3dis_ros.ros.tf_buffer import TfBuffer, TfLookupError, slerp
 
 S = 1_000_000_000
@@ -33,7 +33,7 @@ def _T(R=None, t=(0, 0, 0)):
 
 def _ts(parent, child, T, stamp_ns):
     """A TransformStamped look-alike (duck typing is all TfBuffer needs)."""
-    q = quat_from_matrix(T[:3, :3])
+    q = quat_xyzw_from_matrix(T[:3, :3])
     return NS(header=NS(frame_id=parent, stamp=NS(sec=stamp_ns // S, nanosec=stamp_ns % S)), child_frame_id=child,
               transform=NS(translation=NS(x=T[0, 3], y=T[1, 3], z=T[2, 3]),
                            rotation=NS(x=q[0], y=q[1], z=q[2], w=q[3])))
@@ -91,8 +91,8 @@ def test_time_interpolation_linear_translation_and_slerp():
 
 def test_slerp_takes_the_short_way():
     q0 = np.array([0, 0, 0, 1.0])
-    q1 = -quat_from_matrix(_rot("z", 20))  # same rotation, other hemisphere
-    np.testing.assert_allclose(matrix_from_quat(slerp(q0, q1, 0.5)), _rot("z", 10), atol=1e-12)
+    q1 = -quat_xyzw_from_matrix(_rot("z", 20))  # same rotation, other hemisphere
+    np.testing.assert_allclose(matrix_from_quat_xyzw(slerp(q0, q1, 0.5)), _rot("z", 10), atol=1e-12)
 
 
 def test_static_and_dynamic_mix():
@@ -184,3 +184,4 @@ def test_listener_over_loopback_dds_gets_latched_static_and_dynamic():
         assert ok, buf.frames()
         np.testing.assert_allclose(buf.lookup("odom", "cam", T0 + S // 2), _T(t=(2, 0, 0)) @ B, atol=1e-6)
         np.testing.assert_allclose(lk.lookup("odom", "cam", T0 + S // 2), _T(t=(2, 0, 0)) @ B, atol=1e-6)
+

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
 from .image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
 
 __all__ = [
@@ -174,9 +175,7 @@ def camera_info_dict(K: np.ndarray, width: int, height: int, frame_id: str, stam
 
 
 def _mat_to_transform(T: np.ndarray) -> dict:
-    from transforms3d.quaternions import mat2quat
-
-    w, x, y, z = mat2quat(np.asarray(T)[:3, :3])
+    x, y, z, w = quat_xyzw_from_matrix(np.asarray(T)[:3, :3])
     t = np.asarray(T)[:3, 3]
     return {"translation": {"x": float(t[0]), "y": float(t[1]), "z": float(t[2])},
             "rotation": {"x": float(x), "y": float(y), "z": float(z), "w": float(w)}}
@@ -342,13 +341,17 @@ def _camera_info(msg) -> dict:
 
 
 def _tf_list(msg) -> list[dict]:
-    from transforms3d.quaternions import quat2mat
-
+    """TFMessage -> [{parent, child, stamp_ns, T (4x4)}]; a non-unit rotation is normalised, a zero or
+    non-finite one raises ValueError naming the transform."""
     out = []
     for t in msg.transforms:
         q, tr = t.transform.rotation, t.transform.translation
         T = np.eye(4)
-        T[:3, :3] = quat2mat([q.w, q.x, q.y, q.z])
+        try:
+            T[:3, :3] = matrix_from_quat_xyzw([q.x, q.y, q.z, q.w])
+        except ValueError as e:
+            raise ValueError(f"transform {t.header.frame_id} -> {t.child_frame_id}: {e} "
+                             f"({q.x}, {q.y}, {q.z}, {q.w})") from e
         T[:3, 3] = [tr.x, tr.y, tr.z]
         out.append({"parent": str(t.header.frame_id), "child": str(t.child_frame_id),
                     "stamp_ns": _stamp_ns(t.header.stamp), "T": T})

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..geometry.rotations import matrix_from_quat_xyzw
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -244,17 +246,9 @@ ASE_RGB_PARAMS_704 = np.array([
     -0.000294237814554143, 0.0, 0.0, 0.0, 0.0])
 
 
-def _quat_to_R(qx, qy, qz, qw) -> np.ndarray:
-    q = np.array([qw, qx, qy, qz], dtype=np.float64)
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-
-
 ASE_T_DEVICE_CAMERA = np.eye(4)
-ASE_T_DEVICE_CAMERA[:3, :3] = _quat_to_R(0.326409343828490850, 0.029274992008313648, 0.033361059956531547,
-                                         0.9441858687689326)
+ASE_T_DEVICE_CAMERA[:3, :3] = matrix_from_quat_xyzw([0.326409343828490850, 0.029274992008313648,
+                                                    0.033361059956531547, 0.9441858687689326])
 ASE_T_DEVICE_CAMERA[:3, 3] = [-0.007530096566173914, -0.010908549841580260, -0.003598063315542823]
 
 
@@ -305,14 +299,13 @@ class AriaSyntheticDataset(MultiViewDataset):
 
     @staticmethod
     def _read_trajectory(path: Path) -> list[np.ndarray]:
-        poses = []
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                T = np.eye(4)
-                T[:3, :3] = _quat_to_R(*(float(row[f"q{a}_world_device"]) for a in "xyzw"))
-                T[:3, 3] = [float(row[f"t{a}_world_device"]) for a in "xyz"]
-                poses.append(T @ ASE_T_DEVICE_CAMERA)
-        return poses
+            rows = list(csv.DictReader(f))
+        T = np.tile(np.eye(4), (len(rows), 1, 1))
+        if rows:
+            T[:, :3, :3] = matrix_from_quat_xyzw([[float(r[f"q{a}_world_device"]) for a in "xyzw"] for r in rows])
+            T[:, :3, 3] = [[float(r[f"t{a}_world_device"]) for a in "xyz"] for r in rows]
+        return list(T @ ASE_T_DEVICE_CAMERA)
 
     def rectified_K(self) -> np.ndarray:
         H, W = self.out_size

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry.clouds import POINT_DTYPE, POINT_FIELDS, POINT_STEP, pointcloud_structured, structured_to_cloud
+from ..geometry.rotations import nearest_rotation, quat_xyzw_from_matrix
 from ..pipeline.frames import InstanceCloud, InstanceSummary
 from ..pipeline.markers import instance_markers
 
@@ -106,19 +107,8 @@ def _header(ts, frame_id: str, stamp_ns: int):
 
 def rigid_from_sim3(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(R (3,3), t (3,)) of a 4x4 SE(3) or Sim(3) ``T_a_b``: the frame's orientation and origin in a."""
-    A = np.asarray(T, np.float64)[:3, :3]
-    U, _, Vt = np.linalg.svd(A)
-    R = U @ Vt
-    if np.linalg.det(R) < 0:
-        U[:, -1] *= -1
-        R = U @ Vt
-    return R, np.asarray(T, np.float64)[:3, 3].copy()
-
-
-def _quat_xyzw(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_matrix(R).as_quat()  # x, y, z, w
+    T = np.asarray(T, np.float64)
+    return nearest_rotation(T[:3, :3]), T[:3, 3].copy()
 
 
 class OutputBagWriter:
@@ -227,7 +217,7 @@ class OutputBagWriter:
         tfs = []
         for child, Tm, st in zip(children, T_parent_child, stamps_ns):
             R, t = rigid_from_sim3(Tm)
-            q = _quat_xyzw(R)
+            q = quat_xyzw_from_matrix(R)
             tfs.append(T["geometry_msgs/msg/TransformStamped"](
                 header=_header(self.ts, parent, st), child_frame_id=child,
                 transform=T["geometry_msgs/msg/Transform"](

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 from geometry_msgs.msg import TransformStamped
 
+from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
 from .conversions import ns_to_stamp
 
 try:  # pragma: no cover - exercised on a real ROS install only
@@ -25,53 +26,11 @@ except ImportError:
 
 __all__ = [
     "HAVE_TF2_ROS",
-    "quat_from_matrix",
-    "matrix_from_quat",
     "matrix_to_transform",
     "transform_to_matrix",
     "TFBroadcaster",
     "StaticTFBroadcaster",
 ]
-
-
-def _nearest_rotation(R: np.ndarray) -> tuple[np.ndarray, float]:
-    """Closest rotation (SVD) and the mean scale factor (1 for SE(3); Sim(3) scale otherwise)."""
-    U, S, Vt = np.linalg.svd(R)
-    D = np.eye(3)
-    D[2, 2] = np.sign(np.linalg.det(U @ Vt)) or 1.0
-    return U @ D @ Vt, float(S.mean())
-
-
-def quat_from_matrix(R: np.ndarray) -> np.ndarray:
-    """(x, y, z, w) unit quaternion (ROS order) of a 3x3 rotation (projected onto SO(3) first)."""
-    R, _ = _nearest_rotation(np.asarray(R, np.float64)[:3, :3])
-    try:
-        from transforms3d.quaternions import mat2quat
-
-        w, x, y, z = mat2quat(R)
-    except ImportError:  # pragma: no cover - transforms3d is a pinned dependency
-        w = np.sqrt(max(0.0, 1.0 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
-        x = np.copysign(np.sqrt(max(0.0, 1.0 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
-        y = np.copysign(np.sqrt(max(0.0, 1.0 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
-        z = np.copysign(np.sqrt(max(0.0, 1.0 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
-    q = np.array([x, y, z, w], np.float64)
-    q /= np.linalg.norm(q)
-    if q[3] < 0:  # canonical hemisphere
-        q = -q
-    return q
-
-
-def matrix_from_quat(q_xyzw) -> np.ndarray:
-    x, y, z, w = (float(v) for v in q_xyzw)
-    n = x * x + y * y + z * z + w * w
-    if n < 1e-12:
-        raise ValueError("zero quaternion")
-    s = 2.0 / n
-    return np.array([
-        [1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w)],
-        [s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w)],
-        [s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y)],
-    ])
 
 
 def matrix_to_transform(T: np.ndarray, parent: str, child: str, stamp_ns: int) -> TransformStamped:
@@ -80,7 +39,7 @@ def matrix_to_transform(T: np.ndarray, parent: str, child: str, stamp_ns: int) -
     T = np.asarray(T, np.float64)
     if T.shape != (4, 4) or not np.all(np.isfinite(T)):
         raise ValueError(f"transform {parent} <- {child} must be a finite 4x4 matrix, got shape {T.shape}")
-    q = quat_from_matrix(T[:3, :3])
+    q = quat_xyzw_from_matrix(T[:3, :3])
     msg = TransformStamped()
     msg.header.frame_id = parent
     msg.header.stamp = ns_to_stamp(stamp_ns)
@@ -96,7 +55,7 @@ def matrix_to_transform(T: np.ndarray, parent: str, child: str, stamp_ns: int) -
 def transform_to_matrix(msg: TransformStamped) -> np.ndarray:
     t, r = msg.transform.translation, msg.transform.rotation
     T = np.eye(4)
-    T[:3, :3] = matrix_from_quat((r.x, r.y, r.z, r.w))
+    T[:3, :3] = matrix_from_quat_xyzw((r.x, r.y, r.z, r.w))
     T[:3, 3] = (t.x, t.y, t.z)
     return T
 

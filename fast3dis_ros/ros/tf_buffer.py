@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tf import HAVE_TF2_ROS, matrix_from_quat
+from ..geometry.rotations import matrix_from_quat_xyzw
+from .tf import HAVE_TF2_ROS
 
 __all__ = ["TfLookupError", "TfBuffer", "TfListener", "TfLookup", "make_tf_lookup", "slerp"]
 
@@ -124,7 +125,7 @@ class _Edge:
             p = (1 - a) * self.trans[i0] + a * self.trans[i1]
             q = slerp(self.quats[i0], self.quats[i1], a)
         T = np.eye(4)
-        T[:3, :3] = matrix_from_quat(q)
+        T[:3, :3] = matrix_from_quat_xyzw(q)
         T[:3, 3] = p
         return T
 
