@@ -185,3 +185,42 @@ def test_listener_over_loopback_dds_gets_latched_static_and_dynamic():
         np.testing.assert_allclose(buf.lookup("odom", "cam", T0 + S // 2), _T(t=(2, 0, 0)) @ B, atol=1e-6)
         np.testing.assert_allclose(lk.lookup("odom", "cam", T0 + S // 2), _T(t=(2, 0, 0)) @ B, atol=1e-6)
 
+
+def test_fallback_broadcasters_topics_qos_and_static_latching():
+    """Both fallbacks publish TFMessage; /tf: reliable, volatile, depth 100, each call as given; /tf_static:
+    reliable, transient local, depth 1, every call re-sends all static transforms (newest per child)."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("tf2_msgs.msg")
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, ReliabilityPolicy
+
+    from fast3dis_ros.ros.tf import StaticTFBroadcaster, TFBroadcaster, matrix_to_transform
+
+    class Node:
+        def __init__(self):
+            self.pubs = []
+
+        def create_publisher(self, msg_type, topic, qos):
+            pub = NS(msg_type=msg_type, topic=topic, qos=qos, sent=[])
+            pub.publish = pub.sent.append
+            self.pubs.append(pub)
+            return pub
+
+    def children(msg):
+        return [(t.child_frame_id, t.transform.translation.x) for t in msg.transforms]
+
+    node = Node()
+    dyn, static = TFBroadcaster(node, force_fallback=True), StaticTFBroadcaster(node, force_fallback=True)
+    assert not dyn.uses_tf2_ros and not static.uses_tf2_ros
+    (pd, ps) = node.pubs
+    assert pd.msg_type.__name__ == ps.msg_type.__name__ == "TFMessage"
+    assert (pd.topic, pd.qos.depth, pd.qos.durability) == ("/tf", 100, DurabilityPolicy.VOLATILE)
+    assert (ps.topic, ps.qos.depth, ps.qos.durability) == ("/tf_static", 1, DurabilityPolicy.TRANSIENT_LOCAL)
+    for q in (pd.qos, ps.qos):
+        assert q.reliability == ReliabilityPolicy.RELIABLE and q.history == HistoryPolicy.KEEP_LAST
+    a, b, a2 = (matrix_to_transform(_T(t=(x, 0, 0)), "base", c, 0) for x, c in ((1, "a"), (2, "b"), (3, "a")))
+    for br in (dyn, static):
+        br.send(a)
+        br.send([b])
+        br.send(iter([a2]))
+    assert [children(m) for m in pd.sent] == [[("a", 1)], [("b", 2)], [("a", 3)]]
+    assert [children(m) for m in ps.sent] == [[("a", 1)], [("a", 1), ("b", 2)], [("a", 3), ("b", 2)]]

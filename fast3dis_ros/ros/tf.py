@@ -60,63 +60,59 @@ def transform_to_matrix(msg: TransformStamped) -> np.ndarray:
     return T
 
 
-class TFBroadcaster:
-    """Dynamic transforms on /tf (tf2_ros.TransformBroadcaster when available)."""
+class _Broadcaster:
+    """tf2_ros' broadcaster named by ``_TF2_CLASS`` when available, else a ``TFMessage`` publisher on
+    ``_TOPIC`` (reliable, depth ``_DEPTH``, durability ``_DURABILITY``). With ``_LATCH_ALL`` every call
+    publishes all transforms seen so far, keyed by child frame (what tf2_ros does for static ones)."""
 
-    def __init__(self, node, force_fallback: bool = False):
-        self.uses_tf2_ros = HAVE_TF2_ROS and not force_fallback
-        if self.uses_tf2_ros:  # pragma: no cover
-            self._impl = _tf2_ros.TransformBroadcaster(node)
-            self._pub = None
-        else:
-            from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-            from tf2_msgs.msg import TFMessage
-
-            self._msg_type = TFMessage
-            qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.VOLATILE)
-            self._pub = node.create_publisher(TFMessage, "/tf", qos)
-
-    def send(self, transforms: list[TransformStamped] | TransformStamped) -> None:
-        if isinstance(transforms, TransformStamped):
-            transforms = [transforms]
-        if self.uses_tf2_ros:  # pragma: no cover
-            self._impl.sendTransform(list(transforms))
-        else:
-            self._pub.publish(self._msg_type(transforms=list(transforms)))
-
-
-class StaticTFBroadcaster:
-    """Static transforms on /tf_static, latched (tf2_ros.StaticTransformBroadcaster when available).
-
-    Like tf2_ros, every call re-publishes all static transforms seen so far (keyed by child frame),
-    so a late subscriber gets all of them from the one latched message.
-    """
+    _TF2_CLASS: str
+    _TOPIC: str
+    _DEPTH: int
+    _DURABILITY: str
+    _LATCH_ALL: bool
 
     def __init__(self, node, force_fallback: bool = False):
         self.uses_tf2_ros = HAVE_TF2_ROS and not force_fallback
         self._lock = threading.Lock()
         self._by_child: dict[str, TransformStamped] = {}
         if self.uses_tf2_ros:  # pragma: no cover
-            self._impl = _tf2_ros.StaticTransformBroadcaster(node)
+            self._impl = getattr(_tf2_ros, self._TF2_CLASS)(node)
             self._pub = None
         else:
             from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
             from tf2_msgs.msg import TFMessage
 
             self._msg_type = TFMessage
-            qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-            self._pub = node.create_publisher(TFMessage, "/tf_static", qos)
+            qos = QoSProfile(depth=self._DEPTH, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.RELIABLE,
+                             durability=getattr(DurabilityPolicy, self._DURABILITY))
+            self._pub = node.create_publisher(TFMessage, self._TOPIC, qos)
 
     def send(self, transforms: list[TransformStamped] | TransformStamped) -> None:
-        if isinstance(transforms, TransformStamped):
-            transforms = [transforms]
+        transforms = [transforms] if isinstance(transforms, TransformStamped) else list(transforms)
         if self.uses_tf2_ros:  # pragma: no cover
-            self._impl.sendTransform(list(transforms))
+            self._impl.sendTransform(transforms)
             return
-        with self._lock:
-            for t in transforms:
-                self._by_child[t.child_frame_id] = t
-            msg = self._msg_type(transforms=list(self._by_child.values()))
-        self._pub.publish(msg)
+        if self._LATCH_ALL:
+            with self._lock:
+                for t in transforms:
+                    self._by_child[t.child_frame_id] = t
+                transforms = list(self._by_child.values())
+        self._pub.publish(self._msg_type(transforms=transforms))
+
+
+class TFBroadcaster(_Broadcaster):
+    """Dynamic transforms on /tf (tf2_ros.TransformBroadcaster when available)."""
+
+    _TF2_CLASS, _TOPIC, _DEPTH, _DURABILITY, _LATCH_ALL = "TransformBroadcaster", "/tf", 100, "VOLATILE", False
+
+
+class StaticTFBroadcaster(_Broadcaster):
+    """Static transforms on /tf_static, latched (tf2_ros.StaticTransformBroadcaster when available).
+
+    Like tf2_ros, every call re-publishes all static transforms seen so far (keyed by child frame),
+    so a late subscriber gets all of them from the one latched message.
+    """
+
+    _TF2_CLASS, _TOPIC, _DEPTH, _DURABILITY, _LATCH_ALL = (
+        "StaticTransformBroadcaster", "/tf_static", 1, "TRANSIENT_LOCAL", True)
