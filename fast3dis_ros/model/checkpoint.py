@@ -109,7 +109,10 @@ def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], source: st
 
 # ---------------------------------------------------------------------------------------------- DA3
 def da3_state_dict_from(path_or_id: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """DA3 weights in ``DepthAnything3Net`` naming (no ``model.`` prefix) + the folder's config.json."""
+    """DA3 weights in ``DepthAnything3Net`` naming (no ``model.`` prefix) + the folder's config.json.
+
+    A FAST3DIS checkpoint folder (config.json ``format`` fast3dis-v1, "full" contents) gives its DA3 part.
+    """
     p = resolve_path(path_or_id, allow_patterns=["*.json", "*.safetensors"])
     cfg: dict[str, Any] = {}
     if p.is_dir():
@@ -121,6 +124,8 @@ def da3_state_dict_from(path_or_id: str | os.PathLike) -> tuple[dict[str, torch.
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(_read_tensors(f))
+    if cfg.get("format") == FORMAT:
+        return fast3dis_da3_part(state, cfg, str(path_or_id))
     if any(k.startswith("module.") or ".net." in k for k in state):
         from depth_anything_3.utils.model_loading import convert_general_state_dict
 
@@ -130,6 +135,27 @@ def da3_state_dict_from(path_or_id: str | os.PathLike) -> tuple[dict[str, torch.
     if all(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items()}
     return state, cfg
+
+
+def fast3dis_da3_part(state: dict[str, torch.Tensor], meta: dict[str, Any], source: str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The frozen DA3 weights inside a FAST3DIS checkpoint, in ``DepthAnything3Net`` naming.
+
+    Why: a FAST3DIS checkpoint can stand in for "pretrained DA3" (the LoRA split study starts fresh
+    adapters + head on the bundled tiny model's DA3 part). These are the weights the adapter-free
+    geometry pass runs on: ``backbone.net.*`` without the LoRA tensors, ``.base_layer.`` unwrapped.
+    A "trainable" checkpoint holds no DA3 weights (they come from its ``backbone.pretrained``).
+    """
+    if meta.get("contents") != "full":
+        raise CheckpointMismatchError(source, extra="this FAST3DIS checkpoint stores LoRA + head only; its DA3 "
+                                      f"weights are {meta.get('backbone', {}).get('pretrained')!r}")
+    prefix = "backbone.net."
+    da3 = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items()
+           if k.startswith(prefix) and "lora_" not in k}
+    from fast3dis_ros.model.config import DA3_SPECS
+
+    name = meta.get("backbone", {}).get("name")
+    return da3, {"model_name": DA3_SPECS.get(name, {}).get("registry")}
 
 
 def load_da3_weights(net: nn.Module, path_or_id: str | os.PathLike, expected_model_name: str | None = None) -> None:

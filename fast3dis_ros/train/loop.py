@@ -121,6 +121,25 @@ def build_model(cfg: Any) -> torch.nn.Module:
     return Fast3DIS(cfg)
 
 
+def build_model_split_invariant(cfg: Any, seed: int) -> torch.nn.Module:
+    """``Fast3DIS(cfg)`` whose instance head starts from the same weights whatever the LoRA layout.
+
+    Why: ``Fast3DIS(cfg)`` draws the backbone (random DA3 init, then one random LoRA ``A`` per adapted
+    linear) and then the head from one RNG stream, so moving ``first_lora_block`` would also change the
+    head's starting point. Re-seeding before the head keeps a split comparison about the split alone.
+    (LoRA ``B`` starts at zero, so every split's feature pass starts equal to the geometry pass.)
+    """
+    from fast3dis_ros.model.backbone import DA3Backbone
+    from fast3dis_ros.model.fast3dis import Fast3DIS
+    from fast3dis_ros.model.heads import InstanceHead
+
+    torch.manual_seed(seed)
+    backbone = DA3Backbone(cfg.backbone)
+    torch.manual_seed(seed)
+    head = InstanceHead(cfg.head)
+    return Fast3DIS(cfg, backbone=backbone, head=head)
+
+
 def select_trainable(model: torch.nn.Module, full: bool) -> list[tuple[str, torch.nn.Parameter]]:
     """Set requires_grad: everything (full fine-tune) or ``model.trainable_parameters()`` (LoRA + head)."""
     if full:
@@ -712,7 +731,7 @@ def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
     per-pixel argmax of mask probability > ``mask_threshold``). AP ranks by score, so the low default
     threshold only drops hopeless queries; ``n_pred`` counts the kept instances and ``n_pred_deploy``
     those above ``deploy_threshold`` (the checkpoint's inference threshold; 0 there means the node would
-    output nothing). ``ap2d``: per-view COCO mask AP; ``mv_AP``/``mv_AP50``: class-agnostic ScanNet AP
+    output nothing). ``ap2d``: per-view COCO mask AP; ``mv_AP``/``mv_AP50``/``mv_AP25``: class-agnostic ScanNet AP
     over all pixels of all views (ids are consistent across views, so this scores multi-view
     consistency like a 3D AP on the pixel point set); ``abs_rel``: depth (median scaled).
 
@@ -744,6 +763,7 @@ def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
             r = ev.compute()
             res["mv_AP"] = float(r["AP"])
             res["mv_AP50"] = float(r["AP50"])
+            res["mv_AP25"] = float(r["AP25"])
         if hasattr(metrics, "depth_metrics") and "depth" in batch:
             d = outputs["depth"][0].float()
             if tuple(d.shape[-2:]) != (H, W):

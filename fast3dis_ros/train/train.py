@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=str, default="tiny", choices=["tiny", "small", "base", "large", "giant"])
     p.add_argument("--da3-weights", type=str, default=None, help="DA3 weights (folder or hub id) for non-tiny sizes")
     p.add_argument("--init", type=str, default=None, help="initialise the model from a FAST3DIS checkpoint folder")
+    p.add_argument("--init-da3", type=str, default=None, metavar="CKPT_DIR",
+                   help="take ONLY the DA3 weights (frozen) and their architecture from a full FAST3DIS checkpoint "
+                        "folder; LoRA adapters and instance head start fresh from --seed (not with --init, "
+                        "--da3-weights or --full-finetune)")
+    p.add_argument("--first-lora-block", type=int, default=None, metavar="N",
+                   help="LoRA only in ViT blocks >= N; blocks < N run once, shared by both passes "
+                        "(default: the config's, one past the first tapped block)")
     p.add_argument("--cameras", type=int, default=3, help="cameras per sample")
     p.add_argument("--frames", type=int, default=2, help="frames per sample (views = cameras x frames)")
     p.add_argument("--views", type=int, default=None, help="views per sample; overrides --frames (= views // cameras)")
@@ -112,51 +119,99 @@ def _parse_seeds(s: str | None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- model config
+#: DA3 architecture fields copied from the --init-da3 checkpoint (the LoRA layout and head come from the CLI)
+_DA3_ARCH_FIELDS = ("name", "tiny_embed_dim", "tiny_depth", "tiny_num_heads", "tiny_head_features",
+                    "ref_view_strategy", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
 def build_model_config(args: argparse.Namespace) -> Any:
     from fast3dis_ros.model.config import Fast3disConfig
 
     res = max(args.height, args.width)
     res = ((res + 13) // 14) * 14
-    overrides = {"process_res": res}
+    overrides: dict[str, Any] = {"process_res": res}
+    size = args.size
     if args.da3_weights:
         overrides["pretrained"] = args.da3_weights
-    cfg = Fast3disConfig.for_size(args.size, **overrides)
+    if getattr(args, "init_da3", None):
+        from fast3dis_ros.train.loop import read_model_config
+
+        src = read_model_config(Path(args.init_da3)).backbone
+        overrides.update({k: getattr(src, k) for k in _DA3_ARCH_FIELDS if k != "name"})
+        # absolute: the checkpoint written here names its DA3 weights by this path (model/checkpoint.py)
+        overrides["pretrained"] = str(Path(args.init_da3).resolve())
+        size = src.name
+    if getattr(args, "first_lora_block", None) is not None:
+        overrides["first_lora_block"] = int(args.first_lora_block)
+    cfg = Fast3disConfig.for_size(size, **overrides)
     cfg.train_backbone = bool(args.full_finetune)
     return cfg
 
 
+def check_lora_split_args(args: argparse.Namespace, cfg: Any, cfg_from: str | None) -> None:
+    """Reject --first-lora-block / --init-da3 combinations that would silently train something else.
+
+    Why: a checkpoint's LoRA tensors (and the ``base_layer`` names of its adapted linears) exist only for
+    its own split, so loading it into a network with another split would drop weights without error.
+    """
+    n = getattr(args, "first_lora_block", None)
+    if getattr(args, "init_da3", None):
+        clash = [f for f, v in (("--init", args.init), ("--da3-weights", args.da3_weights),
+                                ("--full-finetune", args.full_finetune)) if v]
+        if clash:
+            raise SystemExit(f"--init-da3 keeps the DA3 weights frozen and starts LoRA + head fresh; it cannot be "
+                             f"combined with {', '.join(clash)} (use --init to load a whole checkpoint)")
+    depth = cfg.backbone.depth
+    if n is not None and not 0 <= n < depth:
+        raise SystemExit(f"--first-lora-block {n} is out of range: DA3-{cfg.backbone.name} has {depth} ViT blocks, "
+                         f"so N must be in 0..{depth - 1} (taps at blocks {cfg.backbone.out_layers}; blocks < N "
+                         "are shared by both passes)")
+    if n is not None and cfg_from is not None and cfg.backbone.lora_start != n:
+        raise SystemExit(f"--first-lora-block {n}: {cfg_from} was trained with LoRA from block "
+                         f"{cfg.backbone.lora_start}; its LoRA weights do not fit another split "
+                         "(start adapters fresh with --init-da3 instead)")
+
+
 # ---------------------------------------------------------------------------------- data
-def _gen_one(payload: tuple[dict, int, str | None]) -> Any:
+def _gen_one(payload: tuple[dict, int, str | None] | tuple[dict, int, str | None, bool]) -> Any:
+    """Load scene ``seed`` from the cache or render it (and cache it); ``keep=False`` returns None
+    (filling a cache for other processes without shipping the pixels back to the caller)."""
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, load_dataset, write_dataset
 
-    cfg_d, seed, cache = payload
+    cfg_d, seed, cache = payload[:3]
+    keep = payload[3] if len(payload) > 3 else True
     if cache:
         folder = Path(cache) / f"scene_{seed:07d}"
         if (folder / "scene.json").is_file():
             try:
-                sc = load_dataset(folder)
+                sc = load_dataset(folder, load_views=keep)
                 c = sc.config
                 if (c.width, c.height, c.n_cameras, c.n_frames, c.n_objects) == (
                     cfg_d["width"], cfg_d["height"], cfg_d["n_cameras"], cfg_d["n_frames"], cfg_d["n_objects"]
                 ):
-                    return sc
+                    return sc if keep else None
             except Exception:
                 pass
     sc = generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
     if cache:
         write_dataset(sc, Path(cache) / f"scene_{seed:07d}")
-    return sc
+    return sc if keep else None
 
 
 def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, height: int, width: int,
                           n_objects: int = 10, device: str = "cpu", cache: str | None = None,
-                          workers: int = 0, desc: str = "scenes") -> list[Any]:
-    """Generate (or load from ``cache``) synthetic scenes rendered at the training resolution."""
+                          workers: int = 0, desc: str = "scenes", keep: bool = True) -> list[Any]:
+    """Generate (or load from ``cache``) synthetic scenes rendered at the training resolution.
+
+    ``keep=False``: only fill ``cache`` (the returned list holds None), e.g. once before several trainings.
+    """
     from fast3dis_ros.data.synthetic import SceneConfig
 
+    if not keep and not cache:
+        raise ValueError("keep=False without a cache folder would render scenes for nothing")
     cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
                       device=device)
-    payloads = [(cfg.to_dict(), int(s), cache) for s in seeds]
+    payloads = [(cfg.to_dict(), int(s), cache, keep) for s in seeds]
     t0 = time.perf_counter()
     if workers > 0 and device == "cpu" and len(payloads) > 1:
         import multiprocessing as mp
@@ -250,8 +305,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         cfg = read_model_config(cfg_src)
         cfg.train_backbone = bool(args.full_finetune)
+        if args.first_lora_block is not None and cfg.backbone.first_lora_block is None \
+                and cfg.backbone.lora_start == args.first_lora_block:
+            cfg.backbone.first_lora_block = int(args.first_lora_block)
     else:
         cfg = build_model_config(args)
+    check_lora_split_args(args, cfg, str(cfg_src) if cfg_src is not None else None)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.steps // 20))
     tcfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
@@ -264,7 +323,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     (out / "train_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
     train_set, val_set = build_datasets(args)
-    trainer = Trainer(cfg, tcfg, train_set, val_set)
+    model = None
+    if args.init_da3 and resume_dir is None:
+        from fast3dis_ros.train.loop import build_model_split_invariant
+
+        model = build_model_split_invariant(cfg, args.seed)
+        print(f"[fast3dis-train] DA3 weights (frozen) from {args.init_da3}; LoRA in blocks >= "
+              f"{cfg.backbone.lora_start}, LoRA + instance head fresh (seed {args.seed})", flush=True)
+    trainer = Trainer(cfg, tcfg, train_set, val_set, model=model)
     n_train = sum(p.numel() for _, p in trainer.named_trainable)
     n_all = sum(p.numel() for p in trainer.model.parameters())
     print(f"[fast3dis-train] {args.size}: {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable; "
