@@ -1,0 +1,191 @@
+"""What the LoRA split study measures per split: cost figures of the network and pooled AP on test windows.
+
+Cost (no training needed): which ViT blocks carry LoRA, how many run once and are shared by both passes,
+trainable parameters (LoRA + instance head), and the FLOPs of the DA3 ViT trunk per window for both
+passes (``fast3dis_ros.bench.vit_flops``: blocks ``>= first_lora_block`` run twice; LoRA's own rank-r
+GEMMs are left out, < 1% at rank 4).
+
+Accuracy: each test window (one synthetic scene: cameras x frames views) is one "scene" of a pooled
+class-agnostic ScanNet AP (``eval.metrics.InstanceAPEvaluator``, as ``eval.heldout``'s per-window
+protocol), predictions from the deployed postprocess (``model.postprocess.instances_from_queries``) with a
+low score threshold (AP ranks by score), as the training loop's ``quick_ap``. The ScanNet matching is per
+scene, so each window's matches are computed once and a bootstrap over windows only re-pools them
+(``PooledAP.bootstrap``): cheap enough for 1000 resamples, and the same resamples for every split give
+paired confidence intervals of the AP differences between splits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SplitCost", "split_cost", "PooledAP", "score_checkpoint", "test_windows", "time_forward"]
+
+
+def _ap_thresholds() -> list[float]:
+    """ScanNet's 0.50..0.90 (AP = their mean), the very floats ``InstanceAPEvaluator`` compares with."""
+    from fast3dis_ros.eval.metrics import SCANNET_IOU_THRESHOLDS
+
+    return [float(t) for t in SCANNET_IOU_THRESHOLDS]
+
+
+@dataclass
+class SplitCost:
+    split: int  # first_lora_block
+    lora_blocks: list[int]
+    shared_blocks: int  # ViT blocks run once for both passes
+    trunk_blocks: int  # blocks up to the last tap
+    trainable_params: int
+    lora_params: int
+    head_params: int
+    trunk_gflops: float  # both passes, one window (B=1)
+    da3_gflops: float  # one plain DA3 pass over the same blocks, for scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_cost(cfg: Any, split: int, views: int, height: int, width: int) -> SplitCost:
+    """Cost figures of ``cfg`` with ``first_lora_block = split`` (random weights: only shapes matter)."""
+    from fast3dis_ros.bench import vit_flops
+    from fast3dis_ros.model.fast3dis import Fast3DIS
+
+    cfg = copy.deepcopy(cfg)
+    cfg.backbone.first_lora_block = int(split)
+    cfg.backbone.pretrained = None
+    cfg.train_backbone = False
+    model = Fast3DIS(cfg)
+    bb = model.backbone
+    last = max(bb.out_layers) + 1
+    lora = sum(p.numel() for p in bb.lora_parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    # after injection the adapted linears are peft layers, so read the blocks off the LoRA parameters
+    blocks = sorted({int(n.split("blocks.", 1)[1].split(".", 1)[0]) for n, _ in bb.net.named_parameters()
+                     if "lora_" in n})
+    return SplitCost(
+        split=int(split), lora_blocks=blocks, shared_blocks=min(bb.lora_start, last), trunk_blocks=last,
+        trainable_params=sum(p.numel() for p in model.trainable_parameters()), lora_params=lora, head_params=head,
+        trunk_gflops=vit_flops(bb, views, height, width, bb.lora_start) / 1e9,
+        da3_gflops=vit_flops(bb, views, height, width, None) / 1e9,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- AP
+class PooledAP:
+    """Pooled ScanNet AP over windows with a cheap bootstrap over windows.
+
+    ``add`` keeps each window's per-scene statistics; for every IoU threshold the greedy ScanNet matching
+    of each window is computed once (``InstanceAPEvaluator._match_threshold`` on that window alone, which
+    is what the pooled evaluator does scene by scene), so a resample only concatenates match lists and
+    runs the AP integral (``eval.metrics._scannet_ap``). ``compute()`` equals
+    ``InstanceAPEvaluator.compute()`` over the same windows (tested).
+    """
+
+    def __init__(self) -> None:
+        from fast3dis_ros.eval.metrics import InstanceAPEvaluator
+
+        self._ev = InstanceAPEvaluator()
+        self._matches: dict[float, list[tuple]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._ev.scenes)
+
+    def add(self, pred_labels: np.ndarray, scores: np.ndarray, gt_labels: np.ndarray) -> None:
+        self._ev.add_scene(np.asarray(pred_labels).ravel(), np.asarray(scores), np.asarray(gt_labels).ravel())
+        self._matches = None
+
+    def _window_matches(self) -> dict[float, list[tuple]]:
+        from fast3dis_ros.eval.metrics import InstanceAPEvaluator
+
+        if self._matches is None:
+            one = InstanceAPEvaluator()
+            self._matches = {t: [] for t in (*_ap_thresholds(), 0.25)}
+            for sc in self._ev.scenes:
+                one.scenes = [sc]
+                for t in self._matches:
+                    self._matches[t].append(one._match_threshold(t))
+        return self._matches
+
+    def compute(self, idx: Sequence[int] | None = None) -> dict[str, float]:
+        """AP / AP50 / AP25 over the windows ``idx`` (default all; repeats allowed)."""
+        from fast3dis_ros.eval.metrics import _scannet_ap
+
+        m = self._window_matches()
+        idx = range(len(self)) if idx is None else idx
+        per_th = {}
+        for t, rows in m.items():
+            sel = [rows[i] for i in idx]
+            y_true = np.concatenate([r[0] for r in sel]) if sel else np.zeros(0)
+            y_score = np.concatenate([r[1] for r in sel]) if sel else np.zeros(0)
+            ap, _p, _r = _scannet_ap(y_true, y_score, sum(r[2] for r in sel), any(r[3] for r in sel),
+                                     any(r[4] for r in sel))
+            per_th[t] = ap
+        ths = _ap_thresholds()
+        main = np.array([per_th[t] for t in ths], dtype=np.float64)
+        return {"AP": float(np.nanmean(main)) if np.any(~np.isnan(main)) else float("nan"),
+                "AP50": float(per_th[ths[0]]), "AP25": float(per_th[0.25])}
+
+    def bootstrap(self, resamples: np.ndarray) -> dict[str, np.ndarray]:
+        """AP / AP50 / AP25 for each row of window indices ``resamples (R, n)``."""
+        rows = [self.compute(r) for r in resamples]
+        return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("AP", "AP50", "AP25")}
+
+
+def test_windows(scenes: Sequence[Any], frames: int, hw: tuple[int, int]):
+    """One window of ``frames`` frame sets (all cameras) per scene start, unaugmented, at ``hw``."""
+    from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset
+
+    return TrainSampleDataset(SceneWindowDataset(scenes, frames_per_sample=frames, window_step=frames), hw,
+                              augment=False)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    import contextlib
+
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
+@torch.no_grad()
+def score_checkpoint(ckpt_dir: str | Path, windows, device: torch.device, amp: torch.dtype | None,
+                     score_threshold: float = 0.05, batch_size: int = 8) -> tuple[PooledAP, dict[str, Any]]:
+    """Run the checkpoint on every test window; returns the pooled AP and the loaded model's info."""
+    from fast3dis_ros.model.checkpoint import load_checkpoint
+    from fast3dis_ros.model.postprocess import instances_from_queries
+    from fast3dis_ros.train.data import collate
+
+    model, cfg = load_checkpoint(ckpt_dir, device=device)
+    pooled = PooledAP()
+    n_pred = 0
+    for start in range(0, len(windows), batch_size):
+        batch = collate([windows[i] for i in range(start, min(start + batch_size, len(windows)))])
+        with _autocast(device, amp):
+            out = model(batch["images"].to(device), return_aux=False)
+        V, H, W = batch["instance"].shape[1:]
+        for b in range(batch["images"].shape[0]):
+            labels, scores, _ = instances_from_queries(out["pred_logits"][b].float(), out["pred_masks"][b].float(),
+                                                       (H, W), score_threshold, cfg.mask_threshold)
+            pooled.add(labels.cpu().numpy(), scores.float().cpu().numpy(), batch["instance"][b].numpy())
+            n_pred += int(scores.numel())
+    return pooled, {"model": model, "cfg": cfg, "n_pred": n_pred}
+
+
+def time_forward(model: torch.nn.Module, window: dict, device: torch.device, amp: torch.dtype | None,
+                 warmup: int = 3, iters: int = 10) -> float:
+    """Median ms of one eager forward (one window, B=1) with ``fast3dis_ros.bench.measure``."""
+    from fast3dis_ros.bench import measure
+
+    images = window["images"][None].to(device)
+
+    def fn():
+        with torch.no_grad(), _autocast(device, amp):
+            model(images, return_aux=False)
+
+    r = measure(fn, device, warmup, iters)
+    return float(r["ms"]) if isinstance(r.get("ms"), (int, float)) else float("nan")
