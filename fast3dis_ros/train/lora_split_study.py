@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     # scoring
     p.add_argument("--score-threshold", type=float, default=0.05, help="postprocess threshold (AP ranks by score)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test windows")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the test windows")
     p.add_argument("--no-timing", action="store_true", help="skip the eager forward timing")
     return p
 

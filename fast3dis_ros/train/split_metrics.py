@@ -10,7 +10,7 @@ class-agnostic ScanNet AP (``eval.metrics.InstanceAPEvaluator``, as ``eval.heldo
 protocol), predictions from the deployed postprocess (``model.postprocess.instances_from_queries``) with a
 low score threshold (AP ranks by score), as the training loop's ``quick_ap``. The ScanNet matching is per
 scene, so each window's matches are computed once and a bootstrap over windows only re-pools them
-(``PooledAP.bootstrap``): cheap enough for 1000 resamples, and the same resamples for every split give
+(``PooledAP.bootstrap``): 500 resamples of 96 windows take a few seconds, and the same resamples for every split give
 paired confidence intervals of the AP differences between splits.
 """
 

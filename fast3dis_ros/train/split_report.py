@@ -125,6 +125,8 @@ def plot_ap(res: dict, png: Path) -> Path:
     x = np.arange(len(runs))
     w = 0.26
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(runs) + 2), 4.0))
+    top = max([100 * (r["test"].get("ci", {}).get(k) or [0, r["test"][k]])[1] for r in runs for k in keys] + [0.0])
+    ax.set_ylim(0, max(5.0, 1.15 * top))
     for i, k in enumerate(keys):
         vals = np.array([100 * r["test"][k] for r in runs])
         ci = [r["test"].get("ci", {}).get(k) for r in runs]
