@@ -119,6 +119,7 @@ class Run:
     t_end: float = 0.0
     rc: int | None = None
     stopped: bool = False
+    seen: tuple[float, int] | None = None  # (time, step) at the previous progress line: rate between lines
 
     @property
     def name(self) -> str:
@@ -192,7 +193,9 @@ def _last_record(path: Path) -> dict | None:
 
 
 def _progress(runs: Sequence[Run], steps: int) -> str:
+    """One line: step, loss and ms/step (averaged since the previous line) and ETA of every run."""
     parts = []
+    now = time.perf_counter()
     for r in runs:
         if r.proc is None and r.rc is None:
             parts.append(f"{r.name}: waiting")
@@ -202,7 +205,11 @@ def _progress(runs: Sequence[Run], steps: int) -> str:
         if rec is None:
             parts.append(f"{r.name}: {state or 'starting'}")
             continue
-        ms = 1000.0 * float(rec.get("time_s", float("nan")))
+        ms = 1000.0 * float(rec.get("time_s", float("nan")))  # the last step alone until a rate exists
+        if r.seen is not None and rec["step"] > r.seen[1]:
+            ms = 1000.0 * (now - r.seen[0]) / (rec["step"] - r.seen[1])
+        if r.seen is None or rec["step"] > r.seen[1]:
+            r.seen = (now, int(rec["step"]))
         eta = (steps - rec["step"]) * ms / 1000.0
         parts.append(f"{r.name}: {state or 'step'} {rec['step']}/{steps} loss {float(rec['loss']):.3g} "
                      f"{ms:.0f} ms/step" + ("" if state else f" ETA {eta:.0f}s"))
@@ -278,7 +285,8 @@ def run_trainings(args: argparse.Namespace, runs: list[Run], cache: Path, t0: fl
             for r in list(active):
                 if _reap(r):
                     active.remove(r)
-                    msg = "finished" if r.rc == 0 else f"FAILED (rc {r.rc}); last lines:\n{_tail(r.dir / 'train_stdout.log')}"
+                    msg = "finished" if r.rc == 0 else \
+                        f"FAILED (rc {r.rc}); last lines:\n{_tail(r.dir / 'train_stdout.log')}"
                     _log(t0, f"{r.name} {msg} after {r.t_end - r.t_start:.0f}s")
             now = time.perf_counter()
             if args.deadline_s > 0 and now - t0 > args.deadline_s - SCORE_RESERVE_S and active:
@@ -403,14 +411,16 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
     depth = base_cfg.backbone.depth
     bad = [s for s in splits if not 0 <= s < depth]
     if bad:
-        raise SystemExit(f"--splits {bad} out of range: DA3-{base_cfg.backbone.name} has {depth} blocks (0..{depth - 1})")
+        raise SystemExit(f"--splits {bad} out of range: DA3-{base_cfg.backbone.name} has {depth} blocks "
+                         f"(0..{depth - 1})")
     views = args.cameras * args.frames
     costs = {s: split_cost(base_cfg, s, views, args.height, args.width).to_dict() for s in sorted({0, *splits})}
     for s, c in costs.items():
         c["flops_rel_split0"] = c["trunk_gflops"] / costs[0]["trunk_gflops"]
         c["flops_rel_da3"] = c["trunk_gflops"] / c["da3_gflops"]
     _log(t0, "splits: " + "; ".join(f"{s}: LoRA blocks {costs[s]['lora_blocks']}, {costs[s]['trainable_params']} "
-                                    f"trainable, {costs[s]['flops_rel_split0']:.2f}x split-0 trunk FLOPs" for s in splits))
+                                    f"trainable, {costs[s]['flops_rel_split0']:.2f}x split-0 trunk FLOPs"
+                                    for s in splits))
 
     prepare_cache(args, cache, t0)
     runs = [Run(split=s, seed=sd, dir=work / f"split{s}_seed{sd}") for sd in seeds for s in splits]
