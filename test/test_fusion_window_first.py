@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fast3dis_ros.geometry.clouds import lift_prediction_arrays, packed_voxel_keys
+from fast3dis_ros.geometry.cameras import invert_se3
+from fast3dis_ros.geometry.clouds import lift_view, pack_voxel_keys, packed_voxel_keys, voxel_keys
 from fast3dis_ros.pipeline.frames import CameraFrame
 from fast3dis_ros.pipeline.fusion import MapFusion, lift_window, random_prediction
 from fast3dis_ros.pipeline.runner import PipelineRunner, count_nonfinite
@@ -44,24 +45,42 @@ def _threads(k=2):
     return run, pool
 
 
+def _lift_view_reference(p, T, stride, conf, conf_mode, min_score):
+    """The window lifted view by view with ``lift_view`` (an independent per-view implementation), labels of
+    low-score instances -> 0 as fusion wants them: (xyz (N, 3) float32, rgb (N, 3), label (N,))."""
+    low = np.concatenate([[False], p.scores < min_score]) if min_score > 0 else np.zeros(len(p.scores) + 1, bool)
+    parts = []
+    for v in range(p.depth.shape[0]):
+        lab = np.where(low[np.clip(p.labels[v], 0, len(p.scores))], 0, p.labels[v])
+        parts.append(lift_view(p.depth[v], p.K[v], T @ invert_se3(p.T_cam_world[v]), rgb=p.images[v], labels=lab,
+                               conf=p.depth_conf[v], conf_threshold=conf, conf_mode=conf_mode, pixel_stride=stride))
+    return (np.concatenate([c.xyz for c in parts]), np.concatenate([c.rgb for c in parts]),
+            np.concatenate([c.instance for c in parts]).astype(np.int64))
+
+
 @pytest.mark.parametrize("seed,stride,conf,min_score,parts", [(0, 1, 0.0, 0.0, 1), (1, 2, 0.5, 0.5, 2),
                                                                (2, 3, 1.0, 0.25, 3), (3, 2, 0.0, 0.96, 2)])
-def test_lift_window_matches_lift_prediction_arrays(seed, stride, conf, min_score, parts):
+def test_lift_window_points_in_map_with_their_voxel_keys(seed, stride, conf, min_score, parts):
+    """Every view's kept pixels in map as (3, N) rows of float32 values, window labels with low-score
+    instances -> 0, each point's packed voxel key; worker threads change nothing."""
     p = _awkward_prediction(seed)
     rng = np.random.default_rng(seed + 100)
     T = tf.rand_sim3(seed)
     T[:3, 3] = rng.uniform(-1, 1, 3)
-    xyz, rgb, lab = lift_prediction_arrays(p, T, conf_threshold=conf, min_score=min_score, pixel_stride=stride)
     run, pool = _threads()
     try:
         X, C, L, keys = lift_window(p, T, stride, 0.05, conf_threshold=conf, min_score=min_score, run=run,
                                     parts=parts)
     finally:
         pool.shutdown()
-    assert X.shape == (3, len(xyz)) and len(xyz) > 100
-    assert np.array_equal(X.T.astype(np.float32), xyz) and np.array_equal(X, xyz.T.astype(np.float64))
-    assert np.array_equal(C.T, rgb) and np.array_equal(L, lab) and L.dtype == np.int64
-    assert np.array_equal(keys, packed_voxel_keys(xyz, 0.05))
+    serial = lift_window(p, T, stride, 0.05, conf_threshold=conf, min_score=min_score)
+    assert all(np.array_equal(a, b) for a, b in zip((X, C, L, keys), serial))
+    xyz, rgb, lab = _lift_view_reference(p, T, stride, conf, "abs", min_score)
+    assert X.shape == (3, len(xyz)) and len(xyz) > 100 and X.dtype == np.float64 and L.dtype == np.int64
+    assert np.array_equal(X, X.astype(np.float32).astype(np.float64))  # float32 values, as in the cloud
+    assert np.allclose(X.T, xyz, rtol=1e-6, atol=1e-5)
+    assert np.array_equal(C.T, rgb) and np.array_equal(L, lab)
+    assert np.array_equal(keys, pack_voxel_keys(voxel_keys(X.T.astype(np.float32), 0.05)))
     if min_score > 0:
         assert (L == 0).sum() > (np.asarray(p.labels)[:, ::stride, ::stride] <= 0).sum() * 0.5
 
@@ -69,12 +88,12 @@ def test_lift_window_matches_lift_prediction_arrays(seed, stride, conf, min_scor
 def test_lift_window_quantile_confidence_and_empty():
     p = _awkward_prediction(5)
     T = tf.rand_sim3(5)
-    xyz, rgb, lab = lift_prediction_arrays(p, T, conf_threshold=0.3, conf_mode="quantile", pixel_stride=2)
     X, C, L, keys = lift_window(p, T, 2, 0.1, conf_threshold=0.3, conf_mode="quantile")
-    assert np.array_equal(X.T.astype(np.float32), xyz) and np.array_equal(L, lab) and np.array_equal(C.T, rgb)
+    xyz, rgb, lab = _lift_view_reference(p, T, 2, 0.3, "quantile", 0.0)
+    assert np.allclose(X.T, xyz, rtol=1e-6, atol=1e-5) and np.array_equal(L, lab) and np.array_equal(C.T, rgb)
     p.depth[:] = np.nan
     X, C, L, keys = lift_window(p, T, 2, 0.1)
-    assert X.shape == (3, 0) and len(L) == len(keys) == 0
+    assert X.shape == C.shape == (3, 0) and len(L) == len(keys) == 0
 
 
 def _sequence():

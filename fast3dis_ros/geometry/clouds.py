@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -191,6 +193,111 @@ def _rays(K: np.ndarray, h: int, w: int, stride: int) -> tuple[np.ndarray, np.nd
     return r
 
 
+Runner = Callable[[list[Callable[[], Any]]], list]  # runs thunks (e.g. on threads), returns their results in order
+
+
+def _serial(fns: list[Callable[[], Any]]) -> list:
+    """Default ``Runner`` of ``lift_prediction_arrays``: the thunks one after another on this thread."""
+    return [f() for f in fns]
+
+
+def _view_index(vlist: list[int]) -> slice | np.ndarray:
+    """Index of ``vlist`` into a (V, ...) array: a slice (a view, no copy) when the views are ascending and
+    contiguous (every view of a window, the usual case), else an int array (one gather)."""
+    if vlist and vlist[0] >= 0 and vlist == list(range(vlist[0], vlist[0] + len(vlist))):
+        return slice(vlist[0], vlist[0] + len(vlist))
+    return np.asarray(vlist, np.int64)
+
+
+def _view_transforms(T_cam_world: np.ndarray, vlist: list[int], T_out_world: np.ndarray) -> np.ndarray:
+    """(n, 4, 4) ``T_out_world @ inv(T_cam_world[v])`` for each listed view. One 4x4 product per view (not a
+    batched one), so that each view's transform has the same bits whatever views are lifted with it."""
+    from .cameras import invert_se3
+
+    Tcw = np.asarray(T_cam_world, np.float64)
+    return np.stack([T_out_world @ invert_se3(Tcw[v]) for v in vlist])
+
+
+def _view_rays(K: np.ndarray, vlist: list[int], h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rays (x/z, y/z) of the listed views: one (h', w') pair broadcast over the views when they share K (a
+    rig of one camera model, the usual case: no per-view copy), else stacked (n, h', w')."""
+    Ks = np.asarray(K, np.float64).reshape(-1, 3, 3)[np.asarray(vlist, np.int64)]
+    if (Ks == Ks[:1]).all():
+        return _rays(Ks[0], h, w, stride)
+    rays = [_rays(k, h, w, stride) for k in Ks]
+    return np.stack([r[0] for r in rays]), np.stack([r[1] for r in rays])
+
+
+def _keep_pixels(d: np.ndarray, conf: np.ndarray | None, labels: np.ndarray | None, conf_threshold: float,
+                 conf_mode: str, min_depth: float) -> np.ndarray:
+    """(v, h', w') pixels to lift of a block of views: depth in (``min_depth``, inf) (NaN drops), confidence
+    kept by ``confidence_mask`` (a quantile is taken per view, as ``lift_view`` does), label > 0 when
+    ``labels`` (instances only) is given."""
+    with np.errstate(invalid="ignore"):
+        keep = d > min_depth  # False for NaN
+        keep &= d < np.inf
+        if conf is not None:
+            if conf_mode == "abs":  # the whole block in one comparison
+                keep &= conf >= conf_threshold
+            else:
+                for v in range(len(conf)):
+                    keep[v] &= confidence_mask(conf[v], conf_threshold, conf_mode)
+    if labels is not None:
+        keep &= labels > 0
+    return keep
+
+
+def _low_score_labels(scores: np.ndarray, min_score: float) -> np.ndarray | None:
+    """Label k -> True when instance k scores below ``min_score`` (index 0, background: False). None when no
+    label is low (nothing to relabel)."""
+    scores = np.asarray(scores, np.float32)
+    if not (min_score > 0 and len(scores)):
+        return None
+    low = np.concatenate([[False], scores < min_score])
+    return low if low.any() else None
+
+
+def _window_labels(lb: np.ndarray, low: np.ndarray | None) -> np.ndarray:
+    """Window labels of lifted pixels: negative -> 0, low-score instances (``_low_score_labels``) -> 0; labels
+    past the score list follow the last score."""
+    lb = np.maximum(lb, 0)
+    if low is None:
+        return lb
+    lut = np.arange(int(lb.max()) + 1, dtype=np.int64)
+    lut[low[np.minimum(lut, len(low) - 1)]] = 0
+    return lut[lb]
+
+
+_BLOCK_PIXELS = 1 << 16  # pixels lifted per block when one worker lifts all views
+
+
+def _view_blocks(n_views: int, pixels_per_view: int, parts: int) -> list[list[tuple[int, int]]]:
+    """The views cut into ``parts`` contiguous groups (one per worker), each a list of blocks ``(a, b)`` of
+    whole views lifted together.
+
+    Why: with one worker, blocks of about ``_BLOCK_PIXELS`` pixels keep the float64 temporaries small (a
+    whole window's are megabytes of fresh pages in a process whose allocator has not grown yet: up to 2x
+    slower at 24 views of 504x378). With several workers each group is one block: every block costs a few
+    dozen numpy calls, and threads hand the GIL over for each (measured slower on the node's path)."""
+    k = max(1, min(int(parts), n_views))
+    cuts = [n_views * i // k for i in range(k + 1)]
+    per = max(1, _BLOCK_PIXELS // max(pixels_per_view, 1)) if k == 1 else n_views
+    return [[(a, min(a + per, b1)) for a in range(a0, b1, per)] for a0, b1 in zip(cuts[:-1], cuts[1:])]
+
+
+def _lift_outputs(n: int, rows: bool, with_keys: bool) -> tuple:
+    """Output arrays of ``lift_prediction_arrays`` for ``n`` points, and (3, N) views of xyz and rgb that the
+    fill writes whatever the layout."""
+    if rows:
+        xyz, rgb = np.empty((3, n)), np.empty((3, n), np.uint8)
+        x_rows, c_rows = xyz, rgb
+    else:
+        xyz, rgb = np.empty((n, 3), np.float32), np.empty((n, 3), np.uint8)
+        x_rows, c_rows = xyz.T, rgb.T
+    keys = np.empty(n, np.int64) if with_keys else None
+    return xyz, rgb, np.empty(n, np.int64), keys, x_rows, c_rows
+
+
 def lift_prediction_arrays(
     pred: WindowPrediction,
     T_out_world: np.ndarray | None = None,
@@ -201,67 +308,93 @@ def lift_prediction_arrays(
     pixel_stride: int = 1,
     views: list[int] | None = None,
     min_depth: float = 1e-6,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast path of ``lift_prediction``: (xyz (N, 3) float32, rgb (N, 3) uint8, label (N,) int64 >= 0).
+    layout: str = "points",
+    voxel_size: float | None = None,
+    run: Runner | None = None,
+    parts: int = 1,
+) -> tuple[np.ndarray, ...]:
+    """Lift a window's views into the output frame (``T_out_world`` may be Sim(3)): (xyz, rgb, label (N,)
+    int64 >= 0), plus each point's packed voxel key (N,) int64 when ``voxel_size`` is given. The one
+    implementation behind ``lift_prediction`` and fusion's ``lift_window``.
 
-    ``label`` is the window label (instances with score < ``min_score`` -> 0, negative -> 0); the point
-    order and the kept pixels are those of ``lift_view`` per view. Rays are cached per K/size/stride and the
-    (Sim(3)) transform is folded into them, so each point costs a few fused multiply-adds."""
-    from .cameras import invert_se3
+    Points and order are those of ``lift_view`` per view (``views``, default all, in that order): pixels
+    with depth outside (``min_depth``, inf) or confidence below the threshold are dropped, background too
+    with ``instances_only``. ``label`` is the window label with negative labels and instances of score <
+    ``min_score`` -> 0. The key is ``packed_voxel_keys`` of the point's float32 xyz, computed per block of
+    views while the points are in cache. ``layout``: ``"points"``, xyz (N, 3) float32 and rgb (N, 3) uint8
+    (a cloud's columns); ``"rows"``, xyz (3, N) float64 holding the same float32 values and rgb (3, N)
+    uint8 (contiguous coordinate rows, which ``np.bincount`` takes without a conversion: fusion's sums).
 
-    T_out_world = np.eye(4) if T_out_world is None else np.asarray(T_out_world, np.float64)
-    scores = np.asarray(pred.scores, np.float32)
-    ns = len(scores)
+    Why it is fast: rays are cached per K/size/stride and each view's (Sim(3)) transform is folded into them
+    (a few multiply-adds per point), and views are lifted in blocks (one strided read per input array, no
+    per-view loop). ``run``/``parts``: the views are cut into ``parts`` contiguous groups whose work ``run``
+    (a callable running a list of thunks, e.g. on threads: numpy releases the GIL here) does side by side;
+    the output does not depend on it."""
+    if layout not in ("points", "rows"):
+        raise ValueError(f"lift_prediction_arrays: unknown layout {layout!r} (points|rows)")
+    rows = layout == "rows"
+    depth = np.asarray(pred.depth)
+    V, H, W = depth.shape
+    vlist = list(range(V)) if views is None else [int(v) for v in views]
     st = max(int(pixel_stride), 1)
-    vlist = list(range(pred.depth.shape[0])) if views is None else list(views)
-    h, w = pred.depth.shape[1:3]
-    low = None
-    if min_score > 0 and ns:
-        low = np.concatenate([[False], scores < min_score])
-    keeps, ds = [], []
-    for v in vlist:
-        d = pred.depth[v][::st, ::st]
-        with np.errstate(invalid="ignore"):
-            keep = d > min_depth  # False for NaN
-            keep &= d < np.inf
-        if pred.depth_conf is not None:
-            keep &= confidence_mask(np.asarray(pred.depth_conf[v])[::st, ::st], conf_threshold, conf_mode)
-        if instances_only:
-            keep &= np.asarray(pred.labels[v])[::st, ::st] > 0
-        keeps.append(keep)
-        ds.append(d)
-    counts = [int(k.sum()) for k in keeps]
-    n = sum(counts)
-    xyz = np.empty((n, 3), np.float32)
-    rgb = np.empty((n, 3), np.uint8)
-    lab = np.empty(n, np.int64)
-    o = 0
-    for v, keep, d, c in zip(vlist, keeps, ds, counts):
-        if c == 0:
-            continue
-        T = T_out_world @ invert_se3(pred.T_cam_world[v])
-        xr, yr = _rays(pred.K[v], h, w, st)
-        full = c == keep.size
-        dk = d.reshape(-1).astype(np.float64) if full else d[keep].astype(np.float64)
-        xk = xr.reshape(-1) if full else xr[keep]
-        yk = yr.reshape(-1) if full else yr[keep]
-        for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3
-            a = xk * T[i, 0]
-            a += yk * T[i, 1]
-            a += T[i, 2]
-            a *= dk
-            a += T[i, 3]
-            xyz[o:o + c, i] = a
-        im = np.asarray(pred.images[v])[::st, ::st]
-        rgb[o:o + c] = im.reshape(-1, 3) if full else im[keep]
-        lb = np.asarray(pred.labels[v])[::st, ::st]
-        lb = lb.reshape(-1) if full else lb[keep]
-        lab[o:o + c] = lb
-        o += c
-    np.maximum(lab, 0, out=lab)
-    if low is not None and n:
-        lab[low[np.minimum(lab, ns)]] = 0
-    return xyz, rgb, lab
+    if not vlist:
+        return _lift_outputs(0, rows, voxel_size is not None)[:3 if voxel_size is None else 4]
+    T_out = np.eye(4) if T_out_world is None else np.asarray(T_out_world, np.float64)
+    T = _view_transforms(pred.T_cam_world, vlist, T_out)
+    xr, yr = _view_rays(pred.K, vlist, H, W, st)
+    low = _low_score_labels(pred.scores, min_score)
+    conf = None if pred.depth_conf is None else np.asarray(pred.depth_conf)
+    images, labels = np.asarray(pred.images), np.asarray(pred.labels)
+
+    def prepare(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Depth (float64), kept flat indices (None: all) and their count for the views ``vlist[a:b]``."""
+        idx = _view_index(vlist[a:b])
+        d = depth[idx, ::st, ::st].astype(np.float64)  # (v, h', w'), one strided read
+        keep = _keep_pixels(d, None if conf is None else conf[idx, ::st, ::st],
+                            labels[idx, ::st, ::st] if instances_only else None, conf_threshold, conf_mode,
+                            min_depth)
+        flat = keep.reshape(-1)
+        n = int(np.count_nonzero(flat))
+        return d, (None if n == flat.size else np.flatnonzero(flat)), n
+
+    groups = _view_blocks(len(vlist), len(range(0, H, st)) * len(range(0, W, st)), parts)
+    run = run or _serial
+    blocks = [blk for g in groups for blk in g]
+    preps = [p for ps in run([lambda g=g: [prepare(a, b) for a, b in g] for g in groups]) for p in ps]
+    offs = np.cumsum([0] + [p[2] for p in preps]).tolist()
+    xyz, rgb, lab, keys, x_rows, c_rows = _lift_outputs(offs[-1], rows, voxel_size is not None)
+
+    def fill(a: int, b: int, d: np.ndarray, sel: np.ndarray | None, o0: int, o1: int) -> None:
+        """Points of the views ``vlist[a:b]`` into ``[o0, o1)`` of the outputs."""
+        if o1 == o0:
+            return
+        idx = _view_index(vlist[a:b])
+        xg, yg = (xr, yr) if xr.ndim == 2 else (xr[a:b], yr[a:b])
+        Tg = T[a:b]
+        tmp = np.empty(d.shape)
+        for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3, rounded to float32
+            v = np.multiply(xg, Tg[:, i, 0, None, None], out=tmp)
+            v += yg * Tg[:, i, 1, None, None]
+            v += Tg[:, i, 2, None, None]
+            v *= d
+            v += Tg[:, i, 3, None, None]
+            v = v.reshape(-1)
+            if sel is not None:
+                v = v[sel]
+            x_rows[i, o0:o1] = v.astype(np.float32) if rows else v
+        if keys is not None:
+            packed_voxel_keys(x_rows[:, o0:o1].T, voxel_size, out=keys[o0:o1])
+        im = images[idx, ::st, ::st]
+        for ch in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
+            x = im[..., ch].reshape(-1)
+            c_rows[ch, o0:o1] = x if sel is None else x[sel]
+        lb = labels[idx, ::st, ::st].reshape(-1)
+        lab[o0:o1] = _window_labels(lb if sel is None else lb[sel], low)
+
+    jobs = [(a, b, d, sel, offs[j], offs[j + 1]) for j, ((a, b), (d, sel, _)) in enumerate(zip(blocks, preps))]
+    cut = np.cumsum([0] + [len(g) for g in groups]).tolist()
+    run([lambda js=jobs[i:j]: [fill(*job) for job in js] for i, j in zip(cut[:-1], cut[1:])])
+    return (xyz, rgb, lab) if keys is None else (xyz, rgb, lab, keys)
 
 
 def label_scores(lab: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -313,16 +446,18 @@ def pack_voxel_keys(ijk: np.ndarray) -> np.ndarray:
     return (u[:, 0] << (2 * _KB)) | (u[:, 1] << _KB) | u[:, 2]
 
 
-def packed_voxel_keys(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
-    """``pack_voxel_keys(voxel_keys(xyz, voxel_size))`` in one pass per axis (same values, same errors)."""
+def packed_voxel_keys(xyz: np.ndarray, voxel_size: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``pack_voxel_keys(voxel_keys(xyz, voxel_size))`` in one pass per axis (same values, same errors).
+
+    ``xyz`` may be any (N, 3) view, e.g. the transpose of (3, N) coordinate rows (each axis is then read
+    contiguously); ``out``: (N,) int64 to write the keys into (a chunk of a larger array: threaded callers)."""
     xyz = np.asarray(xyz)
     n = xyz.shape[0]
-    out = np.zeros(n, np.int64)
+    out = np.zeros(n, np.int64) if out is None else out
     if n == 0:
         return out
     for a in range(3):
-        c = xyz[:, a].astype(np.float64)
-        c /= voxel_size
+        c = np.divide(xyz[:, a], voxel_size, dtype=np.float64)  # float64 first, as voxel_keys
         np.floor(c, out=c)
         lo, hi = c.min(), c.max()
         if not (lo >= -_KOFF and hi < _KOFF):
@@ -332,7 +467,10 @@ def packed_voxel_keys(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
         ci = c.astype(np.int64)
         if a < 2:
             ci <<= (2 - a) * _KB
-        out |= ci
+        if a == 0:
+            out[...] = ci  # ``out`` may hold anything
+        else:
+            out |= ci
     return out
 
 

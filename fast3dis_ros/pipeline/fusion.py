@@ -33,7 +33,7 @@ import numpy as np
 
 from ..geometry.align import align_cameras, sim3_decompose
 from ..geometry.cameras import invert_se3
-from ..geometry.clouds import _KB, _KOFF, _rays, confidence_mask, empty_cloud, label_scores
+from ..geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
 from .stats import DropCounter
 from .tracker import InstanceTracker
@@ -530,123 +530,22 @@ class _ViewRecord:
     metric: bool = False  # the window that first saw this view had metric depth (known poses / metric model)
 
 
-def _serial(fns):
-    return [f() for f in fns]
-
-
 def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: int, voxel_size: float,
                 conf_threshold: float = 0.0, conf_mode: str = "abs", min_score: float = 0.0,
-                min_depth: float = 1e-6, run=None, parts: int = 1
+                min_depth: float = 1e-6, run: Runner | None = None, parts: int = 1
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every view of a window lifted into ``map`` at once, as fusion needs it: (xyz (3, N) float64 holding
-    float32 values, rgb (3, N) uint8, window label (N,) int64 >= 0, packed voxel key (N,) int64).
+    """Every view of a window lifted into ``map`` as fusion needs it: (xyz (3, N) float64 holding float32
+    values, rgb (3, N) uint8, window label (N,) int64 >= 0 with low-score instances -> 0, packed voxel key
+    (N,) int64).
 
-    The same points, values and order as ``geometry.clouds.lift_prediction_arrays`` (its float32 xyz, its
-    rgb, its labels with low-score instances -> 0) followed by ``packed_voxel_keys`` of that xyz: the
-    per-view transforms and the per-point arithmetic are the same operations in the same order, only done
-    on all views together (no per-view Python loop, one strided read per input array, coordinates kept as
-    contiguous rows that ``np.bincount`` takes without a conversion).
-
-    ``run``/``parts``: the views are cut into ``parts`` contiguous groups whose work ``run`` (a callable
-    running a list of thunks, e.g. on threads: numpy releases the GIL in these loops) does side by side;
-    the output is the same."""
-    run = run or _serial
-    T_out = np.asarray(T_map_window, np.float64)
-    st = max(int(pixel_stride), 1)
-    depth = np.asarray(pred.depth)
-    V, H, W = depth.shape
-    conf = None if pred.depth_conf is None else np.asarray(pred.depth_conf)
-    images, labels = np.asarray(pred.images), np.asarray(pred.labels)
-    Ks = np.asarray(pred.K, np.float64).reshape(V, 3, 3)
-    if V and (Ks == Ks[:1]).all():
-        xr, yr = _rays(Ks[0], H, W, st)  # (h, w), broadcast over views
-    else:
-        rays = [_rays(Ks[v], H, W, st) for v in range(V)]
-        xr, yr = np.stack([r[0] for r in rays]), np.stack([r[1] for r in rays])
-    # per view exactly as lift_prediction_arrays: T_out_world @ inv(T_cam_world[v])
-    T = np.stack([T_out @ invert_se3(pred.T_cam_world[v]) for v in range(V)]) if V else np.zeros((0, 4, 4))
-    scores = np.asarray(pred.scores, np.float32)
-    low = np.concatenate([[False], scores < min_score]) if (min_score > 0 and len(scores)) else None
-    if low is not None and not low.any():
-        low = None
-    k = max(1, min(int(parts), V))
-    cuts = [V * i // k for i in range(k + 1)]
-    groups = [(cuts[i], cuts[i + 1]) for i in range(k)]
-
-    def prepare(a: int, b: int):
-        d = depth[a:b, ::st, ::st].astype(np.float64)  # (v, h, w), one strided read
-        with np.errstate(invalid="ignore"):
-            keep = d > min_depth  # False for NaN
-            keep &= d < np.inf
-        if conf is not None:
-            c = conf[a:b, ::st, ::st]
-            if conf_mode == "abs":
-                with np.errstate(invalid="ignore"):
-                    keep &= c >= conf_threshold
-            else:
-                for v in range(b - a):
-                    keep[v] &= confidence_mask(c[v], conf_threshold, conf_mode)
-        flat = keep.reshape(-1)
-        n = int(np.count_nonzero(flat))
-        return d, (None if n == flat.size else np.flatnonzero(flat)), n
-
-    preps = run([lambda a=a, b=b: prepare(a, b) for a, b in groups])
-    counts = [p[2] for p in preps]
-    n = sum(counts)
-    offs = np.cumsum([0] + counts)
-    xyz = np.empty((3, n))
-    rgb = np.empty((3, n), np.uint8)
-    lab = np.empty(n, np.int64)
-    keys = np.empty(n, np.int64)
-
-    def fill(a: int, b: int, d: np.ndarray, sel, o0: int, o1: int) -> None:
-        if o1 == o0:
-            return
-        xg, yg = (xr, yr) if xr.ndim == 2 else (xr[a:b], yr[a:b])
-        Tg = T[a:b]
-        tmp = np.empty(d.shape)
-        kk = keys[o0:o1]
-        for i in range(3):  # out_i = (T_i0 x + T_i1 y + T_i2) d + T_i3, then float32, then the voxel key
-            v = np.multiply(xg, Tg[:, i, 0, None, None], out=tmp)
-            v += yg * Tg[:, i, 1, None, None]
-            v += Tg[:, i, 2, None, None]
-            v *= d
-            v += Tg[:, i, 3, None, None]
-            v = v.reshape(-1)
-            if sel is not None:
-                v = v[sel]
-            xi = xyz[i, o0:o1]
-            xi[...] = v.astype(np.float32)
-            c = xi / voxel_size  # as packed_voxel_keys on the float32 coordinates
-            np.floor(c, out=c)
-            if not (c.min() >= -_KOFF and c.max() < _KOFF):
-                raise ValueError("voxel coordinates out of the packable range (+-2^20 voxels per axis); "
-                                 "increase voxel_size or check the points")
-            c += _KOFF
-            ci = c.astype(np.int64)
-            if i < 2:
-                ci <<= (2 - i) * _KB
-            if i == 0:
-                kk[...] = ci
-            else:
-                kk |= ci
-        im = images[a:b, ::st, ::st]
-        for ch in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
-            x = im[..., ch].reshape(-1)
-            rgb[ch, o0:o1] = x if sel is None else x[sel]
-        lb = labels[a:b, ::st, ::st].reshape(-1)
-        if sel is not None:
-            lb = lb[sel]
-        lb = np.maximum(lb, 0)
-        if low is not None:  # label k -> 0 when its score is low; labels past the scores follow the last one
-            lut = np.arange(int(lb.max()) + 1, dtype=np.int64)
-            lut[low[np.minimum(lut, len(scores))]] = 0
-            lb = lut[lb]
-        lab[o0:o1] = lb
-
-    run([lambda a=a, b=b, p=p, o0=int(offs[i]), o1=int(offs[i + 1]): fill(a, b, p[0], p[1], o0, o1)
-         for i, ((a, b), p) in enumerate(zip(groups, preps))])
-    return xyz, rgb, lab, keys
+    It is ``geometry.clouds.lift_prediction_arrays`` with the coordinate-row layout (rows that
+    ``np.bincount`` takes without a conversion) and the voxel keys, which that function computes per block
+    of views while the points are in cache (a separate pass over a window's points costs more on the
+    node's latency path). ``run``/``parts``: the views are cut into ``parts`` groups that ``run`` (a
+    callable running a list of thunks, e.g. on threads) does side by side; the output is the same."""
+    return lift_prediction_arrays(pred, T_map_window, conf_threshold, conf_mode, min_score,
+                                  pixel_stride=pixel_stride, min_depth=min_depth, layout="rows",
+                                  voxel_size=voxel_size, run=run, parts=parts)
 
 
 def _rigid_in_map(T_cam_world: np.ndarray, T_map_world: np.ndarray) -> np.ndarray:
