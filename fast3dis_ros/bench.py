@@ -50,29 +50,35 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fast3dis_ros.bench_profile import flop_count, floor_ms
+from fast3dis_ros.bench_profile import flop_count, floor_ms, measured_floor_ms, measured_rates
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def vit_flops(backbone, views: int, height: int, width: int, shared_split: int | None) -> float:
-    """FLOPs of the DA3 ViT trunk for one window (B=1). ``shared_split``: blocks >= it run twice."""
+def vit_flops_parts(backbone, views: int, height: int, width: int, shared_split: int | None) -> dict[str, float]:
+    """FLOPs of the DA3 ViT trunk for one window (B=1) by kind: ``linear`` (the GEMMs), ``attn_global``
+    (all views' tokens in one sequence) and ``attn_local`` (one sequence per view). The kinds run at
+    different kernel rates, which the measured-rate floor needs. ``shared_split``: blocks >= it run twice."""
     vit = backbone.vit
     D = vit.embed_dim
     N = (height // 14) * (width // 14) + 1 + vit.num_register_tokens
     last = max(backbone.out_layers) + 1
-    total = 0.0
+    parts = {"linear": 0.0, "attn_global": 0.0, "attn_local": 0.0}
     for i in range(last):
         blk = vit.blocks[i]
         params = sum(p.numel() for n, p in blk.named_parameters() if n.endswith("weight") and p.dim() == 2 and "lora_" not in n)
-        lin = 2.0 * params * views * N
-        if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1:
-            att = 4.0 * (views * N) ** 2 * D
-        else:
-            att = 4.0 * views * N * N * D
         reps = 2 if shared_split is not None and i >= shared_split else 1
-        total += reps * (lin + att)
-    return total
+        parts["linear"] += reps * 2.0 * params * views * N
+        if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1:
+            parts["attn_global"] += reps * 4.0 * (views * N) ** 2 * D
+        else:
+            parts["attn_local"] += reps * 4.0 * views * N * N * D
+    return parts
+
+
+def vit_flops(backbone, views: int, height: int, width: int, shared_split: int | None) -> float:
+    """FLOPs of the DA3 ViT trunk for one window (B=1). ``shared_split``: blocks >= it run twice."""
+    return sum(vit_flops_parts(backbone, views, height, width, shared_split).values())
 
 
 def _sync(device: torch.device) -> None:
@@ -237,6 +243,9 @@ def _f(v, nd=1):
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+#: the measured-rate floor times global attention over all tokens: cheap up to here, seconds beyond
+MEASURED_FLOOR_MAX_VIEWS = 64
+
 SUITES = {
     # views, warmup, iters; big views: warmup 1 iters 1, plain DA3 + backbone-only skipped; baseline views
     "gpu": dict(size="large", dtype="bf16", height=378, width=504, views=[8, 16, 32, 50, 64, 128], warmup=2,
@@ -290,6 +299,15 @@ def targets(result: dict) -> list[dict]:
                             f"{result['peak_tflops']} TFLOP/s", "floor_ms": floor8,
                     "ms": best8["fast3dis_ms"] if best8 else None, "mode": best8.get("mode") if best8 else None,
                     "all_8v_ms": {r.get("mode", "?"): r["fast3dis_ms"] for r in r8s},
+                    "note": "" if gpu else na}))
+    mfloor = [r["floor_measured_fast3dis_ms"] for r in r8s if isinstance(r.get("floor_measured_fast3dis_ms"), float)]
+    xm8 = best8["fast3dis_ms"] / mfloor[0] if best8 and mfloor else "not run"
+    out.append(row("f3d_8v_vs_measured_floor", xm8, "x floor", "<= 1.5x" + g_, 1.5 if gpu else None,
+                   {"what": "FAST3DIS forward at 8 views (fastest mode) / the same whole-forward FLOPs at the rates "
+                            "this device's GEMM, attention and convolution kernels reach on the window's shapes "
+                            "(bench_profile.measured_rates, same run)",
+                    "floor_ms": mfloor[0] if mfloor else None, "ms": best8["fast3dis_ms"] if best8 else None,
+                    "rates_tflops": next((r.get("measured_tflops") for r in r8s if r.get("measured_tflops")), None),
                     "note": "" if gpu else na}))
     for b in result.get("baseline_rows", []):
         f3d = b.get("forward_ms")
@@ -482,11 +500,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cuda":
         print(f"# gpu: {torch.cuda.get_device_name(device)}")
-    hdr = f"{'views':>5} {'da3_ms':>9} {'f3d_ms':>9} {'bb_ms':>9} {'ratio':>6} {'da3_GiB':>8} {'f3d_GiB':>8} {'floor_da3':>9} {'floor_f3d':>9} {'full_da3':>9} {'full_f3d':>9} {'mode':>6}"
+    hdr = f"{'views':>5} {'da3_ms':>9} {'f3d_ms':>9} {'bb_ms':>9} {'ratio':>6} {'da3_GiB':>8} {'f3d_GiB':>8} {'floor_da3':>9} {'floor_f3d':>9} {'full_da3':>9} {'full_f3d':>9} {'mfl_f3d':>8} {'mode':>6}"
     print(hdr, flush=True)
     plan = [(V, args.warmup, args.iters, False) for V in args.views] + [(V, 1, 1, True) for V in args.big_views]
     skipped_plain_big = []
     plain_on_device = True
+    rates_cache: dict[int, dict[str, float]] = {}
+
+    def rates_at(V: int) -> dict[str, float]:
+        """This device's measured kernel rates on a ``V``-view window's shapes (for the measured-rate floor)."""
+        if V not in rates_cache:
+            vit = model.backbone.vit
+            head = model.backbone.net.head
+            conv_ch = next(m for m in head.scratch.refinenet1.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+            tokens = (args.height // 14) * (args.width // 14) + 1 + vit.num_register_tokens
+            rates_cache[V] = measured_rates(device, dtype, V, tokens, vit.embed_dim, vit.blocks[0].attn.num_heads,
+                                            (4 * args.height // 14, 4 * args.width // 14), conv_ch,
+                                            iters=10 if device.type == "cuda" else 3)
+        return rates_cache[V]
+
     def uses_graphs(V: int) -> bool:
         return args.cuda_graphs and device.type == "cuda" and V <= args.graph_max_views
 
@@ -545,12 +577,21 @@ def main(argv: list[str] | None = None) -> int:
                 flops_a = flop_count(runner(plain_call, x, False))["total"]
         full_a = floor_ms(flops_a, args.peak_tflops) if isinstance(flops_a, float) else "n/a"
         full_b = floor_ms(flops_b, args.peak_tflops) if isinstance(flops_b, float) else "n/a"
+        mfloor_a = mfloor_b = "n/a"  # the same FLOPs at the rates this device's kernels reach on these shapes
+        if isinstance(flops_b, float) and V <= MEASURED_FLOOR_MAX_VIEWS:
+            rates = rates_at(V)
+            mfloor_b = measured_floor_ms(flops_b, vit_flops_parts(model.backbone, V, args.height, args.width, split), rates)
+            if isinstance(flops_a, float):
+                mfloor_a = measured_floor_ms(flops_a, vit_flops_parts(model.backbone, V, args.height, args.width, None),
+                                             rates)
         row = {
             "views": V, "da3_ms": a["ms"], "fast3dis_ms": b["ms"], "backbone_ms": c["ms"], "ratio": ratio,
             "da3_peak_gib": a["peak_gib"], "fast3dis_peak_gib": b["peak_gib"],
             "floor_da3_ms": fl_a, "floor_fast3dis_ms": fl_b, "warmup": warmup, "iters": iters,
             "flops_da3": flops_a, "flops_fast3dis": flops_b, "floor_full_da3_ms": full_a,
-            "floor_full_fast3dis_ms": full_b, "cuda_graphs": graphs, "mode": label,
+            "floor_full_fast3dis_ms": full_b, "floor_measured_da3_ms": mfloor_a, "floor_measured_fast3dis_ms": mfloor_b,
+            "measured_tflops": rates_cache.get(V) if isinstance(mfloor_b, float) else None,
+            "cuda_graphs": graphs, "mode": label,
             "fast3dis_times_ms": b.get("times_ms"), "plain_weights_on_device": plain_on_device,
         }
         for k, m in (("da3", a), ("fast3dis", b)):
@@ -563,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{V:>5} {_f(a['ms']):>9} {_f(b['ms']):>9} {_f(c['ms']):>9} {_f(ratio, 2):>6} {_f(a['peak_gib'], 2):>8} "
             f"{_f(b['peak_gib'], 2):>8} {_f(fl_a, 2):>9} {_f(fl_b, 2):>9} {_f(full_a, 2):>9} {_f(full_b, 2):>9} "
-            f"{label:>6}",
+            f"{_f(mfloor_b, 2):>8} {label:>6}",
             flush=True,
         )
         del x

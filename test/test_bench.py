@@ -42,8 +42,13 @@ def test_bench_cli_baseline_tiny(tmp_path):
     res = json.loads(out.read_text())
     assert [r["views"] for r in res["rows"]] == [2]
     r = res["rows"][0]
-    for k in ("da3_ms", "fast3dis_ms", "backbone_ms", "ratio", "floor_da3_ms", "floor_fast3dis_ms"):
+    for k in ("da3_ms", "fast3dis_ms", "backbone_ms", "ratio", "floor_da3_ms", "floor_fast3dis_ms",
+              "floor_measured_da3_ms", "floor_measured_fast3dis_ms"):
         assert _pos(r[k]), (k, r[k])
+    assert set(r["measured_tflops"]) == {"linear", "attn_global", "attn_local", "conv"}
+    assert all(_pos(v) for v in r["measured_tflops"].values())
+    # the same FLOPs at measured (below-peak) rates cost more time than at the spec-sheet peak
+    assert r["floor_measured_fast3dis_ms"] > r["floor_full_fast3dis_ms"]
     assert [b["views"] for b in res["baseline_rows"]] == [2]
     b = res["baseline_rows"][0]
     for k in ("forward_ms", "cluster_ms", "total_s", "cluster_rss_peak_gib"):
@@ -106,10 +111,49 @@ def test_bench_suite_targets_rows():
     assert t["f3d_350v_time"]["measured"] == pytest.approx(35.0) and t["f3d_350v_time"]["pass"] is False
     assert t["f3d_350v_memory"]["measured"] == pytest.approx(35.0) and t["f3d_350v_memory"]["pass"] is True
     assert t["f3d_8v_vs_floor"]["measured"] == pytest.approx(10.0) and t["f3d_8v_vs_floor"]["pass"] is False
+    assert t["f3d_8v_vs_measured_floor"]["measured"] == "not run"
+    rows[0]["floor_measured_fast3dis_ms"] = 600.0  # 800 ms at 8 views -> 1.33x the measured-rate floor
+    t = {r["name"]: r for r in targets(res)}
+    assert t["f3d_8v_vs_measured_floor"]["measured"] == pytest.approx(800 / 600)
+    assert t["f3d_8v_vs_measured_floor"]["pass"] is True
     assert t["hdbscan_8v_total"]["detail"]["x_fast3dis"] == pytest.approx(5800 / 800)
     res["device"] = "cpu"
     t = {r["name"]: r for r in targets(res)}
     assert t["f3d_50v_time"]["pass"] is None and "(GPU)" in t["f3d_50v_time"]["target"]
+
+
+def test_measured_floor_sums_each_kind_at_its_rate():
+    """Floor = each ViT kind's FLOPs at its own rate + the rest (heads) at the convolution rate."""
+    from fast3dis_ros.bench_profile import measured_floor_ms
+
+    parts = {"linear": 6e12, "attn_global": 4e12, "attn_local": 1e12}
+    rates = {"linear": 600.0, "attn_global": 400.0, "attn_local": 250.0, "conv": 500.0}
+    # 10 + 10 + 4 ms for the ViT, 3e12 rest FLOPs at 500 TFLOP/s = 6 ms
+    assert measured_floor_ms(14e12, parts, rates) == pytest.approx(30.0)
+    assert measured_floor_ms(11e12, parts, rates) == pytest.approx(24.0)  # nothing outside the ViT
+
+
+def test_vit_flops_parts_global_and_local_attention():
+    """DA3-tiny at 4 views: blocks >= alt_start alternate local (even) / global (odd) attention; blocks at or
+    past the LoRA split run twice."""
+    from fast3dis_ros.bench import vit_flops, vit_flops_parts
+    from fast3dis_ros.model.config import Fast3disConfig
+    from fast3dis_ros.model.fast3dis import Fast3DIS
+
+    bb = Fast3DIS(Fast3disConfig.tiny()).backbone
+    vit, V, H, W = bb.vit, 4, 56, 70
+    N = (H // 14) * (W // 14) + 1 + vit.num_register_tokens
+    D = vit.embed_dim
+    last = max(bb.out_layers) + 1
+    glob = [i for i in range(last) if i >= vit.alt_start and i % 2 == 1]
+    p1 = vit_flops_parts(bb, V, H, W, None)
+    assert p1["attn_global"] == pytest.approx(len(glob) * 4.0 * (V * N) ** 2 * D)
+    assert p1["attn_local"] == pytest.approx((last - len(glob)) * 4.0 * V * N * N * D)
+    assert p1["linear"] == pytest.approx(last * 2.0 * 12 * D * D * V * N)  # qkv 3, proj 1, fc1 4, fc2 4 (x D^2)
+    p2 = vit_flops_parts(bb, V, H, W, bb.lora_start)
+    twice_glob = [i for i in glob if i >= bb.lora_start]
+    assert p2["attn_global"] == pytest.approx((len(glob) + len(twice_glob)) * 4.0 * (V * N) ** 2 * D)
+    assert vit_flops(bb, V, H, W, bb.lora_start) == pytest.approx(sum(p2.values()))
 
 
 def test_bench_suite_gpu_needs_cuda(capsys):

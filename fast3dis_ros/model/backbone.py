@@ -295,10 +295,6 @@ class DA3Backbone(nn.Module):
         # caller's autocast (bf16: faster on tensor cores, geometry no longer bit-identical to DA3).
         self.head_autocast = False
         self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
-        # None: DA3's numerics (fp32 residual stream, blocks under the caller's autocast). A dtype (bf16):
-        # the ViT blocks' weights and residual stream in that dtype, autocast off inside the blocks
-        # (set_trunk_dtype; fast path only, outputs move further from DA3's).
-        self.trunk_dtype: torch.dtype | None = None
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
@@ -393,17 +389,6 @@ class DA3Backbone(nn.Module):
             blk.compile(mode=mode, dynamic=False)
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
-
-    def set_trunk_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the ViT blocks with weights and residual stream in ``dtype`` (e.g. bf16), autocast off.
-
-        Why: under autocast DA3's LayerNorms return fp32 and its residual stream stays fp32, so every
-        block reads and writes fp32 activations around bf16 GEMMs and casts in between. In ``dtype``
-        the whole block moves half the bytes. Inference only; numerics leave DA3's (LayerNorm output
-        and residual adds rounded to bf16), measured by ``fast3dis-bench``'s deviation line.
-        """
-        self.trunk_dtype = dtype
-        self.vit.blocks.to(dtype if dtype is not None else torch.float32)
 
     def merge_lora_for_inference(self) -> None:
         """Fold each LoRA adapter into a second copy of its weight: pass 2 then runs one GEMM per linear
@@ -503,15 +488,6 @@ class DA3Backbone(nn.Module):
 
     def _run_blocks(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
         """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state."""
-        if self.trunk_dtype is None or st.next_block >= end:
-            return self._run_blocks_impl(st, end, ref_view_strategy, b_idx)
-        dt = self.trunk_dtype
-        st = replace(st, x=st.x.to(dt), local_x=None if st.local_x is None else st.local_x.to(dt),
-                     cam_token=None if st.cam_token is None else st.cam_token.to(dt))
-        with autocast_off(st.x.device.type):
-            return self._run_blocks_impl(st, end, ref_view_strategy, b_idx)
-
-    def _run_blocks_impl(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
         vit = self.vit
         x, local_x, taps = st.x, st.local_x, dict(st.taps)
         ref_idx = st.b_idx  # set once DA3 has reordered the views (its `'b_idx' in locals()`)

@@ -82,8 +82,7 @@ class Fast3DIS(nn.Module):
 
     # ------------------------------------------------------------------ speed
     def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
-                              dpt_bf16: bool = True, trunk_dtype: torch.dtype | None = None,
-                              mode: str | None = None) -> None:
+                              dpt_bf16: bool = True) -> None:
         """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
         DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
         (one GEMM per linear in pass 2), ``torch.compile`` of
@@ -95,9 +94,9 @@ class Fast3DIS(nn.Module):
         if merge_lora:
             self.backbone.merge_lora_for_inference()
         if blocks:
-            self.backbone.compile_blocks(mode=mode)
+            self.backbone.compile_blocks()
         if head:
-            self.head.compile(mode=mode, dynamic=False)
+            self.head.compile(dynamic=False)
 
     # ------------------------------------------------------------------ forward
     def forward(
