@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw
 from fast3dis_ros.train.geometry_losses import (
     GeometryLoss,
     depth_loss,
@@ -26,16 +27,10 @@ H, W = 42, 56
 
 
 def _rand_rot(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 3) float32 uniform random rotations from Gaussian quaternions, read as (w, x, y, z)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    R = torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ], -1).reshape(n, 3, 3)
-    return R.float()
+    q_wxyz = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return torch.from_numpy(matrix_from_quat_xyzw(q_wxyz[:, [1, 2, 3, 0]].numpy())).float()
 
 
 def _geo_batch(B=2, V=3, h=14, w=14, seed=0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cameras import camera_center
+from .rotations import nearest_rotation
 
 __all__ = [
     "umeyama",
@@ -48,19 +49,11 @@ def sim3_inverse(T: np.ndarray) -> np.ndarray:
     return out
 
 
-def _proper(U: np.ndarray, Vt: np.ndarray) -> np.ndarray:
-    D = np.eye(3)
-    D[2, 2] = np.sign(np.linalg.det(U @ Vt)) or 1.0
-    return U @ D @ Vt
-
-
 def rotation_mean(Rs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Chordal L2 mean of rotations (N, 3, 3): projection of their (weighted) sum onto SO(3)."""
     Rs = np.asarray(Rs, dtype=np.float64).reshape(-1, 3, 3)
     w = np.ones(len(Rs)) if weights is None else np.asarray(weights, dtype=np.float64)
-    M = np.einsum("n,nij->ij", w, Rs)
-    U, _, Vt = np.linalg.svd(M)
-    return _proper(U, Vt)
+    return nearest_rotation(np.einsum("n,nij->ij", w, Rs))
 
 
 def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> float:
@@ -96,6 +89,7 @@ def umeyama(
     xs = src - mu_s
     xd = dst - mu_d
     cov = (xd * w[:, None]).T @ xs  # (3, 3) = sum w d s^T
+    # Not nearest_rotation(cov): the scale below needs the singular values S with the same sign fix D.
     U, S, Vt = np.linalg.svd(cov)
     D = np.eye(3)
     if np.linalg.det(U) * np.linalg.det(Vt) < 0:
