@@ -152,6 +152,101 @@ def test_pooled_ap_matches_evaluator_and_bootstrap_is_a_repooling():
     assert boot["AP"][1] == pytest.approx(ev2.compute()["AP"], abs=1e-12)
 
 
+# ---------------------------------------------------------------------------------- scene rendering
+def test_render_device_auto_is_the_gpu_only_when_training_on_cuda(monkeypatch):
+    from fast3dis_ros.train.lora_split_study import build_parser, resolve_render_device
+
+    assert build_parser().parse_args(["--out", "x"]).render_device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_render_device("auto", "auto") == "cuda"
+    assert resolve_render_device("auto", "cuda:1") == "cuda:1"
+    assert resolve_render_device("auto", "cpu") == "cpu"
+    assert resolve_render_device("cpu", "cuda") == "cpu"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_render_device("auto", "auto") == "cpu"
+
+
+def test_prepare_cache_renders_on_the_gpu_and_falls_back_to_cpu_processes(monkeypatch, tmp_path):
+    from fast3dis_ros.train import lora_split_study as S
+    from fast3dis_ros.train import train as T
+
+    calls = []
+
+    def fake_check(seeds, *, device, workers, cache, keep, **kw):  # make_synthetic_scenes
+        calls.append(("processes" if workers else "check", device, workers, len(seeds)))
+        assert not keep and cache == str(tmp_path)
+        return [None] * len(seeds)
+
+    def fake_gpu(seeds, cache, *, device, write_threads, **kw):  # render_in_process
+        calls.append(("in process", device, write_threads, len(seeds)))
+        if fail:
+            raise RuntimeError("CUDA error: out of memory\nmore")
+        return len(seeds)
+
+    monkeypatch.setattr(T, "make_synthetic_scenes", fake_check)
+    monkeypatch.setattr(S, "render_in_process", fake_gpu)
+    argv = ["--out", "x", "--scenes", "3", "--val-seeds", "900000-900001", "--test-seeds", "930000",
+            "--gen-workers", "5", "--render-device", "cuda"]
+    (tmp_path / "scene_0001001").mkdir()
+    (tmp_path / "scene_0001001" / "scene.json").write_text("{}")
+    fail = False
+    args = S.build_parser().parse_args(argv)
+    info = S.prepare_cache(args, tmp_path, 0.0)
+    # on the GPU: this process renders (5 write threads), then the trainings' cache check; training scenes first
+    assert calls == [("in process", "cuda", 5, 3), ("check", "cuda", 0, 3)] * 2 and args.render_device == "cuda"
+    assert info["device"] == "cuda" and "fallback" not in info
+    assert (info["scenes"], info["found_in_cache"]) == (6, 1)
+    calls.clear()
+    fail = True
+    args = S.build_parser().parse_args(argv)
+    info = S.prepare_cache(args, tmp_path, 0.0)
+    # the GPU fails on the first batch: everything again with the CPU processes, and the runs use the CPU
+    assert calls == [("in process", "cuda", 5, 3), ("processes", "cpu", 5, 3), ("processes", "cpu", 5, 3)]
+    assert args.render_device == "cpu" and info["device"] == "cpu" and info["requested"] == "cuda"
+    assert info["fallback"] == "RuntimeError: CUDA error: out of memory"
+
+
+def test_render_in_process_writes_what_the_trainings_render(tmp_path):
+    """The in-process renderer (here on the CPU, a stand-in for the GPU) caches the very scenes that
+    ``make_synthetic_scenes`` renders on that device, and skips the ones already cached."""
+    from fast3dis_ros.data.synthetic import load_dataset
+    from fast3dis_ros.train.lora_split_study import render_in_process
+    from fast3dis_ros.train.train import make_synthetic_scenes
+
+    kw = dict(cameras=2, frames=2, height=H, width=W, n_objects=3)
+    assert render_in_process([7, 8], tmp_path, device="cpu", write_threads=2, **kw) == 2
+    assert render_in_process([7, 8, 9], tmp_path, device="cpu", write_threads=2, **kw) == 1
+    ref = make_synthetic_scenes([8], device="cpu", **kw)[0]
+    got = load_dataset(tmp_path / "scene_0000008")
+    assert got.config.to_dict() == ref.config.to_dict()
+    for fa, fb in zip(got.frames, ref.frames, strict=True):
+        for a, b in zip(fa, fb, strict=True):
+            assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.depth, b.depth)
+            assert np.array_equal(a.instance, b.instance)
+    # the trainings' cache check accepts the folders: nothing is rendered again
+    before = (tmp_path / "scene_0000008" / "scene.json").stat().st_mtime_ns
+    make_synthetic_scenes([7, 8, 9], cache=str(tmp_path), keep=False, device="cpu", **kw)
+    assert (tmp_path / "scene_0000008" / "scene.json").stat().st_mtime_ns == before
+
+
+def test_a_rerun_in_the_same_folder_starts_without_the_previous_outputs(tmp_path):
+    """Run B reused run A's --work: its progress lines showed run A's last step until the loop started."""
+    import sys
+
+    from fast3dis_ros.train.lora_split_study import RUN_OUTPUTS, Run, _launch, _progress
+
+    run = Run(split=0, seed=0, dir=tmp_path, argv=[sys.executable, "-c", "pass"])
+    (tmp_path / "train_log.jsonl").write_text('{"step": 646, "loss": 7.7, "time_s": 0.15}\n')
+    for name in RUN_OUTPUTS[1:]:
+        (tmp_path / name).write_text("stale")
+    (tmp_path / "cache").mkdir()  # anything else stays
+    _launch(run, {})
+    assert run.proc.wait(timeout=60) == 0
+    run.log.close()
+    assert not any((tmp_path / n).exists() for n in RUN_OUTPUTS) and (tmp_path / "cache").is_dir()
+    assert _progress([run], 600) == "split0_seed0: starting"
+
+
 # ---------------------------------------------------------------------------------- the study
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
@@ -190,6 +285,10 @@ def test_study_runs_both_splits_and_compares_costs(study):
         assert r["ms_per_step"] > 0 and r["wall_s"] > 0
     assert "delta_vs_ref" in runs[5]["test"] and "delta_vs_ref" not in runs[0]["test"]
     assert not res["warnings"]
+    # --device cpu: the scenes were rendered on the CPU, and the trainings were told so
+    assert res["render"]["device"] == "cpu" and res["render"]["scenes"] == 1 + 1 + 3
+    assert res["config"]["render_device"] == "cpu"
+    assert all("--render-device cpu" in r["train_command"] for r in runs.values())
 
 
 def test_study_writes_json_markdown_png_and_logs(study):
@@ -203,6 +302,7 @@ def test_study_writes_json_markdown_png_and_logs(study):
     rows = [l for l in md.splitlines() if l.startswith("| 0 ") or l.startswith("| 5 ")]
     ratio = res["runs"][1]["cost"]["flops_rel_split0"]
     assert len(rows) == 2 and "| 5 | 5 | 5/6 |" in md and f"({ratio:.2f}x split 0, " in md
+    assert "- scenes: 5, 0 of them found in the cache, the rest rendered on cpu in " in md
     for png in ("lora_split_ap.png", "lora_split_loss.png"):
         b = (out / png).read_bytes()
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 5000, png

@@ -15,7 +15,10 @@ Usage (GPU, one H100, ~6-7 min for the defaults; see docs/training/lora_split.md
 
 Steps:
 
-1. render the training / validation / test scenes once into ``--cache`` (CPU processes; reused when present),
+1. render the training / validation / test scenes once into ``--cache`` (reused when present): on the GPU
+   when the study trains on one (``--render-device auto``; the bundled training renders the 512 training
+   scenes in 23 s on an H100, docs/training/run2, plus the cache writes here, done in threads), else, or
+   if the GPU fails, with ``--gen-workers`` CPU processes (163 s with 14 on the H100 host),
 2. one ``fast3dis_ros.train.train`` process per (split, seed), all at once on one GPU with ``--parallel``
    (the tiny model leaves the GPU mostly idle, so three runs take little more than one), progress
    printed every ``--progress-every`` seconds from their ``train_log.jsonl``,
@@ -94,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--parallel", action="store_true", help="run all trainings at once (one GPU)")
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers per run (-1: from CPU count)")
-    p.add_argument("--render-device", default="cpu", help="scene renderer device for the cache")
+    p.add_argument("--render-device", default="auto",
+                   help="scene renderer device for the cache (auto: the GPU if --device resolves to CUDA, else "
+                        "the CPU; a GPU that fails falls back to the CPU). GPU and CPU renders of a seed are "
+                        "not bit-identical")
     p.add_argument("--gen-workers", type=int, default=-1, help="CPU render processes (-1: CPU count - 2)")
     p.add_argument("--deadline-s", type=float, default=0.0, help="wall-time budget of the whole study (0: none)")
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
@@ -138,18 +144,99 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> None:
-    """Render every scene the runs and the scoring need once (runs load them from ``cache``)."""
+def resolve_render_device(render_device: str, device: str) -> str:
+    """``--render-device auto``: the training GPU when ``--device`` resolves to CUDA, else the CPU."""
+    if render_device != "auto":
+        return render_device
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda" if device == "auto" else (device if device.startswith("cuda") else "cpu")
+
+
+def render_in_process(seeds: Sequence[int], cache: Path, *, device: str, frames: int, cameras: int, height: int,
+                      width: int, n_objects: int, write_threads: int) -> int:
+    """Render the scenes of ``seeds`` that ``cache`` lacks on ``device`` in this process, one after another
+    (as the training's own GPU render: same config, so the same pixels), while ``write_threads`` threads
+    write the finished ones (``np.savez_compressed``'s zlib releases the GIL; writing one scene costs
+    ~0.1 s of CPU, more than its GPU render). ``scene.json`` is written last, so a folder without it is
+    rendered again. Returns the number rendered."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, write_dataset
+
+    cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
+                      device=device)
+    todo = [int(s) for s in seeds if not (cache / f"scene_{int(s):07d}" / "scene.json").is_file()]
+    with ThreadPoolExecutor(max_workers=max(1, write_threads)) as ex:
+        pending: list[Future] = []
+        for s in todo:
+            pending.append(ex.submit(write_dataset, generate_scene(cfg, seed=s), cache / f"scene_{s:07d}"))
+            while len(pending) > 4 * max(1, write_threads):  # bound the scenes held in memory
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
+    return len(todo)
+
+
+def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> dict[str, Any]:
+    """Render every scene the runs and the scoring need once (runs load them from ``cache``).
+
+    On the CPU: ``--gen-workers`` processes. On a GPU: ``render_in_process``, then the same cache check as
+    the trainings' (``make_synthetic_scenes``: a cached scene of another size/config is rendered again).
+    When the GPU raises (a CUDA error, out of memory), the rest is rendered by the CPU processes (scenes
+    already cached stay) and ``args.render_device`` becomes ``cpu`` for the trainings and the scoring.
+    Returns the figures of the report's ``render``."""
     from fast3dis_ros.train.train import make_synthetic_scenes
 
     workers = args.gen_workers if args.gen_workers >= 0 else max(0, _cpu_count() - 2)
-    common = dict(cameras=args.cameras, height=args.height, width=args.width, n_objects=args.objects,
-                  device=args.render_device, cache=str(cache), workers=workers, keep=False)
-    make_synthetic_scenes(range(args.scene_seed, args.scene_seed + args.scenes), frames=args.scene_frames,
-                          desc="cache train", **common)
-    make_synthetic_scenes(_parse_seeds(args.val_seeds) + _parse_seeds(args.test_seeds), frames=args.frames,
-                          desc="cache val+test", **common)
-    _log(t0, f"scene cache ready: {cache}")
+    jobs = [(list(range(args.scene_seed, args.scene_seed + args.scenes)), args.scene_frames, "cache train"),
+            (_parse_seeds(args.val_seeds) + _parse_seeds(args.test_seeds), args.frames, "cache val+test")]
+    n_all = sum(len(seeds) for seeds, _, _ in jobs)
+    n_cached = sum((cache / f"scene_{s:07d}" / "scene.json").is_file() for seeds, _, _ in jobs for s in seeds)
+    common = dict(cameras=args.cameras, height=args.height, width=args.width, n_objects=args.objects)
+
+    def render(device: str) -> None:
+        for seeds, frames, desc in jobs:
+            if device != "cpu":
+                ts = time.perf_counter()
+                n = render_in_process(seeds, cache, device=device, frames=frames,
+                                      write_threads=max(1, min(8, workers)), **common)
+                print(f"[lora-split] {desc}: rendered {n} of {len(seeds)} scenes on {device} in "
+                      f"{time.perf_counter() - ts:.1f}s", flush=True)
+            make_synthetic_scenes(seeds, frames=frames, device=device, cache=str(cache),
+                                  workers=workers if device == "cpu" else 0,
+                                  desc=f"{desc} ({'check' if device != 'cpu' else 'render'})", keep=False, **common)
+
+    requested = args.render_device
+    info: dict[str, Any] = {"requested": requested, "scenes": n_all, "found_in_cache": n_cached}
+    ts = time.perf_counter()
+    if requested == "cpu":
+        render("cpu")
+    else:
+        import torch
+
+        try:
+            render(requested)
+        except RuntimeError as e:  # CUDA errors, torch.cuda.OutOfMemoryError
+            info["fallback"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _log(t0, f"rendering on {requested} failed ({info['fallback']}); rendering the rest on the CPU "
+                     f"({workers} processes)")
+            args.render_device = "cpu"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            render("cpu")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the renderer's buffers: the trainings need the memory
+    info["device"] = args.render_device
+    info["s"] = time.perf_counter() - ts
+    _log(t0, f"scene cache ready: {cache} ({n_all} scenes, {n_cached} found in the cache, the rest rendered on "
+             f"{info['device']} in {info['s']:.0f}s)")
+    return info
 
 
 def train_argv(args: argparse.Namespace, split: int, seed: int, out: Path, cache: Path, workers: int,
@@ -216,8 +303,16 @@ def _progress(runs: Sequence[Run], steps: int) -> str:
     return " | ".join(parts)
 
 
+#: outputs of a training in its folder: a rerun in the same --work deletes the previous run's before it
+#: starts, so neither the progress lines nor the report can read a stale log or checkpoint
+RUN_OUTPUTS = ("train_log.jsonl", "val_log.jsonl", "train_summary.json", "model.safetensors", "train_state.pt",
+               "loss_curve.png")
+
+
 def _launch(run: Run, env: dict[str, str]) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        (run.dir / name).unlink(missing_ok=True)
     run.log = open(run.dir / "train_stdout.log", "w")
     run.log.write("$ " + shlex.join(run.argv) + "\n")
     run.log.flush()
@@ -422,7 +517,8 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     f"trainable, {costs[s]['flops_rel_split0']:.2f}x split-0 trunk FLOPs"
                                     for s in splits))
 
-    prepare_cache(args, cache, t0)
+    args.render_device = resolve_render_device(args.render_device, args.device)
+    render = prepare_cache(args, cache, t0)
     runs = [Run(split=s, seed=sd, dir=work / f"split{s}_seed{sd}") for sd in seeds for s in splits]
     t_train = time.perf_counter()
     run_trainings(args, runs, cache, t0)
@@ -442,6 +538,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "host": {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                  "cpu_count": _cpu_count(), "torch": torch.__version__},
         "costs": {str(k): v for k, v in costs.items()},
+        "render": render,
         "runs": [], "warnings": [],
     }
     for r in runs:

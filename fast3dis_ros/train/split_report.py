@@ -91,6 +91,11 @@ def markdown(res: dict) -> str:
           "(fast3dis_ros.bench.vit_flops; LoRA GEMMs excluded)",
           f"- device: {res['host']['device']}; parallel trainings: {cfg['parallel']}; study wall time "
           f"{res['wall_s']:.0f} s", ""]
+    rd = res.get("render")
+    if rd:
+        md.insert(-1, f"- scenes: {rd['scenes']}, {rd['found_in_cache']} of them found in the cache, the rest "
+                      f"rendered on {rd['device']} in {rd['s']:.0f} s"
+                      + (f" (rendering on {rd['requested']} failed: {rd['fallback']})" if rd.get("fallback") else ""))
     if keys:
         md += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         md += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
