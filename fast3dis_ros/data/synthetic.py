@@ -22,9 +22,12 @@ CLI: ``fast3dis-synth --out DIR --scenes N --seed S --cameras 3 --frames 8 --wid
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +46,8 @@ __all__ = [
     "render_view",
     "write_dataset",
     "load_dataset",
+    "load_datasets",
+    "SceneLoadError",
     "render_preview_png",
     "benchmark_fps",
     "scene_frame_sets",
@@ -980,8 +985,24 @@ def generate_scene(cfg: SceneConfig | None = None, seed: int | None = None,
 # ----------------------------------------------------------------------------------------------------
 # Storage
 # ----------------------------------------------------------------------------------------------------
-def write_dataset(scene: SyntheticScene, folder: str | Path) -> Path:
-    """``folder/scene.json`` + ``folder/views/f{frame:04d}_{camera}.npz`` (rgb, depth, instance, K, T_world_cam)."""
+#: members of a view's ``.npz``, in the order :func:`write_dataset` writes them
+VIEW_ARRAYS = ("rgb", "depth", "instance", "K", "T_world_cam")
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], compresslevel: int) -> None:
+    """``np.savez_compressed`` with a zlib level (numpy always uses 6): the same zip of ``NAME.npy`` members."""
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+
+def write_dataset(scene: SyntheticScene, folder: str | Path, compresslevel: int = 1) -> Path:
+    """``folder/scene.json`` + ``folder/views/f{frame:04d}_{camera}.npz`` (rgb, depth, instance, K, T_world_cam).
+
+    The ``.npz`` files are what ``np.savez_compressed`` writes (``np.load`` reads them), at zlib level
+    ``compresslevel``: 1 (default) compresses a 196x140 view ~1.6x faster than numpy's 6 for ~6% more bytes,
+    and inflating costs the same. ``scene.json`` is written last: a folder without it is incomplete."""
     folder = Path(folder)
     (folder / "views").mkdir(parents=True, exist_ok=True)
     meta = {
@@ -997,14 +1018,62 @@ def write_dataset(scene: SyntheticScene, folder: str | Path) -> Path:
     }
     for fi, fr in enumerate(scene.frames):
         for v in fr:
-            np.savez_compressed(folder / "views" / f"f{fi:04d}_{v.camera}.npz", rgb=v.rgb, depth=v.depth,
-                                instance=v.instance, K=v.K, T_world_cam=v.T_world_cam)
+            _write_npz(folder / "views" / f"f{fi:04d}_{v.camera}.npz",
+                       {k: getattr(v, k) for k in VIEW_ARRAYS}, compresslevel)
     (folder / "scene.json").write_text(json.dumps(meta, indent=1))
     return folder
 
 
+class SceneLoadError(ValueError):
+    """A scene folder (``.folder``) could not be read; the message starts with the folder."""
+
+    def __init__(self, msg: str, folder: str | Path):
+        super().__init__(msg)
+        self.folder = Path(folder)
+
+
+#: parsed ``.npy`` headers (shape, fortran_order, dtype) by their bytes: all views of a scene share a few
+_NPY_HEADERS: dict[bytes, tuple] = {}
+
+
+def _npy_from_bytes(b: bytes) -> np.ndarray:
+    """The array of one ``.npy`` file's bytes, as ``np.load`` returns it (C order, owns its data, writable).
+
+    Fast path for the version 1/2 headers of plain C-order arrays (a memoised header, one ``frombuffer``
+    copy); anything else goes through ``np.lib.format.read_array`` like ``np.load``."""
+    if len(b) >= 12 and b[:6] == np.lib.format.MAGIC_PREFIX and b[6] in (1, 2):
+        end = 10 + int.from_bytes(b[8:10], "little") if b[6] == 1 else 12 + int.from_bytes(b[8:12], "little")
+        key = b[:end]
+        hdr = _NPY_HEADERS.get(key)
+        if hdr is None:
+            fp = io.BytesIO(key)
+            major, _ = np.lib.format.read_magic(fp)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            hdr = read(fp)  # (shape, fortran_order, dtype)
+            if len(_NPY_HEADERS) < 1024:
+                _NPY_HEADERS[key] = hdr
+        shape, fortran, dtype = hdr
+        if not fortran and not dtype.hasobject:
+            count = math.prod(shape)
+            if len(b) - end < count * dtype.itemsize:
+                raise ValueError(f"truncated .npy data: {len(b) - end} bytes for {shape} {dtype}")
+            if count == 0:
+                return np.empty(shape, dtype)
+            return np.frombuffer(b, dtype, count=count, offset=end).reshape(shape).copy()
+    return np.lib.format.read_array(io.BytesIO(b), allow_pickle=False)
+
+
+def _read_npz(path: Path, names: tuple[str, ...] = VIEW_ARRAYS) -> dict[str, np.ndarray]:
+    """``{name: np.load(path)[name]}``, bit for bit, at about half the CPU: one read of the file, one inflate
+    call per member (zlib releases the GIL: threads loading files run in parallel), cached header parsing.
+    The zip CRC of every member is checked (as ``np.load`` does)."""
+    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as zf:
+        return {n: _npy_from_bytes(zf.read(f"{n}.npy")) for n in names}
+
+
 def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
-    """Inverse of :func:`write_dataset` (bit-exact arrays)."""
+    """Inverse of :func:`write_dataset` (bit-exact arrays). A missing ``scene.json`` raises
+    ``FileNotFoundError``; a view that cannot be read raises :class:`SceneLoadError` naming folder and file."""
     folder = Path(folder)
     meta_path = folder / "scene.json"
     if not meta_path.is_file():
@@ -1016,9 +1085,11 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
         for fi, row in enumerate(meta["views"]):
             fr = []
             for cam, rel in zip(meta["camera_names"], row):
-                with np.load(folder / rel) as z:
-                    fr.append(RenderedView(camera=cam, frame_index=fi, rgb=z["rgb"], depth=z["depth"],
-                                           instance=z["instance"], K=z["K"], T_world_cam=z["T_world_cam"]))
+                try:
+                    z = _read_npz(folder / rel)
+                except Exception as e:
+                    raise SceneLoadError(f"{folder}: cannot read {rel}: {type(e).__name__}: {e}", folder) from e
+                fr.append(RenderedView(camera=cam, frame_index=fi, **z))
             frames.append(fr)
     return SyntheticScene(
         config=cfg, camera_names=list(meta["camera_names"]),
@@ -1027,6 +1098,41 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
         T_rig_cam={k: np.asarray(v) for k, v in meta["T_rig_cam"].items()},
         T_world_rig=[np.asarray(T) for T in meta["T_world_rig"]],
     )
+
+
+def default_load_threads(n: int | None = None) -> int:
+    """Threads for loading ``n`` scene folders: the CPUs this process may use, at most 16 (loading is
+    mostly zlib inflate, which runs without the GIL; the rest, ~20% of it, serialises)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cpus = os.cpu_count() or 1
+    t = max(1, min(16, cpus))
+    return t if n is None else max(1, min(t, n))
+
+
+def load_datasets(folders, load_views: bool = True, threads: int | None = None) -> list[SyntheticScene]:
+    """:func:`load_dataset` of every folder, in order, on ``threads`` threads (None: :func:`default_load_threads`).
+
+    The arrays equal a sequential load's bit for bit. The first failing folder (in ``folders`` order)
+    raises :class:`SceneLoadError` whose message starts with that folder."""
+    folders = [Path(f) for f in folders]
+
+    def one(folder: Path) -> SyntheticScene:
+        try:
+            return load_dataset(folder, load_views=load_views)
+        except SceneLoadError:
+            raise
+        except Exception as e:
+            raise SceneLoadError(f"{folder}: {type(e).__name__}: {e}", folder) from e
+
+    n = default_load_threads(len(folders)) if threads is None else max(1, min(int(threads), len(folders) or 1))
+    if n <= 1:
+        return [one(f) for f in folders]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="load_dataset") as ex:
+        return list(ex.map(one, folders))
 
 
 def scene_frame_sets(scene: SyntheticScene, start_ns: int = 1_700_000_000_000_000_000, rate_hz: float = 10.0,
