@@ -491,7 +491,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    rows = []
+    rows: list[dict] = []
+    profiles: list[dict] = []
+    baseline_rows: list[dict] = []
+
+    def save_partial(stage: str) -> None:
+        """Write what is measured so far to ``--json`` (``"partial": true``): a run killed by a time limit
+        (the lent GPU's 10-minute calls) still leaves its finished rows. The final write replaces it."""
+        if not args.json:
+            return
+        snap = {"partial": True, "stage": stage, "size": args.size, "device": str(device), "dtype": args.dtype,
+                "height": args.height, "width": args.width, "first_lora_block": split, "torch": torch.__version__,
+                "argv": list(sys.argv if argv is None else argv), "rows": rows, "profiles": profiles,
+                "baseline_rows": baseline_rows, "notes": notes,
+                "elapsed_s": time.perf_counter() - t_start}
+        with open(args.json, "w") as fh:
+            json.dump(snap, fh, indent=2, default=_json_default)
     notes: list[str] = []
     print(
         f"# fast3dis-bench size={args.size} device={device} dtype={args.dtype} {args.height}x{args.width} "
@@ -601,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in m:
                 row[k] = m["error"]
         rows.append(row)
+        save_partial(f"row {V} views {label}")
         print(
             f"{V:>5} {_f(a['ms']):>9} {_f(b['ms']):>9} {_f(c['ms']):>9} {_f(ratio, 2):>6} {_f(a['peak_gib'], 2):>8} "
             f"{_f(b['peak_gib'], 2):>8} {_f(fl_a, 2):>9} {_f(fl_b, 2):>9} {_f(full_a, 2):>9} {_f(full_b, 2):>9} "
@@ -629,7 +645,6 @@ def main(argv: list[str] | None = None) -> int:
             plain.to(device)
             plain_on_device = True
 
-    profiles = []
     if args.profile:
         plain_back_on_device()
     for V in args.profile:
@@ -649,12 +664,12 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{what}, {V} views, eager, {args.height}x{args.width} {args.dtype}"
             print(format_profile(title, prof, flops, args.peak_tflops), flush=True)
             profiles.append({"what": what, "views": V, "mode": "eager", **prof, "flops": flops})
+            save_partial(f"profile {what} {V} views")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         del x
 
-    baseline_rows = []
     if args.baseline:
         bviews = args.baseline_views or [r["views"] for r in rows]
         print(f"# HDBSCAN baseline (mask_features, max_points={args.baseline_max_points}); forward on {device}, "
@@ -671,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 b = {"views": V, "error": repr(e)[:500], "forward_ms": "error", "cluster_ms": "error",
                      "total_s": "error"}
             baseline_rows.append(b)
+            save_partial(f"baseline {V} views")
             print(f"{V:>5} {_f(b.get('forward_ms')):>9} {_f(b.get('to_host_ms')):>8} {_f(b.get('cluster_ms')):>9} "
                   f"{_f(b.get('total_s'), 2):>8} {_f(b.get('forward_peak_gib'), 2):>8} "
                   f"{_f(b.get('cluster_rss_peak_gib'), 2):>8} {str(b.get('n_points')):>9} "

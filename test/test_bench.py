@@ -162,3 +162,31 @@ def test_bench_suite_gpu_needs_cuda(capsys):
     with pytest.raises(SystemExit):
         main(["--suite", "gpu", "--device", "cpu"])
     assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_bench_json_keeps_finished_rows_when_killed(tmp_path, monkeypatch):
+    """A run stopped mid-way (the device's call limit) leaves the rows finished so far in --json."""
+    import fast3dis_ros.bench as bench
+
+    real, calls = bench.measure, []
+
+    def measure_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:  # plain, FAST3DIS and backbone of the first row; stop in the second
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--size", "tiny", "--device", "cpu", "--views", "2", "4", "--iters", "1", "--warmup", "0",
+                    "--height", "56", "--width", "70", "--no-flops", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["partial"] is True and res["stage"].startswith("row 2 views")
+    assert [r["views"] for r in res["rows"]] == [2] and _pos(res["rows"][0]["fast3dis_ms"])
+    # a finished run replaces the partial file
+    monkeypatch.setattr(bench, "measure", real)
+    assert bench.main(["--size", "tiny", "--device", "cpu", "--views", "2", "--iters", "1", "--warmup", "0",
+                       "--height", "56", "--width", "70", "--no-flops", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "partial" not in res and [r["views"] for r in res["rows"]] == [2]
