@@ -47,6 +47,7 @@ __all__ = [
     "write_dataset",
     "load_dataset",
     "load_datasets",
+    "read_view_npz",
     "SceneLoadError",
     "render_preview_png",
     "benchmark_fps",
@@ -1063,11 +1064,11 @@ def _npy_from_bytes(b: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(b), allow_pickle=False)
 
 
-def _read_npz(path: Path, names: tuple[str, ...] = VIEW_ARRAYS) -> dict[str, np.ndarray]:
+def read_view_npz(path: str | Path, names: tuple[str, ...] = VIEW_ARRAYS) -> dict[str, np.ndarray]:
     """``{name: np.load(path)[name]}``, bit for bit, at about half the CPU: one read of the file, one inflate
     call per member (zlib releases the GIL: threads loading files run in parallel), cached header parsing.
     The zip CRC of every member is checked (as ``np.load`` does)."""
-    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as zf:
+    with zipfile.ZipFile(io.BytesIO(Path(path).read_bytes())) as zf:
         return {n: _npy_from_bytes(zf.read(f"{n}.npy")) for n in names}
 
 
@@ -1086,7 +1087,7 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
             fr = []
             for cam, rel in zip(meta["camera_names"], row):
                 try:
-                    z = _read_npz(folder / rel)
+                    z = read_view_npz(folder / rel)
                 except Exception as e:
                     raise SceneLoadError(f"{folder}: cannot read {rel}: {type(e).__name__}: {e}", folder) from e
                 fr.append(RenderedView(camera=cam, frame_index=fi, **z))
