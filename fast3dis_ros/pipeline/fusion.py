@@ -160,12 +160,19 @@ class VoxelMap:
     def _new_table(self, size: int) -> None:
         self._bits = int(size).bit_length() - 1
         self._mask = size - 1
-        self._tab_key = np.zeros(size, np.int64)
-        self._tab_row = np.zeros(size, np.int32)
+        # key and row of a slot side by side (one (size, 2) array; _tab_key / _tab_row are its strided
+        # columns): a lookup's key and row share a cache line, and so do the next slots of a probe chain.
+        # At the 1M-voxel cap the table is far larger than the caches; separate arrays cost two misses
+        tab = np.zeros((size, 2), np.int64)
+        self._tab_key = tab[:, 0]
+        self._tab_row = tab[:, 1]
         self._n_tomb = 0
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys.astype(np.uint64) * _HMUL) >> np.uint64(64 - self._bits)).astype(np.int64)
+        h = keys.astype(np.uint64)  # a fresh copy, transformed in place
+        h *= _HMUL
+        h >>= np.uint64(64 - self._bits)
+        return h.view(np.int64)  # < 2^bits: the same values as a cast
 
     def _ensure(self, n_more: int) -> None:
         """Room for ``n_more`` new voxels: row capacity, and a hash table that stays below 3/4 load (live +
@@ -219,9 +226,8 @@ class VoxelMap:
         pos = self._hash(q)
         qa = q + 2
         t = tk[pos]
-        hit = t == qa
-        out = tr[pos].astype(np.int64)
-        rest = np.flatnonzero(~hit)
+        out = tr[pos]  # int64 rows (a fresh array)
+        rest = np.flatnonzero(t != qa)
         if not len(rest):
             return out, rest
         out[rest] = -1
@@ -280,7 +286,7 @@ class VoxelMap:
             idx, pos, qa = idx[go], (pos[go] + 1) & mask, qa[go]
         cp = np.concatenate(claimed)
         wt = np.concatenate(was_tomb)
-        ar = np.arange(len(cp), dtype=np.int32)
+        ar = np.arange(len(cp))
         tr[cp] = ar
         first = tr[cp] == ar  # one representative per claimed slot
         up = cp[first]
@@ -548,6 +554,15 @@ def lift_window(pred: WindowPrediction, T_map_window: np.ndarray, pixel_stride: 
                                   voxel_size=voxel_size, run=run, parts=parts)
 
 
+def _id_lut(id_map: dict[int, int], nlab: int) -> np.ndarray:
+    """Window label -> global id as an array over ``[0, nlab)`` (labels missing from ``id_map``: 0)."""
+    lut = np.zeros(nlab, np.int64)
+    for wlab, gid in id_map.items():
+        if wlab < nlab:
+            lut[wlab] = gid
+    return lut
+
+
 def _rigid_in_map(T_cam_world: np.ndarray, T_map_world: np.ndarray) -> np.ndarray:
     """Rigid camera extrinsics in map given the window's Sim(3) T_map_world (V, 4, 4)."""
     s, R, t = sim3_decompose(T_map_world)
@@ -745,6 +760,7 @@ class MapFusion:
         N = len(lab)
         nlab = max(int(pred.n_instances), int(lab.max()) if N else 0) + 1
         upd = None
+        scores = np.asarray(pred.scores, np.float32)
         if N:
             before = len(vm)
             prow = vm._find_or_insert(vkeys, run=self._run, parts=self.workers)
@@ -757,65 +773,66 @@ class MapFusion:
             loc = vm._loc
             loc[wrows] = np.arange(m)
             inv = loc[prow]
-            is_new = wrows >= before
-            # voxels whose points carry one window label ("pure") vs mixed voxels (sorted, subset only)
-            vlab = np.empty(m, np.int64)
-            vlab[inv] = lab
-            mixed = np.zeros(m, bool)
-            mixed[inv[lab != vlab[inv]]] = True
-            if mixed.any():
-                sel = mixed[inv]
-                up, pc = np.unique((inv[sel] << 32) | lab[sel], return_counts=True)
-                pv, pw = up >> 32, up & 0xFFFFFFFF
-            else:
-                pv = pw = pc = np.zeros(0, np.int64)
-            pure = np.flatnonzero(~mixed)
-            pure = pure[vlab[pure] > 0]
-            pfg = pw > 0
-            # (voxel, window label) pairs -> IoU with the map labels before this window
-            pair_v = np.concatenate([pure, pv[pfg]])
-            pair_w = np.concatenate([vlab[pure], pw[pfg]])
-            map_lab = vm._inst[wrows[pair_v]]  # rows new in this window hold 0 (_find_or_insert)
-            kept_labels = np.flatnonzero(np.bincount(lab, minlength=nlab)[1:]) + 1
-            id_map, iou = self.tracker.assign_pairs(pair_w, map_lab, vm._lab_count,
-                                                    all_window_labels=kept_labels)
-        else:
-            id_map, iou = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
-        lut = np.zeros(nlab, np.int64)
-        for wlab, gid in id_map.items():
-            if wlab < nlab:
-                lut[wlab] = gid
-        scores = np.asarray(pred.scores, np.float32)
-        if N:
-            # majority global id per voxel (ties -> smaller id); its score is its window label's score
-            if len(pv):
-                order = np.lexsort((lut[pw], -pc, pv))
-                first = np.ones(len(order), bool)
-                first[1:] = pv[order][1:] != pv[order][:-1]
-                best = order[first]
-                vlab[pv[best]] = pw[best]
-            vinst = lut[vlab]
-            vscore = label_scores(vlab, scores)
             xyz_sum = np.empty((3, m))
             rgb_sum = np.empty((3, m))
 
-            def sums(dst, src, dtype):
-                """Per-voxel sums of ``src`` rows into ``dst`` and their means as the (m, 3) cloud column
-                block (C order, as the PointCloud2 packing wants it); each side counts points itself."""
+            def sums():
+                """Points per voxel, per-voxel sums of xyz / rgb (into ``xyz_sum``/``rgb_sum``) and their means
+                as the (m, 3) cloud column blocks (C order, as the PointCloud2 packing wants it; the mean is
+                rounded once, from float64, straight into them)."""
                 cnt = np.bincount(inv, minlength=m).astype(np.float64)
                 for a in range(3):
-                    dst[a] = np.bincount(inv, weights=src[a], minlength=m)
-                mean = dst / cnt
-                if dtype == np.uint8:
-                    np.rint(mean, out=mean)  # means of 0..255 values: no clip needed
-                return cnt, mean.T.astype(dtype, order="C")
+                    xyz_sum[a] = np.bincount(inv, weights=xyz[a], minlength=m)
+                w_xyz = np.empty((m, 3), np.float32)
+                np.divide(xyz_sum, cnt, out=w_xyz.T)
+                for a in range(3):
+                    rgb_sum[a] = np.bincount(inv, weights=rgb[a], minlength=m)
+                w_rgb = np.empty((m, 3), np.uint8)
+                np.rint(rgb_sum / cnt, out=w_rgb.T, casting="unsafe")  # means of 0..255 values: no clip needed
+                return cnt, w_xyz, w_rgb
 
-            (n, w_xyz), (_, w_rgb) = self._run([lambda: sums(xyz_sum, xyz, np.float32),
-                                                lambda: sums(rgb_sum, rgb, np.uint8)])
+            def match():
+                """Window labels -> global ids (tracker), and per voxel the global id and score."""
+                # voxels whose points carry one window label ("pure") vs mixed voxels (sorted, subset only)
+                vlab = np.empty(m, np.int64)
+                vlab[inv] = lab
+                mixed = np.zeros(m, bool)
+                mixed[inv[lab != vlab[inv]]] = True
+                if mixed.any():
+                    sel = mixed[inv]
+                    up, pc = np.unique((inv[sel] << 32) | lab[sel], return_counts=True)
+                    pv, pw = up >> 32, up & 0xFFFFFFFF
+                else:
+                    pv = pw = pc = np.zeros(0, np.int64)
+                pure = np.flatnonzero(~mixed & (vlab > 0))
+                pfg = pw > 0
+                # (voxel, window label) pairs -> IoU with the map labels before this window
+                pair_v = np.concatenate([pure, pv[pfg]])
+                pair_w = np.concatenate([vlab[pure], pw[pfg]])
+                map_lab = vm._inst[wrows[pair_v]]  # rows new in this window hold 0 (_find_or_insert)
+                # the labels of the points: each is a pure voxel's label or one of a mixed voxel's pairs
+                present = np.bincount(vlab, minlength=nlab) > 0
+                present[pw] = True
+                kept_labels = np.flatnonzero(present[1:]) + 1
+                id_map, _ = self.tracker.assign_pairs(pair_w, map_lab, vm._lab_count,
+                                                      all_window_labels=kept_labels)
+                lut = _id_lut(id_map, nlab)
+                # majority global id per voxel (ties -> smaller id); its score is its window label's score
+                if len(pv):
+                    order = np.lexsort((lut[pw], -pc, pv))
+                    first = np.ones(len(order), bool)
+                    first[1:] = pv[order][1:] != pv[order][:-1]
+                    best = order[first]
+                    vlab[pv[best]] = pw[best]
+                return id_map, lut[vlab], label_scores(vlab, scores)
+
+            # the label matching on this thread, the sums beside it (``workers`` > 1)
+            (id_map, vinst, vscore), (n, w_xyz, w_rgb) = self._run([match, sums])
             window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, w_xyz, w_rgb, vinst.astype(np.uint32),
                                          vscore)
-            upd = (wrows, is_new, xyz_sum, rgb_sum, n, vinst, vscore)
+            upd = (wrows, wrows >= before, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
+            id_map, _ = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)
         window = WindowResult(pred.window_index, pred.stamp_ns, window_cloud, T_map_cam, T_map_window, id_map,
                               method, n_shared, s, info)
