@@ -23,7 +23,8 @@ Rows (all on CPU, median over repeats unless said otherwise):
   come at the node defaults' pace, 0.4 s apart at 10 Hz). Latency = from the window's last frame entering
   the callback to ``publish()`` of its ``~/window_cloud`` returning (the node publishes it from
   ``MapFusion.begin``, before the map update; the message is then serialised and in DDS), minus the
-  engine's own ``predict`` time. Target (issue 7):
+  engine's own ``predict`` time; median over the windows after the first (the first pays one-time costs and
+  is reported as ``first_window_overhead_ms``). Target (issue 7):
   engine + 30 ms, i.e. overhead < 30 ms. ``e2e_map_overhead``: the same up to ``publish()`` of the running
   map ``~/instances_cloud`` (after the map update, instances and markers). ``e2e_recv_overhead`` /
   ``e2e_map_recv_overhead``: up to the moment a plain rclpy subscriber in another process had the message
@@ -443,29 +444,39 @@ def bench_e2e(cams: int = 3, window_size: int = 8, stride: int = 4, n_windows: i
         return [row(base, "n/a", "ms", "engine + 30 ms", 30.0, {"why": "no window completed", **res})]
     over_w = [a - e for a, e in zip(lat_w, eng)]
     over_m = [a - e for a, e in zip(lat_m, eng)]
+
+    def steady(over: list[float]) -> float:
+        """Median over the windows after the first: the first window after start pays one-time costs
+        (first publish of each topic, allocations; with a prefilled map the row arrays' growth, which a
+        running node does in ``commit``), reported separately as ``first_window_overhead_ms``."""
+        return float(statistics.median(over[1:] if len(over) > 1 else over))
+
     what_w = ("last frame's Image callback -> ~/window_cloud publish() returned, minus engine predict time"
               if ok else "last frame's feed -> window cloud ready (on_window; no rclpy: no message), minus engine")
     what_m = ("last frame's Image callback -> ~/instances_cloud (running map) publish() returned, minus engine"
               if ok else "last frame's feed -> map cloud ready (on_fusion; no rclpy: no message), minus engine")
     detail = {"what": f"{what_w}; {desc}", "views": window_size * cams, "windows": len(over_w),
-              "latency_ms": lat_w, "engine_ms": eng, "overhead_ms": over_w,
+              "latency_ms": lat_w, "engine_ms": eng, "overhead_ms": over_w, "first_window_overhead_ms": over_w[0],
+              "measured_over": "median of the windows after the first",
               "engine_ms_median": float(statistics.median(eng)), "latency_ms_median": float(statistics.median(lat_w)),
               "messages": ok, **{k: v for k, v in res.items() if k not in ("window_ms", "map_ms", "engine_ms")}}
-    rows = [row(base, float(statistics.median(over_w)), "ms", "engine + 30 ms", 30.0, detail)]
+    rows = [row(base, steady(over_w), "ms", "engine + 30 ms", 30.0, detail)]
     if over_m:
-        rows.append(row(map_name, float(statistics.median(over_m)), "ms", None, None,
+        rows.append(row(map_name, steady(over_m), "ms", None, None,
                         {"what": f"{what_m}; {desc}", "views": window_size * cams, "windows": len(over_m),
                          "latency_ms": lat_m, "engine_ms": eng, "overhead_ms": over_m,
+                         "first_window_overhead_ms": over_m[0],
                          "map_points": res.get("map_points", [])}))
     for key in ("window", "map"):
         rec = res.get(f"recv_{key}_ms")
         if rec and len(rec) == len(eng):
             over_r = [a - e for a, e in zip(rec, eng)]
             name = (base if key == "window" else map_name).replace("overhead", "recv_overhead", 1)
-            rows.append(row(name, float(statistics.median(over_r)), "ms", None, None,
+            rows.append(row(name, steady(over_r), "ms", None, None,
                             {"what": f"as {base if key == 'window' else map_name}, but until a Python rclpy "
                                      f"subscriber in another process had the message; {desc}",
-                             "latency_ms": rec, "engine_ms": eng, "overhead_ms": over_r}))
+                             "latency_ms": rec, "engine_ms": eng, "overhead_ms": over_r,
+                             "first_window_overhead_ms": over_r[0]}))
     return rows
 
 

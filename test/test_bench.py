@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,9 @@ def test_bench_node_tiny(tmp_path):
         assert win["target"] == "engine + 30 ms" and mp["target"] == "-"
         d = win["detail"]
         assert d["messages"] is True and d["listener"] == "subscriber process"
+        # steady state: the median over the windows after the first; the first is reported beside it
+        assert win["measured"] == pytest.approx(statistics.median(d["overhead_ms"][1:]))
+        assert d["first_window_overhead_ms"] == d["overhead_ms"][0]
         assert d["windows"] >= 2 and all(_pos(x) for x in d["engine_ms"] + d["latency_ms"])
         assert all(lat > eng for lat, eng in zip(d["latency_ms"], d["engine_ms"]))
         # the window cloud is published before the map update, the running map after it

@@ -154,6 +154,32 @@ def test_running_map_bounded():
     assert len(r.window_cloud) > 0 and r.map_cloud.frame_id == "map"
 
 
+def test_map_rows_grow_in_commit_not_in_begin(monkeypatch):
+    """At the cap the row arrays grow after a window's update (commit's prefault), off the latency path:
+    the next window's ``begin`` finds room for its new voxels and copies nothing."""
+    f = MapFusion(voxel_size=0.05, max_points=800)
+    grown = []
+    real = f.map._alloc_rows
+
+    def spy(cap, keep=0):
+        grown.append((cap, keep))
+        return real(cap, keep)
+
+    monkeypatch.setattr(f.map, "_alloc_rows", spy)
+    for i in range(5):
+        pend = f.begin(make_pred(i, [i, i + 1]))
+        n_begin = len(grown)
+        new_rows = int(np.count_nonzero(pend.update[1]))
+        f.commit(pend)
+        if i >= 1:  # after the first commit, begin never grew the rows
+            assert n_begin == n_grown_after_commit, (i, grown)
+        # commit left room for twice this window's new voxels
+        assert f.map._cap >= len(f.map) + 2 * new_rows + 4096
+        n_grown_after_commit = len(grown)
+    assert f.map.evicted > 0 and len(f.map) == 800
+    assert any(keep > 0 for _, keep in grown)  # it did grow while holding voxels, in commit
+
+
 # ---------------------------------------------------------------- runner
 def fake_predict(delay=0.0, fail_every=0):
     def predict(window):

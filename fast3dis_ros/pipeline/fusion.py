@@ -148,7 +148,12 @@ class VoxelMap:
         """Back the next ``n`` rows (past the current count) of the arrays that ``_find_or_insert`` and the
         window grouping write with memory now. The row arrays are reserved zeroed (lazily mapped pages), so
         the first write to a page costs a page fault; doing it here (after a window's map update, off the
-        window's latency path) keeps those faults out of the next window's ``begin``."""
+        window's latency path) keeps those faults out of the next window's ``begin``. When the next ``n``
+        rows do not fit, the row arrays grow here too: at the 1M-voxel cap that copy took 40-50 ms, which
+        ``_ensure`` would otherwise pay inside the next window's ``begin``."""
+        need = self._count + int(n)
+        if need > self._cap:
+            self._alloc_rows(self._grown_cap(need, int(n)), keep=self._count)
         a = max(self._touched, self._count)
         b = min(self._count + int(n), self._cap)
         if b <= a:
@@ -179,13 +184,18 @@ class VoxelMap:
         tombstones) even if all of them are distinct (``_settle_load`` brings it back to <= 1/2 afterwards)."""
         need = self._count + n_more
         if need > self._cap:  # zeroed arrays: untouched pages cost nothing, so reserve the cap at once
-            self._alloc_rows(max(need, int(self._cap * 1.5), self.max_points + n_more), keep=self._count)
+            self._alloc_rows(self._grown_cap(need, n_more), keep=self._count)
         size = self._mask + 1
         if (need + self._n_tomb) * 4 > size * 3:
             new = self._table_size(self._count)
             while need * 4 > new * 3:
                 new *= 2
             self._rehash(new)
+
+    def _grown_cap(self, need: int, n_more: int) -> int:
+        """Row capacity after a growth: room for ``need`` rows, at least 1.5x the old capacity, and at least
+        the eviction cap plus this many new rows (a map at its cap then fits windows of this size)."""
+        return max(need, int(self._cap * 1.5), self.max_points + n_more)
 
     @staticmethod
     def _table_size(n: int) -> int:
