@@ -27,7 +27,7 @@ node publishes the window cloud in between, so the map's cost is not on the firs
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -42,12 +42,12 @@ __all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelM
 
 
 @dataclass
-class FusionResult:
+class WindowResult:
+    """What ``MapFusion.begin`` knows about a window before the map is updated (see ``FusionResult``)."""
+
     window_index: int
     stamp_ns: int
     window_cloud: InstanceCloud  # this window, in map frame, voxelised, global instance ids
-    map_cloud: InstanceCloud  # running map
-    instances: list[InstanceSummary]
     T_map_cam: np.ndarray  # (V, 4, 4) rigid camera poses in map
     T_map_window: np.ndarray  # (4, 4) Sim(3) (scale in the 3x3 block)
     id_map: dict[int, int]  # window label (1-based) -> global id
@@ -57,20 +57,12 @@ class FusionResult:
     info: dict = field(default_factory=dict)
 
 
-@dataclass
-class WindowResult:
-    """What ``MapFusion.begin`` knows about a window before the map is updated (see ``FusionResult``)."""
+@dataclass(kw_only=True)
+class FusionResult(WindowResult):
+    """A window after ``MapFusion.commit``: its ``WindowResult`` plus the updated map."""
 
-    window_index: int
-    stamp_ns: int
-    window_cloud: InstanceCloud  # this window, in map frame, voxelised, global instance ids
-    T_map_cam: np.ndarray  # (V, 4, 4) rigid camera poses in map
-    T_map_window: np.ndarray  # (4, 4) Sim(3)
-    id_map: dict[int, int]  # window label (1-based) -> global id
-    align_method: str = ""
-    n_shared_views: int = 0
-    scale: float = 1.0
-    info: dict = field(default_factory=dict)
+    map_cloud: InstanceCloud  # running map
+    instances: list[InstanceSummary]
 
 
 @dataclass
@@ -876,11 +868,10 @@ class MapFusion:
         map_cloud = self.map.cloud(self.map_frame, pred.stamp_ns)
         instances = self._summaries()
         self.tracker.prune([i.id for i in instances])
-        info = w.info
-        info["map_voxels"] = len(self.map)
-        info["evicted_total"] = self.map.evicted
-        return FusionResult(w.window_index, w.stamp_ns, w.window_cloud, map_cloud, instances, w.T_map_cam,
-                            w.T_map_window, w.id_map, w.align_method, w.n_shared_views, w.scale, info)
+        w.info["map_voxels"] = len(self.map)
+        w.info["evicted_total"] = self.map.evicted
+        return FusionResult(**{f.name: getattr(w, f.name) for f in fields(WindowResult)},
+                            map_cloud=map_cloud, instances=instances)
 
     def _remember_views(self, pred: WindowPrediction, T_map_cam: np.ndarray, s: float) -> None:
         """Remember the window's views for aligning later windows (first estimate of a view wins: anchors do
