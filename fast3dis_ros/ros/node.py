@@ -322,9 +322,7 @@ class Fast3disNode(Node):
             if self.tf is not None:
                 self._publish_tf(window, pred)
         except Exception as e:
-            self.diag.node_errors.add("publish")
-            self._warn("publish", f"publishing window {window.window_index} failed: {e!r}\n"
-                                  f"{traceback.format_exc(limit=4)}")
+            self._publish_failed(f"window {window.window_index}", e, with_traceback=True)
             return
         self.diag.last_window_publish_ms = (time.perf_counter() - t0) * 1000.0
 
@@ -340,9 +338,7 @@ class Fast3disNode(Node):
             self.pub_markers.publish(instances_to_markers(result.instances, mf, stamp))
             self._offer_map(result.map_cloud, stamp)
         except Exception as e:
-            self.diag.node_errors.add("publish")
-            self._warn("publish", f"publishing window {result.window_index} failed: {e!r}\n"
-                                  f"{traceback.format_exc(limit=4)}")
+            self._publish_failed(f"window {result.window_index}", e, with_traceback=True)
             return
         self.diag.last_publish_ms = (time.perf_counter() - t0) * 1000.0
         self.diag.output_rate.tick()
@@ -380,8 +376,13 @@ class Fast3disNode(Node):
                 self._map_pending = None
                 self._publish_map_locked(pend[0], pend[1], now)
         except Exception as e:
-            self.diag.node_errors.add("publish")
-            self._warn("publish", f"publishing the pending map failed: {e!r}")
+            self._publish_failed("the pending map", e)
+
+    def _publish_failed(self, what: str, e: Exception, with_traceback: bool = False) -> None:
+        """Count a failed publish (diagnostics) and warn (throttled by ``_warn``); the node keeps running."""
+        self.diag.node_errors.add("publish")
+        tb = f"\n{traceback.format_exc(limit=4)}" if with_traceback else ""
+        self._warn("publish", f"publishing {what} failed: {e!r}{tb}")
 
     def _ensure_map_timer(self, period: float) -> None:
         """A steady-clock timer that flushes the pending map; re-created when the period changes (call with
