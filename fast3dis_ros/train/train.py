@@ -183,14 +183,13 @@ def _cache_matches(sc: Any, cfg_d: dict) -> bool:
         cfg_d["width"], cfg_d["height"], cfg_d["n_cameras"], cfg_d["n_frames"], cfg_d["n_objects"])
 
 
-def _load_cached(payload: tuple) -> tuple[bool, Any]:
-    """``(hit, scene)`` for one payload of :func:`_gen_one`: ``hit`` when ``cache`` holds scene ``seed`` at
-    this size/config (``scene`` is None with ``keep=False``). An unreadable folder is a miss, reported by
-    name (it is rendered and written again)."""
+def _load_cached(payload: tuple[dict, int, str | None, bool]) -> tuple[bool, Any]:
+    """``(hit, scene)`` for one ``(scene config dict, seed, cache, keep)`` payload: ``hit`` when ``cache``
+    holds scene ``seed`` at this size/config (``scene`` is None with ``keep=False``). An unreadable folder is
+    a miss, reported by name (it is rendered and written again)."""
     from fast3dis_ros.data.synthetic import load_dataset
 
-    cfg_d, seed, cache = payload[:3]
-    keep = payload[3] if len(payload) > 3 else True
+    cfg_d, seed, cache, keep = payload
     if not cache:
         return False, None
     folder = _scene_folder(cache, seed)
@@ -207,19 +206,12 @@ def _load_cached(payload: tuple) -> tuple[bool, Any]:
     return True, (sc if keep else None)
 
 
-def _gen_one(payload: tuple[dict, int, str | None] | tuple[dict, int, str | None, bool]
-             | tuple[dict, int, str | None, bool, bool]) -> Any:
-    """Load scene ``seed`` from the cache or render it (and cache it); ``keep=False`` returns None
-    (filling a cache for other processes without shipping the pixels back to the caller); a fifth item
-    ``True`` skips the cache look-up (the caller found no usable scene there)."""
+def _gen_one(payload: tuple[dict, int, str | None, bool]) -> Any:
+    """Render scene ``seed`` (a cache miss) and write it to ``cache`` when given; ``keep=False`` returns None
+    (filling a cache for other processes without shipping the pixels back to the caller)."""
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, write_dataset
 
-    cfg_d, seed, cache = payload[:3]
-    keep = payload[3] if len(payload) > 3 else True
-    if cache and not (len(payload) > 4 and payload[4]):
-        hit, sc = _load_cached(payload)
-        if hit:
-            return sc
+    cfg_d, seed, cache, keep = payload
     sc = generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
     if cache:
         write_dataset(sc, _scene_folder(cache, seed))
@@ -273,7 +265,7 @@ def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, he
         todo = [i for i, (hit, _) in enumerate(loaded) if not hit]
         scenes = [sc for _, sc in loaded]
     t_load = time.perf_counter() - t0
-    render = [(*payloads[i], True) for i in todo]  # cache already looked up
+    render = [payloads[i] for i in todo]
     if workers > 0 and device == "cpu" and len(render) > 1:
         import multiprocessing as mp
 
