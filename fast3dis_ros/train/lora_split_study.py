@@ -167,14 +167,15 @@ def render_in_process(seeds: Sequence[int], cache: Path, *, device: str, frames:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, write_dataset
+    from fast3dis_ros.train.train import scene_cache_folder
 
     cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
                       device=device)
-    todo = [int(s) for s in seeds if not (cache / f"scene_{int(s):07d}" / "scene.json").is_file()]
+    todo = [int(s) for s in seeds if not (scene_cache_folder(cache, s) / "scene.json").is_file()]
     with ThreadPoolExecutor(max_workers=max(1, write_threads)) as ex:
         pending: list[Future] = []
         for s in todo:
-            pending.append(ex.submit(write_dataset, generate_scene(cfg, seed=s), cache / f"scene_{s:07d}"))
+            pending.append(ex.submit(write_dataset, generate_scene(cfg, seed=s), scene_cache_folder(cache, s)))
             while len(pending) > 4 * max(1, write_threads):  # bound the scenes held in memory
                 pending.pop(0).result()
         for f in pending:
@@ -190,13 +191,13 @@ def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> dict[str,
     When the GPU raises (a CUDA error, out of memory), the rest is rendered by the CPU processes (scenes
     already cached stay) and ``args.render_device`` becomes ``cpu`` for the trainings and the scoring.
     Returns the figures of the report's ``render``."""
-    from fast3dis_ros.train.train import make_synthetic_scenes
+    from fast3dis_ros.train.train import make_synthetic_scenes, scene_cache_folder
 
     workers = args.gen_workers if args.gen_workers >= 0 else max(0, _cpu_count() - 2)
     jobs = [(list(range(args.scene_seed, args.scene_seed + args.scenes)), args.scene_frames, "cache train"),
             (_parse_seeds(args.val_seeds) + _parse_seeds(args.test_seeds), args.frames, "cache val+test")]
     n_all = sum(len(seeds) for seeds, _, _ in jobs)
-    n_cached = sum((cache / f"scene_{s:07d}" / "scene.json").is_file() for seeds, _, _ in jobs for s in seeds)
+    n_cached = sum((scene_cache_folder(cache, s) / "scene.json").is_file() for seeds, _, _ in jobs for s in seeds)
     common = dict(cameras=args.cameras, height=args.height, width=args.width, n_objects=args.objects)
 
     def render(device: str) -> None:

@@ -173,7 +173,8 @@ def check_lora_split_args(args: argparse.Namespace, cfg: Any, cfg_from: str | No
 
 
 # ---------------------------------------------------------------------------------- data
-def _scene_folder(cache: str, seed: int) -> Path:
+def scene_cache_folder(cache: str | Path, seed: int) -> Path:
+    """Folder of scene ``seed`` in a training scene cache (``--cache``)."""
     return Path(cache) / f"scene_{int(seed):07d}"
 
 
@@ -192,7 +193,7 @@ def _load_cached(payload: tuple[dict, int, str | None, bool]) -> tuple[bool, Any
     cfg_d, seed, cache, keep = payload
     if not cache:
         return False, None
-    folder = _scene_folder(cache, seed)
+    folder = scene_cache_folder(cache, seed)
     if not (folder / "scene.json").is_file():
         return False, None
     try:
@@ -214,7 +215,7 @@ def _gen_one(payload: tuple[dict, int, str | None, bool]) -> Any:
     cfg_d, seed, cache, keep = payload
     sc = generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
     if cache:
-        write_dataset(sc, _scene_folder(cache, seed))
+        write_dataset(sc, scene_cache_folder(cache, seed))
     return sc if keep else None
 
 
