@@ -439,12 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     def enable_fast(compile_blocks: bool, compile_head: bool, head_autocast: bool) -> None:
         """The options of ``Fast3DIS.compile_for_inference`` (what the node's ``compile`` runs); plain DA3
         gets the ones that apply to it."""
+        weight_dtype = dtype if amp and dtype != torch.float32 else None  # what Predictor(compile=True) passes
         model.compile_for_inference(blocks=compile_blocks, head=compile_head, merge_lora=compile_blocks,
-                                    dpt_bf16=head_autocast)
+                                    dpt_bf16=head_autocast, weight_dtype=weight_dtype)
         if plain_bb is not None:
             plain_bb.head_autocast = head_autocast
             if compile_blocks:
-                plain_bb.compile_blocks()
+                plain_bb.compile_blocks(weight_dtype=weight_dtype)
 
     def deviation_from(x0, reference) -> dict:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):

@@ -249,6 +249,42 @@ class MergedLoraLinear(nn.Module):
         return nn.functional.linear(x, self.weight if self._disable_adapters else self.merged_weight, self.bias)
 
 
+@dataclass(frozen=True)
+class _Tap:
+    """A tapped block's tokens as the trunk left them; ``finish_tap`` turns them into DA3's ``feats``.
+
+    Kept unconcatenated and in the trunk's view order so that the concatenation, the view-order
+    restore, the norm, the token slice and (for the instance head) the channels-first transpose run
+    in one pass at the end (one fused kernel when compiled) instead of four copies of the token map.
+    """
+
+    local_x: torch.Tensor | None  # tokens after the latest local block (DA3's ``cat_token``), else None
+    x: torch.Tensor  # (B, S, N, D) tokens after the tapped block
+    ref_idx: torch.Tensor | None  # restore the original view order with this (DA3's reordering), or None
+
+
+def finish_tap(norm: nn.Module, tap_local: torch.Tensor | None, tap_x: torch.Tensor, ref_idx: torch.Tensor | None,
+               skip_tokens: int, hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DinoVisionTransformer.get_intermediate_layers`` post-processing of one tap -> ``(tok, cam)``.
+
+    DA3: ``out = cat([local_x, x])``, restored to the original view order; ``cam = out[:, :, 0]``;
+    ``tok = cat([out[..., :D], norm(out[..., D:])])`` without the first ``skip_tokens`` tokens (camera
+    + register tokens). The same values, computed on the slices that are kept (the norm and the
+    restore act per token and per view, so slicing first changes nothing). ``hw``: also reshape
+    ``tok`` to channels-first ``(B, S, C, h, w)`` maps.
+    """
+    raw_cam = tap_x[:, :, 0] if tap_local is None else torch.cat([tap_local[:, :, 0], tap_x[:, :, 0]], dim=-1)
+    body = tap_x[:, :, skip_tokens:]
+    tok = norm(body) if tap_local is None else torch.cat([tap_local[:, :, skip_tokens:], norm(body)], dim=-1)
+    if ref_idx is not None:
+        raw_cam = restore_original_order(raw_cam, ref_idx)
+        tok = restore_original_order(tok, ref_idx)
+    if hw is not None:
+        B, S, _N, C = tok.shape
+        tok = tok.transpose(-1, -2).reshape(B, S, C, *hw)
+    return tok, raw_cam
+
+
 @dataclass
 class _TrunkState:
     """Activations of the ViT trunk after some prefix of blocks (immutable by convention)."""
@@ -260,7 +296,7 @@ class _TrunkState:
     pos: torch.Tensor | None
     pos_nodiff: torch.Tensor | None
     cam_token: torch.Tensor | None
-    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    taps: dict[int, _Tap] = field(default_factory=dict)
 
 
 class DA3Backbone(nn.Module):
@@ -295,6 +331,7 @@ class DA3Backbone(nn.Module):
         # caller's autocast (bf16: faster on tensor cores, geometry no longer bit-identical to DA3).
         self.head_autocast = False
         self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
+        self._tap_impl = None  # compile_blocks puts a compiled finish_tap here
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
@@ -370,7 +407,8 @@ class DA3Backbone(nn.Module):
         return out
 
     # ------------------------------------------------------------------ speed options
-    def compile_blocks(self, mode: str | None = None, dpt: bool = True) -> None:
+    def compile_blocks(self, mode: str | None = None, dpt: bool = True, weight_dtype: torch.dtype | None = None,
+                       fuse_gelu: bool | None = None) -> None:
         """``torch.compile`` every ViT block in place (Inductor fuses the block's element-wise work).
 
         Why: at robot-sized windows a DA3-Large block is bound by memory traffic, not arithmetic: about
@@ -379,16 +417,42 @@ class DA3Backbone(nn.Module):
         one compiled graph (parameters are graph inputs), so there are a handful of compilations, not 24.
         Numerics change at rounding level (fused kernels round differently); eager stays bit-identical
         to DA3. The forward stays free of host syncs, so compiled blocks can be graph-captured.
+
+        ``weight_dtype`` (the autocast dtype the forward will run under, e.g. bf16): store the blocks'
+        linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (about
+        1.1 ms of an 8-view DA3-Large forward). ``fuse_gelu`` (default: on when ``weight_dtype`` is
+        given): fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU). The tap
+        post-processing (``finish_tap``) is compiled too: one kernel per tap instead of four copies.
         """
         import torch._dynamo
+
+        from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if weight_dtype is not None:
+            self.cast_block_linears(weight_dtype)
+        if fuse_gelu if fuse_gelu is not None else weight_dtype is not None:
+            fuse_block_mlps(self.vit.blocks)
         for blk in self.vit.blocks:
             blk.compile(mode=mode, dynamic=False)
+        self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
+
+    def cast_block_linears(self, dtype: torch.dtype) -> int:
+        """Store every linear layer of the ViT blocks (and merged LoRA copies) in ``dtype``; returns how many.
+
+        Inference only (the fast path): under autocast the GEMMs already run in ``dtype``, so this only
+        removes the per-forward weight casts; norms, layer scales and the residual stream keep fp32.
+        """
+        n = 0
+        for mod in self.vit.blocks.modules():
+            if isinstance(mod, (nn.Linear, MergedLoraLinear)):
+                mod.to(dtype)
+                n += 1
+        return n
 
     def merge_lora_for_inference(self) -> None:
         """Fold each LoRA adapter into a second copy of its weight: pass 2 then runs one GEMM per linear
@@ -521,27 +585,16 @@ class DA3Backbone(nn.Module):
                 x = vit.process_attention(x, blk, "local", pos=l_pos)
                 local_x = x
             if i in self.out_layers:
-                out_x = torch.cat([local_x, x], dim=-1) if vit.cat_token else x
-                if S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None:
-                    out_x = restore_original_order(out_x, ref_idx)
-                taps[i] = out_x
+                restore = S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None
+                taps[i] = _Tap(local_x if vit.cat_token else None, x, ref_idx if restore else None)
         return replace(st, x=x, local_x=local_x, b_idx=ref_idx, next_block=end, taps=taps)
 
-    def _finish_taps(self, st: _TrunkState) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """DinoVisionTransformer.get_intermediate_layers post-processing -> DA3 ``feats``."""
-        vit = self.vit
-        D = vit.embed_dim
-        feats = []
-        for i in self.out_layers:
-            out = st.taps[i]
-            cam = out[:, :, 0]
-            if out.shape[-1] == D:
-                tok = vit.norm(out)
-            else:
-                tok = torch.cat([out[..., :D], vit.norm(out[..., D:])], dim=-1)
-            tok = tok[..., 1 + vit.num_register_tokens :, :]
-            feats.append((tok, cam))
-        return feats
+    def _finish_taps(self, st: _TrunkState, hw: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """DinoVisionTransformer.get_intermediate_layers post-processing -> DA3 ``feats`` (see ``finish_tap``)."""
+        impl = self._tap_impl or finish_tap
+        skip = 1 + self.vit.num_register_tokens
+        return [impl(self.vit.norm, st.taps[i].local_x, st.taps[i].x, st.taps[i].ref_idx, skip, hw)
+                for i in self.out_layers]
 
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
@@ -564,12 +617,7 @@ class DA3Backbone(nn.Module):
         return res
 
     def _feature_outputs(self, st: _TrunkState, H: int, W: int) -> list[torch.Tensor]:
-        h, w = H // PATCH_SIZE, W // PATCH_SIZE
-        out = []
-        for tok, _cam in self._finish_taps(st):
-            B, S, N, C = tok.shape
-            out.append(tok.transpose(-1, -2).reshape(B, S, C, h, w))
-        return out
+        return [tok for tok, _cam in self._finish_taps(st, hw=(H // PATCH_SIZE, W // PATCH_SIZE))]
 
     @property
     def _last_block(self) -> int:

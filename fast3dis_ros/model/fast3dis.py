@@ -82,19 +82,22 @@ class Fast3DIS(nn.Module):
 
     # ------------------------------------------------------------------ speed
     def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
-                              dpt_bf16: bool = True) -> None:
+                              dpt_bf16: bool = True, weight_dtype: torch.dtype | None = None) -> None:
         """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
         DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
         (one GEMM per linear in pass 2), ``torch.compile`` of
         the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
-        graph, no breaks). Compilation happens at the first forward of each window shape (about a
-        minute for DA3-Large on a 16-core host). Load weights first; training afterwards is unsupported.
+        graph, no breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a
+        GPU); the ViT's linear weights are stored in it and fc1 + GELU become one GEMM
+        (``DA3Backbone.compile_blocks``). Compilation happens at the first forward of each window shape
+        (about a minute for DA3-Large on a 16-core host). Load weights first; training afterwards is
+        unsupported.
         """
         self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
         if merge_lora:
             self.backbone.merge_lora_for_inference()
         if blocks:
-            self.backbone.compile_blocks()
+            self.backbone.compile_blocks(weight_dtype=weight_dtype)
         if head:
             self.head.compile(dynamic=False)
 

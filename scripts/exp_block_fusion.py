@@ -1,0 +1,174 @@
+"""Experiment: the fast path's block-level fusions at a small window, one at a time, with profiles.
+
+A development tool (not part of the suite) that decides which fast-path options to keep and records
+why in docs/BENCHMARKS.md. On the lent GPU it prints:
+  * the fc1 GEMM of an 8-view DA3-Large block alone, with a separate GELU, and with cuBLASLt's GELU
+    epilogue (``torch._addmm_activation``), in TFLOP/s;
+  * per variant: graphed forward time, deviation from the exact (DA3-identical) path, a profile
+    (stages, top kernels) and the instance head's own top kernels.
+Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
+  s3      the fast path as of the third session (fp32 block weights under autocast, DA3's Mlp, eager taps)
+  cast    + block linear weights stored in bf16
+  gelu    + fc1 and GELU as one GEMM (tanh GELU)
+  new     + compiled tap post-processing (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
+
+    python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+def _time_ms(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(iters):
+        fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / iters
+
+
+def gelu_epilogue(device, m: int, k: int = 1024, n: int = 4096) -> dict:
+    """fc1 at the window's shape: GEMM + bias, + separate tanh GELU, and with the fused epilogue."""
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.03
+    b = torch.randn(n, device=device, dtype=torch.bfloat16)
+    flops = 2 * m * k * n
+    res = {
+        "addmm_ms": _time_ms(lambda: torch.addmm(b, x, w.t())),
+        "addmm_then_gelu_ms": _time_ms(lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")),
+        "addmm_activation_gelu_ms": _time_ms(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)),
+    }
+    for key in list(res):
+        res[key.replace("_ms", "_tflops")] = flops / (res[key] / 1e3) / 1e12
+    ref = F.gelu(torch.addmm(b, x, w.t()).float(), approximate="tanh")
+    res["max_abs_vs_tanh_gelu"] = float((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).abs().max())
+    return res
+
+
+def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
+    """The top kernels launched inside one ``f3d.*`` profiler range (per forward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def walk(e):
+        for k in e.kernels:
+            acc[k.name][0] += k.duration
+            acc[k.name][1] += 1
+        for c in e.cpu_children:
+            walk(c)
+
+    for evt in prof.events():
+        if evt.name == stage:
+            walk(evt)
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
+
+
+def apply_variant(model, variant: str) -> None:
+    from fast3dis_ros.model.fused_mlp import fuse_block_mlps
+
+    if variant == "new":
+        model.compile_for_inference(weight_dtype=torch.bfloat16)
+        return
+    model.compile_for_inference(weight_dtype=None)  # s3: no cast, no fusion (taps undone below)
+    bb = model.backbone
+    if variant in ("cast", "gelu"):
+        bb.cast_block_linears(torch.bfloat16)
+    if variant == "gelu":
+        fuse_block_mlps(bb.vit.blocks)
+    bb._tap_impl = None  # eager taps, as before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--variants", nargs="+", default=["new", "s3"], choices=["s3", "cast", "gelu", "new"])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from fast3dis_ros.bench import build, measure
+    from fast3dis_ros.bench_profile import format_profile, stage_profile
+    from fast3dis_ros.model.cuda_graph import GraphedForward
+
+    device = torch.device("cuda")
+    V, H, W = args.views, 378, 504
+    tokens = V * ((H // 14) * (W // 14) + 1)
+    results: dict = {"gelu_epilogue": gelu_epilogue(device, tokens), "variants": {}}
+    print("# fc1 + GELU at", tokens, "tokens:", json.dumps({k: round(v, 4) for k, v in results["gelu_epilogue"].items()}),
+          flush=True)
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+    save()
+    bargs = SimpleNamespace(size="large", first_lora_block=None, da3_weights=None)
+    x = torch.randn(1, V, 3, H, W, generator=torch.Generator().manual_seed(V)).to(device)
+    reference = None
+    for variant in args.variants:
+        t0 = time.perf_counter()
+        _, model, plain = build(bargs)
+        del plain
+        model.to(device)
+        if reference is None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x, return_aux=False)
+            reference = {k: out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
+        apply_variant(model, variant)
+        fn = lambda im, K=None, T_cam_world=None: model(im, K, T_cam_world, return_aux=False)  # noqa: E731
+        gf = GraphedForward(fn, amp_dtype=torch.bfloat16, max_graphs=1)
+        res = measure(lambda: gf(x), device, 4, args.iters)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fast = model(x, return_aux=False)
+        rel = (fast["depth"].float() - reference["depth"]).abs() / reference["depth"].abs().clamp_min(1e-6)
+        dev = {
+            "depth_max_rel": float(rel.max()), "depth_median_rel": float(rel.median()),
+            "logits_max_abs": float((fast["pred_logits"].float() - reference["pred_logits"]).abs().max()),
+            "mask_sign_agreement": float(((fast["pred_masks"].float() > 0) == (reference["pred_masks"] > 0)).float().mean()),
+        }
+        print(f"## {variant}: {V} views graphed {res['ms']:.2f} ms, peak {res['peak_gib']:.2f} GiB "
+              f"({time.perf_counter() - t0:.0f} s with compilation); deviation {dev}", flush=True)
+        results["variants"][variant] = {"ms": res["ms"], "times_ms": res["times_ms"], "peak_gib": res["peak_gib"],
+                                        "deviation": dev}
+        save()
+
+        def run_eager():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x, return_aux=False)
+
+        prof = stage_profile(run_eager, device, top=40)
+        print(format_profile(f"{variant}, {V} views, compiled, eager launch", prof, None, 989.0), flush=True)
+        head = stage_kernels(run_eager, "f3d.instance_head")
+        print("# instance head top kernels:", *(f"{k['ms']:.3f} ms x{k['count']} {k['name']}" for k in head),
+              sep="\n#   ", flush=True)
+        results["variants"][variant].update(profile=prof, instance_head_kernels=head)
+        save()
+        del gf, model, fast
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
