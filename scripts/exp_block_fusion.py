@@ -10,7 +10,9 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
   s3      the fast path as of the third session (fp32 block weights under autocast, DA3's Mlp, eager taps)
   cast    + block linear weights stored in bf16
   gelu    + fc1 and GELU as one GEMM (tanh GELU)
-  new     + compiled tap post-processing (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
+  taps    + compiled tap post-processing
+  new     + DPT-head, camera-decoder and instance-head weights stored in bf16
+          (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
 
     python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
 """
@@ -85,7 +87,11 @@ def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
     return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
 
 
+VARIANTS = ("s3", "cast", "gelu", "taps", "new")
+
+
 def apply_variant(model, variant: str) -> None:
+    """Cumulative: each variant adds one change to the one before it in ``VARIANTS``."""
     from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
     if variant == "new":
@@ -93,17 +99,19 @@ def apply_variant(model, variant: str) -> None:
         return
     model.compile_for_inference(weight_dtype=None)  # s3: no cast, no fusion (taps undone below)
     bb = model.backbone
-    if variant in ("cast", "gelu"):
+    rank = VARIANTS.index(variant)
+    if rank >= 1:
         bb.cast_block_linears(torch.bfloat16)
-    if variant == "gelu":
+    if rank >= 2:
         fuse_block_mlps(bb.vit.blocks)
-    bb._tap_impl = None  # eager taps, as before
+    if rank < 3:
+        bb._tap_impl = None  # eager taps, as before
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", type=int, default=8)
-    ap.add_argument("--variants", nargs="+", default=["new", "s3"], choices=["s3", "cast", "gelu", "new"])
+    ap.add_argument("--variants", nargs="+", default=["new", "s3"], choices=list(VARIANTS))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

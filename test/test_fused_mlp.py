@@ -151,3 +151,31 @@ def test_compiled_finish_tap_equals_eager():
                 a = finish_tap(bb.vit.norm, t.local_x, t.x, t.ref_idx, skip, hw)
                 b = compiled(bb.vit.norm, t.local_x, t.x, t.ref_idx, skip, hw)
                 assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
+    """compile_for_inference's casts (blocks, both heads) change nothing autocast did not already do."""
+    from fast3dis_ros.model.config import Fast3disConfig
+    from fast3dis_ros.model.fast3dis import Fast3DIS
+    from fast3dis_ros.model.weight_dtype import store_weights_in
+
+    torch.manual_seed(5)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    model.backbone.head_autocast = True
+    x = torch.randn(1, 3, 3, 70, 98)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, return_aux=False)
+        n_head = store_weights_in(model.head, torch.bfloat16)
+        n_dpt = model.backbone.cast_head_weights(torch.bfloat16)
+        n_blocks = model.backbone.cast_block_linears(torch.bfloat16)
+        out = model(x, return_aux=False)
+    assert n_head > 10 and n_dpt > 10 and n_blocks >= 4 * len(model.backbone.vit.blocks)  # + unmerged LoRA A/B
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+               and m is not model.backbone.vit.patch_embed.proj)
+    assert model.backbone.net.cam_enc is None or all(
+        p.dtype == torch.float32 for p in model.backbone.net.cam_enc.parameters())  # runs in fp32
+    for key in ("depth", "pred_logits", "pred_masks"):
+        torch.testing.assert_close(out[key].float(), ref[key].float(), rtol=2e-2, atol=2e-2)
+    model.backbone.head_autocast = False
+    with pytest.raises(RuntimeError, match="head_autocast"):
+        model.backbone.cast_head_weights(torch.bfloat16)

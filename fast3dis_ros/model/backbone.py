@@ -273,12 +273,12 @@ def finish_tap(norm: nn.Module, tap_local: torch.Tensor | None, tap_x: torch.Ten
     restore act per token and per view, so slicing first changes nothing). ``hw``: also reshape
     ``tok`` to channels-first ``(B, S, C, h, w)`` maps.
     """
+    if ref_idx is not None:  # gather first: compiled, the gather becomes indexed loads of the next kernels
+        tap_x = restore_original_order(tap_x, ref_idx)
+        tap_local = None if tap_local is None else restore_original_order(tap_local, ref_idx)
     raw_cam = tap_x[:, :, 0] if tap_local is None else torch.cat([tap_local[:, :, 0], tap_x[:, :, 0]], dim=-1)
     body = tap_x[:, :, skip_tokens:]
     tok = norm(body) if tap_local is None else torch.cat([tap_local[:, :, skip_tokens:], norm(body)], dim=-1)
-    if ref_idx is not None:
-        raw_cam = restore_original_order(raw_cam, ref_idx)
-        tok = restore_original_order(tok, ref_idx)
     if hw is not None:
         B, S, _N, C = tok.shape
         tok = tok.transpose(-1, -2).reshape(B, S, C, *hw)
@@ -447,11 +447,21 @@ class DA3Backbone(nn.Module):
         Inference only (the fast path): under autocast the GEMMs already run in ``dtype``, so this only
         removes the per-forward weight casts; norms, layer scales and the residual stream keep fp32.
         """
-        n = 0
-        for mod in self.vit.blocks.modules():
-            if isinstance(mod, (nn.Linear, MergedLoraLinear)):
-                mod.to(dtype)
-                n += 1
+        from fast3dis_ros.model.weight_dtype import store_weights_in
+
+        return store_weights_in(self.vit.blocks, dtype, extra_types=(MergedLoraLinear,))
+
+    def cast_head_weights(self, dtype: torch.dtype) -> int:
+        """Store DA3's DPT head and camera decoder weights in ``dtype`` (only with ``head_autocast``: they
+        run under the caller's autocast then; DA3's own fp32 heads would meet bf16 weights). The camera
+        encoder always runs in fp32 and is left alone."""
+        from fast3dis_ros.model.weight_dtype import store_weights_in
+
+        if not self.head_autocast:
+            raise RuntimeError("cast_head_weights needs head_autocast=True (DA3 runs its heads in fp32)")
+        n = store_weights_in(self.net.head, dtype)
+        if getattr(self.net, "cam_dec", None) is not None:
+            n += store_weights_in(self.net.cam_dec, dtype)
         return n
 
     def merge_lora_for_inference(self) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from fast3dis_ros.model.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
+from fast3dis_ros.model.weight_dtype import store_weights_in
 
 
 def rigid_inverse(T: Tensor) -> Tensor:
@@ -88,7 +89,8 @@ class Fast3DIS(nn.Module):
         (one GEMM per linear in pass 2), ``torch.compile`` of
         the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
         graph, no breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a
-        GPU); the ViT's linear weights are stored in it and fc1 + GELU become one GEMM
+        GPU); the GEMM and conv weights of the ViT blocks, of both heads (DA3's only with ``dpt_bf16``)
+        are stored in it (``weight_dtype.py``) and fc1 + GELU become one GEMM
         (``DA3Backbone.compile_blocks``). Compilation happens at the first forward of each window shape
         (about a minute for DA3-Large on a 16-core host). Load weights first; training afterwards is
         unsupported.
@@ -96,6 +98,10 @@ class Fast3DIS(nn.Module):
         self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
         if merge_lora:
             self.backbone.merge_lora_for_inference()
+        if weight_dtype is not None:  # both heads run under autocast(weight_dtype) from here on
+            store_weights_in(self.head, weight_dtype)
+            if dpt_bf16:
+                self.backbone.cast_head_weights(weight_dtype)
         if blocks:
             self.backbone.compile_blocks(weight_dtype=weight_dtype)
         if head:
