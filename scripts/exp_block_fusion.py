@@ -108,10 +108,38 @@ def apply_variant(model, variant: str) -> None:
         bb._tap_impl = None  # eager taps, as before
 
 
+def measured_floor(model, x) -> dict:
+    """The bench's measured-rate floor at this window, with cuDNN's conv benchmark mode off and on."""
+    from fast3dis_ros.bench import vit_flops_parts
+    from fast3dis_ros.bench_profile import flop_count, measured_floor_ms, measured_rates
+
+    V, H, W = x.shape[1], x.shape[-2], x.shape[-1]
+
+    def run_ref():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x, return_aux=False)
+
+    total = flop_count(run_ref)["total"]
+    bb = model.backbone
+    parts = vit_flops_parts(bb, V, H, W, bb.lora_start)
+    conv_ch = next(m for m in bb.net.head.scratch.refinenet1.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+    tokens = (H // 14) * (W // 14) + 1 + bb.vit.num_register_tokens
+    out = {"tflop": total / 1e12}
+    for bench_mode in (False, True):
+        torch.backends.cudnn.benchmark = bench_mode
+        rates = measured_rates(x.device, torch.bfloat16, V, tokens, bb.vit.embed_dim, bb.vit.blocks[0].attn.num_heads,
+                               (4 * H // 14, 4 * W // 14), conv_ch, iters=10)
+        out[f"cudnn_benchmark={bench_mode}"] = {"rates": rates, "floor_ms": measured_floor_ms(total, parts, rates)}
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", type=int, default=8)
-    ap.add_argument("--variants", nargs="+", default=["new", "s3"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["new", "s3"],
+                    choices=list(VARIANTS) + [f"{v}+cudnn" for v in VARIANTS],
+                    help="'+cudnn': with torch.backends.cudnn.benchmark on (cuDNN times its conv algorithms)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -136,6 +164,7 @@ def main() -> None:
     x = torch.randn(1, V, 3, H, W, generator=torch.Generator().manual_seed(V)).to(device)
     reference = None
     for variant in args.variants:
+        base, _, extra = variant.partition("+")
         t0 = time.perf_counter()
         _, model, plain = build(bargs)
         del plain
@@ -144,7 +173,10 @@ def main() -> None:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x, return_aux=False)
             reference = {k: out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
-        apply_variant(model, variant)
+            results["floor"] = measured_floor(model, x)
+            print("# measured-rate floor:", json.dumps(results["floor"]), flush=True)
+        torch.backends.cudnn.benchmark = extra == "cudnn"
+        apply_variant(model, base)
         fn = lambda im, K=None, T_cam_world=None: model(im, K, T_cam_world, return_aux=False)  # noqa: E731
         gf = GraphedForward(fn, amp_dtype=torch.bfloat16, max_graphs=1)
         res = measure(lambda: gf(x), device, 4, args.iters)
