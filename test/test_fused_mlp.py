@@ -163,8 +163,12 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
     model = Fast3DIS(Fast3disConfig.tiny()).eval()
     model.backbone.head_autocast = True
     x = torch.randn(1, 3, 3, 70, 98)
+    K = torch.tensor([[60.0, 0, 49], [0, 60, 35], [0, 0, 1]]).expand(1, 3, 3, 3)
+    T = torch.eye(4).repeat(1, 3, 1, 1)
+    T[:, :, 0, 3] = torch.arange(3) * 0.2
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref = model(x, return_aux=False)
+        ref_posed = model(x, K=K, T_cam_world=T, return_aux=False)
         n_head = store_weights_in(model.head, torch.bfloat16)
         n_dpt = model.backbone.cast_head_weights(torch.bfloat16)
         n_blocks = model.backbone.cast_block_linears(torch.bfloat16)
@@ -176,6 +180,11 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
         p.dtype == torch.float32 for p in model.backbone.net.cam_enc.parameters())  # runs in fp32
     for key in ("depth", "pred_logits", "pred_masks"):
         torch.testing.assert_close(out[key].float(), ref[key].float(), rtol=2e-2, atol=2e-2)
+    # known cameras: DA3's camera encoder keeps fp32 weights and runs outside autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        posed = model(x, K=K, T_cam_world=T, return_aux=False)
+    for key in ("depth", "pred_masks"):
+        torch.testing.assert_close(posed[key].float(), ref_posed[key].float(), rtol=2e-2, atol=2e-2)
     model.backbone.head_autocast = False
     with pytest.raises(RuntimeError, match="head_autocast"):
         model.backbone.cast_head_weights(torch.bfloat16)
