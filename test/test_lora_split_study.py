@@ -172,19 +172,14 @@ def test_prepare_cache_renders_on_the_gpu_and_falls_back_to_cpu_processes(monkey
 
     calls = []
 
-    def fake_check(seeds, *, device, workers, cache, keep, **kw):  # make_synthetic_scenes
-        calls.append(("processes" if workers else "check", device, workers, len(seeds)))
+    def fake_make(seeds, *, device, workers, write_threads, cache, keep, **kw):  # make_synthetic_scenes
+        calls.append((device, workers, write_threads, len(seeds)))
         assert not keep and cache == str(tmp_path)
+        if fail and device != "cpu":
+            raise RuntimeError("CUDA error: out of memory\nmore")
         return [None] * len(seeds)
 
-    def fake_gpu(seeds, cache, *, device, write_threads, **kw):  # render_in_process
-        calls.append(("in process", device, write_threads, len(seeds)))
-        if fail:
-            raise RuntimeError("CUDA error: out of memory\nmore")
-        return len(seeds)
-
-    monkeypatch.setattr(T, "make_synthetic_scenes", fake_check)
-    monkeypatch.setattr(S, "render_in_process", fake_gpu)
+    monkeypatch.setattr(T, "make_synthetic_scenes", fake_make)
     argv = ["--out", "x", "--scenes", "3", "--val-seeds", "900000-900001", "--test-seeds", "930000",
             "--gen-workers", "5", "--render-device", "cuda"]
     (tmp_path / "scene_0001001").mkdir()
@@ -192,8 +187,8 @@ def test_prepare_cache_renders_on_the_gpu_and_falls_back_to_cpu_processes(monkey
     fail = False
     args = S.build_parser().parse_args(argv)
     info = S.prepare_cache(args, tmp_path, 0.0)
-    # on the GPU: this process renders (5 write threads), then the trainings' cache check; training scenes first
-    assert calls == [("in process", "cuda", 5, 3), ("check", "cuda", 0, 3)] * 2 and args.render_device == "cuda"
+    # on the GPU: rendered in this process (no worker processes) with 5 write threads; training scenes first
+    assert calls == [("cuda", 0, 5, 3), ("cuda", 0, 5, 3)] and args.render_device == "cuda"
     assert info["device"] == "cuda" and "fallback" not in info
     assert (info["scenes"], info["found_in_cache"]) == (6, 1)
     calls.clear()
@@ -201,32 +196,40 @@ def test_prepare_cache_renders_on_the_gpu_and_falls_back_to_cpu_processes(monkey
     args = S.build_parser().parse_args(argv)
     info = S.prepare_cache(args, tmp_path, 0.0)
     # the GPU fails on the first batch: everything again with the CPU processes, and the runs use the CPU
-    assert calls == [("in process", "cuda", 5, 3), ("processes", "cpu", 5, 3), ("processes", "cpu", 5, 3)]
+    assert calls == [("cuda", 0, 5, 3), ("cpu", 5, 5, 3), ("cpu", 5, 5, 3)]
     assert args.render_device == "cpu" and info["device"] == "cpu" and info["requested"] == "cuda"
     assert info["fallback"] == "RuntimeError: CUDA error: out of memory"
 
 
-def test_render_in_process_writes_what_the_trainings_render(tmp_path):
-    """The in-process renderer (here on the CPU, a stand-in for the GPU) caches the very scenes that
-    ``make_synthetic_scenes`` renders on that device, and skips the ones already cached."""
+def test_prepare_cache_writes_what_the_trainings_render(tmp_path, capsys):
+    """``prepare_cache`` (here rendering in this process on the CPU, as on a GPU, with one write thread)
+    caches the very scenes the trainings render, and a second call renders nothing again."""
     from fast3dis_ros.data.synthetic import load_dataset
-    from fast3dis_ros.train.lora_split_study import render_in_process
+    from fast3dis_ros.train import lora_split_study as S
     from fast3dis_ros.train.train import make_synthetic_scenes
 
-    kw = dict(cameras=2, frames=2, height=H, width=W, n_objects=3)
-    assert render_in_process([7, 8], tmp_path, device="cpu", write_threads=2, **kw) == 2
-    assert render_in_process([7, 8, 9], tmp_path, device="cpu", write_threads=2, **kw) == 1
-    ref = make_synthetic_scenes([8], device="cpu", **kw)[0]
-    got = load_dataset(tmp_path / "scene_0000008")
-    assert got.config.to_dict() == ref.config.to_dict()
-    for fa, fb in zip(got.frames, ref.frames, strict=True):
-        for a, b in zip(fa, fb, strict=True):
-            assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.depth, b.depth)
-            assert np.array_equal(a.instance, b.instance)
-    # the trainings' cache check accepts the folders: nothing is rendered again
-    before = (tmp_path / "scene_0000008" / "scene.json").stat().st_mtime_ns
-    make_synthetic_scenes([7, 8, 9], cache=str(tmp_path), keep=False, device="cpu", **kw)
-    assert (tmp_path / "scene_0000008" / "scene.json").stat().st_mtime_ns == before
+    argv = ["--out", "x", "--scenes", "2", "--scene-seed", "7", "--scene-frames", "2", "--val-seeds", "900000",
+            "--test-seeds", "930000", "--cameras", "2", "--frames", "1", "--height", str(H), "--width", str(W),
+            "--objects", "3", "--gen-workers", "0", "--render-device", "cpu"]
+    info = S.prepare_cache(S.build_parser().parse_args(argv), tmp_path, 0.0)
+    assert (info["device"], info["scenes"], info["found_in_cache"]) == ("cpu", 4, 0)
+    assert sorted(p.parent.name for p in tmp_path.glob("*/scene.json")) == [
+        "scene_0000007", "scene_0000008", "scene_0900000", "scene_0930000"]
+    kw = dict(cameras=2, height=H, width=W, n_objects=3)
+    for seed, frames in ((8, 2), (930000, 1)):
+        ref = make_synthetic_scenes([seed], frames=frames, **kw)[0]
+        got = load_dataset(tmp_path / f"scene_{seed:07d}")
+        assert got.config.to_dict() == ref.config.to_dict() and got.n_frames == frames
+        for fa, fb in zip(got.frames, ref.frames, strict=True):
+            for a, b in zip(fa, fb, strict=True):
+                assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.depth, b.depth)
+                assert np.array_equal(a.instance, b.instance)
+    # a second study in the same cache finds every scene: nothing is rendered or written again
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    info = S.prepare_cache(S.build_parser().parse_args(argv), tmp_path, 0.0)
+    assert info["found_in_cache"] == 4 and "0 rendered" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_rerun_in_the_same_folder_starts_without_the_previous_outputs(tmp_path):

@@ -1,6 +1,7 @@
 """Scene cache: threaded loading (``load_datasets``, ``make_synthetic_scenes``) equals a sequential
 ``np.load``, keeps the seed order, reads caches written by numpy's ``savez_compressed`` (the format before
-``write_dataset`` chose its zlib level) and names the folder that fails."""
+``write_dataset`` chose its zlib level) and names the folder that fails; ``make_synthetic_scenes``'s
+overlapped writes (render in this process, write on threads) cache what an unthreaded render caches."""
 
 from __future__ import annotations
 
@@ -173,3 +174,155 @@ def test_render_processes_give_the_in_process_scenes(tmp_path):
         refv = [{k: getattr(v, k) for k in VIEW} for fr in b.frames for v in fr]
         _assert_scene_equals(a, refv)
         _assert_scene_equals(load_dataset(f), refv)
+
+
+# ---------------------------------------------------------------------------------- overlapped writes
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a cache folder as bytes, ``.npz`` files member by member (a zip stores its write time,
+    so two writes of the same arrays differ in their headers only)."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.suffix == ".npz":
+            with zipfile.ZipFile(f) as z:
+                out.update({f"{f.relative_to(folder)}:{m}": z.read(m) for m in sorted(z.namelist())})
+        elif f.is_file():
+            out[str(f.relative_to(folder))] = f.read_bytes()
+    return out
+
+
+def test_overlapped_writes_equal_an_unthreaded_render(tmp_path):
+    """In-process rendering with write threads caches, bit for bit, what rendering and writing one scene
+    after another caches, and what a render without a cache returns."""
+    from fast3dis_ros.train.train import make_synthetic_scenes
+
+    kw = dict(cameras=2, frames=2, height=H, width=W, n_objects=3)
+    seeds = [31, 30, 32, 33, 34]
+    threaded, serial = tmp_path / "threaded", tmp_path / "serial"
+    assert make_synthetic_scenes(seeds, cache=str(threaded), keep=False, write_threads=2, **kw) == [None] * 5
+    make_synthetic_scenes(seeds, cache=str(serial), keep=False, write_threads=0, **kw)
+    ref = make_synthetic_scenes(seeds, **kw)  # no cache
+    for seed, sc in zip(seeds, ref):
+        name = f"scene_{seed:07d}"
+        got = _folder_bytes(threaded / name)
+        assert len(got) == 1 + 2 * 2 * len(VIEW) and got == _folder_bytes(serial / name)
+        _assert_scene_equals(load_dataset(threaded / name), [{k: getattr(v, k) for k in VIEW}
+                                                             for fr in sc.frames for v in fr])
+    # keep=True with write threads returns the rendered scenes themselves, in seed order
+    kept = make_synthetic_scenes(seeds, cache=str(tmp_path / "kept"), write_threads=3, **kw)
+    assert [s.config.seed for s in kept] == seeds
+    for a, b in zip(kept, ref):
+        _assert_scene_equals(a, [{k: getattr(v, k) for k in VIEW} for fr in b.frames for v in fr])
+
+
+def test_overlapped_writes_put_scene_json_last_and_skip_cached_seeds(tmp_path, monkeypatch, capsys):
+    """No view is written into a folder that already has its scene.json (a folder without it is rendered
+    again), and a second call renders only the seeds the cache lacks."""
+    import threading
+
+    from fast3dis_ros.data import synthetic
+    from fast3dis_ros.train import train as T
+
+    kw = dict(cameras=2, frames=2, height=H, width=W, n_objects=3)
+    lock = threading.Lock()
+    writes: list[tuple[str, bool]] = []  # (scene folder, scene.json already there) per view written
+    write_npz = synthetic._write_npz
+
+    def spy_npz(path, arrays, compresslevel):
+        with lock:
+            writes.append((path.parent.parent.name, (path.parent.parent / "scene.json").exists()))
+        write_npz(path, arrays, compresslevel)
+
+    rendered: list[int] = []
+    render_one = T._render_one
+
+    def spy_render(payload):
+        rendered.append(payload[1])
+        return render_one(payload)
+
+    monkeypatch.setattr(synthetic, "_write_npz", spy_npz)
+    monkeypatch.setattr(T, "_render_one", spy_render)
+    T.make_synthetic_scenes([40, 41, 42], cache=str(tmp_path), keep=False, write_threads=2, **kw)
+    assert rendered == [40, 41, 42]
+    assert sorted(writes) == sorted((f"scene_{s:07d}", False) for s in (40, 41, 42) for _ in range(4))
+    mtime = (tmp_path / "scene_0000041" / "scene.json").stat().st_mtime_ns
+    rendered.clear()
+    capsys.readouterr()
+    T.make_synthetic_scenes([40, 43, 41, 42, 44], cache=str(tmp_path), keep=False, write_threads=2, **kw)
+    assert rendered == [43, 44] and "3 from the cache" in capsys.readouterr().out
+    assert (tmp_path / "scene_0000041" / "scene.json").stat().st_mtime_ns == mtime
+
+
+def test_a_failed_render_or_write_leaves_a_consistent_cache(tmp_path, monkeypatch):
+    """A render that raises (the study's GPU fallback) propagates after the scenes rendered before it are
+    written; a write that raises propagates too and leaves no scene.json, so the next call renders it."""
+    from fast3dis_ros.train import train as T
+
+    kw = dict(cameras=2, frames=2, height=H, width=W, n_objects=3)
+    render_one, write_cached = T._render_one, T._write_cached
+
+    def gpu_fails_at_52(payload):
+        if payload[1] == 52:
+            raise RuntimeError("CUDA error: out of memory")
+        return render_one(payload)
+
+    monkeypatch.setattr(T, "_render_one", gpu_fails_at_52)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        T.make_synthetic_scenes([50, 51, 52, 53], cache=str(tmp_path), keep=False, write_threads=2, **kw)
+    assert sorted(p.parent.name for p in tmp_path.glob("*/scene.json")) == ["scene_0000050", "scene_0000051"]
+    ref = T.make_synthetic_scenes([51], **kw)[0]
+    _assert_scene_equals(load_dataset(tmp_path / "scene_0000051"),
+                         [{k: getattr(v, k) for k in VIEW} for fr in ref.frames for v in fr])
+
+    def disk_full_at_53(scene, cache, seed):
+        if seed == 53:
+            (T.scene_cache_folder(cache, seed) / "views").mkdir(parents=True)  # a half-written folder
+            raise OSError("No space left on device")
+        write_cached(scene, cache, seed)
+
+    monkeypatch.setattr(T, "_render_one", render_one)
+    monkeypatch.setattr(T, "_write_cached", disk_full_at_53)
+    with pytest.raises(OSError, match="No space"):
+        T.make_synthetic_scenes([50, 51, 52, 53], cache=str(tmp_path), keep=False, write_threads=2, **kw)
+    assert (tmp_path / "scene_0000052" / "scene.json").is_file()
+    assert not (tmp_path / "scene_0000053" / "scene.json").exists()
+    monkeypatch.setattr(T, "_write_cached", write_cached)
+    got = T.make_synthetic_scenes([50, 51, 52, 53], cache=str(tmp_path), write_threads=2, **kw)
+    assert [s.config.seed for s in got] == [50, 51, 52, 53]
+    assert (tmp_path / "scene_0000053" / "scene.json").is_file()
+
+
+def test_overlapped_writes_bound_the_scenes_waiting_for_their_write(monkeypatch):
+    """With the writes stuck, rendering stops once WRITES_IN_FLIGHT_PER_THREAD scenes per thread wait (plus
+    the one being written by each thread), so a fast GPU render cannot hold the whole data set."""
+    import threading
+    import time
+
+    from fast3dis_ros.train import train as T
+
+    release = threading.Event()
+    rendered: list[int] = []
+    written: list[int] = []
+
+    def fake_render(payload):
+        rendered.append(payload[1])
+        return f"scene {payload[1]}"
+
+    def stuck_write(scene, cache, seed):
+        assert release.wait(30) and scene == f"scene {seed}"
+        written.append(seed)
+
+    monkeypatch.setattr(T, "_render_one", fake_render)
+    monkeypatch.setattr(T, "_write_cached", stuck_write)
+    payloads = [({}, s, "cache", False) for s in range(20)]
+    out: list = []
+    th = threading.Thread(target=lambda: out.extend(T._gen_here_overlapped(payloads, write_threads=2)))
+    th.start()
+    bound = T.WRITES_IN_FLIGHT_PER_THREAD * 2 + 1  # the render that waits for the oldest write
+    deadline = time.monotonic() + 30
+    while len(rendered) < bound and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # a bound that does not hold would render more meanwhile
+    assert len(rendered) == bound == 9 and written == []
+    release.set()
+    th.join(30)
+    assert rendered == list(range(20)) and sorted(written) == list(range(20)) and out == [None] * 20

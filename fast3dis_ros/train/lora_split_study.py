@@ -157,39 +157,15 @@ def resolve_render_device(render_device: str, device: str) -> str:
     return "cuda" if device == "auto" else (device if device.startswith("cuda") else "cpu")
 
 
-def render_in_process(seeds: Sequence[int], cache: Path, *, device: str, frames: int, cameras: int, height: int,
-                      width: int, n_objects: int, write_threads: int) -> int:
-    """Render the scenes of ``seeds`` that ``cache`` lacks on ``device`` in this process, one after another
-    (as the training's own GPU render: same config, so the same pixels), while ``write_threads`` threads
-    write the finished ones (``np.savez_compressed``'s zlib releases the GIL; writing one scene costs
-    ~0.1 s of CPU, more than its GPU render). ``scene.json`` is written last, so a folder without it is
-    rendered again. Returns the number rendered."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, write_dataset
-    from fast3dis_ros.train.train import scene_cache_folder
-
-    cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
-                      device=device)
-    todo = [int(s) for s in seeds if not (scene_cache_folder(cache, s) / "scene.json").is_file()]
-    with ThreadPoolExecutor(max_workers=max(1, write_threads)) as ex:
-        pending: list[Future] = []
-        for s in todo:
-            pending.append(ex.submit(write_dataset, generate_scene(cfg, seed=s), scene_cache_folder(cache, s)))
-            while len(pending) > 4 * max(1, write_threads):  # bound the scenes held in memory
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
-    return len(todo)
-
-
 def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> dict[str, Any]:
     """Render every scene the runs and the scoring need once (runs load them from ``cache``).
 
-    On the CPU: ``--gen-workers`` processes. On a GPU: ``render_in_process``, then the same cache check as
-    the trainings' (``make_synthetic_scenes``: a cached scene of another size/config is rendered again).
-    When the GPU raises (a CUDA error, out of memory), the rest is rendered by the CPU processes (scenes
-    already cached stay) and ``args.render_device`` becomes ``cpu`` for the trainings and the scoring.
+    Through the trainings' own ``make_synthetic_scenes`` (same config, so the same pixels and the same cache
+    check: a cached scene of another size/config is rendered again). On the CPU: ``--gen-workers``
+    processes. On a GPU: in this process, with the scene writes overlapped on up to 8 threads (writing a
+    scene costs more CPU than its GPU render). When the GPU raises (a CUDA error, out of memory), the rest
+    is rendered by the CPU processes (scenes already rendered are written first and stay) and
+    ``args.render_device`` becomes ``cpu`` for the trainings and the scoring.
     Returns the figures of the report's ``render``."""
     from fast3dis_ros.train.train import make_synthetic_scenes, scene_cache_folder
 
@@ -202,15 +178,9 @@ def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> dict[str,
 
     def render(device: str) -> None:
         for seeds, frames, desc in jobs:
-            if device != "cpu":
-                ts = time.perf_counter()
-                n = render_in_process(seeds, cache, device=device, frames=frames,
-                                      write_threads=max(1, min(8, workers)), **common)
-                print(f"[lora-split] {desc}: rendered {n} of {len(seeds)} scenes on {device} in "
-                      f"{time.perf_counter() - ts:.1f}s", flush=True)
             make_synthetic_scenes(seeds, frames=frames, device=device, cache=str(cache),
-                                  workers=workers if device == "cpu" else 0,
-                                  desc=f"{desc} ({'check' if device != 'cpu' else 'render'})", keep=False, **common)
+                                  workers=workers if device == "cpu" else 0, write_threads=max(1, min(8, workers)),
+                                  desc=desc, keep=False, **common)
 
     requested = args.render_device
     info: dict[str, Any] = {"requested": requested, "scenes": n_all, "found_in_cache": n_cached}

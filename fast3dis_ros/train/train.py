@@ -207,16 +207,62 @@ def _load_cached(payload: tuple[dict, int, str | None, bool]) -> tuple[bool, Any
     return True, (sc if keep else None)
 
 
+def _render_one(payload: tuple[dict, int, str | None, bool]) -> Any:
+    """Render scene ``seed`` of one payload (no cache access): shared by :func:`_gen_one` and the
+    overlapped writes of :func:`_gen_here_overlapped`, so both give the same pixels."""
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
+
+    cfg_d, seed, _, _ = payload
+    return generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
+
+
+def _write_cached(scene: Any, cache: str | Path, seed: int) -> None:
+    """Write one rendered scene to its cache folder (``write_dataset`` writes ``scene.json`` last, so an
+    interrupted write leaves a folder that :func:`_load_cached` treats as a miss)."""
+    from fast3dis_ros.data.synthetic import write_dataset
+
+    write_dataset(scene, scene_cache_folder(cache, seed))
+
+
 def _gen_one(payload: tuple[dict, int, str | None, bool]) -> Any:
     """Render scene ``seed`` (a cache miss) and write it to ``cache`` when given; ``keep=False`` returns None
     (filling a cache for other processes without shipping the pixels back to the caller)."""
-    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene, write_dataset
-
-    cfg_d, seed, cache, keep = payload
-    sc = generate_scene(SceneConfig.from_dict(cfg_d), seed=seed)
+    _, seed, cache, keep = payload
+    sc = _render_one(payload)
     if cache:
-        write_dataset(sc, scene_cache_folder(cache, seed))
+        _write_cached(sc, cache, seed)
     return sc if keep else None
+
+
+#: scenes rendered but not yet written, per write thread, in :func:`_gen_here_overlapped`: enough to keep
+#: the threads busy, few enough that a fast (GPU) render does not pile the whole data set up in memory
+WRITES_IN_FLIGHT_PER_THREAD = 4
+
+
+def _gen_here_overlapped(payloads: Sequence[tuple], write_threads: int) -> list[Any]:
+    """:func:`_gen_one` of every payload (all with a cache), in order, rendered one after another in this
+    process while ``write_threads`` threads write the finished ones: ``np.savez_compressed``'s zlib releases
+    the GIL, and writing a scene costs ~0.1 s of CPU, more than its GPU render. At most
+    ``WRITES_IN_FLIGHT_PER_THREAD * write_threads`` scenes wait for their write. When a render raises, the
+    scenes already rendered are written before the error propagates (the thread pool's exit waits), so a
+    fallback renderer finds them in the cache."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    n_threads = max(1, int(write_threads))
+    out: list[Any] = []
+    with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="scene_write") as ex:
+        pending: deque[Future] = deque()
+        for p in payloads:
+            _, seed, cache, keep = p
+            sc = _render_one(p)
+            pending.append(ex.submit(_write_cached, sc, cache, seed))
+            out.append(sc if keep else None)
+            while len(pending) > WRITES_IN_FLIGHT_PER_THREAD * n_threads:
+                pending.popleft().result()
+        for f in pending:
+            f.result()  # a failed write raises here
+    return out
 
 
 def _gen_worker_init() -> None:
@@ -242,12 +288,14 @@ def _load_cached_many(payloads: Sequence[tuple], threads: int) -> list[tuple[boo
 def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, height: int, width: int,
                           n_objects: int = 10, device: str = "cpu", cache: str | None = None,
                           workers: int = 0, desc: str = "scenes", keep: bool = True,
-                          load_threads: int | None = None) -> list[Any]:
+                          load_threads: int | None = None, write_threads: int = 2) -> list[Any]:
     """Generate (or load from ``cache``) synthetic scenes rendered at the training resolution.
 
     Cached scenes are loaded first, on ``load_threads`` threads (None: the usable CPUs, at most 16;
     ``data.synthetic.default_load_threads``), in seed order; the rest are rendered (``workers`` CPU
-    processes when rendering on the CPU, else in this process) and written to ``cache``.
+    processes when rendering on the CPU, else in this process) and written to ``cache``. Rendering in this
+    process, ``write_threads`` threads write the finished scenes while the next one renders
+    (:func:`_gen_here_overlapped`); 0 writes each scene in this thread before the next render.
     ``keep=False``: only fill ``cache`` (the returned list holds None), e.g. once before several trainings.
     """
     from fast3dis_ros.data.synthetic import SceneConfig, default_load_threads
@@ -275,6 +323,8 @@ def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, he
                                  initializer=_gen_worker_init) as ex:
             # one scene per task: a scene takes ~0.1-0.3 s, far more than a task's round trip
             rendered = list(ex.map(_gen_one, render, chunksize=1))
+    elif cache and write_threads > 0 and render:
+        rendered = _gen_here_overlapped(render, write_threads)
     else:
         rendered = [_gen_one(p) for p in render]
     for i, sc in zip(todo, rendered):
