@@ -6,6 +6,7 @@ graph-captured blocks) is ``test_cuda_graph.py::test_fast_path_bf16_close_to_eag
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from depth_anything_3.model.dinov2.layers.mlp import Mlp
 
@@ -48,8 +49,6 @@ def test_fused_mlp_matches_da3_mlp_within_the_gelu_approximation():
 
 def test_fused_mlp_traces_as_one_op():
     """torch.compile keeps the custom op (no graph break), the compiled result equals eager."""
-    import torch._dynamo
-
     mlp = FusedGeluMlp(_mlp(2))
     x = torch.randn(4, 32)
     torch._dynamo.reset()
@@ -95,6 +94,17 @@ def test_fused_backbone_close_to_unfused_in_both_passes():
         st = bb._run_blocks(bb._stem(x, None, None), bb._last_block, bb.cfg.ref_view_strategy)
         feats_off = bb._feature_outputs(st, 42, 56)
     assert [not torch.allclose(a, b, atol=1e-4) for a, b in zip(feats, feats_off)] == lora_taps
+    # a merged-LoRA MLP traces without graph breaks in either pass (one graph per adapter state)
+    mlp = bb.vit.blocks[-1].mlp
+    assert isinstance(mlp.fc1, MergedLoraLinear)
+    tokens = torch.randn(5, mlp.fc1.weight.shape[1])
+    for on in (True, False):
+        with bb.adapters(on):
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(mlp)(tokens)
+            assert explanation.graph_break_count == 0
+            with torch.no_grad():
+                torch.testing.assert_close(torch.compile(mlp, backend="aot_eager")(tokens), mlp(tokens))
 
 
 def test_active_weight_follows_the_adapter_flag():
@@ -188,3 +198,21 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
     model.backbone.head_autocast = False
     with pytest.raises(RuntimeError, match="head_autocast"):
         model.backbone.cast_head_weights(torch.bfloat16)
+
+
+def test_unmerged_lora_blocks_are_not_fused():
+    """An unmerged peft fc1 would lose its adapter inside the fused op: those blocks keep DA3's Mlp."""
+    bb = _backbone(6)  # LoRA on, not merged
+    lora_fc1 = [i for i, b in enumerate(bb.vit.blocks) if type(b.mlp.fc1) is not torch.nn.Linear]
+    assert lora_fc1, "the tiny config puts LoRA on fc1 of the later blocks"
+    x = torch.randn(1, 3, 3, 42, 56)
+    with torch.no_grad():
+        ref = bb.forward_features(x)
+        n = fuse_block_mlps(bb.vit.blocks)
+        out = bb.forward_features(x)
+    assert n == len(bb.vit.blocks) - len(lora_fc1)
+    assert all(not isinstance(bb.vit.blocks[i].mlp, FusedGeluMlp) for i in lora_fc1)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="merged-LoRA"):
+        FusedGeluMlp(bb.vit.blocks[lora_fc1[0]].mlp)

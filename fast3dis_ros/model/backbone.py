@@ -245,8 +245,12 @@ class MergedLoraLinear(nn.Module):
         self.register_buffer("merged_weight", (base.weight + delta).detach(), persistent=False)
         self._disable_adapters = bool(lora_layer._disable_adapters)
 
+    def active_weight(self) -> torch.Tensor:
+        """The frozen weight in pass 1 (adapters off), the merged one in pass 2."""
+        return self.weight if self._disable_adapters else self.merged_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight if self._disable_adapters else self.merged_weight, self.bias)
+        return nn.functional.linear(x, self.active_weight(), self.bias)
 
 
 @dataclass(frozen=True)

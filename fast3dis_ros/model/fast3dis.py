@@ -92,7 +92,7 @@ class Fast3DIS(nn.Module):
         GPU); the GEMM and conv weights of the ViT blocks, of both heads (DA3's only with ``dpt_bf16``)
         are stored in it (``weight_dtype.py``) and fc1 + GELU become one GEMM
         (``DA3Backbone.compile_blocks``). Compilation happens at the first forward of each window shape
-        (about a minute for DA3-Large on a 16-core host). Load weights first; training afterwards is
+        (about two minutes for DA3-Large on the lent 16-core host). Load weights first; training afterwards is
         unsupported.
         """
         self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast3dis_ros.model.backbone import MergedLoraLinear
+
 
 @torch.library.custom_op("fast3dis::linear_gelu_tanh", mutates_args=())
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -37,12 +39,9 @@ def _linear_gelu_tanh_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def active_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight a linear layer multiplies by now: a ``MergedLoraLinear`` picks its frozen or its
-    merged copy by its adapter flag (the same choice its own ``forward`` makes)."""
-    merged = getattr(linear, "merged_weight", None)
-    if merged is not None and not getattr(linear, "_disable_adapters", True):
-        return merged
-    return linear.weight
+    """The weight a plain or merged-LoRA linear layer multiplies by now (``MergedLoraLinear`` picks its
+    frozen or merged copy by its adapter flag, as its own ``forward`` does)."""
+    return linear.active_weight() if isinstance(linear, MergedLoraLinear) else linear.weight
 
 
 class FusedGeluMlp(nn.Module):
@@ -55,7 +54,7 @@ class FusedGeluMlp(nn.Module):
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         if not is_fusable_mlp(mlp):
-            raise ValueError(f"not a GELU Mlp with biases: {mlp!r}")
+            raise ValueError(f"not a GELU Mlp with a plain or merged-LoRA fc1 and biases: {mlp!r}")
         self.fc1 = mlp.fc1
         self.fc2 = mlp.fc2
 
@@ -66,13 +65,17 @@ class FusedGeluMlp(nn.Module):
 
 
 def is_fusable_mlp(mlp: nn.Module) -> bool:
-    """DA3's ``Mlp`` with an erf/tanh GELU, biases on fc1 and inactive dropout (what the fusion replaces)."""
+    """DA3's ``Mlp`` with an erf/tanh GELU, biases on fc1 and inactive dropout (what the fusion replaces).
+
+    ``fc1`` must be a plain ``nn.Linear`` or a ``MergedLoraLinear``: an unmerged peft LoRA layer would be
+    multiplied by its base weight alone, silently dropping the adapter, so such blocks are not fused.
+    """
     act = getattr(mlp, "act", None)
     fc1 = getattr(mlp, "fc1", None)
     drop = getattr(mlp, "drop", None)
     return (
         isinstance(act, nn.GELU)
-        and fc1 is not None
+        and (type(fc1) is nn.Linear or isinstance(fc1, MergedLoraLinear))
         and getattr(fc1, "bias", None) is not None
         and hasattr(mlp, "fc2")
         and (drop is None or not isinstance(drop, nn.Dropout) or drop.p == 0.0 or not mlp.training)
