@@ -11,7 +11,8 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
   cast    + block linear weights stored in bf16
   gelu    + fc1 and GELU as one GEMM (tanh GELU)
   taps    + compiled tap post-processing
-  new     + DPT-head, camera-decoder and instance-head weights stored in bf16
+  heads   + DPT-head, camera-decoder and instance-head weights stored in bf16
+  new     + q/k LayerNorm and RoPE in one pass (``fast_attention.py``)
           (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
 
     python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
@@ -87,15 +88,20 @@ def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
     return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
 
 
-VARIANTS = ("s3", "cast", "gelu", "taps", "new")
+VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new")
 
 
 def apply_variant(model, variant: str) -> None:
     """Cumulative: each variant adds one change to the one before it in ``VARIANTS``."""
+    from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
-    if variant == "new":
+    if variant in ("heads", "new"):
         model.compile_for_inference(weight_dtype=torch.bfloat16)
+        if variant == "heads":  # undo the fused q/k norm + RoPE (blocks compile lazily, at the first call)
+            for blk in model.backbone.vit.blocks:
+                if isinstance(blk.attn, FusedNormRopeAttention):
+                    blk.attn = blk.attn.inner
         return
     model.compile_for_inference(weight_dtype=None)  # s3: no cast, no fusion (taps undone below)
     bb = model.backbone
@@ -141,6 +147,8 @@ def main() -> None:
                     choices=list(VARIANTS) + [f"{v}+cudnn" for v in VARIANTS],
                     help="'+cudnn': with torch.backends.cudnn.benchmark on (cuDNN times its conv algorithms)")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", nargs="*", default=None, help="variants to profile (default: all)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the FLOP count and measured-rate floor")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fast3dis_ros.bench import build, measure
@@ -173,8 +181,9 @@ def main() -> None:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x, return_aux=False)
             reference = {k: out[k].float().clone() for k in ("depth", "pred_logits", "pred_masks")}
-            results["floor"] = measured_floor(model, x)
-            print("# measured-rate floor:", json.dumps(results["floor"]), flush=True)
+            if not args.no_floor:
+                results["floor"] = measured_floor(model, x)
+                print("# measured-rate floor:", json.dumps(results["floor"]), flush=True)
         torch.backends.cudnn.benchmark = extra == "cudnn"
         apply_variant(model, base)
         fn = lambda im, K=None, T_cam_world=None: model(im, K, T_cam_world, return_aux=False)  # noqa: E731
@@ -194,17 +203,18 @@ def main() -> None:
                                         "deviation": dev}
         save()
 
-        def run_eager():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(x, return_aux=False)
+        if args.profile is None or variant in args.profile:
+            def run_eager():
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return model(x, return_aux=False)
 
-        prof = stage_profile(run_eager, device, top=40)
-        print(format_profile(f"{variant}, {V} views, compiled, eager launch", prof, None, 989.0), flush=True)
-        head = stage_kernels(run_eager, "f3d.instance_head")
-        print("# instance head top kernels:", *(f"{k['ms']:.3f} ms x{k['count']} {k['name']}" for k in head),
-              sep="\n#   ", flush=True)
-        results["variants"][variant].update(profile=prof, instance_head_kernels=head)
-        save()
+            prof = stage_profile(run_eager, device, top=40)
+            print(format_profile(f"{variant}, {V} views, compiled, eager launch", prof, None, 989.0), flush=True)
+            head = stage_kernels(run_eager, "f3d.instance_head")
+            print("# instance head top kernels:", *(f"{k['ms']:.3f} ms x{k['count']} {k['name']}" for k in head),
+                  sep="\n#   ", flush=True)
+            results["variants"][variant].update(profile=prof, instance_head_kernels=head)
+            save()
         del gf, model, fast
         gc.collect()
         torch.cuda.empty_cache()

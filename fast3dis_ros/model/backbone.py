@@ -412,7 +412,7 @@ class DA3Backbone(nn.Module):
 
     # ------------------------------------------------------------------ speed options
     def compile_blocks(self, mode: str | None = None, dpt: bool = True, weight_dtype: torch.dtype | None = None,
-                       fuse_gelu: bool | None = None) -> None:
+                       fuse: bool | None = None) -> None:
         """``torch.compile`` every ViT block in place (Inductor fuses the block's element-wise work).
 
         Why: at robot-sized windows a DA3-Large block is bound by memory traffic, not arithmetic: about
@@ -424,12 +424,14 @@ class DA3Backbone(nn.Module):
 
         ``weight_dtype`` (the autocast dtype the forward will run under, e.g. bf16): store the blocks'
         linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (about
-        1.1 ms of an 8-view DA3-Large forward). ``fuse_gelu`` (default: on when ``weight_dtype`` is
-        given): fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU). The tap
-        post-processing (``finish_tap``) is compiled too: one kernel per tap instead of four copies.
+        1.1 ms of an 8-view DA3-Large forward). ``fuse`` (default: on when ``weight_dtype`` is given):
+        fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
+        RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
+        too: one kernel per tap instead of four copies.
         """
         import torch._dynamo
 
+        from fast3dis_ros.model.fast_attention import fuse_block_attention
         from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -437,8 +439,9 @@ class DA3Backbone(nn.Module):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if weight_dtype is not None:
             self.cast_block_linears(weight_dtype)
-        if fuse_gelu if fuse_gelu is not None else weight_dtype is not None:
+        if fuse if fuse is not None else weight_dtype is not None:
             fuse_block_mlps(self.vit.blocks)
+            fuse_block_attention(self.vit.blocks)
         for blk in self.vit.blocks:
             blk.compile(mode=mode, dynamic=False)
         self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
