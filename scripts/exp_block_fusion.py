@@ -14,6 +14,7 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
   heads   + DPT-head, camera-decoder and instance-head weights stored in bf16
   new     + q/k LayerNorm and RoPE in one pass (``fast_attention.py``)
           (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
+  chain   + each block's last residual add done by the next block (``compile_for_inference(chain=True)``)
 
     python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
 """
@@ -88,7 +89,7 @@ def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
     return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
 
 
-VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new")
+VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "chain")
 
 
 def apply_variant(model, variant: str) -> None:
@@ -96,8 +97,8 @@ def apply_variant(model, variant: str) -> None:
     from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
-    if variant in ("heads", "new"):
-        model.compile_for_inference(weight_dtype=torch.bfloat16)
+    if variant in ("heads", "new", "chain"):
+        model.compile_for_inference(weight_dtype=torch.bfloat16, chain=variant == "chain")
         if variant == "heads":  # undo the fused q/k norm + RoPE (blocks compile lazily, at the first call)
             for blk in model.backbone.vit.blocks:
                 if isinstance(blk.attn, FusedNormRopeAttention):

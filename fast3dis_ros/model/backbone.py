@@ -40,6 +40,7 @@ from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
 from omegaconf import OmegaConf
 
 from fast3dis_ros.model.camera_encoding import encode_cameras
+from fast3dis_ros.model.chained_blocks import ChainedBlock, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
 from fast3dis_ros.model.grid_rope import install_grid_rope, rope_table_len
 
@@ -336,6 +337,7 @@ class DA3Backbone(nn.Module):
         self.head_autocast = False
         self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
         self._tap_impl = None  # compile_blocks puts a compiled finish_tap here
+        self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
@@ -412,7 +414,7 @@ class DA3Backbone(nn.Module):
 
     # ------------------------------------------------------------------ speed options
     def compile_blocks(self, mode: str | None = None, dpt: bool = True, weight_dtype: torch.dtype | None = None,
-                       fuse: bool | None = None) -> None:
+                       fuse: bool | None = None, chain: bool = False) -> None:
         """``torch.compile`` every ViT block in place (Inductor fuses the block's element-wise work).
 
         Why: at robot-sized windows a DA3-Large block is bound by memory traffic, not arithmetic: about
@@ -427,7 +429,9 @@ class DA3Backbone(nn.Module):
         1.1 ms of an 8-view DA3-Large forward). ``fuse`` (default: on when ``weight_dtype`` is given):
         fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
         RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
-        too: one kernel per tap instead of four copies.
+        too: one kernel per tap instead of four copies. ``chain``: each block leaves its last residual
+        add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``; opt-in,
+        not yet measured on a GPU).
         """
         import torch._dynamo
 
@@ -444,9 +448,18 @@ class DA3Backbone(nn.Module):
             fuse_block_attention(self.vit.blocks)
         for blk in self.vit.blocks:
             blk.compile(mode=mode, dynamic=False)
+        if chain:
+            self.chain_blocks()
+            for chained in self._chained:
+                chained.compile(mode=mode, dynamic=False)
         self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
+
+    def chain_blocks(self) -> None:
+        """Run the trunk through ``ChainedBlock`` wrappers (see ``_run_blocks``); eager outputs are unchanged."""
+        if self._chained is None:
+            self._chained = [ChainedBlock(blk) for blk in self.vit.blocks]
 
     def cast_block_linears(self, dtype: torch.dtype) -> int:
         """Store every linear layer of the ViT blocks (and merged LoRA copies) in ``dtype``; returns how many.
@@ -568,7 +581,12 @@ class DA3Backbone(nn.Module):
         return pos, pos_nodiff
 
     def _run_blocks(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
-        """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state."""
+        """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state.
+
+        With chained blocks (``compile_blocks(chain=True)``) a block's last residual add is left pending
+        (``chained_blocks.PendingTokens``) for the next block to fuse; it is added up wherever the
+        tokens themselves are needed, so the state this returns always holds plain tokens.
+        """
         vit = self.vit
         x, local_x, taps = st.x, st.local_x, dict(st.taps)
         ref_idx = st.b_idx  # set once DA3 has reordered the views (its `'b_idx' in locals()`)
@@ -585,6 +603,7 @@ class DA3Backbone(nn.Module):
                 and S >= THRESH_FOR_REF_SELECTION
                 and st.cam_token is None
             ):
+                x, local_x = tokens_of(x), tokens_of(local_x)
                 ref_idx = b_idx if b_idx is not None else select_reference_view(x, strategy=ref_view_strategy)
                 x = reorder_by_reference(x, ref_idx)
                 local_x = reorder_by_reference(local_x, ref_idx)
@@ -595,15 +614,26 @@ class DA3Backbone(nn.Module):
                     ref_token = vit.camera_token[:, :1].expand(B, -1, -1)
                     src_token = vit.camera_token[:, 1:].expand(B, S - 1, -1)
                     cam_token = torch.cat([ref_token, src_token], dim=1)
+                x = tokens_of(x)
                 x = torch.cat([cam_token.to(x.dtype)[:, :, None], x[:, :, 1:]], dim=2)
-            if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1:
-                x = vit.process_attention(x, blk, "global", pos=g_pos, attn_mask=None)
+            kind = "global" if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1 else "local"
+            pos = g_pos if kind == "global" else l_pos
+            if self._chained is not None:
+                x = run_chained(self._chained[i], x, kind, pos)
             else:
-                x = vit.process_attention(x, blk, "local", pos=l_pos)
+                x = vit.process_attention(x, blk, kind, pos=pos, attn_mask=None)
+            if kind == "local":
                 local_x = x
             if i in self.out_layers:
+                pending_local = local_x is x
+                x = tokens_of(x)
+                local_x = x if pending_local else tokens_of(local_x)
                 restore = S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None
                 taps[i] = _Tap(local_x if vit.cat_token else None, x, ref_idx if restore else None)
+        if local_x is x:
+            x = local_x = tokens_of(x)
+        else:
+            x, local_x = tokens_of(x), tokens_of(local_x)
         return replace(st, x=x, local_x=local_x, b_idx=ref_idx, next_block=end, taps=taps)
 
     def _finish_taps(self, st: _TrunkState, hw: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

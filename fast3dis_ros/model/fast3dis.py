@@ -83,7 +83,8 @@ class Fast3DIS(nn.Module):
 
     # ------------------------------------------------------------------ speed
     def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
-                              dpt_bf16: bool = True, weight_dtype: torch.dtype | None = None) -> None:
+                              dpt_bf16: bool = True, weight_dtype: torch.dtype | None = None,
+                              chain: bool = False) -> None:
         """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
         DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
         (one GEMM per linear in pass 2), ``torch.compile`` of
@@ -91,7 +92,8 @@ class Fast3DIS(nn.Module):
         graph, no breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a
         GPU); the GEMM and conv weights of the ViT blocks, of both heads (DA3's only with ``dpt_bf16``)
         are stored in it (``weight_dtype.py``) and fc1 + GELU become one GEMM
-        (``DA3Backbone.compile_blocks``). Compilation happens at the first forward of each window shape
+        (``DA3Backbone.compile_blocks``). ``chain``: blocks hand their last residual add to the next
+        block (opt-in, not yet measured on a GPU). Compilation happens at the first forward of each window shape
         (about two minutes for DA3-Large on the lent 16-core host). Load weights first; training afterwards is
         unsupported.
         """
@@ -103,7 +105,7 @@ class Fast3DIS(nn.Module):
             if dpt_bf16:
                 self.backbone.cast_head_weights(weight_dtype)
         if blocks:
-            self.backbone.compile_blocks(weight_dtype=weight_dtype)
+            self.backbone.compile_blocks(weight_dtype=weight_dtype, chain=chain)
         if head:
             self.head.compile(dynamic=False)
 

@@ -1,0 +1,77 @@
+"""Chained ViT blocks: each block's last residual add is done by the next block (``chained_blocks.py``).
+
+CPU, tiny DA3 (DA3 classes, random weights). Eager, the chained trunk must be DA3's to the bit (the same
+adds and multiplies in the same order); traced by ``torch.compile`` it must not break the graph.
+"""
+
+import torch
+import torch._dynamo
+
+from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.chained_blocks import ChainedBlock, PendingTokens, run_chained, tokens_of
+from fast3dis_ros.model.config import BackboneConfig
+
+
+def _backbone(seed=0, lora=True):
+    torch.manual_seed(seed)
+    bb = DA3Backbone(BackboneConfig(name="tiny", lora_rank=4 if lora else 0, process_res=70))
+    with torch.no_grad():
+        for p in bb.lora_parameters() if lora else []:
+            p.normal_(0, 0.05)
+        for blk in bb.vit.blocks:  # layer scales that are not all ones, so a dropped one would show
+            blk.ls1.gamma.uniform_(0.5, 1.5)
+            blk.ls2.gamma.uniform_(0.5, 1.5)
+    return bb
+
+
+def test_pending_tokens_add_up_like_da3():
+    x_mid, delta, gamma = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8), torch.rand(8)
+    p = PendingTokens(x_mid, delta, gamma)
+    assert torch.equal(p.tokens(), x_mid + delta * gamma)
+    assert torch.equal(tokens_of(PendingTokens(x_mid, delta, None)), x_mid + delta)
+    assert tokens_of(x_mid) is x_mid and tokens_of(None) is None
+
+
+def test_chained_trunk_is_bit_identical_in_both_passes():
+    bb = _backbone()
+    x = torch.randn(1, 5, 3, 42, 56)  # >= 3 views: the reorder and the camera token happen mid-trunk
+    with torch.no_grad():
+        geo_ref, feats_ref = bb.forward_both(x)
+        bb.chain_blocks()
+        geo, feats = bb.forward_both(x)
+        feats_alone = bb.forward_features(x)
+    for key in ("depth", "depth_conf", "extrinsics", "intrinsics"):
+        assert torch.equal(geo[key], geo_ref[key]), key
+    for a, b, c in zip(feats, feats_ref, feats_alone):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_chained_block_output_is_the_block_output():
+    bb = _backbone(1, lora=False)
+    blk = bb.vit.blocks[0]
+    chained = ChainedBlock(blk)
+    x = torch.randn(1, 2, 5, bb.vit.embed_dim)
+    with torch.no_grad():
+        ref = bb.vit.process_attention(x, blk, "local", pos=None)
+        out = run_chained(chained, x, "local", None)
+        assert isinstance(out, PendingTokens) and torch.equal(out.tokens(), ref)
+        # fed on to the next block without adding up, the result is still DA3's
+        nxt = bb.vit.blocks[1]
+        ref2 = bb.vit.process_attention(ref, nxt, "local", pos=None)
+        out2 = run_chained(ChainedBlock(nxt), out, "local", None)
+        assert torch.equal(out2.tokens(), ref2)
+
+
+def test_chained_block_traces_as_one_graph():
+    bb = _backbone(2, lora=False)
+    chained = ChainedBlock(bb.vit.blocks[0])
+    x = torch.randn(2, 5, bb.vit.embed_dim)
+    delta, gamma = torch.randn_like(x), bb.vit.blocks[0].ls2.gamma
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(chained)(x, delta, gamma)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    with torch.no_grad():
+        compiled = torch.compile(chained, backend="aot_eager", dynamic=False)(x, delta, gamma)
+        eager = chained(x, delta, gamma)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
