@@ -82,9 +82,12 @@ def test_compiled_and_graphed_close_to_eager():
 
 
 @cuda
-def test_fast_path_bf16_close_to_eager():
-    """What ``Predictor(compile=True)`` runs on a GPU: bf16 block weights, fc1 + GELU in one cuBLASLt
-    GEMM (tanh GELU), compiled taps, graphed; against the eager bf16 forward."""
+@pytest.mark.parametrize("chain", [False, True])
+def test_fast_path_bf16_close_to_eager(chain):
+    """What ``Predictor(compile=True)`` runs on a GPU: bf16 weights, fc1 + GELU in one cuBLASLt GEMM (tanh
+    GELU), q/k norm + RoPE in one pass, compiled taps, graphed; ``chain``: also the opt-in chained
+    residuals. Against the eager bf16 forward."""
+    from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fused_mlp import FusedGeluMlp
 
     dev = torch.device("cuda")
@@ -92,9 +95,11 @@ def test_fast_path_bf16_close_to_eager():
     x = torch.randn(1, 4, 3, 70, 98, device=dev)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = model(x, return_aux=False)
-    model.compile_for_inference(weight_dtype=torch.bfloat16)
+    model.compile_for_inference(weight_dtype=torch.bfloat16, chain=chain)
     blocks = model.backbone.vit.blocks
     assert all(isinstance(b.mlp, FusedGeluMlp) for b in blocks)
+    assert any(isinstance(b.attn, FusedNormRopeAttention) for b in blocks)
+    assert (model.backbone._chained is not None) == chain
     assert all(b.mlp.fc1.weight.dtype == torch.bfloat16 for b in blocks)
     g = GraphedForward(_fwd(model), amp_dtype=torch.bfloat16)
     out = g(x)

@@ -91,10 +91,19 @@ def test_scene_normalization_ignores_invalid_points_like_boolean_indexing():
     assert torch.equal(centre[1], torch.zeros(3)) and scale[1].item() == 1.0
 
 
-@pytest.mark.parametrize("known_pose", [False, True])
-def test_forward_has_no_data_dependent_host_ops(known_pose):
+@pytest.mark.parametrize("known_pose,fast_blocks", [(False, False), (True, False), (False, True)])
+def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
+    """``fast_blocks``: the fast path's block changes (chained residuals, fused q/k norm + RoPE, fused
+    fc1 + GELU) without compilation, so they run here eagerly on ``meta`` too."""
+    from fast3dis_ros.model.fast_attention import fuse_block_attention
+    from fast3dis_ros.model.fused_mlp import fuse_block_mlps
+
     torch.manual_seed(0)
     model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    if fast_blocks:
+        model.backbone.merge_lora_for_inference()
+        model.backbone.chain_blocks()
+        assert fuse_block_attention(model.backbone.vit.blocks) > 0 and fuse_block_mlps(model.backbone.vit.blocks) > 0
     V, H, W = 4, 70, 98
     x = torch.randn(1, V, 3, H, W)
     K = torch.tensor([[60.0, 0, 49], [0, 60, 35], [0, 0, 1]]).expand(1, V, 3, 3)
@@ -113,8 +122,8 @@ def test_forward_has_no_data_dependent_host_ops(known_pose):
 
 # Host-to-device copies (``new_tensor``, ``torch.tensor(..., device=...)``) pass on ``meta`` and are
 # invisible to dispatch modes, so they are caught at the source: none in the modules of the forward.
-FORWARD_MODULES = ["anchors", "backbone", "camera_encoding", "decoder", "fast3dis", "grid_rope", "heads",
-                   "pixel_decoder", "projection"]
+FORWARD_MODULES = ["anchors", "backbone", "camera_encoding", "chained_blocks", "decoder", "fast3dis",
+                   "fast_attention", "fused_mlp", "grid_rope", "heads", "pixel_decoder", "projection"]
 HOST_PATTERNS = [r"\.new_tensor\(", r"torch\.tensor\(", r"torch\.as_tensor\(", r"\.item\(\)", r"\.tolist\(\)",
                  r"\.cpu\(\)", r"\.numpy\(\)", r"torch\.quantile\(", r"torch\.linalg\.inv\("]
 
