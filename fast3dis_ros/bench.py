@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--plot", default=None, help="draw time and peak memory against views to this PNG")
     ap.add_argument("--first-lora-block", type=int, default=None)
     ap.add_argument("--da3-weights", default=None, help="DA3 weights folder/hub id (default: random)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
@@ -748,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2, default=_json_default)
+    if args.plot:
+        from fast3dis_ros.bench_plot import plot_curves
+
+        print(f"# time and memory against views: {plot_curves(result, args.plot)}")
     return 0
 
 

@@ -35,11 +35,16 @@ def _bench_exe() -> list[str]:
 def test_bench_cli_baseline_tiny(tmp_path):
     out = tmp_path / "bench.json"
     cmd = _bench_exe() + ["--size", "tiny", "--device", "cpu", "--views", "2", "--iters", "1", "--warmup", "0",
-                          "--height", "56", "--width", "70", "--baseline", "--json", str(out)]
+                          "--height", "56", "--width", "70", "--baseline", "--json", str(out),
+                          "--plot", str(tmp_path / "curve.png")]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "HDBSCAN baseline" in p.stdout and "f3d_ms" in p.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "curve.png") as png:  # the time / memory curve (bench_plot)
+        assert png.size == (1320, 528)
     res = json.loads(out.read_text())
     assert [r["views"] for r in res["rows"]] == [2]
     r = res["rows"][0]
