@@ -33,16 +33,10 @@ import torch.nn.functional as F
 
 
 def _time_ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        fn()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / iters
+    """Mean ms per call on the GPU (CUDA events after a warm-up; ``bench_profile._rate`` with 1 "FLOP")."""
+    from fast3dis_ros.bench_profile import _rate
+
+    return 1e3 / _rate(fn, 1e12, iters, torch.device("cuda"))
 
 
 def gelu_epilogue(device, m: int, k: int = 1024, n: int = 4096) -> dict:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast3dis_ros.model.block_patch import replace_in_blocks
 from fast3dis_ros.model.grid_rope import GridRope
 
 
@@ -122,10 +123,4 @@ def _head_dim(attn: nn.Module) -> int:
 
 def fuse_block_attention(blocks: nn.ModuleList) -> int:
     """Replace every fusable ``blk.attn`` in ``blocks`` by a ``FusedNormRopeAttention``; returns how many."""
-    n = 0
-    for blk in blocks:
-        attn = getattr(blk, "attn", None)
-        if attn is not None and not isinstance(attn, FusedNormRopeAttention) and is_fusable_attention(attn):
-            blk.attn = FusedNormRopeAttention(attn)
-            n += 1
-    return n
+    return replace_in_blocks(blocks, "attn", FusedNormRopeAttention, is_fusable_attention)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast3dis_ros.model.backbone import MergedLoraLinear
+from fast3dis_ros.model.block_patch import replace_in_blocks
 
 
 @torch.library.custom_op("fast3dis::linear_gelu_tanh", mutates_args=())
@@ -84,10 +85,4 @@ def is_fusable_mlp(mlp: nn.Module) -> bool:
 
 def fuse_block_mlps(blocks: nn.ModuleList) -> int:
     """Replace every fusable ``blk.mlp`` in ``blocks`` by a ``FusedGeluMlp``; returns how many."""
-    n = 0
-    for blk in blocks:
-        mlp = getattr(blk, "mlp", None)
-        if mlp is not None and not isinstance(mlp, FusedGeluMlp) and is_fusable_mlp(mlp):
-            blk.mlp = FusedGeluMlp(mlp)
-            n += 1
-    return n
+    return replace_in_blocks(blocks, "mlp", FusedGeluMlp, is_fusable_mlp)
