@@ -179,3 +179,51 @@ def test_fresh_tiny_net_has_live_fov_branch():
     assert torch.all(fov > 0.5) and torch.all(fov < 1.6), fov
     fov.sum().backward()
     assert fov_layer.bias.grad is not None and torch.all(fov_layer.bias.grad != 0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
+    """The DPT head's UV embeddings, computed once per image size, give DA3's sums to the bit."""
+    from fast3dis_ros.model.backbone import dualdpt_depth_only
+
+    bb, _ = pair
+    x = images(3)
+    head = bb.net.head
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), ctx:
+        st = bb._run_blocks(bb._stem(x, None, None), bb._last_block, bb.cfg.ref_view_strategy)
+        feats = bb._finish_taps(st)
+        pe = bb._dpt_pos_embeds(head, H, W, x.device)
+        assert bb._dpt_pos_embeds(head, H, W, x.device) is pe  # cached
+        assert [tuple(p.shape) for p in pe][-1] == (1, head.scratch.output_conv1.out_channels, H, W)
+        ref = dualdpt_depth_only(head, feats, H, W)  # DA3's _add_pos_embed on every call
+        out = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe)
+    assert ref["depth"].dtype == out["depth"].dtype
+    assert torch.equal(out["depth"], ref["depth"]) and torch.equal(out["depth_conf"], ref["depth_conf"])
+    with torch.no_grad():
+        other = bb._dpt_pos_embeds(head, 2 * H, W, x.device)
+    assert other is not pe and other[-1].shape[-2:] == (2 * H, W)
+
+
+def test_shape_cache_keeps_the_recent_shapes():
+    """Alternating window sizes must not free a tensor an older captured graph still reads."""
+    from fast3dis_ros.model.backbone import ShapeCache
+
+    c = ShapeCache(size=3)
+    tensors = {k: torch.zeros(1) for k in "abcd"}
+    for k in "abc":
+        assert c.put((k,), tensors[k]) is tensors[k]
+    assert c.get(("a",)) is tensors["a"]  # a is now the most recent
+    c.put(("d",), tensors["d"])  # evicts b, the least recently used
+    assert c.get(("b",)) is None and len(c) == 3
+    assert all(c.get((k,)) is tensors[k] for k in "acd")
+
+
+def test_dpt_embeddings_survive_alternating_sizes(pair):
+    bb, _ = pair
+    head = bb.net.head
+    with torch.no_grad():
+        small = bb._dpt_pos_embeds(head, H, W, torch.device("cpu"))
+        big = bb._dpt_pos_embeds(head, 2 * H, W, torch.device("cpu"))
+        assert bb._dpt_pos_embeds(head, H, W, torch.device("cpu")) is small  # not recomputed (nor freed)
+        assert bb._dpt_pos_embeds(head, 2 * H, W, torch.device("cpu")) is big

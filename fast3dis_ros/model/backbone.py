@@ -18,6 +18,7 @@ must not be mutated by the first continuation).
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from depth_anything_3.cfg import create_object, load_config
 from depth_anything_3.model.dinov2.dinov2 import DinoV2
 from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
 from depth_anything_3.model.dualdpt import DualDPT
-from depth_anything_3.model.utils.head_utils import custom_interpolate
+from depth_anything_3.model.utils.head_utils import create_uv_grid, custom_interpolate, position_grid_to_embed
 from depth_anything_3.model.reference_view_selector import (
     reorder_by_reference,
     restore_original_order,
@@ -172,8 +173,22 @@ def init_fov_branch(net: nn.Module, fov_rad: float = 1.05) -> None:
         linear.bias.fill_(fov_rad)
 
 
-def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int) -> dict[str, torch.Tensor]:
-    """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order."""
+def uv_pos_embed(channels: int, h: int, w: int, H: int, W: int, dtype: torch.dtype, device: torch.device,
+                 ratio: float = 0.1) -> torch.Tensor:
+    """The ``(1, channels, h, w)`` UV embedding ``DualDPT._add_pos_embed`` adds to an ``h x w`` map of an
+    ``H x W`` image (``dtype``: the map's; the embedding itself comes out fp32, as in DA3). Same ops."""
+    pe = create_uv_grid(w, h, aspect_ratio=W / H, dtype=dtype, device=device)
+    pe = position_grid_to_embed(pe, channels) * ratio
+    return pe.permute(2, 0, 1)[None]
+
+
+def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
+                       pos_embeds: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order.
+
+    ``pos_embeds``: the 4 stage maps' and the full-resolution map's UV embeddings (``uv_pos_embed``),
+    computed once per shape instead of on every forward (sines and cosines over a 128 x 378 x 504 grid:
+    one 0.26 ms kernel of the 8-view fast path); None: DA3's ``_add_pos_embed``. The sums are the same."""
     B, _, C = feats[0].shape
     ph, pw = H // head.patch_size, W // head.patch_size
     resized = []
@@ -183,7 +198,7 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int)
         x = x.permute(0, 2, 1).reshape(B, C, ph, pw)
         x = head.projects[stage_idx](x)
         if head.pos_embed:
-            x = head._add_pos_embed(x, W, H)
+            x = head._add_pos_embed(x, W, H) if pos_embeds is None else x + pos_embeds[stage_idx]
         x = head.resize_layers[stage_idx](x)
         resized.append(x)
     sc = head.scratch
@@ -196,25 +211,27 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int)
     h_out, w_out = int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
     fused = custom_interpolate(out, (h_out, w_out), mode="bilinear", align_corners=True)
     if head.pos_embed:
-        fused = head._add_pos_embed(fused, W, H)
+        fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
     fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
     pred = head._apply_activation_single(fmap[..., :-1], head.activation)
     conf = head._apply_activation_single(fmap[..., -1], head.conf_activation)
     return {head.head_main: pred.squeeze(-1), f"{head.head_main}_conf": conf}
 
 
-def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8, impl=None) -> ADict:
+def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8, impl=None,
+                       pos_embeds: list[torch.Tensor] | None = None) -> ADict:
     """``DualDPT.forward`` (same chunking, so cuDNN sees the same shapes) returning depth + conf only.
 
-    ``impl``: the per-chunk function (default ``_dualdpt_main_impl``; a compiled one for speed)."""
+    ``impl``: the per-chunk function (default ``_dualdpt_main_impl``; a compiled one for speed);
+    ``pos_embeds``: see ``_dualdpt_main_impl``."""
     impl = impl or _dualdpt_main_impl
     B, S, N, C = feats[0][0].shape
     flat = [f[0].reshape(B * S, N, C) for f in feats]
     if chunk_size is None or chunk_size >= S:
-        out = impl(head, flat, H, W)
+        out = impl(head, flat, H, W, pos_embeds)
         return ADict({k: v.reshape(B, S, *v.shape[1:]) for k, v in out.items()})
     parts = [
-        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W)
+        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds)
         for s0 in range(0, B * S, chunk_size)
     ]
     out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
@@ -252,6 +269,36 @@ class MergedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.active_weight(), self.bias)
+
+
+class ShapeCache:
+    """A small LRU of tensors that depend only on the input shape (position embeddings and the like).
+
+    Why not one entry, cleared on a new shape: a captured CUDA graph reads such tensors by address, and
+    ``GraphedForward`` keeps a graph for each of its last few window shapes (2 by default). A tensor
+    freed while an older graph still reads it would hand that memory to the next allocation. Keeping
+    the last ``size`` entries (more than the graphs kept) keeps every live graph's tensors alive.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple) -> Any:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: Any) -> Any:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(frozen=True)
@@ -327,7 +374,7 @@ class DA3Backbone(nn.Module):
         # RoPE table sized on the host: no device->host sync per block (see grid_rope.py)
         self._rope = install_grid_rope(self.vit)
         self._grid_cache: dict[tuple, torch.Tensor] = {}
-        self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_embed_cache = ShapeCache()
         self.lora_start = cfg.lora_start
         # DA3 computes DualDPT's ray branch and then discards it when a camera decoder exists;
         # skipping it leaves depth/conf/cameras bit-identical and saves a large part of the head.
@@ -337,6 +384,7 @@ class DA3Backbone(nn.Module):
         self.head_autocast = False
         self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
         self._tap_impl = None  # compile_blocks puts a compiled finish_tap here
+        self._dpt_pe_cache = ShapeCache()  # _dpt_pos_embeds
         self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
@@ -548,9 +596,7 @@ class DA3Backbone(nn.Module):
             key = (h, w, x.dtype, str(x.device), pe._version, pe.data_ptr())
             pos_embed = self._pos_embed_cache.get(key)
             if pos_embed is None:
-                self._pos_embed_cache.clear()
-                pos_embed = vit.interpolate_pos_encoding(x, h, w)
-                self._pos_embed_cache[key] = pos_embed
+                pos_embed = self._pos_embed_cache.put(key, vit.interpolate_pos_encoding(x, h, w))
         x = x + pos_embed
         if vit.register_tokens is not None:
             x = torch.cat((x[:, :1], vit.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
@@ -643,11 +689,31 @@ class DA3Backbone(nn.Module):
         return [impl(self.vit.norm, st.taps[i].local_x, st.taps[i].x, st.taps[i].ref_idx, skip, hw)
                 for i in self.out_layers]
 
+    def _dpt_pos_embeds(self, head: DualDPT, H: int, W: int, device: torch.device) -> list[torch.Tensor] | None:
+        """The DPT head's 5 UV embeddings for an ``H x W`` image, cached per (size, dtype, device): they
+        depend on nothing else. The maps' dtype is the conv output's (the autocast dtype when autocast is
+        on). Call under the autocast state the head runs in."""
+        if not head.pos_embed:
+            return None
+        conv = head.scratch.output_conv1
+        dtype = conv.weight.dtype
+        if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        ph, pw = H // head.patch_size, W // head.patch_size
+        h_out, w_out = int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
+        key = (id(head), H, W, dtype, str(device))
+        pe = self._dpt_pe_cache.get(key)
+        if pe is None:
+            shapes = [(p.out_channels, ph, pw) for p in head.projects] + [(conv.out_channels, h_out, w_out)]
+            pe = self._dpt_pe_cache.put(key, [uv_pos_embed(c, h, w, H, W, dtype, device) for c, h, w in shapes])
+        return pe
+
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
         with contextlib.nullcontext() if self.head_autocast else autocast_off(device_type):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
-                output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl)
+                pe = self._dpt_pos_embeds(net.head, H, W, feats[0][0].device)
+                output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe)
             else:
                 output = net._process_depth_head(feats, H, W)
             output = net._process_camera_estimation(feats, H, W, output)
