@@ -473,8 +473,8 @@ class DA3Backbone(nn.Module):
         to DA3. The forward stays free of host syncs, so compiled blocks can be graph-captured.
 
         ``weight_dtype`` (the autocast dtype the forward will run under, e.g. bf16): store the blocks'
-        linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (about
-        1.1 ms of an 8-view DA3-Large forward). ``fuse`` (default: on when ``weight_dtype`` is given):
+        linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (0.9 ms
+        of GPU time, 0.6 ms of wall time at 8 views on an H100; BENCHMARKS 16b). ``fuse`` (default: on when ``weight_dtype`` is given):
         fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
         RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
         too: one kernel per tap instead of four copies. ``chain``: each block leaves its last residual

@@ -2,8 +2,8 @@
 
 Why: under ``torch.autocast(dtype=bf16)`` every fp32 weight of a linear or convolution is cast to
 bf16 on every forward, one small kernel per weight and a full read + write of it. For DA3-Large's
-ViT blocks that is 300 M parameters per pass (about 1 ms at 8 views), and the DPT and instance heads
-add a few hundred tiny cast kernels (``docs/BENCHMARKS.md`` section 16). Casting once gives the same
+ViT blocks that is 300 M parameters per pass (0.9 ms of GPU time at 8 views on an H100), and the DPT
+and instance heads add about 190 tiny cast kernels (0.3 ms; ``docs/BENCHMARKS.md`` 16b). Casting once gives the same
 GEMM inputs (autocast would have produced exactly these bf16 weights), so outputs are unchanged up to
 which kernels Inductor picks. Norms, embeddings and free parameters keep fp32, as autocast keeps them.
 
