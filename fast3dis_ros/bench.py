@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-views", type=int, nargs="*", default=[],
                     help="after everything else: these view counts again with --compile-blocks --compile-head "
                          "--head-autocast (+ graphs), with the deviation from the exact path (CUDA only)")
+    ap.add_argument("--fast-chain", action="store_true",
+                    help="after the --fast-views rows, the same rows with chained blocks (compile_for_inference(chain=True))")
     ap.add_argument("--graph-max-views", type=int, default=64, help="larger windows run eagerly (default 64)")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="view counts to profile (per-stage GPU time, kernels, FLOPs by part; bench_profile)")
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fast_label = "+".join(n for n, on in (("merge+compile", args.compile_blocks), ("head-compile", args.compile_head),
                                           ("head-bf16", args.head_autocast)) if on)
-    deviation = None
+    deviation = chain_deviation = None
     x0 = reference = None
     if fast_label:  # the whole table runs the fast path
         x0, reference = exact_reference(args.views[0])
@@ -707,6 +709,15 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["wall_incl_compile_s"] = time.perf_counter() - t0
         deviation = deviation_from(x0, reference)
         print(f"# deviation of the fast path from the exact one at {args.fast_views[0]} views: {deviation}")
+        if args.fast_chain:  # the same fast path with chained residuals, same run, same floor
+            model.backbone.chain_blocks(compile=True)
+            for V in args.fast_views:
+                t0 = time.perf_counter()
+                measure_row(len(plan), V, args.warmup + 1, args.iters, False,
+                            ("graph+" if args.cuda_graphs else "eager+") + fast_label + "+chain", flops=False)
+                rows[-1]["wall_incl_compile_s"] = time.perf_counter() - t0
+            chain_deviation = deviation_from(x0, reference)
+            print(f"# deviation with chained blocks at {args.fast_views[0]} views: {chain_deviation}")
         x0 = reference = None
     result = {
         "size": args.size, "device": str(device),
@@ -725,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     result["compile_head"] = args.compile_head
     if deviation is not None:
         result["fast_path_deviation"] = deviation
+    if chain_deviation is not None:
+        result["fast_path_chain_deviation"] = chain_deviation
     del model, plain, c_model, c_plain, plain_bb
     gc.collect()
     if device.type == "cuda":

@@ -75,3 +75,17 @@ def test_chained_block_traces_as_one_graph():
         eager = chained(x, delta, gamma)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_chain_blocks_compiled_after_the_fact_matches_eager():
+    """What ``fast3dis-bench --fast-chain`` does to an already fast model: chain + compile (Inductor, CPU)."""
+    bb = _backbone(3)
+    bb.merge_lora_for_inference()
+    x = torch.randn(1, 3, 3, 42, 56)
+    with torch.no_grad():
+        geo_ref, feats_ref = bb.forward_both(x)
+        bb.chain_blocks(compile=True)
+        geo, feats = bb.forward_both(x)
+    torch.testing.assert_close(geo["depth"], geo_ref["depth"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(feats, feats_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

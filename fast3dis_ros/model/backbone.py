@@ -497,17 +497,20 @@ class DA3Backbone(nn.Module):
         for blk in self.vit.blocks:
             blk.compile(mode=mode, dynamic=False)
         if chain:
-            self.chain_blocks()
-            for chained in self._chained:
-                chained.compile(mode=mode, dynamic=False)
+            self.chain_blocks(compile=True, mode=mode)
         self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
 
-    def chain_blocks(self) -> None:
-        """Run the trunk through ``ChainedBlock`` wrappers (see ``_run_blocks``); eager outputs are unchanged."""
+    def chain_blocks(self, compile: bool = False, mode: str | None = None) -> None:
+        """Run the trunk through ``ChainedBlock`` wrappers (see ``_run_blocks``); eager outputs are unchanged.
+        ``compile``: ``torch.compile`` each wrapper (what ``compile_blocks(chain=True)`` does; also usable
+        after ``compile_blocks``, e.g. by ``fast3dis-bench --fast-chain``)."""
         if self._chained is None:
             self._chained = [ChainedBlock(blk) for blk in self.vit.blocks]
+        if compile:
+            for chained in self._chained:
+                chained.compile(mode=mode, dynamic=False)
 
     def cast_block_linears(self, dtype: torch.dtype) -> int:
         """Store every linear layer of the ViT blocks (and merged LoRA copies) in ``dtype``; returns how many.
