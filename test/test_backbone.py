@@ -203,6 +203,7 @@ def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
     with torch.no_grad():
         other = bb._dpt_pos_embeds(head, 2 * H, W, x.device)
     assert other is not pe and other[-1].shape[-2:] == (2 * H, W)
+    assert bb._dpt_pos_embeds(head, H, W, x.device) is None  # autograd on: DA3's own, uncached
 
 
 def test_shape_cache_keeps_the_recent_shapes():

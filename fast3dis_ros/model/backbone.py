@@ -695,8 +695,10 @@ class DA3Backbone(nn.Module):
     def _dpt_pos_embeds(self, head: DualDPT, H: int, W: int, device: torch.device) -> list[torch.Tensor] | None:
         """The DPT head's 5 UV embeddings for an ``H x W`` image, cached per (size, dtype, device): they
         depend on nothing else. The maps' dtype is the conv output's (the autocast dtype when autocast is
-        on). Call under the autocast state the head runs in."""
-        if not head.pos_embed:
+        on). Call under the autocast state the head runs in. With autograd on (training the DA3 weights)
+        it returns None and DA3 computes them itself, as a tensor cached under ``inference_mode`` must
+        not enter a graph that autograd records."""
+        if not head.pos_embed or torch.is_grad_enabled():
             return None
         conv = head.scratch.output_conv1
         dtype = conv.weight.dtype
