@@ -442,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     def enable_fast(compile_blocks: bool, compile_head: bool, head_autocast: bool) -> None:
         """The options of ``Fast3DIS.compile_for_inference`` (what the node's ``compile`` runs); plain DA3
         gets the ones that apply to it."""
-        weight_dtype = dtype if amp and dtype != torch.float32 else None  # what Predictor(compile=True) passes
+        from fast3dis_ros.model.fast3dis import fast_path_weight_dtype
+
+        weight_dtype = fast_path_weight_dtype(device, dtype if amp else None)  # as Predictor(compile=True)
         model.compile_for_inference(blocks=compile_blocks, head=compile_head, merge_lora=compile_blocks,
                                     dpt_bf16=head_autocast, weight_dtype=weight_dtype)
         if plain_bb is not None:

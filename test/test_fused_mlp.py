@@ -216,3 +216,14 @@ def test_unmerged_lora_blocks_are_not_fused():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="merged-LoRA"):
         FusedGeluMlp(bb.vit.blocks[lora_fc1[0]].mlp)
+
+
+def test_fast_path_weight_dtype_only_for_reduced_precision_on_a_gpu():
+    """The one rule Predictor(compile=True) and fast3dis-bench both use for compile_for_inference."""
+    from fast3dis_ros.model.fast3dis import fast_path_weight_dtype
+
+    assert fast_path_weight_dtype("cuda", torch.bfloat16) is torch.bfloat16
+    assert fast_path_weight_dtype(torch.device("cuda", 0), torch.float16) is torch.float16
+    assert fast_path_weight_dtype("cuda", torch.float32) is None
+    assert fast_path_weight_dtype("cuda", None) is None
+    assert fast_path_weight_dtype("cpu", torch.bfloat16) is None

@@ -182,6 +182,12 @@ def uv_pos_embed(channels: int, h: int, w: int, H: int, W: int, dtype: torch.dty
     return pe.permute(2, 0, 1)[None]
 
 
+def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
+    """The size of the DPT head's output map (and of its full-resolution UV embedding) for ``H x W``."""
+    ph, pw = H // head.patch_size, W // head.patch_size
+    return int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
+
+
 def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
                        pos_embeds: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order.
@@ -208,8 +214,7 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
     out = sc.refinenet2(out, l2_rn, size=l1_rn.shape[2:])
     out = sc.refinenet1(out, l1_rn)
     out = sc.output_conv1(out)
-    h_out, w_out = int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
-    fused = custom_interpolate(out, (h_out, w_out), mode="bilinear", align_corners=True)
+    fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
     if head.pos_embed:
         fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
     fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
@@ -335,6 +340,15 @@ def finish_tap(norm: nn.Module, tap_local: torch.Tensor | None, tap_x: torch.Ten
         B, S, _N, C = tok.shape
         tok = tok.transpose(-1, -2).reshape(B, S, C, *hw)
     return tok, raw_cam
+
+
+def _tokens_of_both(x, local_x):
+    """``tokens_of`` for the trunk's current and latest-local tokens, adding a shared pending residual
+    (``local_x is x`` right after a local block) only once, so the two stay one tensor as in DA3."""
+    if local_x is x:
+        x = tokens_of(x)
+        return x, x
+    return tokens_of(x), tokens_of(local_x)
 
 
 @dataclass
@@ -474,8 +488,8 @@ class DA3Backbone(nn.Module):
 
         ``weight_dtype`` (the autocast dtype the forward will run under, e.g. bf16): store the blocks'
         linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (0.9 ms
-        of GPU time, 0.6 ms of wall time at 8 views on an H100; BENCHMARKS 16b). ``fuse`` (default: on when ``weight_dtype`` is given):
-        fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
+        of GPU time, 0.6 ms of wall time at 8 views on an H100; BENCHMARKS 16b). ``fuse`` (default: on
+        when ``weight_dtype`` is given): fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
         RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
         too: one kernel per tap instead of four copies. ``chain``: each block leaves its last residual
         add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``; opt-in,
@@ -652,7 +666,7 @@ class DA3Backbone(nn.Module):
                 and S >= THRESH_FOR_REF_SELECTION
                 and st.cam_token is None
             ):
-                x, local_x = tokens_of(x), tokens_of(local_x)
+                x, local_x = _tokens_of_both(x, local_x)
                 ref_idx = b_idx if b_idx is not None else select_reference_view(x, strategy=ref_view_strategy)
                 x = reorder_by_reference(x, ref_idx)
                 local_x = reorder_by_reference(local_x, ref_idx)
@@ -674,15 +688,10 @@ class DA3Backbone(nn.Module):
             if kind == "local":
                 local_x = x
             if i in self.out_layers:
-                pending_local = local_x is x
-                x = tokens_of(x)
-                local_x = x if pending_local else tokens_of(local_x)
+                x, local_x = _tokens_of_both(x, local_x)
                 restore = S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None
                 taps[i] = _Tap(local_x if vit.cat_token else None, x, ref_idx if restore else None)
-        if local_x is x:
-            x = local_x = tokens_of(x)
-        else:
-            x, local_x = tokens_of(x), tokens_of(local_x)
+        x, local_x = _tokens_of_both(x, local_x)
         return replace(st, x=x, local_x=local_x, b_idx=ref_idx, next_block=end, taps=taps)
 
     def _finish_taps(self, st: _TrunkState, hw: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -704,12 +713,12 @@ class DA3Backbone(nn.Module):
         dtype = conv.weight.dtype
         if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        ph, pw = H // head.patch_size, W // head.patch_size
-        h_out, w_out = int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
         key = (id(head), H, W, dtype, str(device))
         pe = self._dpt_pe_cache.get(key)
         if pe is None:
-            shapes = [(p.out_channels, ph, pw) for p in head.projects] + [(conv.out_channels, h_out, w_out)]
+            ph, pw = H // head.patch_size, W // head.patch_size
+            shapes = [(p.out_channels, ph, pw) for p in head.projects]
+            shapes.append((conv.out_channels, *dpt_output_hw(head, H, W)))
             pe = self._dpt_pe_cache.put(key, [uv_pos_embed(c, h, w, H, W, dtype, device) for c, h, w in shapes])
         return pe
 

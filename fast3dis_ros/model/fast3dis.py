@@ -39,6 +39,13 @@ def rigid_inverse(T: Tensor) -> Tensor:
     return torch.cat([top, T[..., 3:, :]], dim=-2)
 
 
+def fast_path_weight_dtype(device: torch.device | str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The ``weight_dtype`` the fast path compiles with: the reduced autocast dtype on a GPU, None otherwise
+    (fp32, or the CPU, where the weights stay as they are)."""
+    reduced = dtype is not None and dtype != torch.float32
+    return dtype if reduced and torch.device(device).type == "cuda" else None
+
+
 def normalize_extrinsics(T_cam_world: Tensor) -> tuple[Tensor, Tensor]:
     """DA3 API's normalisation: view 0 = identity, median camera-centre distance = 1 (per batch).
 
@@ -91,11 +98,11 @@ class Fast3DIS(nn.Module):
         the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
         graph, no breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a
         GPU); the GEMM and conv weights of the ViT blocks, of both heads (DA3's only with ``dpt_bf16``)
-        are stored in it (``weight_dtype.py``) and fc1 + GELU become one GEMM
-        (``DA3Backbone.compile_blocks``). ``chain``: blocks hand their last residual add to the next
-        block (opt-in, not yet measured on a GPU). Compilation happens at the first forward of each window shape
-        (about two minutes for DA3-Large on the lent 16-core host). Load weights first; training afterwards is
-        unsupported.
+        are stored in it (``weight_dtype.py``), fc1 + GELU become one GEMM and the q/k norm + RoPE one
+        pass (``DA3Backbone.compile_blocks``). ``chain``: blocks hand their last residual add to the next
+        block (opt-in, not yet measured on a GPU). Compilation happens at the first forward of each
+        window shape (about two minutes for DA3-Large on the lent 16-core host). Load weights first;
+        training afterwards is unsupported.
         """
         self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
         if merge_lora:

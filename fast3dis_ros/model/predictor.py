@@ -73,8 +73,9 @@ class Predictor:
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
         if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
-            reduced = self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None
-            self.model.compile_for_inference(weight_dtype=reduced)
+            from fast3dis_ros.model.fast3dis import fast_path_weight_dtype
+
+            self.model.compile_for_inference(weight_dtype=fast_path_weight_dtype(self.device, self.dtype))
         # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
         # windows the eager forward is bound by kernel launches, not arithmetic.
         self.graphed = None
