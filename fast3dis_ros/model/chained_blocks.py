@@ -31,9 +31,6 @@ class PendingTokens:
     def tokens(self) -> torch.Tensor:
         return self.x_mid + (self.delta if self.gamma is None else self.delta * self.gamma)
 
-    def view(self, *shape: int) -> "PendingTokens":
-        return PendingTokens(self.x_mid.view(*shape), self.delta.view(*shape), self.gamma)
-
 
 def tokens_of(x: "torch.Tensor | PendingTokens | None") -> "torch.Tensor | None":
     """The tokens themselves, adding a pending residual up if there is one."""
@@ -60,8 +57,8 @@ class ChainedBlock(nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.out_gamma_module = block.ls2
-        layer_scale_gamma(block.ls1), layer_scale_gamma(block.ls2)  # fail early on unsupported scales
+        for ls in (block.ls1, block.ls2):
+            layer_scale_gamma(ls)  # fail early on an unsupported layer scale
 
     def forward(self, x_mid: torch.Tensor, delta: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
                 pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +68,7 @@ class ChainedBlock(nn.Module):
         return x, b.mlp(b.norm2(x))
 
     def out_gamma(self) -> torch.Tensor | None:
-        return layer_scale_gamma(self.out_gamma_module)
+        return layer_scale_gamma(self.block.ls2)
 
 
 def run_chained(chained: ChainedBlock, x: "torch.Tensor | PendingTokens", kind: str,
