@@ -328,6 +328,25 @@ def test_umeyama_recovers_sim3():
     assert s2 == pytest.approx(s) and np.allclose(R2, R) and np.allclose(t2, t)
 
 
+def test_align_camera_centers_rotation_fallback_is_the_chordal_mean_sum():
+    """The < 3 view / collinear fallback gives bit for bit the projection of sum_v R_gt_v^T R_pred_v."""
+    from fast3dis_ros.geometry.rotations import nearest_rotation
+
+    rng = np.random.default_rng(7)
+    gt = _gt_cameras()
+    for V in (1, 2, 3, 5):
+        for _ in range(20):
+            pred = gt[:V].copy()
+            for v in range(V):
+                pred[v, :3, :3] = _rot(rng.normal(0, 0.3, 3)) @ pred[v, :3, :3]
+            if V >= 3:  # collinear camera centres: the fallback path
+                c = np.outer(rng.normal(size=V), rng.normal(size=3))
+                pred[:, :3, 3] = -np.einsum("vij,vj->vi", pred[:, :3, :3], c)
+            R_ref = nearest_rotation(sum(gt[v, :3, :3].T @ pred[v, :3, :3] for v in range(V)))
+            _, R, _ = align_camera_centers(pred, gt[:V])
+            assert np.array_equal(R, R_ref)
+
+
 def test_pose_auc_one_for_sim3_copy_and_drops_with_noise():
     gt = _gt_cameras()
     s, R, t = 0.37, _rot([0.5, -0.4, 0.2]), np.array([3.0, -2.0, 0.5])

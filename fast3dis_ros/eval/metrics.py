@@ -720,10 +720,10 @@ def align_camera_centers(pred_T_cam_world: np.ndarray, gt_T_cam_world: np.ndarra
         sv = np.linalg.svd(cp - cp.mean(0), compute_uv=False)
         if sv[0] > 0 and sv[1] > 1e-6 * sv[0]:
             return umeyama(cp, cg, with_scale=True)
-    from ..geometry.rotations import nearest_rotation
+    from ..geometry.align import rotation_mean
 
-    # per view: R_gtworld_predworld = R_gt_cw^T @ R_pred_cw; chordal mean via SVD projection
-    R = nearest_rotation(sum(G[v, :3, :3].T @ P[v, :3, :3] for v in range(V)))
+    # per view: R_gtworld_predworld = R_gt_cw^T @ R_pred_cw; their chordal mean
+    R = rotation_mean(np.swapaxes(G[:, :3, :3], 1, 2) @ P[:, :3, :3])
     if V == 1:
         return 1.0, R, cg[0] - R @ cp[0]
     rp = cp @ R.T
