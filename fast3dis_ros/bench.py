@@ -55,13 +55,40 @@ from fast3dis_ros.bench_profile import flop_count, floor_ms, measured_floor_ms, 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def tokens_per_view(vit, height: int, width: int) -> int:
+    """Tokens one view puts through the DA3 ViT: its patches, the camera token and the register tokens."""
+    return (height // 14) * (width // 14) + 1 + vit.num_register_tokens
+
+
+def window_rates(backbone, device: torch.device, dtype: torch.dtype, views: int, height: int, width: int,
+                 iters: int) -> dict[str, float]:
+    """``bench_profile.measured_rates`` on a ``views``-view window's shapes for this DA3 backbone: its
+    block GEMMs and attention, and a 3x3 conv at the DPT head's width on 4x-patch-grid maps."""
+    vit = backbone.vit
+    conv_ch = next(m for m in backbone.net.head.scratch.refinenet1.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+    return measured_rates(device, dtype, views, tokens_per_view(vit, height, width), vit.embed_dim,
+                          vit.blocks[0].attn.num_heads, (4 * height // 14, 4 * width // 14), conv_ch, iters=iters)
+
+
+def output_deviation(out: dict, reference: dict) -> dict[str, float]:
+    """How far a forward's outputs are from a reference forward's (the exact path): depth relative error,
+    logit and mask-logit absolute error, and the share of mask pixels with the same sign."""
+    rel = (out["depth"].float() - reference["depth"]).abs() / reference["depth"].abs().clamp_min(1e-6)
+    return {
+        "depth_max_rel": float(rel.max()), "depth_median_rel": float(rel.median()),
+        "logits_max_abs": float((out["pred_logits"].float() - reference["pred_logits"]).abs().max()),
+        "masks_max_abs": float((out["pred_masks"].float() - reference["pred_masks"]).abs().max()),
+        "mask_sign_agreement": float(((out["pred_masks"].float() > 0) == (reference["pred_masks"] > 0)).float().mean()),
+    }
+
+
 def vit_flops_parts(backbone, views: int, height: int, width: int, shared_split: int | None) -> dict[str, float]:
     """FLOPs of the DA3 ViT trunk for one window (B=1) by kind: ``linear`` (the GEMMs), ``attn_global``
     (all views' tokens in one sequence) and ``attn_local`` (one sequence per view). The kinds run at
     different kernel rates, which the measured-rate floor needs. ``shared_split``: blocks >= it run twice."""
     vit = backbone.vit
     D = vit.embed_dim
-    N = (height // 14) * (width // 14) + 1 + vit.num_register_tokens
+    N = tokens_per_view(vit, height, width)
     last = max(backbone.out_layers) + 1
     parts = {"linear": 0.0, "attn_global": 0.0, "attn_local": 0.0}
     for i in range(last):
@@ -455,14 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     def deviation_from(x0, reference) -> dict:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             fast_out = model(x0, return_aux=False)
-        rel = (fast_out["depth"].float() - reference["depth"]).abs() / reference["depth"].abs().clamp_min(1e-6)
-        return {
-            "views": x0.shape[1], "depth_max_rel": float(rel.max()), "depth_median_rel": float(rel.median()),
-            "logits_max_abs": float((fast_out["pred_logits"].float() - reference["pred_logits"]).abs().max()),
-            "masks_max_abs": float((fast_out["pred_masks"].float() - reference["pred_masks"]).abs().max()),
-            "mask_sign_agreement": float(((fast_out["pred_masks"].float() > 0) == (reference["pred_masks"] > 0))
-                                         .float().mean()),
-        }
+        return {"views": x0.shape[1], **output_deviation(fast_out, reference)}
 
     fast_label = "+".join(n for n, on in (("merge+compile", args.compile_blocks), ("head-compile", args.compile_head),
                                           ("head-bf16", args.head_autocast)) if on)
@@ -501,16 +521,24 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[dict] = []
     baseline_rows: list[dict] = []
 
+    def run_settings() -> dict[str, Any]:
+        """What this run measured with (written into the final JSON and every partial one)."""
+        return {
+            "size": args.size, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": args.dtype, "height": args.height, "width": args.width, "first_lora_block": split,
+            "depth": model.backbone.vit.n_blocks, "warmup": args.warmup, "iters": args.iters,
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "peak_tflops": args.peak_tflops,
+            "torch": torch.__version__,
+        }
+
     def save_partial(stage: str) -> None:
         """Write what is measured so far to ``--json`` (``"partial": true``): a run killed by a time limit
         (the lent GPU's 10-minute calls) still leaves its finished rows. The final write replaces it."""
         if not args.json:
             return
-        snap = {"partial": True, "stage": stage, "size": args.size, "device": str(device), "dtype": args.dtype,
-                "height": args.height, "width": args.width, "first_lora_block": split, "torch": torch.__version__,
-                "argv": list(sys.argv if argv is None else argv), "rows": rows, "profiles": profiles,
-                "baseline_rows": baseline_rows, "notes": notes,
-                "elapsed_s": time.perf_counter() - t_start}
+        snap = {"partial": True, "stage": stage, **run_settings(), "rows": rows, "profiles": profiles,
+                "baseline_rows": baseline_rows, "notes": notes, "elapsed_s": time.perf_counter() - t_start}
         with open(args.json, "w") as fh:
             json.dump(snap, fh, indent=2, default=_json_default)
     notes: list[str] = []
@@ -531,13 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     def rates_at(V: int) -> dict[str, float]:
         """This device's measured kernel rates on a ``V``-view window's shapes (for the measured-rate floor)."""
         if V not in rates_cache:
-            vit = model.backbone.vit
-            head = model.backbone.net.head
-            conv_ch = next(m for m in head.scratch.refinenet1.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
-            tokens = (args.height // 14) * (args.width // 14) + 1 + vit.num_register_tokens
-            rates_cache[V] = measured_rates(device, dtype, V, tokens, vit.embed_dim, vit.blocks[0].attn.num_heads,
-                                            (4 * args.height // 14, 4 * args.width // 14), conv_ch,
-                                            iters=10 if device.type == "cuda" else 3)
+            rates_cache[V] = window_rates(model.backbone, device, dtype, V, args.height, args.width,
+                                          iters=10 if device.type == "cuda" else 3)
         return rates_cache[V]
 
     def uses_graphs(V: int) -> bool:
@@ -589,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         b = timed(run_f3d, warmup, iters)
         c = {"ms": "skipped", "peak_gib": "skipped"} if big else timed(run_bb, min(warmup, 1), iters)
         ratio = b["ms"] / a["ms"] if isinstance(a["ms"], float) and isinstance(b["ms"], float) else "n/a"
-        fl_a = vit_flops(model.backbone, V, args.height, args.width, None) / (args.peak_tflops * 1e12) * 1e3
-        fl_b = vit_flops(model.backbone, V, args.height, args.width, split) / (args.peak_tflops * 1e12) * 1e3
+        parts_a = vit_flops_parts(model.backbone, V, args.height, args.width, None)
+        parts_b = vit_flops_parts(model.backbone, V, args.height, args.width, split)
+        fl_a = floor_ms(sum(parts_a.values()), args.peak_tflops)
+        fl_b = floor_ms(sum(parts_b.values()), args.peak_tflops)
         flops_a = flops_b = "n/a"
         if flops and not (big or args.no_flops):  # whole-forward FLOPs (one extra eager forward each)
             flops_b = flop_count(runner(f3d_call, x, False))["total"]
@@ -599,19 +624,19 @@ def main(argv: list[str] | None = None) -> int:
         full_a = floor_ms(flops_a, args.peak_tflops) if isinstance(flops_a, float) else "n/a"
         full_b = floor_ms(flops_b, args.peak_tflops) if isinstance(flops_b, float) else "n/a"
         mfloor_a = mfloor_b = "n/a"  # the same FLOPs at the rates this device's kernels reach on these shapes
+        rates = None
         if isinstance(flops_b, float) and V <= MEASURED_FLOOR_MAX_VIEWS:
             rates = rates_at(V)
-            mfloor_b = measured_floor_ms(flops_b, vit_flops_parts(model.backbone, V, args.height, args.width, split), rates)
+            mfloor_b = measured_floor_ms(flops_b, parts_b, rates)
             if isinstance(flops_a, float):
-                mfloor_a = measured_floor_ms(flops_a, vit_flops_parts(model.backbone, V, args.height, args.width, None),
-                                             rates)
+                mfloor_a = measured_floor_ms(flops_a, parts_a, rates)
         row = {
             "views": V, "da3_ms": a["ms"], "fast3dis_ms": b["ms"], "backbone_ms": c["ms"], "ratio": ratio,
             "da3_peak_gib": a["peak_gib"], "fast3dis_peak_gib": b["peak_gib"],
             "floor_da3_ms": fl_a, "floor_fast3dis_ms": fl_b, "warmup": warmup, "iters": iters,
             "flops_da3": flops_a, "flops_fast3dis": flops_b, "floor_full_da3_ms": full_a,
             "floor_full_fast3dis_ms": full_b, "floor_measured_da3_ms": mfloor_a, "floor_measured_fast3dis_ms": mfloor_b,
-            "measured_tflops": rates_cache.get(V) if isinstance(mfloor_b, float) else None,
+            "measured_tflops": rates,
             "cuda_graphs": graphs, "mode": label,
             "fast3dis_times_ms": b.get("times_ms"), "plain_weights_on_device": plain_on_device,
         }
@@ -704,30 +729,24 @@ def main(argv: list[str] | None = None) -> int:
         enable_fast(True, True, True)
         print(f"# fast path ({fast_label}): compiled at the first call of each window shape", flush=True)
         print(hdr, flush=True)
-        for V in args.fast_views:
-            t0 = time.perf_counter()
-            measure_row(len(plan), V, args.warmup + 1, args.iters, False,
-                        ("graph+" if args.cuda_graphs else "eager+") + fast_label, flops=False)
-            rows[-1]["wall_incl_compile_s"] = time.perf_counter() - t0
-        deviation = deviation_from(x0, reference)
-        print(f"# deviation of the fast path from the exact one at {args.fast_views[0]} views: {deviation}")
-        if args.fast_chain:  # the same fast path with chained residuals, same run, same floor
-            model.backbone.chain_blocks(compile=True)
+        # --fast-chain: the same fast path with chained residuals after it, same run, same floor
+        for variant in [""] + (["+chain"] if args.fast_chain else []):
+            if variant == "+chain":
+                model.backbone.chain_blocks(compile=True)
             for V in args.fast_views:
                 t0 = time.perf_counter()
                 measure_row(len(plan), V, args.warmup + 1, args.iters, False,
-                            ("graph+" if args.cuda_graphs else "eager+") + fast_label + "+chain", flops=False)
+                            ("graph+" if uses_graphs(V) else "eager+") + fast_label + variant, flops=False)
                 rows[-1]["wall_incl_compile_s"] = time.perf_counter() - t0
-            chain_deviation = deviation_from(x0, reference)
-            print(f"# deviation with chained blocks at {args.fast_views[0]} views: {chain_deviation}")
+            dev = deviation_from(x0, reference)
+            print(f"# deviation of the fast path{variant} from the exact one at {args.fast_views[0]} views: {dev}")
+            if variant:
+                chain_deviation = dev
+            else:
+                deviation = dev
         x0 = reference = None
     result = {
-        "size": args.size, "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "dtype": args.dtype, "height": args.height, "width": args.width, "first_lora_block": split,
-        "depth": model.backbone.vit.n_blocks, "warmup": args.warmup, "iters": args.iters,
-        "compile": args.compile, "cuda_graphs": args.cuda_graphs, "peak_tflops": args.peak_tflops,
-        "torch": torch.__version__, "rows": rows, "suite": args.suite, "argv": list(sys.argv if argv is None else argv),
+        **run_settings(), "rows": rows, "suite": args.suite, "argv": list(sys.argv if argv is None else argv),
         "cpu_count": os.cpu_count(), "loadavg": _loadavg(),
     }
     if args.baseline:

@@ -216,13 +216,13 @@ def read_records(path: str) -> list[dict]:
         return []
 
 
-def run_pair(profile: Path | None, messages: int, points: int, period: float, timeout: float = 120.0,
-             sub_profile: Path | None | str = "same") -> dict:
-    """One publisher and one subscriber process; ``profile`` for both, or for the publisher only when
-    ``sub_profile`` is given (a Path or None)."""
+def run_pair(profile: Path | None, sub_profile: Path | None, messages: int, points: int, period: float,
+             timeout: float = 120.0) -> dict:
+    """One publisher process with the Fast DDS ``profile`` and one subscriber with ``sub_profile``
+    (None: Fast DDS defaults)."""
     dom = random.Random(os.getpid() ^ time.monotonic_ns()).randint(101, 200)
     tmp = Path(tempfile.mkdtemp(prefix="dds_bench_"))
-    envs = {"pub": child_env(dom, profile), "sub": child_env(dom, profile if sub_profile == "same" else sub_profile)}
+    envs = {"pub": child_env(dom, profile), "sub": child_env(dom, sub_profile)}
     common = ["--messages", str(messages), "--points", str(points)]
     procs = {}
     for role in ("sub", "pub"):
@@ -243,8 +243,7 @@ def run_pair(profile: Path | None, messages: int, points: int, period: float, ti
     shm = {r["role"]: r["bytes"] for rr in recs.values() for r in rr if r["kind"] == "shm"}
     logs = {r: (tmp / f"{r}.log").read_text(errors="replace") for r in procs}
     lat = [r["latency_ms"] for r in recv]
-    sp = profile if sub_profile == "same" else sub_profile
-    return {"profile": str(profile) if profile else None, "sub_profile": str(sp) if sp else None, "points": points, "messages": messages,
+    return {"profile": str(profile) if profile else None, "sub_profile": str(sub_profile) if sub_profile else None, "points": points, "messages": messages,
             "rc": rcs, "received": len(recv), "all_equal": bool(recv) and all(r["equal"] for r in recv),
             "latency_ms": lat, "publish_ms": [r["publish_ms"] for r in sent], "shm_segment_bytes": shm,
             "xml_errors": any("XMLPARSER" in t for t in logs.values()), "logs": logs}
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for points in args.points:
         for k in range(args.runs):
             for setting, (p_pub, p_sub) in settings.items():
-                r = run_pair(p_pub, args.messages, points, args.period, sub_profile=p_sub)
+                r = run_pair(p_pub, p_sub, args.messages, points, args.period)
                 r.update(setting=setting, run=k)
                 runs.append(r)
                 lat = sorted(r["latency_ms"])

@@ -111,8 +111,8 @@ def apply_variant(model, variant: str) -> None:
 
 def measured_floor(model, x) -> dict:
     """The bench's measured-rate floor at this window, with cuDNN's conv benchmark mode off and on."""
-    from fast3dis_ros.bench import vit_flops_parts
-    from fast3dis_ros.bench_profile import flop_count, measured_floor_ms, measured_rates
+    from fast3dis_ros.bench import vit_flops_parts, window_rates
+    from fast3dis_ros.bench_profile import flop_count, measured_floor_ms
 
     V, H, W = x.shape[1], x.shape[-2], x.shape[-1]
 
@@ -123,13 +123,10 @@ def measured_floor(model, x) -> dict:
     total = flop_count(run_ref)["total"]
     bb = model.backbone
     parts = vit_flops_parts(bb, V, H, W, bb.lora_start)
-    conv_ch = next(m for m in bb.net.head.scratch.refinenet1.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
-    tokens = (H // 14) * (W // 14) + 1 + bb.vit.num_register_tokens
     out = {"tflop": total / 1e12}
     for bench_mode in (False, True):
         torch.backends.cudnn.benchmark = bench_mode
-        rates = measured_rates(x.device, torch.bfloat16, V, tokens, bb.vit.embed_dim, bb.vit.blocks[0].attn.num_heads,
-                               (4 * H // 14, 4 * W // 14), conv_ch, iters=10)
+        rates = window_rates(bb, x.device, torch.bfloat16, V, H, W, iters=10)
         out[f"cudnn_benchmark={bench_mode}"] = {"rates": rates, "floor_ms": measured_floor_ms(total, parts, rates)}
     torch.backends.cudnn.benchmark = False
     return out
@@ -146,7 +143,7 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the FLOP count and measured-rate floor")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from fast3dis_ros.bench import build, measure
+    from fast3dis_ros.bench import build, measure, output_deviation
     from fast3dis_ros.bench_profile import format_profile, stage_profile
     from fast3dis_ros.model.cuda_graph import GraphedForward
 
@@ -186,12 +183,7 @@ def main() -> None:
         res = measure(lambda: gf(x), device, 4, args.iters)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
             fast = model(x, return_aux=False)
-        rel = (fast["depth"].float() - reference["depth"]).abs() / reference["depth"].abs().clamp_min(1e-6)
-        dev = {
-            "depth_max_rel": float(rel.max()), "depth_median_rel": float(rel.median()),
-            "logits_max_abs": float((fast["pred_logits"].float() - reference["pred_logits"]).abs().max()),
-            "mask_sign_agreement": float(((fast["pred_masks"].float() > 0) == (reference["pred_masks"] > 0)).float().mean()),
-        }
+        dev = output_deviation(fast, reference)
         print(f"## {variant}: {V} views graphed {res['ms']:.2f} ms, peak {res['peak_gib']:.2f} GiB "
               f"({time.perf_counter() - t0:.0f} s with compilation); deviation {dev}", flush=True)
         results["variants"][variant] = {"ms": res["ms"], "times_ms": res["times_ms"], "peak_gib": res["peak_gib"],

@@ -467,12 +467,9 @@ class DA3Backbone(nn.Module):
 
     def da3_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in plain ``DepthAnything3Net`` naming (LoRA removed, ``base_layer`` unwrapped)."""
-        out = {}
-        for k, v in self.net.state_dict().items():
-            if "lora_" in k:
-                continue
-            out[k.replace(".base_layer.", ".")] = v
-        return out
+        from fast3dis_ros.model.checkpoint import plain_da3_names
+
+        return plain_da3_names(self.net.state_dict())
 
     # ------------------------------------------------------------------ speed options
     def compile_blocks(self, mode: str | None = None, dpt: bool = True, weight_dtype: torch.dtype | None = None,

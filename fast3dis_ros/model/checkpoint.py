@@ -137,6 +137,12 @@ def da3_state_dict_from(path_or_id: str | os.PathLike) -> tuple[dict[str, torch.
     return state, cfg
 
 
+def plain_da3_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA-injected ``DepthAnything3Net`` state in plain DA3 naming: LoRA tensors dropped, peft's
+    ``.base_layer.`` unwrapped."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
 def fast3dis_da3_part(state: dict[str, torch.Tensor], meta: dict[str, Any], source: str
                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The frozen DA3 weights inside a FAST3DIS checkpoint, in ``DepthAnything3Net`` naming.
@@ -150,8 +156,7 @@ def fast3dis_da3_part(state: dict[str, torch.Tensor], meta: dict[str, Any], sour
         raise CheckpointMismatchError(source, extra="this FAST3DIS checkpoint stores LoRA + head only; its DA3 "
                                       f"weights are {meta.get('backbone', {}).get('pretrained')!r}")
     prefix = "backbone.net."
-    da3 = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items()
-           if k.startswith(prefix) and "lora_" not in k}
+    da3 = plain_da3_names({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     from fast3dis_ros.model.config import DA3_SPECS
 
     name = meta.get("backbone", {}).get("name")
