@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -60,6 +60,10 @@ __all__ = [
     "SCANNET_IOU_THRESHOLDS",
     "COCO_IOU_THRESHOLDS",
     "InstanceAPEvaluator",
+    "SceneMatches",
+    "match_scene",
+    "ap_from_matches",
+    "ap_summary",
     "instance_ap",
     "CommonPointSet",
     "backproject_depth",
@@ -233,83 +237,112 @@ class InstanceAPEvaluator:
             )
         )
 
-    def _match_threshold(self, th: float):
-        y_true, y_score = [], []
-        hard_fn = 0
-        has_gt = has_pred = False
-        for sc in self.scenes:
-            valid_gt = sc.gt_counts >= self.min_region_size
-            gidx = np.nonzero(valid_gt)[0]
-            P = sc.pred_counts.shape[0]
-            has_gt |= gidx.size > 0
-            has_pred |= P > 0
-            union = sc.gt_counts[:, None] + sc.pred_counts[None, :] - sc.inter
-            with np.errstate(divide="ignore", invalid="ignore"):
-                iou = np.where(sc.inter > 0, sc.inter / np.maximum(union, 1), 0.0)
-            # preds in descending score (stable) -> the greedy-by-score version of ScanNet's loop
-            pred_order = np.argsort(-sc.pred_scores, kind="stable")
-            visited = np.zeros(P, dtype=bool)
-            cur_true = np.ones(len(gidx))
-            cur_score = np.full(len(gidx), -np.inf)
-            cur_match = np.zeros(len(gidx), dtype=bool)
-            extra_true, extra_score = [], []
-            for k, g in enumerate(gidx):
-                found = False
-                for p in pred_order:
-                    if sc.inter[g, p] <= 0 or visited[p]:
-                        continue
-                    if iou[g, p] > th:
-                        conf = sc.pred_scores[p]
-                        if cur_match[k]:
-                            hi, lo = max(cur_score[k], conf), min(cur_score[k], conf)
-                            cur_score[k] = hi
-                            extra_true.append(0.0)
-                            extra_score.append(lo)
-                        else:
-                            found = True
-                            cur_match[k] = True
-                            cur_score[k] = conf
-                            visited[p] = True
-                if not found:
-                    hard_fn += 1
-            y_true.extend(cur_true[cur_match].tolist() + extra_true)
-            y_score.extend(cur_score[cur_match].tolist() + extra_score)
-            small_gt = ~valid_gt
-            for p in range(P):
-                # matched against *valid* GT only (ScanNet filters GT before matching)
-                if np.any(iou[gidx, p] > th):
-                    continue
-                n_ignore = sc.pred_void[p] + sc.inter[small_gt, p].sum()
-                if n_ignore / sc.pred_counts[p] <= th:
-                    y_true.append(0.0)
-                    y_score.append(float(sc.pred_scores[p]))
-        return np.asarray(y_true, dtype=np.float64), np.asarray(y_score, dtype=np.float64), hard_fn, has_gt, has_pred
+    def evaluated_thresholds(self) -> list[float]:
+        """The IoU thresholds ``compute()`` matches at: ``iou_thresholds`` (AP = their mean), then 0.50
+        and 0.25 where they are not among them (for AP50 / AP25)."""
+        extra = [t for t in (0.5, 0.25) if not np.any(np.isclose(self.iou_thresholds, t))]
+        return [float(t) for t in self.iou_thresholds] + extra
+
+    def scene_matches(self, th: float) -> list[SceneMatches]:
+        """Each added scene's ScanNet matches at IoU threshold ``th`` (``match_scene``), in order."""
+        return [match_scene(sc, th, self.min_region_size) for sc in self.scenes]
 
     def compute(self) -> dict:
         """Returns dict with AP (mean over thresholds), AP50, AP25, ``ap_per_threshold`` {th: ap},
         ``curves`` {"0.50": {"precision", "recall"}, "0.25": ...}, ``n_scenes``, ``n_gt``, ``n_pred``."""
-        ths = list(self.iou_thresholds)
-        extra = [t for t in (0.5, 0.25) if not np.any(np.isclose(self.iou_thresholds, t))]
+        ths = [float(t) for t in self.iou_thresholds]
         per_th, curves = {}, {}
-        for th in ths + extra:
-            y_true, y_score, hfn, has_gt, has_pred = self._match_threshold(float(th))
-            ap, prec, rec = _scannet_ap(y_true, y_score, hfn, has_gt, has_pred)
+        for th in self.evaluated_thresholds():
+            ap, prec, rec = ap_from_matches(self.scene_matches(th))
             key = f"{th:.2f}"
             per_th[key] = ap
             curves[key] = {"precision": prec, "recall": rec}
-        main = np.array([per_th[f"{t:.2f}"] for t in ths])
-        ap_mean = float(np.nanmean(main)) if np.any(~np.isnan(main)) else float("nan")
         return {
-            "AP": ap_mean,
-            "AP50": per_th["0.50"],
-            "AP25": per_th["0.25"],
+            **ap_summary(per_th, ths),
             "ap_per_threshold": {k: per_th[k] for k in (f"{t:.2f}" for t in ths)},
             "curves": {k: curves[k] for k in ("0.50", "0.25")},
             "n_scenes": len(self.scenes),
             "n_gt": int(sum(int((s.gt_counts >= self.min_region_size).sum()) for s in self.scenes)),
             "n_pred": int(sum(s.pred_counts.shape[0] for s in self.scenes)),
-            "iou_thresholds": [float(t) for t in ths],
+            "iou_thresholds": ths,
         }
+
+
+class SceneMatches(NamedTuple):
+    """One scene's ScanNet matches at one IoU threshold; scenes pool by concatenation (``ap_from_matches``)."""
+
+    y_true: np.ndarray  # (M,) 1 for a matched GT, 0 for a false positive
+    y_score: np.ndarray  # (M,) the prediction scores
+    hard_fn: int  # GT instances with no match
+    has_gt: bool
+    has_pred: bool
+
+
+def match_scene(sc: _SceneStats, th: float, min_region_size: int = 1) -> SceneMatches:
+    """ScanNet's greedy matching of one scene at IoU threshold ``th``. GT instances below ``min_region_size``
+    points are not matched; their points count, with void, as ignored when an unmatched prediction is
+    judged a false positive (ignored fraction <= ``th``)."""
+    valid_gt = sc.gt_counts >= min_region_size
+    gidx = np.nonzero(valid_gt)[0]
+    P = sc.pred_counts.shape[0]
+    union = sc.gt_counts[:, None] + sc.pred_counts[None, :] - sc.inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(sc.inter > 0, sc.inter / np.maximum(union, 1), 0.0)
+    # preds in descending score (stable) -> the greedy-by-score version of ScanNet's loop
+    pred_order = np.argsort(-sc.pred_scores, kind="stable")
+    visited = np.zeros(P, dtype=bool)
+    cur_true = np.ones(len(gidx))
+    cur_score = np.full(len(gidx), -np.inf)
+    cur_match = np.zeros(len(gidx), dtype=bool)
+    extra_true, extra_score = [], []
+    hard_fn = 0
+    for k, g in enumerate(gidx):
+        found = False
+        for p in pred_order:
+            if sc.inter[g, p] <= 0 or visited[p]:
+                continue
+            if iou[g, p] > th:
+                conf = sc.pred_scores[p]
+                if cur_match[k]:
+                    hi, lo = max(cur_score[k], conf), min(cur_score[k], conf)
+                    cur_score[k] = hi
+                    extra_true.append(0.0)
+                    extra_score.append(lo)
+                else:
+                    found = True
+                    cur_match[k] = True
+                    cur_score[k] = conf
+                    visited[p] = True
+        if not found:
+            hard_fn += 1
+    y_true = cur_true[cur_match].tolist() + extra_true
+    y_score = cur_score[cur_match].tolist() + extra_score
+    small_gt = ~valid_gt
+    for p in range(P):
+        # matched against *valid* GT only (ScanNet filters GT before matching)
+        if np.any(iou[gidx, p] > th):
+            continue
+        n_ignore = sc.pred_void[p] + sc.inter[small_gt, p].sum()
+        if n_ignore / sc.pred_counts[p] <= th:
+            y_true.append(0.0)
+            y_score.append(float(sc.pred_scores[p]))
+    return SceneMatches(np.asarray(y_true, dtype=np.float64), np.asarray(y_score, dtype=np.float64), hard_fn,
+                        gidx.size > 0, P > 0)
+
+
+def ap_from_matches(matches: Sequence[SceneMatches]) -> tuple[float, np.ndarray, np.ndarray]:
+    """Pooled ScanNet AP of scenes' matches at one IoU threshold: (ap, precision, recall)."""
+    y_true = np.concatenate([m.y_true for m in matches]) if matches else np.zeros(0)
+    y_score = np.concatenate([m.y_score for m in matches]) if matches else np.zeros(0)
+    return _scannet_ap(y_true, y_score, sum(m.hard_fn for m in matches), any(m.has_gt for m in matches),
+                       any(m.has_pred for m in matches))
+
+
+def ap_summary(per_th: dict[str, float], iou_thresholds: Sequence[float]) -> dict[str, float]:
+    """AP (nan-mean over ``iou_thresholds``), AP50 and AP25 from per-threshold APs keyed ``f"{th:.2f}"``."""
+    main = np.array([per_th[f"{t:.2f}"] for t in iou_thresholds])
+    ap_mean = float(np.nanmean(main)) if np.any(~np.isnan(main)) else float("nan")
+    return {"AP": ap_mean, "AP50": per_th["0.50"], "AP25": per_th["0.25"]}
 
 
 def instance_ap(scenes: Iterable, iou_thresholds="scannet", min_region_size: int = 1) -> dict:

@@ -27,13 +27,6 @@ import torch
 __all__ = ["SplitCost", "split_cost", "PooledAP", "score_checkpoint", "test_windows", "time_forward"]
 
 
-def _ap_thresholds() -> list[float]:
-    """ScanNet's 0.50..0.90 (AP = their mean), the very floats ``InstanceAPEvaluator`` compares with."""
-    from fast3dis_ros.eval.metrics import SCANNET_IOU_THRESHOLDS
-
-    return [float(t) for t in SCANNET_IOU_THRESHOLDS]
-
-
 @dataclass
 class SplitCost:
     split: int  # first_lora_block
@@ -79,18 +72,18 @@ def split_cost(cfg: Any, split: int, views: int, height: int, width: int) -> Spl
 class PooledAP:
     """Pooled ScanNet AP over windows with a cheap bootstrap over windows.
 
-    ``add`` keeps each window's per-scene statistics; for every IoU threshold the greedy ScanNet matching
-    of each window is computed once (``InstanceAPEvaluator._match_threshold`` on that window alone, which
-    is what the pooled evaluator does scene by scene), so a resample only concatenates match lists and
-    runs the AP integral (``eval.metrics._scannet_ap``). ``compute()`` equals
-    ``InstanceAPEvaluator.compute()`` over the same windows (tested).
+    ``add`` keeps each window's per-scene statistics in an ``InstanceAPEvaluator``; for every IoU threshold
+    the ScanNet matching of each window is computed once (``InstanceAPEvaluator.scene_matches``: the
+    matching is per scene), so a resample only pools the windows' matches and runs the AP integral
+    (``eval.metrics.ap_from_matches``, the reduction ``InstanceAPEvaluator.compute()`` itself uses).
+    ``compute()`` equals ``InstanceAPEvaluator.compute()`` over the same windows (tested).
     """
 
     def __init__(self) -> None:
         from fast3dis_ros.eval.metrics import InstanceAPEvaluator
 
         self._ev = InstanceAPEvaluator()
-        self._matches: dict[float, list[tuple]] | None = None
+        self._matches: dict[float, list] | None = None
 
     def __len__(self) -> int:
         return len(self._ev.scenes)
@@ -99,36 +92,19 @@ class PooledAP:
         self._ev.add_scene(np.asarray(pred_labels).ravel(), np.asarray(scores), np.asarray(gt_labels).ravel())
         self._matches = None
 
-    def _window_matches(self) -> dict[float, list[tuple]]:
-        from fast3dis_ros.eval.metrics import InstanceAPEvaluator
-
+    def _window_matches(self) -> dict[float, list]:
         if self._matches is None:
-            one = InstanceAPEvaluator()
-            self._matches = {t: [] for t in (*_ap_thresholds(), 0.25)}
-            for sc in self._ev.scenes:
-                one.scenes = [sc]
-                for t in self._matches:
-                    self._matches[t].append(one._match_threshold(t))
+            self._matches = {t: self._ev.scene_matches(t) for t in self._ev.evaluated_thresholds()}
         return self._matches
 
     def compute(self, idx: Sequence[int] | None = None) -> dict[str, float]:
         """AP / AP50 / AP25 over the windows ``idx`` (default all; repeats allowed)."""
-        from fast3dis_ros.eval.metrics import _scannet_ap
+        from fast3dis_ros.eval.metrics import ap_from_matches, ap_summary
 
         m = self._window_matches()
         idx = range(len(self)) if idx is None else idx
-        per_th = {}
-        for t, rows in m.items():
-            sel = [rows[i] for i in idx]
-            y_true = np.concatenate([r[0] for r in sel]) if sel else np.zeros(0)
-            y_score = np.concatenate([r[1] for r in sel]) if sel else np.zeros(0)
-            ap, _p, _r = _scannet_ap(y_true, y_score, sum(r[2] for r in sel), any(r[3] for r in sel),
-                                     any(r[4] for r in sel))
-            per_th[t] = ap
-        ths = _ap_thresholds()
-        main = np.array([per_th[t] for t in ths], dtype=np.float64)
-        return {"AP": float(np.nanmean(main)) if np.any(~np.isnan(main)) else float("nan"),
-                "AP50": float(per_th[ths[0]]), "AP25": float(per_th[0.25])}
+        per_th = {f"{t:.2f}": ap_from_matches([rows[i] for i in idx])[0] for t, rows in m.items()}
+        return {k: float(v) for k, v in ap_summary(per_th, self._ev.iou_thresholds).items()}
 
     def bootstrap(self, resamples: np.ndarray) -> dict[str, np.ndarray]:
         """AP / AP50 / AP25 for each row of window indices ``resamples (R, n)``."""
