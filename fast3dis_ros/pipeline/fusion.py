@@ -143,11 +143,10 @@ class VoxelMap:
         window's latency path) keeps those faults out of the next window's ``begin``. When the next ``n``
         rows do not fit, the row arrays grow here too: at the 1M-voxel cap that copy took 40-50 ms, which
         ``_ensure`` would otherwise pay inside the next window's ``begin``."""
-        need = self._count + int(n)
-        if need > self._cap:
-            self._alloc_rows(self._grown_cap(need, int(n)), keep=self._count)
+        n = int(n)
+        self._reserve_rows(n)
         a = max(self._touched, self._count)
-        b = min(self._count + int(n), self._cap)
+        b = min(self._count + n, self._cap)
         if b <= a:
             return
         for arr in (self._key, self._slot, self._inst, self._loc):
@@ -174,9 +173,8 @@ class VoxelMap:
     def _ensure(self, n_more: int) -> None:
         """Room for ``n_more`` new voxels: row capacity, and a hash table that stays below 3/4 load (live +
         tombstones) even if all of them are distinct (``_settle_load`` brings it back to <= 1/2 afterwards)."""
+        self._reserve_rows(n_more)
         need = self._count + n_more
-        if need > self._cap:  # zeroed arrays: untouched pages cost nothing, so reserve the cap at once
-            self._alloc_rows(self._grown_cap(need, n_more), keep=self._count)
         size = self._mask + 1
         if (need + self._n_tomb) * 4 > size * 3:
             new = self._table_size(self._count)
@@ -184,10 +182,13 @@ class VoxelMap:
                 new *= 2
             self._rehash(new)
 
-    def _grown_cap(self, need: int, n_more: int) -> int:
-        """Row capacity after a growth: room for ``need`` rows, at least 1.5x the old capacity, and at least
-        the eviction cap plus this many new rows (a map at its cap then fits windows of this size)."""
-        return max(need, int(self._cap * 1.5), self.max_points + n_more)
+    def _reserve_rows(self, n_more: int) -> None:
+        """Row capacity for ``n_more`` rows past the count. A growth makes room for them, at least 1.5x the
+        old capacity, and at least the eviction cap plus ``n_more`` (a map at its cap then fits windows of
+        this size)."""
+        need = self._count + n_more
+        if need > self._cap:  # zeroed arrays: untouched pages cost nothing, so reserve the cap at once
+            self._alloc_rows(max(need, int(self._cap * 1.5), self.max_points + n_more), keep=self._count)
 
     @staticmethod
     def _table_size(n: int) -> int:
