@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..pipeline.frames import InstanceCloud, WindowPrediction
-from .cameras import pixel_grid, transform_points, unproject
+from .cameras import invert_se3, pixel_grid, transform_points, unproject
 
 __all__ = [
     "POINT_FIELDS",
@@ -212,8 +212,6 @@ def _view_index(vlist: list[int]) -> slice | np.ndarray:
 def _view_transforms(T_cam_world: np.ndarray, vlist: list[int], T_out_world: np.ndarray) -> np.ndarray:
     """(n, 4, 4) ``T_out_world @ inv(T_cam_world[v])`` for each listed view. One 4x4 product per view (not a
     batched one), so that each view's transform has the same bits whatever views are lifted with it."""
-    from .cameras import invert_se3
-
     Tcw = np.asarray(T_cam_world, np.float64)
     return np.stack([T_out_world @ invert_se3(Tcw[v]) for v in vlist])
 
@@ -238,7 +236,7 @@ def _keep_pixels(d: np.ndarray, conf: np.ndarray | None, labels: np.ndarray | No
         keep &= d < np.inf
         if conf is not None:
             if conf_mode == "abs":  # the whole block in one comparison
-                keep &= conf >= conf_threshold
+                keep &= confidence_mask(conf, conf_threshold, "abs")
             else:
                 for v in range(len(conf)):
                     keep[v] &= confidence_mask(conf[v], conf_threshold, conf_mode)
