@@ -344,29 +344,31 @@ def lift_prediction_arrays(
     conf = None if pred.depth_conf is None else np.asarray(pred.depth_conf)
     images, labels = np.asarray(pred.images), np.asarray(pred.labels)
 
-    def prepare(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """Depth (float64), kept flat indices (None: all) and their count for the views ``vlist[a:b]``."""
+    def prepare(a: int, b: int) -> tuple:
+        """For the views ``vlist[a:b]``: their index (``_view_index``), depth (float64), strided labels (read
+        here with ``instances_only``, else None: ``fill`` reads them), kept flat indices (None: all) and
+        their count."""
         idx = _view_index(vlist[a:b])
         d = depth[idx, ::st, ::st].astype(np.float64)  # (v, h', w'), one strided read
-        keep = _keep_pixels(d, None if conf is None else conf[idx, ::st, ::st],
-                            labels[idx, ::st, ::st] if instances_only else None, conf_threshold, conf_mode,
+        lb = labels[idx, ::st, ::st] if instances_only else None
+        keep = _keep_pixels(d, None if conf is None else conf[idx, ::st, ::st], lb, conf_threshold, conf_mode,
                             min_depth)
         flat = keep.reshape(-1)
         n = int(np.count_nonzero(flat))
-        return d, (None if n == flat.size else np.flatnonzero(flat)), n
+        return idx, d, lb, (None if n == flat.size else np.flatnonzero(flat)), n
 
     groups = _view_blocks(len(vlist), len(range(0, H, st)) * len(range(0, W, st)), parts)
     run = run or _serial
     blocks = [blk for g in groups for blk in g]
     preps = [p for ps in run([lambda g=g: [prepare(a, b) for a, b in g] for g in groups]) for p in ps]
-    offs = np.cumsum([0] + [p[2] for p in preps]).tolist()
+    offs = np.cumsum([0] + [p[-1] for p in preps]).tolist()
     xyz, rgb, lab, keys, x_rows, c_rows = _lift_outputs(offs[-1], rows, voxel_size is not None)
 
-    def fill(a: int, b: int, d: np.ndarray, sel: np.ndarray | None, o0: int, o1: int) -> None:
-        """Points of the views ``vlist[a:b]`` into ``[o0, o1)`` of the outputs."""
+    def fill(a: int, b: int, idx: slice | np.ndarray, d: np.ndarray, lb: np.ndarray | None, sel: np.ndarray | None,
+             o0: int, o1: int) -> None:
+        """Points of the views ``vlist[a:b]`` (``prepare``'s outputs) into ``[o0, o1)`` of the outputs."""
         if o1 == o0:
             return
-        idx = _view_index(vlist[a:b])
         xg, yg = (xr, yr) if xr.ndim == 2 else (xr[a:b], yr[a:b])
         Tg = T[a:b]
         tmp = np.empty(d.shape)
@@ -386,10 +388,10 @@ def lift_prediction_arrays(
         for ch in range(3):  # one channel at a time: a strided uint8 copy is fast, a (.., 3) pixel copy is not
             x = im[..., ch].reshape(-1)
             c_rows[ch, o0:o1] = x if sel is None else x[sel]
-        lb = labels[idx, ::st, ::st].reshape(-1)
+        lb = (labels[idx, ::st, ::st] if lb is None else lb).reshape(-1)
         lab[o0:o1] = _window_labels(lb if sel is None else lb[sel], low)
 
-    jobs = [(a, b, d, sel, offs[j], offs[j + 1]) for j, ((a, b), (d, sel, _)) in enumerate(zip(blocks, preps))]
+    jobs = [(a, b, *prep[:4], offs[j], offs[j + 1]) for j, ((a, b), prep) in enumerate(zip(blocks, preps))]
     cut = np.cumsum([0] + [len(g) for g in groups]).tolist()
     run([lambda js=jobs[i:j]: [fill(*job) for job in js] for i, j in zip(cut[:-1], cut[1:])])
     return (xyz, rgb, lab) if keys is None else (xyz, rgb, lab, keys)
