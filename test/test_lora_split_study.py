@@ -67,6 +67,15 @@ def test_first_lora_block_range_and_split_mismatch_are_errors(tmp_path):
         main(base + ["--init-da3", str(BUNDLED_CHECKPOINT), "--full-finetune"])
 
 
+
+def test_study_rejects_out_of_range_splits(tmp_path):
+    from fast3dis_ros.train.lora_split_study import run_study
+
+    for bad in ("0,6", "-1,3"):
+        with pytest.raises(SystemExit, match=r"^--splits \[(6|-1)\] out of range: DA3-tiny has 6 blocks \(0\.\.5\)$"):
+            run_study(["--out", str(tmp_path / "out"), f"--splits={bad}"])
+
+
 # ---------------------------------------------------------------------------------- --init-da3
 def test_init_da3_loads_only_the_da3_weights(tmp_path):
     from safetensors.torch import load_file

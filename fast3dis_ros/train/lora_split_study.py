@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fast3dis_ros.train.train import _parse_seeds
+from fast3dis_ros.train.train import _parse_seeds, check_first_lora_block
 
 __all__ = ["build_parser", "main", "run_study"]
 
@@ -474,11 +474,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from fast3dis_ros.train.split_metrics import split_cost
 
     base_cfg = read_model_config(Path(args.init_da3))
-    depth = base_cfg.backbone.depth
-    bad = [s for s in splits if not 0 <= s < depth]
-    if bad:
-        raise SystemExit(f"--splits {bad} out of range: DA3-{base_cfg.backbone.name} has {depth} blocks "
-                         f"(0..{depth - 1})")
+    check_first_lora_block(splits, base_cfg.backbone, "--splits")
     views = args.cameras * args.frames
     costs = {s: split_cost(base_cfg, s, views, args.height, args.width).to_dict() for s in sorted({0, *splits})}
     for s, c in costs.items():

@@ -148,6 +148,21 @@ def build_model_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def check_first_lora_block(n: int | Sequence[int], backbone: Any, flag: str = "--first-lora-block") -> None:
+    """SystemExit unless ``n`` (one first LoRA block, or a list of them: the study's ``--splits``) lies in
+    0..depth-1 of ``backbone`` (a ``BackboneConfig``), the range ``BackboneConfig.lora_start`` enforces."""
+    depth = backbone.depth
+    if isinstance(n, int):
+        if not 0 <= n < depth:
+            raise SystemExit(f"{flag} {n} is out of range: DA3-{backbone.name} has {depth} ViT blocks, "
+                             f"so N must be in 0..{depth - 1} (taps at blocks {backbone.out_layers}; blocks < N "
+                             "are shared by both passes)")
+        return
+    bad = [s for s in n if not 0 <= s < depth]
+    if bad:
+        raise SystemExit(f"{flag} {bad} out of range: DA3-{backbone.name} has {depth} blocks (0..{depth - 1})")
+
+
 def check_lora_split_args(args: argparse.Namespace, cfg: Any, cfg_from: str | None) -> None:
     """Reject --first-lora-block / --init-da3 combinations that would silently train something else.
 
@@ -161,11 +176,8 @@ def check_lora_split_args(args: argparse.Namespace, cfg: Any, cfg_from: str | No
         if clash:
             raise SystemExit(f"--init-da3 keeps the DA3 weights frozen and starts LoRA + head fresh; it cannot be "
                              f"combined with {', '.join(clash)} (use --init to load a whole checkpoint)")
-    depth = cfg.backbone.depth
-    if n is not None and not 0 <= n < depth:
-        raise SystemExit(f"--first-lora-block {n} is out of range: DA3-{cfg.backbone.name} has {depth} ViT blocks, "
-                         f"so N must be in 0..{depth - 1} (taps at blocks {cfg.backbone.out_layers}; blocks < N "
-                         "are shared by both passes)")
+    if n is not None:
+        check_first_lora_block(n, cfg.backbone)
     if n is not None and cfg_from is not None and cfg.backbone.lora_start != n:
         raise SystemExit(f"--first-lora-block {n}: {cfg_from} was trained with LoRA from block "
                          f"{cfg.backbone.lora_start}; its LoRA weights do not fit another split "
