@@ -34,6 +34,7 @@ __all__ = [
     "resize_sample",
     "augment_sample",
     "TrainSampleDataset",
+    "eval_windows",
     "ResumableSampler",
     "collate",
     "TargetCollate",
@@ -288,3 +289,10 @@ class SceneWindowDataset(Dataset):
 
         return {"images": g("rgb"), "depth": g("depth"), "instance": g("instance"), "K": g("K"),
                 "T_cam_world": g("T_cam_world")}
+
+
+def eval_windows(scenes: Sequence[Any], frames: int, hw: tuple[int, int]) -> TrainSampleDataset:
+    """Evaluation windows (training's validation set, the LoRA split study's test set): one window of
+    ``frames`` frame sets (all cameras) per scene start, non-overlapping, unaugmented, at ``hw``."""
+    return TrainSampleDataset(SceneWindowDataset(scenes, frames_per_sample=frames, window_step=frames), hw,
+                              augment=False)

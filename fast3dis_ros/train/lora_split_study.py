@@ -402,7 +402,8 @@ def score_runs(args: argparse.Namespace, runs: list[Run], cache: Path, t0: float
     import torch
 
     from fast3dis_ros.train.loop import resolve_amp, resolve_device
-    from fast3dis_ros.train.split_metrics import score_checkpoint, test_windows, time_forward
+    from fast3dis_ros.train.data import eval_windows
+    from fast3dis_ros.train.split_metrics import score_checkpoint, time_forward
     from fast3dis_ros.train.train import make_synthetic_scenes
 
     device = resolve_device(args.device)
@@ -410,7 +411,7 @@ def score_runs(args: argparse.Namespace, runs: list[Run], cache: Path, t0: float
     scenes = make_synthetic_scenes(_parse_seeds(args.test_seeds), cameras=args.cameras, frames=args.frames,
                                    height=args.height, width=args.width, n_objects=args.objects,
                                    device=args.render_device, cache=str(cache), desc="test")
-    windows = test_windows(scenes, args.frames, (args.height, args.width))
+    windows = eval_windows(scenes, args.frames, (args.height, args.width))
     n = len(windows)
     rng = np.random.default_rng(20240607)
     resamples = rng.integers(0, n, size=(max(0, args.bootstrap), n))

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["SplitCost", "split_cost", "PooledAP", "score_checkpoint", "test_windows", "time_forward"]
+__all__ = ["SplitCost", "split_cost", "PooledAP", "score_checkpoint", "time_forward"]
 
 
 @dataclass
@@ -110,14 +110,6 @@ class PooledAP:
         """AP / AP50 / AP25 for each row of window indices ``resamples (R, n)``."""
         rows = [self.compute(r) for r in resamples]
         return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("AP", "AP50", "AP25")}
-
-
-def test_windows(scenes: Sequence[Any], frames: int, hw: tuple[int, int]):
-    """One window of ``frames`` frame sets (all cameras) per scene start, unaugmented, at ``hw``."""
-    from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset
-
-    return TrainSampleDataset(SceneWindowDataset(scenes, frames_per_sample=frames, window_step=frames), hw,
-                              augment=False)
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset
+from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset, eval_windows
 from fast3dis_ros.train.loop import TrainConfig, Trainer, resolve_device
 
 __all__ = ["main", "build_parser", "make_synthetic_scenes", "build_datasets", "build_model_config"]
@@ -402,8 +402,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainS
         vs = make_synthetic_scenes(seeds, cameras=args.cameras, frames=frames, height=args.height,
                                    width=args.width, n_objects=args.objects, device=rdev,
                                    cache=args.cache, desc="val")
-        val = TrainSampleDataset(SceneWindowDataset(vs, frames_per_sample=frames, window_step=frames), hw,
-                                 augment=False)
+        val = eval_windows(vs, frames, hw)
     return train, val
 
 
