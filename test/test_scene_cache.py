@@ -87,6 +87,21 @@ def test_threaded_load_equals_sequential_np_load_in_order(cache):
     assert load_datasets([], threads=4) == []
 
 
+def test_load_threads_follow_the_usable_cpus(monkeypatch):
+    import os
+
+    from fast3dis_ros.data import synthetic
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+    assert synthetic.usable_cpus() == 40
+    assert (synthetic.default_load_threads(), synthetic.default_load_threads(5)) == (16, 5)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert (synthetic.default_load_threads(), synthetic.default_load_threads(0)) == (3, 1)
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert synthetic.usable_cpus() == 1 and synthetic.default_load_threads() == 1
+
+
 def test_written_views_are_plain_npz(cache):
     """``write_dataset``'s level-1 files are still what ``np.load`` reads (zip of NAME.npy, deflate)."""
     _, folders = cache

@@ -47,6 +47,7 @@ __all__ = [
     "write_dataset",
     "load_dataset",
     "load_datasets",
+    "usable_cpus",
     "read_view_npz",
     "SceneLoadError",
     "render_preview_png",
@@ -1101,14 +1102,18 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
     )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
 def default_load_threads(n: int | None = None) -> int:
     """Threads for loading ``n`` scene folders: the CPUs this process may use, at most 16 (loading is
     mostly zlib inflate, which runs without the GIL; the rest, ~20% of it, serialises)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cpus = os.cpu_count() or 1
-    t = max(1, min(16, cpus))
+    t = max(1, min(16, usable_cpus()))
     return t if n is None else max(1, min(t, n))
 
 

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fast3dis_ros.data.synthetic import usable_cpus
 from fast3dis_ros.train.train import _parse_seeds, check_first_lora_block
 
 __all__ = ["build_parser", "main", "run_study"]
@@ -137,13 +138,6 @@ def _log(t0: float, msg: str) -> None:
     print(f"[lora-split {time.perf_counter() - t0:5.0f}s] {msg}", flush=True)
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
-
-
 def resolve_render_device(render_device: str, device: str) -> str:
     """``--render-device auto``: the training GPU when ``--device`` resolves to CUDA, else the CPU."""
     if render_device != "auto":
@@ -169,7 +163,7 @@ def prepare_cache(args: argparse.Namespace, cache: Path, t0: float) -> dict[str,
     Returns the figures of the report's ``render``."""
     from fast3dis_ros.train.train import make_synthetic_scenes, scene_cache_folder
 
-    workers = args.gen_workers if args.gen_workers >= 0 else max(0, _cpu_count() - 2)
+    workers = args.gen_workers if args.gen_workers >= 0 else max(0, usable_cpus() - 2)
     jobs = [(list(range(args.scene_seed, args.scene_seed + args.scenes)), args.scene_frames, "cache train"),
             (_parse_seeds(args.val_seeds) + _parse_seeds(args.test_seeds), args.frames, "cache val+test")]
     n_all = sum(len(seeds) for seeds, _, _ in jobs)
@@ -325,7 +319,7 @@ def _tail(path: Path, n: int = 25) -> str:
 def run_trainings(args: argparse.Namespace, runs: list[Run], cache: Path, t0: float) -> None:
     """Start the runs (all at once with --parallel, else one after another) and follow them."""
     n_par = len(runs) if args.parallel else 1
-    cpus = _cpu_count()
+    cpus = usable_cpus()
     workers = args.num_workers if args.num_workers >= 0 else max(0, min(6, cpus // n_par - 1))
     on_cpu = args.device == "cpu"
     threads = max(1, cpus // n_par) if on_cpu else 2
@@ -504,7 +498,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "size": base_cfg.backbone.name, "init_da3": str(args.init_da3),
                    "test_seeds": args.test_seeds},
         "host": {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                 "cpu_count": _cpu_count(), "torch": torch.__version__},
+                 "cpu_count": usable_cpus(), "torch": torch.__version__},
         "costs": {str(k): v for k, v in costs.items()},
         "render": render,
         "runs": [], "warnings": [],
