@@ -35,7 +35,7 @@ from fast3dis_ros.train.data import ResumableSampler, TargetCollate, TrainSample
 from fast3dis_ros.train.geometry_losses import GeometryLoss
 from fast3dis_ros.train.targets import build_targets
 
-__all__ = ["TrainConfig", "Trainer", "cosine_warmup_lambda", "resolve_amp"]
+__all__ = ["TrainConfig", "Trainer", "autocast_ctx", "cosine_warmup_lambda", "resolve_amp"]
 
 TRAIN_STATE = "train_state.pt"
 TRAIN_LOG = "train_log.jsonl"
@@ -109,6 +109,13 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None, "fp32": None}[amp]
+
+
+def autocast_ctx(device: torch.device, amp: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type in ``amp`` (from :func:`resolve_amp`); no-op for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -342,14 +349,9 @@ class Trainer:
         return getattr(getattr(self.cfg, "head", None), "num_queries", None)
 
     # ------------------------------------------------------------------ losses
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def compute_losses(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         images = batch["images"].to(self.device, non_blocking=True)
-        with self._autocast():
+        with autocast_ctx(self.device, self.amp_dtype):
             outputs = self.model(images)
         outputs = _to_float(outputs)
         hm, wm = outputs["pred_masks"].shape[-2:]

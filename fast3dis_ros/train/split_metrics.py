@@ -112,14 +112,6 @@ class PooledAP:
         return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("AP", "AP50", "AP25")}
 
 
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    import contextlib
-
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
-
-
 @torch.no_grad()
 def score_checkpoint(ckpt_dir: str | Path, windows, device: torch.device, amp: torch.dtype | None,
                      score_threshold: float = 0.05, batch_size: int = 8) -> tuple[PooledAP, dict[str, Any]]:
@@ -127,13 +119,14 @@ def score_checkpoint(ckpt_dir: str | Path, windows, device: torch.device, amp: t
     from fast3dis_ros.model.checkpoint import load_checkpoint
     from fast3dis_ros.model.postprocess import instances_from_queries
     from fast3dis_ros.train.data import collate
+    from fast3dis_ros.train.loop import autocast_ctx
 
     model, cfg = load_checkpoint(ckpt_dir, device=device)
     pooled = PooledAP()
     n_pred = 0
     for start in range(0, len(windows), batch_size):
         batch = collate([windows[i] for i in range(start, min(start + batch_size, len(windows)))])
-        with _autocast(device, amp):
+        with autocast_ctx(device, amp):
             out = model(batch["images"].to(device), return_aux=False)
         V, H, W = batch["instance"].shape[1:]
         for b in range(batch["images"].shape[0]):
@@ -148,11 +141,12 @@ def time_forward(model: torch.nn.Module, window: dict, device: torch.device, amp
                  warmup: int = 3, iters: int = 10) -> float:
     """Median ms of one eager forward (one window, B=1) with ``fast3dis_ros.bench.measure``."""
     from fast3dis_ros.bench import measure
+    from fast3dis_ros.train.loop import autocast_ctx
 
     images = window["images"][None].to(device)
 
     def fn():
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast_ctx(device, amp):
             model(images, return_aux=False)
 
     r = measure(fn, device, warmup, iters)
