@@ -119,8 +119,9 @@ def _parse_seeds(s: str | None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- model config
-#: DA3 architecture fields copied from the --init-da3 checkpoint (the LoRA layout and head come from the CLI)
-_DA3_ARCH_FIELDS = ("name", "tiny_embed_dim", "tiny_depth", "tiny_num_heads", "tiny_head_features",
+#: DA3 architecture fields copied from the --init-da3 checkpoint besides its size ``name`` (which replaces
+#: --size); the LoRA layout and head come from the CLI
+_DA3_ARCH_FIELDS = ("tiny_embed_dim", "tiny_depth", "tiny_num_heads", "tiny_head_features",
                     "ref_view_strategy", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
@@ -137,7 +138,7 @@ def build_model_config(args: argparse.Namespace) -> Any:
         from fast3dis_ros.train.loop import read_model_config
 
         src = read_model_config(Path(args.init_da3)).backbone
-        overrides.update({k: getattr(src, k) for k in _DA3_ARCH_FIELDS if k != "name"})
+        overrides.update({k: getattr(src, k) for k in _DA3_ARCH_FIELDS})
         # absolute: the checkpoint written here names its DA3 weights by this path (model/checkpoint.py)
         overrides["pretrained"] = str(Path(args.init_da3).resolve())
         size = src.name
@@ -199,12 +200,10 @@ def _cache_matches(sc: Any, cfg_d: dict) -> bool:
 def _load_cached(payload: tuple[dict, int, str | None, bool]) -> tuple[bool, Any]:
     """``(hit, scene)`` for one ``(scene config dict, seed, cache, keep)`` payload: ``hit`` when ``cache``
     holds scene ``seed`` at this size/config (``scene`` is None with ``keep=False``). An unreadable folder is
-    a miss, reported by name (it is rendered and written again)."""
+    a miss, reported by name (it is rendered and written again). Only called with a cache folder."""
     from fast3dis_ros.data.synthetic import load_dataset
 
     cfg_d, seed, cache, keep = payload
-    if not cache:
-        return False, None
     folder = scene_cache_folder(cache, seed)
     if not (folder / "scene.json").is_file():
         return False, None
