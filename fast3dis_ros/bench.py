@@ -476,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                                     dpt_bf16=head_autocast, weight_dtype=weight_dtype)
         if plain_bb is not None:
             plain_bb.head_autocast = head_autocast
+            plain_bb.fold_dpt_pe = model.backbone.fold_dpt_pe
             if compile_blocks:
                 plain_bb.compile_blocks(weight_dtype=weight_dtype)
 

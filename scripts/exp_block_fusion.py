@@ -13,7 +13,9 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
   taps    + compiled tap post-processing
   heads   + DPT-head, camera-decoder and instance-head weights stored in bf16
   new     + q/k LayerNorm and RoPE in one pass (``fast_attention.py``)
-          (= what ``compile_for_inference(weight_dtype=bf16)`` does now)
+  dptpe   + the DPT head's full-resolution UV embedding added after its first output conv
+          (``compile_for_inference(fold_dpt_pe=True)``; = what ``compile_for_inference(weight_dtype=bf16)``
+          does now)
   chain   + each block's last residual add done by the next block (``compile_for_inference(chain=True)``)
 
     python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
@@ -83,7 +85,7 @@ def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
     return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
 
 
-VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "chain")
+VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "dptpe", "chain")
 
 
 def apply_variant(model, variant: str) -> None:
@@ -91,8 +93,9 @@ def apply_variant(model, variant: str) -> None:
     from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
-    if variant in ("heads", "new", "chain"):
-        model.compile_for_inference(weight_dtype=torch.bfloat16, chain=variant == "chain")
+    if variant in ("heads", "new", "dptpe", "chain"):
+        model.compile_for_inference(weight_dtype=torch.bfloat16, chain=variant == "chain",
+                                    fold_dpt_pe=variant in ("dptpe", "chain"))
         if variant == "heads":  # undo the fused q/k norm + RoPE (blocks compile lazily, at the first call)
             for blk in model.backbone.vit.blocks:
                 if isinstance(blk.attn, FusedNormRopeAttention):
@@ -200,7 +203,10 @@ def main() -> None:
             head = stage_kernels(run_eager, "f3d.instance_head")
             print("# instance head top kernels:", *(f"{k['ms']:.3f} ms x{k['count']} {k['name']}" for k in head),
                   sep="\n#   ", flush=True)
-            results["variants"][variant].update(profile=prof, instance_head_kernels=head)
+            dpt = stage_kernels(run_eager, "f3d.geometry_head")
+            print("# DPT head top kernels:", *(f"{k['ms']:.3f} ms x{k['count']} {k['name']}" for k in dpt),
+                  sep="\n#   ", flush=True)
+            results["variants"][variant].update(profile=prof, instance_head_kernels=head, dpt_head_kernels=dpt)
             save()
         del gf, model, fast
         gc.collect()

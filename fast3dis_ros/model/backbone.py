@@ -182,6 +182,16 @@ def uv_pos_embed(channels: int, h: int, w: int, H: int, W: int, dtype: torch.dty
     return pe.permute(2, 0, 1)[None]
 
 
+def dpt_pe_conv(head: DualDPT, pe_full: torch.Tensor) -> torch.Tensor:
+    """The full-resolution UV embedding through ``output_conv2``'s first conv, without its bias, in fp32:
+    the term ``_dualdpt_main_impl(pe_conv=...)`` adds after that conv instead of adding the embedding
+    before it. ``(1, C_out, h, w)``; depends on the conv weight, so cache it by the weight's version."""
+    first = head.scratch.output_conv2[0]
+    with torch.autocast(pe_full.device.type, enabled=False):
+        return nn.functional.conv2d(pe_full.float(), first.weight.float(), None, first.stride, first.padding,
+                                    first.dilation, first.groups)
+
+
 def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
     """The size of the DPT head's output map (and of its full-resolution UV embedding) for ``H x W``."""
     ph, pw = H // head.patch_size, W // head.patch_size
@@ -189,12 +199,18 @@ def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
 
 
 def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
-                       pos_embeds: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                       pos_embeds: list[torch.Tensor] | None = None,
+                       pe_conv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order.
 
     ``pos_embeds``: the 4 stage maps' and the full-resolution map's UV embeddings (``uv_pos_embed``),
     computed once per shape instead of on every forward (sines and cosines over a 128 x 378 x 504 grid:
-    one 0.26 ms kernel of the 8-view fast path); None: DA3's ``_add_pos_embed``. The sums are the same."""
+    one 0.26 ms kernel of the 8-view fast path); None: DA3's ``_add_pos_embed``. The sums are the same.
+    ``pe_conv``: the full-resolution embedding already pushed through the first conv of
+    ``output_conv2`` (``dpt_pe_conv``; fast path only). The conv is linear and its zero padding pads the
+    sum as it pads each term, so ``conv(up + pe) = conv(up) + conv_nobias(pe)``: the 128-channel
+    full-resolution map is then never summed with an fp32 embedding (which made it fp32, twice the
+    bytes, before the conv cast it back), and the per-forward work drops to a 32-channel add."""
     B, _, C = feats[0].shape
     ph, pw = H // head.patch_size, W // head.patch_size
     resized = []
@@ -215,28 +231,36 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
     out = sc.refinenet1(out, l1_rn)
     out = sc.output_conv1(out)
     fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
-    if head.pos_embed:
-        fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
-    fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
+    if head.pos_embed and pe_conv is not None:
+        first, *rest = sc.output_conv2
+        fmap = first(fused) + pe_conv
+        for layer in rest:
+            fmap = layer(fmap)
+        fmap = fmap.permute(0, 2, 3, 1)
+    else:
+        if head.pos_embed:
+            fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
+        fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
     pred = head._apply_activation_single(fmap[..., :-1], head.activation)
     conf = head._apply_activation_single(fmap[..., -1], head.conf_activation)
     return {head.head_main: pred.squeeze(-1), f"{head.head_main}_conf": conf}
 
 
 def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8, impl=None,
-                       pos_embeds: list[torch.Tensor] | None = None) -> ADict:
+                       pos_embeds: list[torch.Tensor] | None = None,
+                       pe_conv: torch.Tensor | None = None) -> ADict:
     """``DualDPT.forward`` (same chunking, so cuDNN sees the same shapes) returning depth + conf only.
 
     ``impl``: the per-chunk function (default ``_dualdpt_main_impl``; a compiled one for speed);
-    ``pos_embeds``: see ``_dualdpt_main_impl``."""
+    ``pos_embeds``, ``pe_conv``: see ``_dualdpt_main_impl``."""
     impl = impl or _dualdpt_main_impl
     B, S, N, C = feats[0][0].shape
     flat = [f[0].reshape(B * S, N, C) for f in feats]
     if chunk_size is None or chunk_size >= S:
-        out = impl(head, flat, H, W, pos_embeds)
+        out = impl(head, flat, H, W, pos_embeds, pe_conv)
         return ADict({k: v.reshape(B, S, *v.shape[1:]) for k, v in out.items()})
     parts = [
-        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds)
+        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds, pe_conv)
         for s0 in range(0, B * S, chunk_size)
     ]
     out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
@@ -399,6 +423,10 @@ class DA3Backbone(nn.Module):
         self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
         self._tap_impl = None  # compile_blocks puts a compiled finish_tap here
         self._dpt_pe_cache = ShapeCache()  # _dpt_pos_embeds
+        # compile_for_inference turns it on: the DPT head adds its full-resolution embedding after the
+        # first output conv (``dpt_pe_conv``), not before; rounding-level change, so off on the exact path
+        self.fold_dpt_pe = False
+        self._dpt_pe_conv_cache = ShapeCache()  # _dpt_pe_conv
         self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
@@ -719,12 +747,28 @@ class DA3Backbone(nn.Module):
             pe = self._dpt_pe_cache.put(key, [uv_pos_embed(c, h, w, H, W, dtype, device) for c, h, w in shapes])
         return pe
 
+    def _dpt_pe_conv(self, head: DualDPT, H: int, W: int,
+                     pos_embeds: list[torch.Tensor] | None) -> torch.Tensor | None:
+        """``dpt_pe_conv`` of the cached full-resolution embedding when ``fold_dpt_pe`` is on, cached by
+        the embedding and by the conv weight's storage and version: loading or casting weights after a
+        forward makes a new entry instead of reusing a stale one."""
+        if not self.fold_dpt_pe or pos_embeds is None:
+            return None
+        weight = head.scratch.output_conv2[0].weight
+        pe_full = pos_embeds[-1]
+        key = (id(head), H, W, pe_full.dtype, str(pe_full.device), weight.data_ptr(), weight._version, weight.dtype)
+        pe_conv = self._dpt_pe_conv_cache.get(key)
+        if pe_conv is None:
+            pe_conv = self._dpt_pe_conv_cache.put(key, dpt_pe_conv(head, pe_full))
+        return pe_conv
+
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
         with contextlib.nullcontext() if self.head_autocast else autocast_off(device_type):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
                 pe = self._dpt_pos_embeds(net.head, H, W, feats[0][0].device)
-                output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe)
+                output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe,
+                                            pe_conv=self._dpt_pe_conv(net.head, H, W, pe))
             else:
                 output = net._process_depth_head(feats, H, W)
             output = net._process_camera_estimation(feats, H, W, output)
