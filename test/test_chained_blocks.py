@@ -7,14 +7,14 @@ adds and multiplies in the same order); traced by ``torch.compile`` it must not 
 import torch
 import torch._dynamo
 
-from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.backbone import DA3Backbone, block_kind, output_observed
 from fast3dis_ros.model.chained_blocks import ChainedBlock, PendingTokens, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
 
 
-def _backbone(seed=0, lora=True):
+def _backbone(seed=0, lora=True, depth=6):
     torch.manual_seed(seed)
-    bb = DA3Backbone(BackboneConfig(name="tiny", lora_rank=4 if lora else 0, process_res=70))
+    bb = DA3Backbone(BackboneConfig(name="tiny", lora_rank=4 if lora else 0, process_res=70, tiny_depth=depth))
     with torch.no_grad():
         for p in bb.lora_parameters() if lora else []:
             p.normal_(0, 0.05)
@@ -44,6 +44,40 @@ def test_chained_trunk_is_bit_identical_in_both_passes():
         assert torch.equal(geo[key], geo_ref[key]), key
     for a, b, c in zip(feats, feats_ref, feats_alone):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_chained_trunk_never_adds_up_outside_the_blocks(monkeypatch):
+    """Every output the trunk looks at comes from a closing block: no pending pair is added up eagerly
+    (on the H100 those eager adds cost more than the fusion saved)."""
+    bb = _backbone(3, depth=10)  # taps 6-9, alternation from 6: blocks 0-3 hand their residual on
+    x = torch.randn(1, 5, 3, 42, 56)
+    with torch.no_grad():
+        ref_geo, ref_feats = bb.forward_both(x)
+        bb.chain_blocks()
+        eager_adds = []
+        monkeypatch.setattr(PendingTokens, "tokens", lambda self: eager_adds.append(self) or 1 / 0)
+        geo, feats = bb.forward_both(x)
+        feats_alone = bb.forward_features(x)
+    assert eager_adds == []
+    assert torch.equal(geo["depth"], ref_geo["depth"])
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(feats, ref_feats, feats_alone))
+    # and the chain still hands pending residuals on where nothing looks (else there is nothing to gain)
+    assert [i for i in range(10) if not output_observed(bb.vit.alt_start, bb.out_layers, i, 10)] == [0, 1, 2, 3]
+
+
+def test_large_trunk_closes_only_where_da3_looks():
+    """DA3-Large's layout (taps 11/15/19/23, alternation from 8): 14 of the geometry pass's 23 block
+    boundaries and 6 of the feature pass's (from block 12) hand the residual on."""
+    taps = [11, 15, 19, 23]
+
+    def observed(start, end):
+        return [i for i in range(start, end) if output_observed(8, taps, i, end)]
+
+    assert observed(0, 24) == [6, 7, 10, 11, 14, 15, 18, 19, 22, 23]
+    assert observed(12, 24) == [14, 15, 18, 19, 22, 23]
+    assert observed(0, 12) == [6, 7, 10, 11]
+    assert observed(0, 10) == [6, 7, 8, 9]  # 8 (local) stays local_x through 9 (global), which ends the run
+    assert [block_kind(8, i) for i in (7, 8, 9)] == ["local", "local", "global"]
 
 
 def test_chained_block_output_is_the_block_output():

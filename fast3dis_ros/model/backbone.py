@@ -366,6 +366,26 @@ def finish_tap(norm: nn.Module, tap_local: torch.Tensor | None, tap_x: torch.Ten
     return tok, raw_cam
 
 
+def block_kind(alt_start: int, i: int) -> str:
+    """DA3's attention kind of ViT block ``i``: global on odd blocks from ``alt_start`` on, else local."""
+    return "global" if alt_start != -1 and i >= alt_start and i % 2 == 1 else "local"
+
+
+def output_observed(alt_start: int, out_layers, i: int, end: int) -> bool:
+    """Whether ``DA3Backbone._run_blocks`` (blocks up to ``end``) looks at block ``i``'s output tokens other
+    than as the next block's input; a chained block then closes its own residual (``chained_blocks``).
+    Looked at: the end of the run, a tap, the reference-view reorder before block ``alt_start - 1``, the
+    camera token at ``alt_start``, and a local block's tokens kept as the trunk's ``local_x`` through a
+    following global block that is tapped (its tap concatenates them) or ends the run (the state keeps them)."""
+    nxt = i + 1
+    if nxt >= end or i in out_layers:
+        return True
+    if block_kind(alt_start, i) == "local" and block_kind(alt_start, nxt) == "global" and (
+            nxt in out_layers or nxt + 1 >= end):
+        return True
+    return alt_start != -1 and nxt in (alt_start - 1, alt_start)
+
+
 def _tokens_of_both(x, local_x):
     """``tokens_of`` for the trunk's current and latest-local tokens, adding a shared pending residual
     (``local_x is x`` right after a local block) only once, so the two stay one tensor as in DA3."""
@@ -704,10 +724,10 @@ class DA3Backbone(nn.Module):
                     cam_token = torch.cat([ref_token, src_token], dim=1)
                 x = tokens_of(x)
                 x = torch.cat([cam_token.to(x.dtype)[:, :, None], x[:, :, 1:]], dim=2)
-            kind = "global" if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1 else "local"
+            kind = block_kind(vit.alt_start, i)
             pos = g_pos if kind == "global" else l_pos
             if self._chained is not None:
-                x = run_chained(self._chained[i], x, kind, pos)
+                x = run_chained(self._chained[i], x, kind, pos, close=output_observed(vit.alt_start, self.out_layers, i, end))
             else:
                 x = vit.process_attention(x, blk, kind, pos=pos, attn_mask=None)
             if kind == "local":

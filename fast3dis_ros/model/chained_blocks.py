@@ -8,8 +8,11 @@ do the add inside its own compiled graph, where it fuses with ``norm1``: one rea
 the stream is written once.
 
 Eager arithmetic is DA3's, op for op (the same add and multiply, in the same order), so outputs are
-bit-identical; ``DA3Backbone._run_blocks`` turns a pending pair back into tokens wherever DA3's trunk
-looks at them (taps, the reference-view reorder, the camera token, the end of a pass).
+bit-identical. A block whose output DA3's trunk looks at (a tap, the reference-view reorder, the camera
+token, the end of a pass) is run *closing* (``close=True``): it does its own last add inside its compiled
+graph and returns plain tokens. Adding a pending pair up outside the graphs instead (``tokens_of``, kept
+as the safety net) costs two eager kernels each time: measured on the H100, that ate more than the
+fusion saved (``docs/BENCHMARKS.md`` 17).
 """
 
 from __future__ import annotations
@@ -61,10 +64,14 @@ class ChainedBlock(nn.Module):
             layer_scale_gamma(ls)  # fail early on an unsupported layer scale
 
     def forward(self, x_mid: torch.Tensor, delta: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
-                pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                pos: torch.Tensor | None = None, close: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``close``: return ``(tokens, None)``, the block's last add done here as DA3 does it (compiled,
+        one more graph per block structure: Dynamo specialises on the flag)."""
         b = self.block
         x = x_mid if delta is None else x_mid + (delta if gamma is None else delta * gamma)
         x = x + b.ls1(b.attn(b.norm1(x), pos=pos, attn_mask=None))
+        if close:
+            return x + b.ls2(b.mlp(b.norm2(x))), None
         return x, b.mlp(b.norm2(x))
 
     def out_gamma(self) -> torch.Tensor | None:
@@ -72,9 +79,9 @@ class ChainedBlock(nn.Module):
 
 
 def run_chained(chained: ChainedBlock, x: "torch.Tensor | PendingTokens", kind: str,
-                pos: torch.Tensor | None) -> PendingTokens:
+                pos: torch.Tensor | None, close: bool = False) -> "PendingTokens | torch.Tensor":
     """DA3's ``process_attention`` for a chained block: the same (B, S, N, C) <-> per-view / all-views
-    reshapes (views, no copies), applied to the pending pair."""
+    reshapes (views, no copies), applied to the pending pair. ``close``: plain tokens out."""
     if isinstance(x, PendingTokens):
         B, S, N, C = x.x_mid.shape
         x_mid, delta, gamma = x.x_mid, x.delta, x.gamma
@@ -84,5 +91,8 @@ def run_chained(chained: ChainedBlock, x: "torch.Tensor | PendingTokens", kind: 
     shape = (B * S, N, C) if kind == "local" else (B, S * N, C)
     if pos is not None:
         pos = pos.reshape(B * S, N, pos.shape[-1]) if kind == "local" else pos.reshape(B, S * N, pos.shape[-1])
-    out_mid, out_delta = chained(x_mid.reshape(shape), None if delta is None else delta.reshape(shape), gamma, pos)
+    out_mid, out_delta = chained(x_mid.reshape(shape), None if delta is None else delta.reshape(shape), gamma, pos,
+                                 close)
+    if close:
+        return out_mid.view(B, S, N, C)
     return PendingTokens(out_mid.view(B, S, N, C), out_delta.view(B, S, N, C), chained.out_gamma())
