@@ -477,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         if plain_bb is not None:
             plain_bb.head_autocast = head_autocast
             plain_bb.fold_dpt_pe = model.backbone.fold_dpt_pe
+            plain_bb.dpt_nhwc = model.backbone.dpt_nhwc
             if compile_blocks:
                 plain_bb.compile_blocks(weight_dtype=weight_dtype)
 

@@ -14,8 +14,9 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
   heads   + DPT-head, camera-decoder and instance-head weights stored in bf16
   new     + q/k LayerNorm and RoPE in one pass (``fast_attention.py``)
   dptpe   + the DPT head's full-resolution UV embedding added after its first output conv
-          (``compile_for_inference(fold_dpt_pe=True)``; = what ``compile_for_inference(weight_dtype=bf16)``
-          does now)
+          (``compile_for_inference(fold_dpt_pe=True)``)
+  nhwc    + the DPT head's upsamplings read channels-last maps (``compile_for_inference(dpt_nhwc=True)``;
+          = what ``compile_for_inference(weight_dtype=bf16)`` does now)
   chain   + each block's last residual add done by the next block (``compile_for_inference(chain=True)``)
 
     python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
@@ -85,7 +86,7 @@ def stage_kernels(fn, stage: str, steps: int = 2, top: int = 25) -> list[dict]:
     return [{"name": n[:110], "ms": v[0] / 1e3 / steps, "count": int(v[1] // steps)} for n, v in ranked]
 
 
-VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "dptpe", "chain")
+VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "dptpe", "nhwc", "chain")
 
 
 def apply_variant(model, variant: str) -> None:
@@ -93,9 +94,10 @@ def apply_variant(model, variant: str) -> None:
     from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fused_mlp import fuse_block_mlps
 
-    if variant in ("heads", "new", "dptpe", "chain"):
+    if variant in ("heads", "new", "dptpe", "nhwc", "chain"):
         model.compile_for_inference(weight_dtype=torch.bfloat16, chain=variant == "chain",
-                                    fold_dpt_pe=variant in ("dptpe", "chain"))
+                                    fold_dpt_pe=variant in ("dptpe", "nhwc", "chain"),
+                                    dpt_nhwc=variant in ("nhwc", "chain"))
         if variant == "heads":  # undo the fused q/k norm + RoPE (blocks compile lazily, at the first call)
             for blk in model.backbone.vit.blocks:
                 if isinstance(blk.attn, FusedNormRopeAttention):

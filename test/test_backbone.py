@@ -246,6 +246,27 @@ def test_dpt_embedding_folded_through_the_first_output_conv(pair):
             bb.fold_dpt_pe = False
 
 
+def test_dpt_head_with_channels_last_upsampling_inputs_is_the_same_head(pair):
+    """``dpt_nhwc`` (fast path) only changes memory layouts: same values, eager and traced in one graph."""
+    from fast3dis_ros.model.backbone import _dualdpt_main_impl, dualdpt_depth_only
+
+    bb, _ = pair
+    x = images(3)
+    head = bb.net.head
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        st = bb._run_blocks(bb._stem(x, None, None), bb._last_block, bb.cfg.ref_view_strategy)
+        feats = bb._finish_taps(st)
+        pe = bb._dpt_pos_embeds(head, H, W, x.device)
+        ref = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe)
+        out = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe, nhwc=True)
+        flat = [f[0].reshape(-1, *f[0].shape[2:]) for f in feats]
+        compiled = torch.compile(_dualdpt_main_impl, backend="aot_eager", fullgraph=True, dynamic=False)
+        traced = compiled(head, flat, H, W, pe, None, True)
+    for key in ("depth", "depth_conf"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traced["depth"].reshape(ref["depth"].shape), ref["depth"], rtol=1e-5, atol=1e-6)
+
+
 def test_shape_cache_keeps_the_recent_shapes():
     """Alternating window sizes must not free a tensor an older captured graph still reads."""
     from fast3dis_ros.model.backbone import ShapeCache

@@ -198,9 +198,30 @@ def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
     return int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _fusion_block_nhwc(block: nn.Module, *xs: torch.Tensor, size=None) -> torch.Tensor:
+    """DA3's ``FeatureFusionBlock.forward`` with its upsampling input made channels-last (a no-op when it
+    already is). Why: Inductor's bilinear upsampling kernel (index + lerp) is 2-2.5x faster on a
+    channels-last input at the DPT head's shapes on the H100/H200 (``scripts/exp_upsample.py``,
+    docs/BENCHMARKS.md 17), and the convolutions around it run NHWC anyway. Same ops, same order."""
+    y = xs[0]
+    if block.has_residual and len(xs) > 1 and block.resConfUnit1 is not None:
+        y = block.skip_add.add(y, block.resConfUnit1(xs[1]))
+    y = _channels_last(block.resConfUnit2(y))
+    if size is None and block.size is None:
+        up_kwargs = {"scale_factor": 2}
+    else:
+        up_kwargs = {"size": block.size if size is None else size}
+    y = custom_interpolate(y, **up_kwargs, mode="bilinear", align_corners=block.align_corners)
+    return block.out_conv(y)
+
+
 def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
                        pos_embeds: list[torch.Tensor] | None = None,
-                       pe_conv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       pe_conv: torch.Tensor | None = None, nhwc: bool = False) -> dict[str, torch.Tensor]:
     """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order.
 
     ``pos_embeds``: the 4 stage maps' and the full-resolution map's UV embeddings (``uv_pos_embed``),
@@ -210,7 +231,8 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
     ``output_conv2`` (``dpt_pe_conv``; fast path only). The conv is linear and its zero padding pads the
     sum as it pads each term, so ``conv(up + pe) = conv(up) + conv_nobias(pe)``: the 128-channel
     full-resolution map is then never summed with an fp32 embedding (which made it fp32, twice the
-    bytes, before the conv cast it back), and the per-forward work drops to a 32-channel add."""
+    bytes, before the conv cast it back), and the per-forward work drops to a 32-channel add.
+    ``nhwc``: every bilinear upsampling reads a channels-last map (``_fusion_block_nhwc``; fast path)."""
     B, _, C = feats[0].shape
     ph, pw = H // head.patch_size, W // head.patch_size
     resized = []
@@ -225,11 +247,16 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
         resized.append(x)
     sc = head.scratch
     l1_rn, l2_rn, l3_rn, l4_rn = (sc.layer1_rn(resized[0]), sc.layer2_rn(resized[1]), sc.layer3_rn(resized[2]), sc.layer4_rn(resized[3]))
-    out = sc.refinenet4(l4_rn, size=l3_rn.shape[2:])
-    out = sc.refinenet3(out, l3_rn, size=l2_rn.shape[2:])
-    out = sc.refinenet2(out, l2_rn, size=l1_rn.shape[2:])
-    out = sc.refinenet1(out, l1_rn)
+    def fuse(block, *xs, size=None):
+        return _fusion_block_nhwc(block, *xs, size=size) if nhwc else block(*xs, size=size)
+
+    out = fuse(sc.refinenet4, l4_rn, size=l3_rn.shape[2:])
+    out = fuse(sc.refinenet3, out, l3_rn, size=l2_rn.shape[2:])
+    out = fuse(sc.refinenet2, out, l2_rn, size=l1_rn.shape[2:])
+    out = fuse(sc.refinenet1, out, l1_rn)
     out = sc.output_conv1(out)
+    if nhwc:
+        out = _channels_last(out)
     fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
     if head.pos_embed and pe_conv is not None:
         first, *rest = sc.output_conv2
@@ -248,19 +275,19 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
 
 def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8, impl=None,
                        pos_embeds: list[torch.Tensor] | None = None,
-                       pe_conv: torch.Tensor | None = None) -> ADict:
+                       pe_conv: torch.Tensor | None = None, nhwc: bool = False) -> ADict:
     """``DualDPT.forward`` (same chunking, so cuDNN sees the same shapes) returning depth + conf only.
 
     ``impl``: the per-chunk function (default ``_dualdpt_main_impl``; a compiled one for speed);
-    ``pos_embeds``, ``pe_conv``: see ``_dualdpt_main_impl``."""
+    ``pos_embeds``, ``pe_conv``, ``nhwc``: see ``_dualdpt_main_impl``."""
     impl = impl or _dualdpt_main_impl
     B, S, N, C = feats[0][0].shape
     flat = [f[0].reshape(B * S, N, C) for f in feats]
     if chunk_size is None or chunk_size >= S:
-        out = impl(head, flat, H, W, pos_embeds, pe_conv)
+        out = impl(head, flat, H, W, pos_embeds, pe_conv, nhwc)
         return ADict({k: v.reshape(B, S, *v.shape[1:]) for k, v in out.items()})
     parts = [
-        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds, pe_conv)
+        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds, pe_conv, nhwc)
         for s0 in range(0, B * S, chunk_size)
     ]
     out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
@@ -446,6 +473,7 @@ class DA3Backbone(nn.Module):
         # compile_for_inference turns it on: the DPT head adds its full-resolution embedding after the
         # first output conv (``dpt_pe_conv``), not before; rounding-level change, so off on the exact path
         self.fold_dpt_pe = False
+        self.dpt_nhwc = False  # compile_for_inference: channels-last upsampling inputs (_fusion_block_nhwc)
         self._dpt_pe_conv_cache = ShapeCache()  # _dpt_pe_conv
         self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
         self.lora_merged = False
@@ -788,7 +816,7 @@ class DA3Backbone(nn.Module):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
                 pe = self._dpt_pos_embeds(net.head, H, W, feats[0][0].device)
                 output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe,
-                                            pe_conv=self._dpt_pe_conv(net.head, H, W, pe))
+                                            pe_conv=self._dpt_pe_conv(net.head, H, W, pe), nhwc=self.dpt_nhwc)
             else:
                 output = net._process_depth_head(feats, H, W)
             output = net._process_camera_estimation(feats, H, W, output)

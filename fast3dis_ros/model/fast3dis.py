@@ -91,7 +91,7 @@ class Fast3DIS(nn.Module):
     # ------------------------------------------------------------------ speed
     def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
                               dpt_bf16: bool = True, weight_dtype: torch.dtype | None = None,
-                              chain: bool = False, fold_dpt_pe: bool = True) -> None:
+                              chain: bool = False, fold_dpt_pe: bool = True, dpt_nhwc: bool = True) -> None:
         """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
         DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
         (one GEMM per linear in pass 2), ``torch.compile`` of
@@ -102,12 +102,15 @@ class Fast3DIS(nn.Module):
         pass (``DA3Backbone.compile_blocks``). ``chain``: blocks hand their last residual add to the next
         block (opt-in, not yet measured on a GPU). ``fold_dpt_pe``: DA3's DPT head adds its
         full-resolution UV embedding after its first output conv, pushed through that conv once per
-        image size (``backbone.dpt_pe_conv``), instead of to the 128-channel map before it. Compilation happens at the first forward of each
+        image size (``backbone.dpt_pe_conv``), instead of to the 128-channel map before it. ``dpt_nhwc``:
+        the DPT head's bilinear upsamplings read channels-last maps (``backbone._fusion_block_nhwc``).
+        Compilation happens at the first forward of each
         window shape (about two minutes for DA3-Large on the lent 16-core host). Load weights first;
         training afterwards is unsupported.
         """
         self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
         self.backbone.fold_dpt_pe = fold_dpt_pe
+        self.backbone.dpt_nhwc = dpt_nhwc
         if merge_lora:
             self.backbone.merge_lora_for_inference()
         if weight_dtype is not None:  # both heads run under autocast(weight_dtype) from here on
