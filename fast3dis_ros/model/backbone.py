@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from fast3dis_ros.model.camera_encoding import encode_cameras
 from fast3dis_ros.model.chained_blocks import ChainedBlock, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
+from fast3dis_ros.model.layout import channels_last_copy
 from fast3dis_ros.model.grid_rope import install_grid_rope, rope_table_len
 
 PATCH_SIZE = 14
@@ -198,19 +199,15 @@ def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
     return int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 def _fusion_block_nhwc(block: nn.Module, *xs: torch.Tensor, size=None) -> torch.Tensor:
-    """DA3's ``FeatureFusionBlock.forward`` with its upsampling input made channels-last (a no-op when it
-    already is). Why: Inductor's bilinear upsampling kernel (index + lerp) is 2-2.5x faster on a
-    channels-last input at the DPT head's shapes on the H100/H200 (``scripts/exp_upsample.py``,
-    docs/BENCHMARKS.md 17), and the convolutions around it run NHWC anyway. Same ops, same order."""
+    """DA3's ``FeatureFusionBlock.forward`` with its upsampling input realised channels-last
+    (``layout.channels_last_copy``, opaque to Inductor). Why: Inductor's bilinear upsampling kernel is
+    2-2.5x faster on a realised channels-last map at the DPT head's shapes than with its producer fused
+    in (``scripts/exp_upsample.py``, docs/BENCHMARKS.md 17). Same ops, same order, same values."""
     y = xs[0]
     if block.has_residual and len(xs) > 1 and block.resConfUnit1 is not None:
         y = block.skip_add.add(y, block.resConfUnit1(xs[1]))
-    y = _channels_last(block.resConfUnit2(y))
+    y = channels_last_copy(block.resConfUnit2(y))
     if size is None and block.size is None:
         up_kwargs = {"scale_factor": 2}
     else:
@@ -256,7 +253,7 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
     out = fuse(sc.refinenet1, out, l1_rn)
     out = sc.output_conv1(out)
     if nhwc:
-        out = _channels_last(out)
+        out = channels_last_copy(out)
     fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
     if head.pos_embed and pe_conv is not None:
         first, *rest = sc.output_conv2
