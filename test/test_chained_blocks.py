@@ -112,7 +112,7 @@ def test_chained_block_traces_as_one_graph():
 
 
 def test_chain_blocks_compiled_after_the_fact_matches_eager():
-    """What ``fast3dis-bench --fast-chain`` does to an already fast model: chain + compile (Inductor, CPU)."""
+    """Chaining an already compiled model afterwards (``chain_blocks(compile=True)``; Inductor, CPU)."""
     bb = _backbone(3)
     bb.merge_lora_for_inference()
     x = torch.randn(1, 3, 3, 42, 56)

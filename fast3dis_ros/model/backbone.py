@@ -562,8 +562,8 @@ class DA3Backbone(nn.Module):
         when ``weight_dtype`` is given): fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
         RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
         too: one kernel per tap instead of four copies. ``chain``: each block leaves its last residual
-        add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``; opt-in,
-        not yet measured on a GPU).
+        add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``;
+        ``Fast3DIS.compile_for_inference`` turns it on).
         """
         import torch._dynamo
 
@@ -586,10 +586,14 @@ class DA3Backbone(nn.Module):
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
 
+    def unchain_blocks(self) -> None:
+        """Back to one plain (compiled, if ``compile_blocks`` ran) block per ViT block: the chain's A/B."""
+        self._chained = None
+
     def chain_blocks(self, compile: bool = False, mode: str | None = None) -> None:
         """Run the trunk through ``ChainedBlock`` wrappers (see ``_run_blocks``); eager outputs are unchanged.
         ``compile``: ``torch.compile`` each wrapper (what ``compile_blocks(chain=True)`` does; also usable
-        after ``compile_blocks``, e.g. by ``fast3dis-bench --fast-chain``)."""
+        after ``compile_blocks``)."""
         if self._chained is None:
             self._chained = [ChainedBlock(blk) for blk in self.vit.blocks]
         if compile:
