@@ -87,6 +87,8 @@ def vit_flops_parts(backbone, views: int, height: int, width: int, shared_split:
     (all views' tokens in one sequence) and ``attn_local`` (one sequence per view). The kinds run at
     different kernel rates, which the measured-rate floor needs. ``shared_split``: blocks >= it run twice."""
     vit = backbone.vit
+    from fast3dis_ros.model.backbone import block_kind
+
     D = vit.embed_dim
     N = tokens_per_view(vit, height, width)
     last = max(backbone.out_layers) + 1
@@ -96,7 +98,7 @@ def vit_flops_parts(backbone, views: int, height: int, width: int, shared_split:
         params = sum(p.numel() for n, p in blk.named_parameters() if n.endswith("weight") and p.dim() == 2 and "lora_" not in n)
         reps = 2 if shared_split is not None and i >= shared_split else 1
         parts["linear"] += reps * 2.0 * params * views * N
-        if vit.alt_start != -1 and i >= vit.alt_start and i % 2 == 1:
+        if block_kind(vit.alt_start, i) == "global":
             parts["attn_global"] += reps * 4.0 * (views * N) ** 2 * D
         else:
             parts["attn_local"] += reps * 4.0 * views * N * N * D
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             plain_bb.fold_dpt_pe = model.backbone.fold_dpt_pe
             plain_bb.dpt_nhwc = model.backbone.dpt_nhwc
             if compile_blocks:
-                plain_bb.compile_blocks(weight_dtype=weight_dtype, chain=model.backbone._chained is not None)
+                plain_bb.compile_blocks(weight_dtype=weight_dtype, chain=model.backbone.chained)
 
     def deviation_from(x0, reference) -> dict:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):

@@ -256,11 +256,7 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
         out = channels_last_copy(out)
     fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
     if head.pos_embed and pe_conv is not None:
-        first, *rest = sc.output_conv2
-        fmap = first(fused) + pe_conv
-        for layer in rest:
-            fmap = layer(fmap)
-        fmap = fmap.permute(0, 2, 3, 1)
+        fmap = sc.output_conv2[1:](sc.output_conv2[0](fused) + pe_conv).permute(0, 2, 3, 1)
     else:
         if head.pos_embed:
             fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
@@ -585,6 +581,11 @@ class DA3Backbone(nn.Module):
         self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
         if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
             self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
+
+    @property
+    def chained(self) -> bool:
+        """Whether the trunk runs through ``ChainedBlock`` wrappers (``chain_blocks``)."""
+        return self._chained is not None
 
     def unchain_blocks(self) -> None:
         """Back to one plain (compiled, if ``compile_blocks`` ran) block per ViT block: the chain's A/B."""
