@@ -4,7 +4,8 @@ A scene is a room (floor, 4 walls, ceiling; instance id 0) holding objects: boxe
 tables (top + 4 legs, one instance) and shelves (sides + boards + back, one instance), with small
 objects standing on tables/shelves and some boxes touching each other. A rig of 1..N cameras with fixed
 extrinsics (front / left / right / ...) moves along a smooth arc inside the room, looking at the
-centre. Each rendered view holds rgb (H,W,3) uint8, z-depth (H,W) float32 metres, instance (H,W) int32,
+centre. ``SceneConfig(rig_variety=True)`` instead draws a rig per scene (``data.rig_variety``: wide mounting
+yaws, per-camera intrinsics, pitch and roll, drive / turn-in-place motion). Each rendered view holds rgb (H,W,3) uint8, z-depth (H,W) float32 metres, instance (H,W) int32,
 K (3,3) and T_world_cam (4,4) in OpenCV optical axes (x right, y down, z forward).
 
 World frame: z up (REP 103 ``map``), floor at z = 0, room spans [0, Lx] x [0, Ly] x [0, Lz].
@@ -16,7 +17,7 @@ near the ceiling) + ambient, no shadows. Textures are 3D procedural (solid, chec
 value noise) evaluated at the hit point. Same seed -> bit-identical scene on the same device.
 
 CLI: ``fast3dis-synth --out DIR --scenes N --seed S --cameras 3 --frames 8 --width 224 --height 168
-[--bag] [--preview] [--bench]``.
+[--rig-variety] [--bag] [--preview] [--bench]``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class SceneConfig:
     device: str = "cpu"
     chunk_rays: int | None = None  # None: 64k rays per chunk on CPU, 1M on GPU
     cpu_threads: int = 1  # torch intra-op threads while rendering on CPU (1 is fastest here)
+    # Opt-in per-scene randomised rig (see ``sample_rig_variety``): mounting yaws up to +-60 deg, per-camera
+    # FoV / principal point / pitch / roll / lever arm, robot-like motion (drive, turn in place, drive+turn,
+    # arc). Overrides fov_deg, camera_yaws_deg, rig_height, rig_pitch_deg and arc_deg. False = the fixed rig.
+    rig_variety: bool = False
 
     def resolved_camera_names(self) -> list[str]:
         if self.camera_names is not None:
@@ -223,6 +228,7 @@ class SyntheticScene:
     T_rig_cam: dict[str, np.ndarray]  # fixed rig extrinsics per camera
     T_world_rig: list[np.ndarray]  # per frame
     render_seconds: float = 0.0
+    rig_info: dict = field(default_factory=dict)  # varied rig: motion, yaws, FoVs ... (empty for the fixed rig)
 
     @property
     def n_frames(self) -> int:
@@ -911,8 +917,18 @@ class _Builder:
 
 
 def _build_geometry(cfg: SceneConfig, rng: np.random.Generator):
+    """(builder, rig poses per frame, RigSample or None for the fixed rig)."""
     room = np.array([rng.uniform(*cfg.room_size_range), rng.uniform(*cfg.room_size_range), rng.uniform(*cfg.room_height_range)])
-    rig_poses, path = _rig_poses(cfg, room, rng)
+    rig = None
+    if cfg.rig_variety:
+        from .rig_variety import sample_rig_variety
+
+        # own stream: the rig draw does not shift the room's random sequence
+        rig = sample_rig_variety(cfg.resolved_camera_names(), cfg.n_frames, cfg.width, cfg.height, room,
+                                 np.random.default_rng([cfg.seed, 22]))
+        rig_poses, path = rig.T_world_rig, rig.path
+    else:
+        rig_poses, path = _rig_poses(cfg, room, rng)
     b = _Builder(cfg, rng, room, path)
     wall_mat = _random_material(rng, kinds=(0, 2, 3), scale_range=(0.1, 0.5))
     room_mats = []
@@ -947,7 +963,7 @@ def _build_geometry(cfg: SceneConfig, rng: np.random.Generator):
             b.add_floor_cylinder()
         else:
             b.add_small_on_support()
-    return b, rig_poses
+    return b, rig_poses, rig
 
 
 def generate_scene(cfg: SceneConfig | None = None, seed: int | None = None,
@@ -961,10 +977,13 @@ def generate_scene(cfg: SceneConfig | None = None, seed: int | None = None,
     if cfg.n_cameras < 1 or cfg.n_frames < 1:
         raise ValueError("need at least one camera and one frame")
     rng = np.random.default_rng(cfg.seed)
-    b, rig_poses = _build_geometry(cfg, rng)
+    b, rig_poses, rig = _build_geometry(cfg, rng)
     names = cfg.resolved_camera_names()
-    T_rig_cam = _rig_extrinsics(cfg)
-    K = intrinsics_from_fov(cfg.width, cfg.height, cfg.fov_deg)
+    if rig is None:
+        T_rig_cam = _rig_extrinsics(cfg)
+        K = np.broadcast_to(intrinsics_from_fov(cfg.width, cfg.height, cfg.fov_deg), (len(names), 3, 3))
+    else:
+        T_rig_cam, K = rig.T_rig_cam, rig.K
     dev = torch.device(cfg.device)
     gt = _GeomTensors(b.geom, dev)
     frames: list[list[RenderedView]] = []
@@ -974,14 +993,15 @@ def generate_scene(cfg: SceneConfig | None = None, seed: int | None = None,
         rgb, depth, inst = render_views(gt, K, Ts, cfg.width, cfg.height, device=dev, chunk_rays=cfg.chunk_rays,
                                        cpu_threads=cfg.cpu_threads)
         frames.append([
-            RenderedView(camera=n, frame_index=fi, rgb=rgb[c], depth=depth[c], instance=inst[c], K=K.copy(), T_world_cam=Ts[c])
+            RenderedView(camera=n, frame_index=fi, rgb=rgb[c], depth=depth[c], instance=inst[c], K=K[c].copy(), T_world_cam=Ts[c])
             for c, n in enumerate(names)
         ])
         if progress is not None:
             progress(1)
     secs = time.perf_counter() - t0
     return SyntheticScene(config=cfg, camera_names=names, instances=b.instances, frames=frames, geometry=b.geom,
-                          T_rig_cam=T_rig_cam, T_world_rig=rig_poses, render_seconds=secs)
+                          T_rig_cam=T_rig_cam, T_world_rig=rig_poses, render_seconds=secs,
+                          rig_info=rig.to_dict() if rig is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1018,6 +1038,8 @@ def write_dataset(scene: SyntheticScene, folder: str | Path, compresslevel: int 
         "T_world_rig": [T.tolist() for T in scene.T_world_rig],
         "views": [[f"views/f{fi:04d}_{v.camera}.npz" for v in fr] for fi, fr in enumerate(scene.frames)],
     }
+    if scene.rig_info:
+        meta["rig"] = scene.rig_info
     for fi, fr in enumerate(scene.frames):
         for v in fr:
             _write_npz(folder / "views" / f"f{fi:04d}_{v.camera}.npz",
@@ -1098,7 +1120,7 @@ def load_dataset(folder: str | Path, load_views: bool = True) -> SyntheticScene:
         instances=[InstanceInfo(**d) for d in meta["instances"]], frames=frames,
         geometry=SceneGeometry.from_dict(meta["geometry"]),
         T_rig_cam={k: np.asarray(v) for k, v in meta["T_rig_cam"].items()},
-        T_world_rig=[np.asarray(T) for T in meta["T_world_rig"]],
+        T_world_rig=[np.asarray(T) for T in meta["T_world_rig"]], rig_info=dict(meta.get("rig") or {}),
     )
 
 
@@ -1221,6 +1243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--objects", type=int, default=14)
     p.add_argument("--fov", type=float, default=70.0, help="horizontal field of view, degrees")
     p.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
+    p.add_argument("--rig-variety", action="store_true",
+                   help="a randomised rig per scene (wide yaws, per-camera K, drive/turn motion; data/rig_variety.py)")
     p.add_argument("--bag", action="store_true", help="also write scene_XXXX_bag (rosbag2)")
     p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
     p.add_argument("--rate", type=float, default=10.0, help="bag frame rate, Hz")
@@ -1236,7 +1260,8 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=a.scenes * a.frames, unit="frame", desc="render") as bar:
         for s in range(a.scenes):
             cfg = SceneConfig(n_cameras=a.cameras, n_frames=a.frames, width=a.width, height=a.height,
-                              n_objects=a.objects, seed=a.seed + s, fov_deg=a.fov, device=a.device)
+                              n_objects=a.objects, seed=a.seed + s, fov_deg=a.fov, device=a.device,
+                              rig_variety=a.rig_variety)
             scene = generate_scene(cfg, progress=bar.update)
             render_s += scene.render_seconds
             n_views += a.frames * a.cameras
