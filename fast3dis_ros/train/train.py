@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=10, help="instances per synthetic scene")
     p.add_argument("--render-device", type=str, default="auto", help="device for the synthetic renderer")
     p.add_argument("--gen-workers", type=int, default=0, help="CPU processes generating scenes (0 = in-process)")
+    p.add_argument("--rig-variety", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="fraction of synthetic train/val scenes with a randomised rig (wide yaws, per-camera K, "
+                        "drive/turn motion; data/rig_variety.py); bare flag = 1.0, default 0 = fixed rig")
     p.add_argument("--size", type=str, default="tiny", choices=["tiny", "small", "base", "large", "giant"])
     p.add_argument("--da3-weights", type=str, default=None, help="DA3 weights (folder or hub id) for non-tiny sizes")
     p.add_argument("--init", type=str, default=None, help="initialise the model from a FAST3DIS checkpoint folder")
@@ -193,8 +197,9 @@ def scene_cache_folder(cache: str | Path, seed: int) -> Path:
 
 def _cache_matches(sc: Any, cfg_d: dict) -> bool:
     c = sc.config
-    return (c.width, c.height, c.n_cameras, c.n_frames, c.n_objects) == (
-        cfg_d["width"], cfg_d["height"], cfg_d["n_cameras"], cfg_d["n_frames"], cfg_d["n_objects"])
+    return (c.width, c.height, c.n_cameras, c.n_frames, c.n_objects, c.rig_variety) == (
+        cfg_d["width"], cfg_d["height"], cfg_d["n_cameras"], cfg_d["n_frames"], cfg_d["n_objects"],
+        bool(cfg_d.get("rig_variety", False)))
 
 
 def _load_cached(payload: tuple[dict, int, str | None, bool]) -> tuple[bool, Any]:
@@ -296,11 +301,24 @@ def _load_cached_many(payloads: Sequence[tuple], threads: int) -> list[tuple[boo
         return list(ex.map(_load_cached, payloads))
 
 
+def varied_rig_mask(n: int, fraction: float) -> list[bool]:
+    """Which of ``n`` scenes (in seed order) get a randomised rig: ``round(n * fraction)`` of them, spread
+    evenly (scene i is varied when ``floor((i + 1) f) > floor(i f)``), so any prefix holds its share."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"rig variety fraction must be in [0, 1], got {fraction}")
+    return [math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9) for i in range(n)]
+
+
 def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, height: int, width: int,
                           n_objects: int = 10, device: str = "cpu", cache: str | None = None,
                           workers: int = 0, desc: str = "scenes", keep: bool = True,
-                          load_threads: int | None = None, write_threads: int = 2) -> list[Any]:
+                          load_threads: int | None = None, write_threads: int = 2,
+                          rig_variety: float = 0.0) -> list[Any]:
     """Generate (or load from ``cache``) synthetic scenes rendered at the training resolution.
+
+    ``rig_variety``: fraction of the scenes (spread by :func:`varied_rig_mask`) rendered with
+    ``SceneConfig(rig_variety=True)`` (wide-yaw rigs, per-camera K, drive/turn motion); the rest use the
+    fixed rig.
 
     Cached scenes are loaded first, on ``load_threads`` threads (None: the usable CPUs, at most 16;
     ``data.synthetic.default_load_threads``), in seed order; the rest are rendered (``workers`` CPU
@@ -315,7 +333,9 @@ def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, he
         raise ValueError("keep=False without a cache folder would render scenes for nothing")
     cfg = SceneConfig(n_cameras=cameras, n_frames=frames, width=width, height=height, n_objects=n_objects,
                       device=device)
-    payloads = [(cfg.to_dict(), int(s), cache, keep) for s in seeds]
+    seeds = list(seeds)
+    varied = varied_rig_mask(len(seeds), rig_variety)
+    payloads = [({**cfg.to_dict(), "rig_variety": v}, int(s), cache, keep) for s, v in zip(seeds, varied)]
     t0 = time.perf_counter()
     scenes: list[Any] = [None] * len(payloads)
     todo = list(range(len(payloads)))
@@ -341,7 +361,8 @@ def make_synthetic_scenes(seeds: Sequence[int], *, cameras: int, frames: int, he
     for i, sc in zip(todo, rendered):
         scenes[i] = sc
     extra = f" ({len(payloads) - len(todo)} from the cache in {t_load:.1f}s, {len(todo)} rendered)" if cache else ""
-    print(f"[fast3dis-train] {desc}: {len(scenes)} scenes ({cameras} cams x {frames} frames, {width}x{height}) "
+    print(f"[fast3dis-train] {desc}: {len(scenes)} scenes ({cameras} cams x {frames} frames, {width}x{height}, "
+          f"{sum(varied)} with a varied rig) "
           f"on {device} in {time.perf_counter() - t0:.1f}s{extra}", flush=True)
     return scenes
 
@@ -389,7 +410,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainS
         scenes = make_synthetic_scenes(range(args.scene_seed, args.scene_seed + n), cameras=args.cameras,
                                        frames=scene_frames, height=args.height, width=args.width,
                                        n_objects=args.objects, device=rdev, cache=args.cache,
-                                       workers=args.gen_workers, desc="train")
+                                       workers=args.gen_workers, desc="train", rig_variety=args.rig_variety)
         train_base = SceneWindowDataset(scenes, frames_per_sample=frames)
     if len(train_base) == 0:
         raise ValueError(f"no training windows: scenes have fewer than {frames} frames")
@@ -400,7 +421,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainS
     if seeds:
         vs = make_synthetic_scenes(seeds, cameras=args.cameras, frames=frames, height=args.height,
                                    width=args.width, n_objects=args.objects, device=rdev,
-                                   cache=args.cache, desc="val")
+                                   cache=args.cache, desc="val", rig_variety=args.rig_variety)
         val = eval_windows(vs, frames, hw)
     return train, val
 
