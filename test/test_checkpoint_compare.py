@@ -79,3 +79,19 @@ def test_checkpoint_names_and_table(tmp_path):
     assert "| in-window point error, median (m) | 0.690 |" in lines
     assert "| camera centre error, median (m) | n/a |" in lines
     assert "| per-window AP50 (%) | 20.8 |" in lines
+
+
+def test_reuse_refuses_other_settings(tmp_path):
+    import json
+
+    from fast3dis_ros.eval.checkpoint_compare import _parse, _reused_results, _settings
+
+    args = _parse(["--checkpoint", "x=y", "--out", str(tmp_path), "--seeds", "7000-7001"])
+    prev = {**_settings(args), "results": {"old": {"point_err_median_m": 0.7}}}
+    f = tmp_path / "compare.json"
+    f.write_text(json.dumps(prev))
+    args.reuse = str(f)
+    assert _reused_results(args) == {"old": {"point_err_median_m": 0.7}}
+    args.seeds = "7000-7002"
+    with pytest.raises(ValueError, match="scored with"):
+        _reused_results(args)

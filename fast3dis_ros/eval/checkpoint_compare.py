@@ -5,6 +5,7 @@ Usage::
     python -m fast3dis_ros.eval.checkpoint_compare --out DIR \\
         --checkpoint old=fast3dis_ros/assets/fast3dis_tiny --checkpoint new=PATH/bundled \\
         [--seeds 7000-7007] [--rig-variety] [--device cpu] [--cameras 3 --frames 8 --width 224 --height 168]
+        [--reuse PREVIOUS/compare.json]   # its columns join the table without replaying them again
 
 Every seed's scene is generated and written as a rosbag2 once (``data.bags.write_scene_bag``, the demo's
 rig by default, ``--rig-variety`` for randomised wide-yaw rigs with per-camera K); each checkpoint replays
@@ -129,6 +130,8 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.checkpoint_compare",
                                  description="Old vs new FAST3DIS checkpoint on held-out synthetic scenes: in-window "
                                              "geometry error, per-window AP50, 2D mask AP, replay AP (one table).")
+    ap.add_argument("--reuse", default=None, metavar="COMPARE_JSON",
+                    help="columns of an earlier run (same seeds and settings; checked) to show without rescoring")
     ap.add_argument("--checkpoint", action="append", required=True, metavar="NAME=DIR",
                     help="a checkpoint folder to score, named (repeat: --checkpoint old=A --checkpoint new=B)")
     ap.add_argument("--seeds", default="7000-7007", help="scene seeds, e.g. 7000-7007 (never used in training)")
@@ -248,6 +251,27 @@ def table_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _settings(args) -> dict:
+    """What must match for a reused column to be comparable."""
+    from .heldout import parse_seeds
+
+    return {"seeds": parse_seeds(args.seeds), "rig_variety": bool(args.rig_variety),
+            "config": {k: getattr(args, k) for k in ("cameras", "frames", "width", "height", "objects",
+                                                      "window_size", "stride", "eval_voxel")}}
+
+
+def _reused_results(args) -> dict[str, dict]:
+    """Columns of ``--reuse`` (empty without it); refuses a file scored on other seeds or settings."""
+    if not args.reuse:
+        return {}
+    prev = json.loads(Path(args.reuse).read_text())
+    mine = _settings(args)
+    theirs = {"seeds": prev.get("seeds"), "rig_variety": bool(prev.get("rig_variety")), "config": prev.get("config")}
+    if theirs != mine:
+        raise ValueError(f"--reuse {args.reuse}: scored with {theirs}, this run uses {mine}")
+    return dict(prev["results"])
+
+
 def run_compare(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
@@ -261,6 +285,10 @@ def run_compare(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     command = "python -m fast3dis_ros.eval.checkpoint_compare " + shlex.join(argv)
     ckpts = _named_checkpoints(args.checkpoint)
+    reused = _reused_results(args)
+    clash = sorted(set(reused) & set(ckpts))
+    if clash:
+        raise ValueError(f"--reuse already holds column(s) {clash}: name the new checkpoint differently")
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,13 +309,12 @@ def run_compare(argv: list[str] | None = None) -> dict:
             bags.append((seed, bag))
         log(f"{len(bags)} scene bags (seeds {args.seeds}{', varied rigs' if args.rig_variety else ''}) in "
             f"{time.perf_counter() - t_start:.0f} s")
-        results = {name: _score_checkpoint(name, p, bags, args, log) for name, p in ckpts.items()}
+        results = dict(reused)
+        results.update({name: _score_checkpoint(name, p, bags, args, log) for name, p in ckpts.items()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - t_start
-    report = {"command": command, "seeds": seeds, "rig_variety": args.rig_variety, "device": args.device,
-              "config": {k: getattr(args, k) for k in ("cameras", "frames", "width", "height", "objects",
-                                                        "window_size", "stride", "eval_voxel")},
+    report = {"command": command, **_settings(args), "device": args.device, "reused": args.reuse,
               "results": results, "wall_s": wall, "cpu_count": os.cpu_count()}
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=float))
     lines = table_lines(results)
