@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train the bundled tiny FAST3DIS checkpoint on one GPU in under 9.5 minutes of wall time
-# (scene rendering ~40 s + TIME_BUDGET 440 s of training loop + final validation/export).
+# Train the bundled tiny FAST3DIS checkpoint on one GPU in about 8.5 minutes of wall time (run 2 on an H100:
+# 512 scenes rendered in 23 s; 1024 now, ~45 s + TIME_BUDGET 400 s of training loop + final validation/export).
 #
 #   scripts/train_bundled.sh OUT_DIR [extra fast3dis-train args...]
 #   scripts/train_bundled.sh OUT_DIR --init fast3dis_ros/assets/fast3dis_tiny   # continue from the bundled model
@@ -19,7 +19,7 @@
 # Tiny DA3-style backbone + instance head, trained end to end (--full-finetune: instance set losses +
 # scale-invariant depth / pose / intrinsics losses) on procedural scenes rendered on the GPU by
 # fast3dis_ros.data.synthetic at 196x140 (3 cameras x 2 frames = 6 views per sample).
-# The training loop stops within TIME_BUDGET seconds (default 440): the step time is measured after 10
+# The training loop stops within TIME_BUDGET seconds (default 400): the step time is measured after 10
 # warm-up steps and --steps (an upper bound, 12000) is refitted at steps 30/80/200/500/1000/2000,
 # refitting the LR and overlap schedules. Scene rendering comes on top (GPU renderer; set
 # RENDER_DEVICE=cpu to render with GEN_WORKERS CPU processes instead).
@@ -42,7 +42,7 @@ OUT="${1:?usage: scripts/train_bundled.sh OUT_DIR [extra fast3dis-train args]}"
 shift || true
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-TIME_BUDGET="${TIME_BUDGET:-440}"
+TIME_BUDGET="${TIME_BUDGET:-400}"
 RENDER_DEVICE="${RENDER_DEVICE:-cuda}"   # cpu: render with GEN_WORKERS processes instead
 GEN_WORKERS="${GEN_WORKERS:-12}"
 SCENES="${SCENES:-1024}"
