@@ -9,6 +9,8 @@ Examples::
         --height 140 --width 196 --batch-size 8 --steps 3000 --amp bf16 --device cuda --out ckpt/
     # resume (same command + --resume, or --resume DIR)
     fast3dis-train ... --out ckpt/ --resume
+    # continue from a checkpoint's weights on varied rigs (60 %) with the geometry losses x4 (run 3)
+    fast3dis-train ... --init fast3dis_ros/assets/fast3dis_tiny --rig-variety 0.6 --geometry-loss-weight 4
 
 Outputs in ``--out``: ``config.json`` + ``model.safetensors`` (model/checkpoint.py), ``train_state.pt``
 (exact resume), ``train_log.jsonl``, ``val_log.jsonl``, ``loss_curve.png``, ``train_args.json``.
