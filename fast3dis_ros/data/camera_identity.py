@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 __all__ = ["STREAM_SUFFIXES", "IMAGE_TYPES", "stream_of_topic", "frame_base", "parse_camera_map", "CameraIdentity",
-           "StreamPlan", "plan_streams"]
+           "StreamPlan", "plan_streams", "camera_streams"]
 
 # trailing topic parts that name a message kind, not a camera
 STREAM_SUFFIXES = ("compressed", "image_raw", "camera_info", "image", "image_rect", "image_color",
@@ -79,6 +79,26 @@ def parse_camera_map(entries: Iterable[str] | str | None) -> dict[str, str]:
             if key in out and out[key] != cam:
                 raise ValueError(f"camera map gives {key!r} two cameras: {out[key]!r} and {cam!r}")
             out[key] = cam
+    return out
+
+
+def camera_streams(camera_map: Iterable[str] | str | None, cameras: Iterable[str]) -> dict[str, str]:
+    """camera -> the stream its topics live under, for a subscriber that builds topics from a template
+    (the node: ``/{camera}/image_raw`` with ``{camera}`` = ``robot/front`` for ``robot/front=front``).
+    Cameras the map does not name keep their own name. Raises ValueError naming a camera mapped from two
+    streams, or a map value that is not a camera."""
+    cams = list(cameras)
+    m = parse_camera_map(camera_map)
+    bad = sorted({c for c in m.values() if c not in cams})
+    if bad:
+        raise ValueError(f"camera map names camera(s) {bad} that are not in the cameras {cams}")
+    out = {c: c for c in cams}
+    seen: dict[str, str] = {}
+    for key, cam in m.items():
+        if cam in seen:
+            raise ValueError(f"camera {cam!r} is mapped from two streams: {seen[cam]!r} and {key!r}")
+        seen[cam] = key
+        out[cam] = key
     return out
 
 

@@ -266,7 +266,7 @@ def frames_from_bag(path, cameras: list[str] | None, image_topics: list[str] | N
             return None
         K, why = _calibration_reason(ci, (h, w), use_known_intrinsics)
         cal = calibration.setdefault(cam, Counter())
-        if why != "known" and not cal[why]:
+        if why not in ("known", "use_known_intrinsics off") and not cal[why]:
             log.warning("camera %s: %s: the network estimates K for its views", cam, why)
         cal[why] += 1
         if img.ndim == 2:

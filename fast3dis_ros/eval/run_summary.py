@@ -130,7 +130,7 @@ def build_summary(acc: dict, *, gt=None, scored=None, gt_expected: bool | None =
         warnings.append(f"{t} matches no camera of {cams}: not read (map it with --camera-map <stream>=<camera>)")
     cal = _calibration(acc)
     for cam, why in cal["per_camera"].items():
-        if why.startswith(("estimated", "known ")):
+        if "estimated" in why:
             warnings.append(f"camera {cam}: K {why}; the network estimates it for those views")
     per = fr.get("read_per_camera") or {}
     if len(per) > 1 and max(per.values()) > 0 and min(per.values()) < 0.75 * max(per.values()):
