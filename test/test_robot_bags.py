@@ -31,19 +31,25 @@ def scene():
 
 
 @pytest.fixture(scope="module")
-def predictor():
+def loaded():
+    """(predictor, info) as ``load_predictor`` returns them: the bundled checkpoint at 56 px."""
     from fast3dis_ros.eval.replay import load_predictor
 
     return load_predictor(None, "cpu", process_size=56)
 
 
+@pytest.fixture(scope="module")
+def predictor(loaded):
+    return loaded[0]
+
+
 @pytest.fixture
-def eval_cli(predictor, monkeypatch):
+def eval_cli(loaded, monkeypatch):
     """``fast3dis-eval`` (``evaluate.run``) with the module's predictor instead of loading one per call."""
     import fast3dis_ros.eval.replay as replay
     from fast3dis_ros.eval.evaluate import run
 
-    monkeypatch.setattr(replay, "load_predictor", lambda *a, **k: predictor)
+    monkeypatch.setattr(replay, "load_predictor", lambda *a, **k: loaded)
     return lambda *args: run([str(a) for a in args] + WIN + ["--no-progress"])
 
 
@@ -147,7 +153,9 @@ def test_camera_matching_no_stream_fails_before_the_model(scene, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2
     assert "no image stream for camera(s) ['rear']" in err
-    assert "streams that match no camera: ['/robot/right/image_raw']" in err
+    assert "streams that match no camera: ['/robot/right/image_raw', '/robot/right/camera_info']" in err
+    assert "image topics in the bag: ['/robot/front/image_raw', '/robot/left/image_raw', '/robot/right/image_raw']" \
+        in err
     assert "--camera-map <stream>=<camera> (e.g. robot/right=rear)" in err and "Traceback" not in err
     plan = plan_bag_streams(bag, ["front", "left", "rear"], camera_map=parse_camera_map("robot/right=rear"))
     assert plan.image_topic["rear"] == "/robot/right/image_raw" and plan.unmatched == []
@@ -175,7 +183,7 @@ def test_ground_truth_matching_no_camera_exits_3_and_camera_map_fixes_it(scene, 
     assert rc == 0 and _summary(out)["views"]["scored"] == 12
 
 
-def test_missing_camera_info_for_one_camera(scene, tmp_path, eval_cli, predictor, capsys):
+def test_missing_camera_info_for_one_camera(scene, tmp_path, eval_cli, predictor, capsys, caplog):
     """left has no CameraInfo: its views get an estimated K, the others keep theirs (per view, not per
     window); GT K is missing for left, so its views are counted and named as not scored; a K in the GT JSON
     makes them scorable."""
@@ -196,8 +204,8 @@ def test_missing_camera_info_for_one_camera(scene, tmp_path, eval_cli, predictor
     assert "camera left: 4 view(s) not scored (no GT K)" in s["warnings"]
     printed = capsys.readouterr()
     assert "calibration: mixed (front: known (CameraInfo); left: estimated: no CameraInfo (4)" in printed.out
-    assert "camera left: no CameraInfo: the network estimates K for its views" in printed.err  # the log, once
-    assert printed.err.count("camera left: no CameraInfo") == 1
+    logged = [r.getMessage() for r in caplog.records if "no CameraInfo" in r.getMessage()]
+    assert logged == ["camera left: no CameraInfo: the network estimates K for its views"]  # the log, once
     # the network got the known K of front and right in every window, and estimated only left's
     res = replay_bag(bag, predictor, ReplayConfig(window_size=2, stride=2), progress=False)
     K_front = scene.frames[0][0].K

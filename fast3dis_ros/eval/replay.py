@@ -189,7 +189,8 @@ def plan_bag_streams(path, cameras: list[str] | None = None, image_topics: list[
         plan = plan_streams(topics, ident, image_transport, image_topics)
     except ValueError as e:
         raise StreamPlanError(f"{path}: {e}") from e
-    images = sorted(t for t, m in topics.items() if m.endswith(("/Image", "/CompressedImage")))
+    images = sorted(t for t, m in topics.items() if m.endswith(("/Image", "/CompressedImage"))
+                    and not t.endswith(("/depth_gt", "/instance_gt")))
     if plan.missing:
         hint = ""
         if plan.unmatched:
