@@ -202,6 +202,8 @@ def test_missing_camera_info_for_one_camera(scene, tmp_path, eval_cli, predictor
     assert s["views"] == {"scored": 8, "unscored": 4, "unscored_by_camera": {"left": {"no GT K": 4}},
                           "gt_K_source": {"front": "camera_info", "right": "camera_info"}}
     assert "camera left: 4 view(s) not scored (no GT K)" in s["warnings"]
+    assert ("camera left: 4 frame(s) without a usable K (no CameraInfo): the network estimates K for those views"
+            in s["warnings"])
     printed = capsys.readouterr()
     assert "calibration: mixed (front: known (CameraInfo); left: estimated: no CameraInfo (4)" in printed.out
     logged = [r.getMessage() for r in caplog.records if "no CameraInfo" in r.getMessage()]

@@ -626,6 +626,8 @@ def run(argv: list[str] | None = None) -> int:
     if r["metrics"] is not None:
         print()
         print_table(r["metrics"])
+    elif (r["summary"].get("views") or {}).get("scored") == 0:
+        print("ground truth present, but no view could be scored: metrics skipped (see 'what happened' below)")
     else:
         print("no ground truth in the bag: metrics skipped")
     print(f"\nwall time {time.perf_counter() - t0:.1f} s")

@@ -5,9 +5,17 @@ same :class:`~fast3dis_ros.pipeline.runner.PipelineRunner` the node uses, in syn
 window is processed, nothing is dropped for lack of time). Every result is written to an output bag
 (``eval.output_bag``) exactly as the node would publish it.
 
+Which streams are read is decided once, by ``plan_bag_streams`` through ``data/camera_identity.py``: one
+image stream per camera (raw by default, ``image_transport``; the other one of a camera with both is
+not read at all, so it is never a sync drop, and the choice is said once), the camera's CameraInfo,
+namespaced topics and ``camera_map`` understood; streams that match no camera are logged and listed by
+name; a configured camera with no stream is a ``StreamPlanError`` naming the cause and the fix.
+
 Frames are built as the node builds them: RGB from the Image / CompressedImage, ``K`` from the camera's
 CameraInfo with the same stamp (or the latest one) when its size matches the image
 (``use_known_intrinsics``), ``frame_id`` from the header. Known poses are not used (node default).
+Per camera, ``accounting["calibration"]`` counts frames with a known K and, by reason, those whose K the
+network estimates (said once per camera and reason in the log).
 
 Accounting (written as ``accounting.json``) covers every image message of the selected cameras:
 

@@ -129,9 +129,11 @@ def build_summary(acc: dict, *, gt=None, scored=None, gt_expected: bool | None =
     for t in acc.get("streams_unmatched") or []:
         warnings.append(f"{t} matches no camera of {cams}: not read (map it with --camera-map <stream>=<camera>)")
     cal = _calibration(acc)
-    for cam, why in cal["per_camera"].items():
-        if "estimated" in why:
-            warnings.append(f"camera {cam}: K {why}; the network estimates it for those views")
+    for cam, c in (acc.get("calibration") or {}).items():
+        est = {k: v for k, v in c.items() if k != "known"}
+        if est:
+            warnings.append(f"camera {cam}: {sum(est.values())} frame(s) without a usable K ("
+                            + ", ".join(sorted(est)) + "): the network estimates K for those views")
     per = fr.get("read_per_camera") or {}
     if len(per) > 1 and max(per.values()) > 0 and min(per.values()) < 0.75 * max(per.values()):
         slow = min(per, key=per.get)
