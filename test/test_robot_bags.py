@@ -215,6 +215,7 @@ def test_missing_camera_info_for_one_camera(scene, tmp_path, eval_cli, predictor
         p = rec.prediction
         assert p.extras["K_known"].tolist() == [True, False, True] * 2
         np.testing.assert_allclose(p.K[0], scale_K(K_front, (48, 64), p.extras["process_hw"]))
+        assert np.isfinite(p.K).all() and (p.K[:, 0, 0] > 0).all()  # left: the network's own, finite estimate
         assert not np.allclose(p.K[1], scale_K(scene.frames[0][1].K, (48, 64), p.extras["process_hw"]), rtol=1e-3)
     # GT K from the GT JSON scores left as well
     gt_bag = tmp_path / "noinfo_jsonK"
