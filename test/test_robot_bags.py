@@ -370,4 +370,12 @@ def test_node_camera_map_parameter_and_calibration_diagnostics():
     finally:
         node.shutdown()
         node.destroy_node()
+    # use_compressed: the compressed topic instead of the raw one (one transport per camera)
+    node = Fast3disNode(predictor=StubPredictor(), context=ctx, parameter_overrides=[
+        Parameter("cameras", value=["front"]), Parameter("use_compressed", value=True)])
+    try:
+        assert sorted(s.topic_name for s in node._subs) == ["/front/camera_info", "/front/image_raw/compressed"]
+    finally:
+        node.shutdown()
+        node.destroy_node()
         rclpy.shutdown(context=ctx)

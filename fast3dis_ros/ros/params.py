@@ -45,7 +45,8 @@ PARAMS: list[ParamSpec] = [
               "etc. Same rule as fast3dis-eval --camera-map (fast3dis_ros/data/camera_identity.py). Empty: the "
               "topics use the camera names.", extra="<stream>=<camera>[,...], cameras from 'cameras'"),
     ParamSpec("use_compressed", False,
-              "Also subscribe to sensor_msgs/CompressedImage (jpeg/png) on compressed_topic."),
+              "Read sensor_msgs/CompressedImage (jpeg/png) on compressed_topic instead of Image on image_topic "
+              "(one transport per camera, as fast3dis-eval --image-transport: both would give every frame twice)."),
     ParamSpec("compressed_topic", "/{camera}/image_raw/compressed", "CompressedImage topic template.",
               extra="must contain {camera}"),
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
