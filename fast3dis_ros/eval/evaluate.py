@@ -574,9 +574,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from ..data.bags import BagReadError
-    from .replay import ReplayConfig, load_predictor
-
     from ..data.camera_identity import parse_camera_map
+    from .replay import ReplayConfig, load_predictor
 
     try:
         camera_map = parse_camera_map(args.camera_map)
