@@ -89,7 +89,8 @@ def _gt_parts(gt) -> bool:
                                     any(u.endswith(("/depth_gt", "/instance_gt")) for u in gt.unmatched)))
 
 
-def _unscored(sv, acc_cams: list[str], gt) -> dict[str, dict[str, int]]:
+def _unscored(sv) -> dict[str, dict[str, int]]:
+    """camera -> {"no GT <parts>": views} for the views ``select_views`` could not score."""
     out: dict[str, Counter] = {}
     for (cam, _st), missing in (getattr(sv, "skipped", None) or {}).items():
         out.setdefault(cam, Counter())[("no GT " + " + ".join(missing))] += 1
@@ -147,7 +148,7 @@ def build_summary(acc: dict, *, gt=None, scored=None, gt_expected: bool | None =
     expected = _gt_parts(gt) if gt_expected is None else bool(gt_expected)
     views = None
     if scored is not None or expected:
-        unscored = _unscored(scored, cams, gt) if scored is not None else {}
+        unscored = _unscored(scored) if scored is not None else {}
         n_scored = len(scored) if scored is not None else 0
         n_unscored = sum(sum(v.values()) for v in unscored.values())
         views = {"scored": n_scored, "unscored": n_unscored, "unscored_by_camera": unscored}
