@@ -441,7 +441,7 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
                                                     "output_topics": res.output_counts, "summary": summary}),
                                        indent=2))
         md = append_to_report(out / "report.md", summary, title=title)
-        if str(md.resolve()) not in paths.setdefault("report", []):
+        if md.resolve() not in {Path(f).resolve() for f in paths.setdefault("report", [])}:
             paths["report"].insert(0, str(md.resolve()))
         result["summary"] = summary
         return result
