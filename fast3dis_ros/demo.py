@@ -36,7 +36,10 @@ __all__ = ["main", "run_demo", "ensure_sample_bag"]
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="fast3dis-demo", description=(
         "Generate a small synthetic multi-camera rosbag2, replay it through the FAST3DIS pipeline on CPU, "
-        "and write output bag, PLY, PNGs and a metrics report."))
+        "and write output bag, PLY, PNGs and a metrics report."), epilog=(
+        "The run ends with a 'what happened' block (cameras, calibration, frame sets, views scored, warnings), "
+        "also in report.md; exit 3 when nothing was processed or scored. Your own bags (raw or compressed "
+        "images, namespaced topics, sqlite3 or mcap): fast3dis-eval --help lists every accepted input form."))
     ap.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -216,18 +219,25 @@ def run_demo(argv: list[str] | None = None) -> dict:
     print("\noutputs:")
     for p in paths:
         print(f"  {Path(p).resolve()}")
+    from .eval.run_summary import format_summary
+
+    print("\n" + format_summary(r["summary"]))
     return {"paths": [str(Path(p).resolve()) for p in paths], "metrics": r["metrics"], "accounting": acc,
-            "wall_s": wall, "weights": info, "result": r}
+            "wall_s": wall, "weights": info, "result": r, "summary": r["summary"],
+            "exit_code": r["summary"]["exit"]["code"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     from .data.bags import BagReadError
 
     try:
-        run_demo(argv)
+        out = run_demo(argv)
     except (BagReadError, FileNotFoundError) as e:
         print(f"fast3dis-demo: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if out["exit_code"]:
+        print(f"fast3dis-demo: {out['summary']['exit']['reason']}", file=sys.stderr)
+        raise SystemExit(out["exit_code"])
 
 
 if __name__ == "__main__":

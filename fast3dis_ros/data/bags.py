@@ -11,7 +11,8 @@ topic                          type                         content
 ``/<cam>/instance_gt``         sensor_msgs/msg/Image        32SC1 instance ids, 0 = background
 ``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``<cam>_optical_frame`` per frame
 ``/fast3dis_gt/instances``     std_msgs/msg/String          JSON {"instances": [...], "cameras": [...],
-                                                            "T_rig_cam": {...}} once, at the first stamp
+                                                            "T_rig_cam": {...}, "K": {cam: 3x3}} once,
+                                                            at the first stamp
 =============================  ===========================  =============================================
 
 Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). No
@@ -276,6 +277,7 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
         if ground_truth:
             payload = {"instances": [i.to_dict() for i in scene.instances], "cameras": list(scene.camera_names),
                        "T_rig_cam": {k: np.asarray(v).tolist() for k, v in scene.T_rig_cam.items()},
+                       "K": {v.camera: np.asarray(v.K).tolist() for v in scene.frames[0]} if scene.frames else {},
                        "rate_hz": rate_hz, "start_ns": int(start_ns)}
             w.write(GT_INSTANCES_TOPIC, STRING, {"data": json.dumps(payload)}, start_ns)
         for fi, frame in enumerate(scene.frames):
@@ -511,27 +513,57 @@ def _bad(conn, t: int, reason: str) -> StreamMessage:
 
 @dataclass
 class GroundTruth:
-    """Ground truth of a bag written by :func:`write_scene_bag` (or any bag with the same topics)."""
+    """Ground truth of a bag written by :func:`write_scene_bag` (or any bag with the same topics, namespaced
+    or not: cameras are named by ``data/camera_identity.py``)."""
 
     instances: list[dict] | None = None
     meta: dict = field(default_factory=dict)  # the rest of the /fast3dis_gt/instances JSON
     depth: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (H,W) float32
     instance: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (H,W) int32
-    K: dict[str, np.ndarray] = field(default_factory=dict)  # cam -> (3,3) (last CameraInfo)
+    K: dict[str, np.ndarray] = field(default_factory=dict)  # cam -> (3,3): last CameraInfo, else the GT JSON
+    K_source: dict[str, str] = field(default_factory=dict)  # cam -> "camera_info" | "gt_json"
     T_world_cam: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # cam -> stamp -> (4,4) from /tf
+    unmatched: list[str] = field(default_factory=list)  # GT topics / TF child frames that match no camera
 
     @property
     def cameras(self) -> list[str]:
         return sorted(set(self.depth) | set(self.instance) | set(self.T_world_cam))
 
 
-def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth:
-    """Depth / instance maps per camera and stamp, the instance list, K and ground-truth poses."""
+def _json_K(value) -> np.ndarray | None:
+    """A K from the GT JSON: 3x3 nested list, 9 numbers, or {fx, fy, cx, cy}; None if unusable."""
+    try:
+        if isinstance(value, dict):
+            K = np.array([[value["fx"], 0, value["cx"]], [0, value["fy"], value["cy"]], [0, 0, 1]], np.float64)
+        else:
+            K = np.asarray(value, np.float64).reshape(3, 3)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return K if np.isfinite(K).all() and K[0, 0] > 0 and K[1, 1] > 0 else None
+
+
+def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None) -> GroundTruth:
+    """Depth / instance maps per camera and stamp, the instance list, K and ground-truth poses.
+
+    Cameras are named through ``identity`` (a ``data.camera_identity.CameraIdentity``; default: the cameras
+    discovered from the bag's image streams), the same mapping the replay uses: GT topics by their stream
+    (``/robot/front/depth_gt`` -> ``front``), poses by the TF child frame (``map -> front_optical_frame``,
+    or a frame seen in a header of that camera). K: the camera's CameraInfo, else the GT JSON's ``"K"``
+    (``{camera: 3x3 | 9 values | {fx, fy, cx, cy}}``). What matches no camera is listed in ``unmatched``."""
+    from .camera_identity import CameraIdentity, plan_streams
+
     gt = GroundTruth()
     b = _OpenBag(path)
     try:
+        if identity is None:
+            topics = {c.topic: c.msgtype for c in b.reader.connections}
+            try:
+                identity = plan_streams(topics, CameraIdentity()).identity
+            except ValueError as e:
+                raise BagReadError(f"{b.path}: {e}") from e
+        tf_children: dict[str, dict[int, np.ndarray]] = {}
         sel = [c for c in b.reader.connections if c.topic == GT_INSTANCES_TOPIC or c.topic in ("/tf", "/tf_static")
-               or c.topic.endswith(("/depth_gt", "/instance_gt", "/camera_info"))]
+               or c.topic.endswith(("/depth_gt", "/instance_gt")) or c.msgtype == CAMERA_INFO]
         for conn, t, msg in b.messages(sel):
             if conn.topic == GT_INSTANCES_TOPIC:
                 d = json.loads(msg.data)
@@ -542,11 +574,15 @@ def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth
                     gt.meta = {k: v for k, v in d.items() if k != "instances"}
             elif conn.msgtype == TF:
                 for tf in _tf_list(msg):
-                    if tf["parent"] == world_frame and tf["child"].endswith("_optical_frame"):
-                        cam = tf["child"][: -len("_optical_frame")]
-                        gt.T_world_cam.setdefault(cam, {})[tf["stamp_ns"]] = tf["T"]
+                    if tf["parent"].strip("/") == world_frame:
+                        tf_children.setdefault(tf["child"], {})[tf["stamp_ns"]] = tf["T"]
             else:
-                cam = conn.topic.strip("/").rsplit("/", 1)[0]
+                cam = identity.camera_of_topic(conn.topic)
+                if cam is None:
+                    if conn.topic not in gt.unmatched:
+                        gt.unmatched.append(conn.topic)
+                    continue
+                identity.learn_frame(str(msg.header.frame_id), cam)
                 stamp = _stamp_ns(msg.header.stamp)
                 if conn.topic.endswith("/depth_gt"):
                     gt.depth.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.float32, copy=False)
@@ -554,6 +590,19 @@ def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth
                     gt.instance.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.int32, copy=False)
                 elif conn.msgtype == CAMERA_INFO:
                     gt.K[cam] = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+                    gt.K_source[cam] = "camera_info"
     finally:
         b.close()
+    for child, poses in tf_children.items():
+        cam = identity.camera_of_frame(child)
+        if cam is None:
+            gt.unmatched.append(f"tf {world_frame} -> {child}")
+        else:
+            gt.T_world_cam.setdefault(cam, {}).update(poses)
+    for key, value in (gt.meta.get("K") or {}).items():
+        cam = key if identity.cameras is None or key in identity.cameras else identity.camera_of_topic(f"/{key}")
+        K = _json_K(value)
+        if cam is not None and K is not None and cam not in gt.K:
+            gt.K[cam] = K
+            gt.K_source[cam] = "gt_json"
     return gt

@@ -74,6 +74,7 @@ class ScoredViews:
     gt_instance: list = field(default_factory=list)
     gt_K: list = field(default_factory=list)
     gt_T_world_cam: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # (camera, stamp_ns) -> GT parts missing ("depth", "K", ...)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -107,6 +108,8 @@ def select_views(records, gt) -> ScoredViews:
         K = gt.K.get(cam)
         T = _gt_pose(gt, cam, st)
         if dep is None or ins is None or K is None or T is None:
+            sv.skipped[(cam, st)] = [n for n, x in (("depth", dep), ("instance", ins), ("K", K), ("pose", T))
+                                     if x is None]
             continue
         rec = records[ri]
         p = rec.prediction
@@ -424,20 +427,36 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
         import shutil
 
         shutil.rmtree(out_bag)
-    res = replay_bag(bag, predictor, replay_cfg or ReplayConfig(), out_bag=out_bag, progress=progress)
+    cfg = replay_cfg or ReplayConfig()
+    res = replay_bag(bag, predictor, cfg, out_bag=out_bag, progress=progress)
     acc_path = out / "accounting.json"
     from .report import to_jsonable
+    from .run_summary import append_to_report, build_summary
 
-    acc_path.write_text(json.dumps(to_jsonable({**res.accounting, "replay_wall_s": res.wall_s,
-                                                "output_topics": res.output_counts}), indent=2))
-    paths = {"output_bag": str(out_bag.resolve()), "accounting": str(acc_path.resolve())}
-    result = {"replay": res, "paths": paths, "metrics": None, "scored": None, "baseline": None}
-    gt = read_ground_truth(gt_bag or bag)
-    if not has_ground_truth(gt):
+    def finish(gt, sv) -> dict:
+        """The "what happened" block: into the result, accounting.json and report.md."""
+        summary = build_summary(res.accounting, gt=gt, scored=sv, gt_expected=True if gt_bag else None,
+                                weights_info=weights_info, slop_ms=cfg.slop_ms, window_size=cfg.window_size)
+        acc_path.write_text(json.dumps(to_jsonable({**res.accounting, "replay_wall_s": res.wall_s,
+                                                    "output_topics": res.output_counts, "summary": summary}),
+                                       indent=2))
+        md = append_to_report(out / "report.md", summary, title=title)
+        if md.resolve() not in {Path(f).resolve() for f in paths.setdefault("report", [])}:
+            paths["report"].insert(0, str(md.resolve()))
+        result["summary"] = summary
         return result
+
+    paths = {"output_bag": str(out_bag.resolve()), "accounting": str(acc_path.resolve())}
+    result = {"replay": res, "paths": paths, "metrics": None, "scored": None, "baseline": None, "summary": None}
+    report_md = out / "report.md"
+    if report_md.exists():  # a report of an earlier run in the same folder would be appended to
+        report_md.unlink()
+    gt = read_ground_truth(gt_bag or bag, identity=res.identity)
+    if not has_ground_truth(gt) or not res.records:  # still say which views lack which GT part
+        return finish(gt, select_views(res.records, gt) if res.records else None)
     meta = {"bag": str(Path(bag).resolve()), "gt_bag": str(Path(gt_bag or bag).resolve()),
             "cameras": res.cameras, "windows": len(res.records),
-            "window_size": (replay_cfg or ReplayConfig()).window_size, "stride": (replay_cfg or ReplayConfig()).stride}
+            "window_size": cfg.window_size, "stride": cfg.stride}
     if weights_info:
         meta["weights"] = weights_info.get("weights")
         meta["checkpoint"] = weights_info.get("checkpoint")
@@ -450,21 +469,47 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
     files = write_report(metrics, out, curves=curves, title=title)
     paths["report"] = files
     result.update(metrics=metrics, scored=sv, baseline=base, gt=gt)
-    return result
+    return finish(gt, sv)
+
+
+INPUT_FORMS = """\
+accepted input (rosbag2 folder with metadata.yaml; storage mcap or sqlite3, taken from the metadata):
+  images      sensor_msgs/Image (raw: rgb8, bgr8, rgba8, bgra8, mono8, mono16, ...) on <ns>/<cam>/image_raw
+              or any Image topic; sensor_msgs/CompressedImage (jpeg/png) on <ns>/<cam>/image_raw/compressed.
+              A camera with both reads one (--image-transport, default raw; said once, nothing dropped).
+  calibration sensor_msgs/CameraInfo on <ns>/<cam>/camera_info; a camera without one (or with an unusable
+              one) gets K estimated by the network for its views only; the run summary says which.
+  namespaces  /robot/front/image_raw is camera 'front' when --cameras names front; frame ids
+              (front_optical_frame, robot/front_link) and TF child frames join the same way; anything else:
+              --camera-map robot/front=front (keys: stream, topic or frame id). Streams that match no camera
+              are named in the summary.
+  ground truth (optional; --gt or the same bag) <ns>/<cam>/depth_gt (32FC1 m), <ns>/<cam>/instance_gt
+              (32SC1), TF <world> -> <camera frame> poses on /tf, K from CameraInfo or the JSON on
+              /fast3dis_gt/instances ("K": {cam: 3x3}).
+exit codes: 0 ok; 1 accounting does not add up; 2 unreadable input or bad arguments;
+  3 nothing processed, or ground truth present but no view scored (the summary names the cause and the fix).
+"""
 
 
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="fast3dis-eval", description=(
         "Replay a rosbag2 (mcap or sqlite3) through the FAST3DIS pipeline at full speed, write the output "
-        "topics to a new bag, account for every input frame set, and score against ground truth."))
-    ap.add_argument("--bag", required=True, help="input rosbag2 folder (or a file inside it)")
+        "topics to a new bag, account for every input frame set, and score against ground truth."),
+        epilog=INPUT_FORMS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bag", required=True, help="input rosbag2 folder (or a file inside it), mcap or sqlite3")
     ap.add_argument("--gt", default=None, help="bag with ground truth (default: --bag)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--cameras", default=None, help="comma separated camera names (topics /<cam>/image_raw)")
-    g.add_argument("--image-topics", nargs="+", default=None, help="explicit image topics")
+    g.add_argument("--cameras", default=None, help="comma separated camera names, in view order (topics "
+                   "[/<ns>]/<cam>/image_raw[/compressed]; default: every camera image stream in the bag)")
+    g.add_argument("--image-topics", nargs="+", default=None, help="explicit image topics (Image or CompressedImage)")
+    ap.add_argument("--camera-map", nargs="+", default=None, metavar="KEY=CAMERA",
+                    help="map a stream, topic or frame id to a camera, e.g. robot/front=front (comma separated or "
+                         "repeated)")
+    ap.add_argument("--image-transport", choices=["raw", "compressed"], default="raw",
+                    help="which images a camera with both raw and compressed topics reads (default raw)")
     ap.add_argument("--window-size", type=int, default=4, help="frame sets per window")
     ap.add_argument("--stride", type=int, default=2, help="new window every N frame sets")
     ap.add_argument("--slop-ms", type=float, default=50.0, help="sync slop in milliseconds")
@@ -521,31 +566,41 @@ def print_table(metrics: dict, file=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input."""
+    """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input or bad
+    arguments, 3 when nothing was processed or ground truth was present but no view could be scored."""
     raise SystemExit(run(argv))
 
 
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from ..data.bags import BagReadError
+    from ..data.camera_identity import parse_camera_map
     from .replay import ReplayConfig, load_predictor
 
+    try:
+        camera_map = parse_camera_map(args.camera_map)
+    except ValueError as e:
+        print(f"fast3dis-eval: error: --camera-map: {e}", file=sys.stderr)
+        return 2
     cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
                        image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
-                       slop_ms=args.slop_ms, voxel_size=args.voxel_size)
+                       slop_ms=args.slop_ms, voxel_size=args.voxel_size, camera_map=camera_map,
+                       image_transport=args.image_transport)
     kw = {}
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
     t0 = time.perf_counter()
-    try:  # fail fast on an unreadable bag, before loading the model
+    try:  # fail fast on an unreadable bag or cameras that match no stream, before loading the model
         from ..data.bags import bag_topics
+        from .replay import plan_bag_streams
 
-        bag_topics(args.bag)
+        plan_bag_streams(args.bag, cfg.cameras, cfg.image_topics, cfg.camera_map, cfg.image_transport)
         if args.gt:
             bag_topics(args.gt)
     except BagReadError as e:
-        print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
+        what = "" if type(e).__name__ == "StreamPlanError" else "cannot read bag: "
+        print(f"fast3dis-eval: error: {what}{e}", file=sys.stderr)
         return 2
     try:
         predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
@@ -570,6 +625,8 @@ def run(argv: list[str] | None = None) -> int:
     if r["metrics"] is not None:
         print()
         print_table(r["metrics"])
+    elif (r["summary"].get("views") or {}).get("scored") == 0:
+        print("ground truth present, but no view could be scored: metrics skipped (see 'what happened' below)")
     else:
         print("no ground truth in the bag: metrics skipped")
     print(f"\nwall time {time.perf_counter() - t0:.1f} s")
@@ -577,7 +634,13 @@ def run(argv: list[str] | None = None) -> int:
     for k, v in r["paths"].items():
         for p in v if isinstance(v, list) else [v]:
             print(f"  {Path(p).resolve()}")
-    return 0 if acc["balanced"] else 1
+    from .run_summary import format_summary
+
+    summary = r["summary"]
+    print("\n" + format_summary(summary))
+    if summary["exit"]["code"]:
+        print(f"fast3dis-eval: {summary['exit']['reason']}", file=sys.stderr)
+    return summary["exit"]["code"]
 
 
 if __name__ == "__main__":

@@ -5,9 +5,17 @@ same :class:`~fast3dis_ros.pipeline.runner.PipelineRunner` the node uses, in syn
 window is processed, nothing is dropped for lack of time). Every result is written to an output bag
 (``eval.output_bag``) exactly as the node would publish it.
 
+Which streams are read is decided once, by ``plan_bag_streams`` through ``data/camera_identity.py``: one
+image stream per camera (raw by default, ``image_transport``; the other one of a camera with both is
+not read at all, so it is never a sync drop, and the choice is said once), the camera's CameraInfo,
+namespaced topics and ``camera_map`` understood; streams that match no camera are logged and listed by
+name; a configured camera with no stream is a ``StreamPlanError`` naming the cause and the fix.
+
 Frames are built as the node builds them: RGB from the Image / CompressedImage, ``K`` from the camera's
 CameraInfo with the same stamp (or the latest one) when its size matches the image
 (``use_known_intrinsics``), ``frame_id`` from the header. Known poses are not used (node default).
+Per camera, ``accounting["calibration"]`` counts frames with a known K and, by reason, those whose K the
+network estimates (said once per camera and reason in the log).
 
 Accounting (written as ``accounting.json``) covers every image message of the selected cameras:
 
@@ -32,6 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ..data.bags import BagReadError
 from ..pipeline.frames import CameraFrame, Window, WindowPrediction
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,8 @@ __all__ = [
     "WindowRecord",
     "load_predictor",
     "camera_of_topic",
+    "plan_bag_streams",
+    "StreamPlanError",
     "frames_from_bag",
     "replay_bag",
 ]
@@ -117,18 +128,19 @@ def _attach_feature_hook(pred) -> None:
 
 
 def camera_of_topic(topic: str) -> str:
-    """``/front/image_raw`` -> ``front``; ``/robot/cam_a/image_raw/compressed`` -> ``robot/cam_a``;
-    ``/front/camera_info`` -> ``front``."""
-    parts = [p for p in topic.strip("/").split("/") if p]
-    while parts and parts[-1] in ("image_raw", "compressed", "camera_info", "image", "image_rect", "image_color"):
-        parts.pop()
-    return "/".join(parts) if parts else topic.strip("/")
+    """``/front/image_raw`` -> ``front``; ``/robot/cam_a/image_raw/compressed`` -> ``robot/cam_a`` (the stream
+    name; which camera a stream belongs to is decided by ``data.camera_identity``)."""
+    from ..data.camera_identity import stream_of_topic
+
+    return stream_of_topic(topic)
 
 
 @dataclass
 class ReplayConfig:
     cameras: list[str] | None = None  # None: every camera with an image topic in the bag
-    image_topics: list[str] | None = None  # explicit image topics (camera name = camera_of_topic)
+    image_topics: list[str] | None = None  # explicit image topics (camera names: data/camera_identity.py)
+    camera_map: dict[str, str] = field(default_factory=dict)  # stream | topic | frame id -> camera
+    image_transport: str = "raw"  # raw | compressed: which one a camera with both uses
     window_size: int = 4  # frame sets per window
     stride: int = 2
     slop_ms: float = 50.0
@@ -159,6 +171,7 @@ class ReplayResult:
     wall_s: float
     output_counts: dict = field(default_factory=dict)
     final: object | None = None  # last FusionResult
+    identity: object | None = None  # data.camera_identity.CameraIdentity the replay used (frames learned)
 
     @property
     def final_map(self):
@@ -166,54 +179,81 @@ class ReplayResult:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _discover_cameras(path, image_topics) -> list[str]:
+class StreamPlanError(BagReadError):
+    """The bag is readable but its streams do not fit the cameras asked for (the message: cause and fix)."""
+
+
+def plan_bag_streams(path, cameras: list[str] | None = None, image_topics: list[str] | None = None,
+                     camera_map: dict[str, str] | None = None, image_transport: str = "raw"):
+    """The bag's :class:`~fast3dis_ros.data.camera_identity.StreamPlan` (one image stream per camera, its
+    CameraInfo, unmatched streams by name). Raises BagReadError with the cause and the fix when a configured
+    camera has no stream, no image stream is found, or the configuration is contradictory."""
     from ..data.bags import bag_topics
+    from ..data.camera_identity import CameraIdentity, plan_streams
 
-    topics = bag_topics(path)
-    if image_topics:
-        missing = [t for t in image_topics if t not in topics]
-        if missing:
-            from ..data.bags import BagReadError
+    topics = {t: mt for t, (mt, _n) in bag_topics(path).items()}
+    try:
+        ident = CameraIdentity(list(cameras) if cameras else None, dict(camera_map or {}))
+        plan = plan_streams(topics, ident, image_transport, image_topics)
+    except ValueError as e:
+        raise StreamPlanError(f"{path}: {e}") from e
+    images = sorted(t for t, m in topics.items() if m.endswith(("/Image", "/CompressedImage"))
+                    and not t.endswith(("/depth_gt", "/instance_gt")))
+    if plan.missing:
+        hint = ""
+        if plan.unmatched:
+            hint = (f"; streams that match no camera: {plan.unmatched}. Map them with --camera-map "
+                    f"<stream>=<camera> (e.g. {camera_of_topic(plan.unmatched[0])}={plan.missing[0]})")
+        raise StreamPlanError(f"{path}: no image stream for camera(s) {plan.missing} of --cameras "
+                           f"{list(cameras or [])}{hint}; image topics in the bag: {images}")
+    if not plan.cameras:
+        raise StreamPlanError(f"{path}: no camera image topics found (sensor_msgs/Image or CompressedImage, not "
+                           f"*/depth_gt or */instance_gt); topics in the bag: {sorted(topics)}")
+    for t in plan.unmatched:
+        log.warning("%s matches no camera of %s: not read (map it with --camera-map <stream>=<camera>)", t,
+                    plan.cameras)
+    for n in plan.notes:
+        log.warning("%s", n)
+    return plan
 
-            raise BagReadError(f"{path}: image topics not in bag: {missing} (bag has {sorted(topics)})")
-        return [camera_of_topic(t) for t in image_topics]
-    cams = []
-    for t, (mt, _n) in sorted(topics.items()):
-        if mt.replace("/msg/", "/") in ("sensor_msgs/Image", "sensor_msgs/CompressedImage") and \
-                not t.endswith(("/depth_gt", "/instance_gt")) and "depth" not in t.split("/")[-1]:
-            c = camera_of_topic(t)
-            if c not in cams:
-                cams.append(c)
-    return cams
+
+def _calibration_reason(ci: dict | None, hw: tuple[int, int], use_known: bool) -> tuple[np.ndarray | None, str]:
+    """(K or None, reason): ``known``, or why the network estimates this view's K."""
+    if not use_known:
+        return None, "use_known_intrinsics off"
+    if ci is None:
+        return None, "no CameraInfo"
+    if (ci["height"], ci["width"]) != hw:
+        return None, f"CameraInfo is {ci['width']}x{ci['height']}, image {hw[1]}x{hw[0]}"
+    Kc = np.asarray(ci["K"], np.float64).reshape(3, 3)
+    if not (np.isfinite(Kc).all() and Kc[0, 0] > 0 and Kc[1, 1] > 0):
+        return None, "CameraInfo K invalid (non-finite or non-positive focal)"
+    return Kc, "known"
 
 
-def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = None,
+def frames_from_bag(path, cameras: list[str] | None, image_topics: list[str] | None = None,
                     use_known_intrinsics: bool = True, counts: Counter | None = None,
-                    rejected: Counter | None = None, max_per_camera: int | None = None
-                    ) -> Iterable[CameraFrame]:
+                    rejected: Counter | None = None, max_per_camera: int | None = None, plan=None,
+                    calibration: dict[str, Counter] | None = None) -> Iterable[CameraFrame]:
     """Yield CameraFrames in bag order (an image is held until its CameraInfo of the same stamp arrives
-    or the camera's next image does). ``counts['read']`` counts image messages of the cameras;
-    ``rejected`` counts frames refused by the checks in the module doc."""
+    or the camera's next image does). ``plan``: the streams to read (default: ``plan_bag_streams``).
+    ``counts['read']`` counts image messages of the cameras (``counts['read:<cam>']`` per camera);
+    ``rejected`` counts frames refused by the checks in the module doc; ``calibration[cam]`` counts the
+    camera's frames by where their K comes from (``known`` or the reason the network estimates it, said once
+    per camera and reason in the log). Header frame ids are learned into ``plan.identity``."""
     from ..data.bags import read_camera_streams
 
     counts = Counter() if counts is None else counts
     rejected = Counter() if rejected is None else rejected
-    cams = set(cameras)
+    calibration = {} if calibration is None else calibration
+    if plan is None:
+        plan = plan_bag_streams(path, cameras, image_topics)
+    topic_cam = plan.topic_camera
     info: dict[str, dict] = {}
     first_size: dict[str, tuple[int, int]] = {}
     pending: dict[str, tuple] = {}  # cam -> (stamp, image, frame_id)
     n_cam: Counter = Counter()
-    if image_topics:
-        topics = list(image_topics) + [t.rsplit("/", 1)[0] + "/camera_info" for t in image_topics
-                                       if not t.endswith("/compressed")]
-        topics = [t for t in dict.fromkeys(topics)]
-        from ..data.bags import bag_topics
-
-        have = bag_topics(path)
-        topics = [t for t in topics if t in have]
-        stream = read_camera_streams(path, topics=topics, include_tf=False, skip_bad=True)
-    else:
-        stream = read_camera_streams(path, cameras=cameras, include_tf=False, skip_bad=True)
+    stream = read_camera_streams(path, topics=list(topic_cam), include_tf=False, skip_bad=True)
 
     def emit(cam: str):
         stamp, img, fid = pending.pop(cam)
@@ -233,11 +273,11 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
             log.warning("%s: image %dx%d at %d differs from the expected %dx%d: frame rejected", cam, w, h, stamp,
                         ref[1], ref[0])
             return None
-        K = None
-        if use_known_intrinsics and ci is not None and (ci["height"], ci["width"]) == (h, w):
-            Kc = np.asarray(ci["K"], np.float64).reshape(3, 3)
-            if np.isfinite(Kc).all() and Kc[0, 0] > 0 and Kc[1, 1] > 0:
-                K = Kc
+        K, why = _calibration_reason(ci, (h, w), use_known_intrinsics)
+        cal = calibration.setdefault(cam, Counter())
+        if why not in ("known", "use_known_intrinsics off") and not cal[why]:
+            log.warning("camera %s: %s: the network estimates K for its views", cam, why)
+        cal[why] += 1
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         if img.dtype != np.uint8:
@@ -246,14 +286,16 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
                            K=K)
 
     for m in stream:
-        cam = camera_of_topic(m.topic)
-        if cam not in cams:
+        cam = topic_cam.get(m.topic)
+        if cam is None:
             continue
         if m.kind == "bad_message":
             counts["bad_camera_info"] += 1
             log.warning("%s: undecodable message ignored: %s", cam, m.data)
         elif m.kind == "camera_info":
             info[cam] = m.data
+            if plan.identity is not None:
+                plan.identity.learn_frame(m.frame_id, cam)
             if cam in pending and pending[cam][0] == m.stamp_ns:
                 f = emit(cam)
                 if f is not None:
@@ -263,10 +305,13 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
                 continue
             n_cam[cam] += 1
             counts["read"] += 1
+            counts[f"read:{cam}"] += 1
             if m.kind == "bad_image":
                 rejected["undecodable"] += 1
                 log.warning("%s: undecodable image message dropped: %s", cam, m.data)
                 continue
+            if plan.identity is not None:
+                plan.identity.learn_frame(m.frame_id, cam)
             if cam in pending:
                 f = emit(cam)
                 if f is not None:
@@ -294,13 +339,8 @@ def replay_bag(
 
     cfg = cfg or ReplayConfig()
     t0 = time.perf_counter()
-    cameras = list(cfg.cameras) if cfg.cameras else _discover_cameras(bag, cfg.image_topics)
-    if cfg.image_topics and not cfg.cameras:
-        cameras = [camera_of_topic(t) for t in cfg.image_topics]
-    if not cameras:
-        from ..data.bags import BagReadError
-
-        raise BagReadError(f"{bag}: no image topics found (give --cameras or --image-topics)")
+    plan = plan_bag_streams(bag, cfg.cameras, cfg.image_topics, cfg.camera_map, cfg.image_transport)
+    cameras = list(plan.cameras)
     records: list[WindowRecord] = []
     writer = OutputBagWriter(out_bag) if out_bag is not None else None
     bar = None
@@ -333,11 +373,12 @@ def replay_bag(
                             on_error=lambda w, e: errors.append(f"window {w.index}: {type(e).__name__}: {e}"))
     counts: Counter = Counter()
     rejected: Counter = Counter()
+    calibration: dict[str, Counter] = {}
     try:
         if writer is not None:
             writer.__enter__()
         for frame in frames_from_bag(bag, cameras, cfg.image_topics, cfg.use_known_intrinsics, counts, rejected,
-                                     cfg.max_frame_sets):
+                                     cfg.max_frame_sets, plan=plan, calibration=calibration):
             runner.feed(frame)
             if bar is not None:
                 bar.update(1)
@@ -357,8 +398,15 @@ def replay_bag(
     accounting = {
         "bag": str(Path(bag).resolve()),
         "cameras": cameras,
+        "streams": {c: {"image_topic": plan.image_topic[c], "transport": plan.transport[c],
+                        "camera_info_topic": plan.info_topic[c]} for c in cameras},
+        "streams_unmatched": list(plan.unmatched),
+        "streams_not_used": dict(plan.not_used),
+        "stream_notes": list(plan.notes),
+        "calibration": {c: dict(calibration.get(c, {})) for c in cameras},
         "frames": {
             "read": int(counts["read"]),
+            "read_per_camera": {c: int(counts[f"read:{c}"]) for c in cameras},
             "rejected": dict(sorted(rejected.items())),
             "pushed": fr["pushed"],
             "in_sets": fr["in_sets"],
@@ -377,4 +425,5 @@ def replay_bag(
         },
     }
     return ReplayResult(cameras, records, accounting, time.perf_counter() - t0,
-                        dict(writer.counts) if writer is not None else {}, records[-1].fusion if records else None)
+                        dict(writer.counts) if writer is not None else {}, records[-1].fusion if records else None,
+                        identity=plan.identity)

@@ -16,7 +16,8 @@ identity, median camera distance = 1), fed to DA3's camera encoder, and the outp
 to the given world: extrinsics = the given poses, depth rescaled by median distance x a least-squares
 fit of the predicted to the normalised camera centres.
 With only ``K`` given, DA3 has no intrinsics-only conditioning: the given K replaces the predicted
-intrinsics for lifting and in the outputs, depth stays DA3's.
+intrinsics for lifting and in the outputs, depth stays DA3's. ``K`` may be partial: a view whose K holds
+NaN (unknown, e.g. a camera without CameraInfo) keeps DA3's estimate, the others use theirs.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class Fast3DIS(nn.Module):
         """``return_aux``: also every earlier decoder layer's masks (deep supervision); inference skips them."""
         B, V, _, H, W = images.shape
         known_pose = T_cam_world is not None
-        if known_pose and K is None:
-            raise ValueError("known T_cam_world needs K as well (DA3's camera encoder uses both)")
+        if known_pose and (K is None or not bool(torch.isfinite(K).all())):
+            raise ValueError("known T_cam_world needs K of every view as well (DA3's camera encoder uses both)")
         T_in = None
         med = None
         if known_pose:
@@ -153,7 +154,10 @@ class Fast3DIS(nn.Module):
             extrinsics = T_cam_world.float()
         else:
             extrinsics = T_pred
-        intrinsics = K.float() if K is not None else geo["intrinsics"].float()
+        intrinsics = geo["intrinsics"].float()
+        if K is not None:  # per view: a given (finite) K replaces the estimate, a NaN one keeps it
+            known = torch.isfinite(K).flatten(-2).all(-1)[..., None, None]
+            intrinsics = torch.where(known, torch.nan_to_num(K.float()), intrinsics)
 
         with stage("f3d.lift"):
             # fp32 lifting whatever the head's dtype: bf16 world coordinates would cost centimetres

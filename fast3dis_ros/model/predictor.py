@@ -4,9 +4,11 @@ Processing resolution: the long edge of view 0 is resized to ``process_size`` (d
 ``cfg.backbone.process_res``), aspect kept, each side rounded to the nearest multiple of 14 (DA3's
 ``upper_bound_resize``). All views of a window are resized to that same size (DA3 needs one size per
 batch); known intrinsics are rescaled per axis with the pixel-centre-consistent rule.
-Known cameras are passed only when every view has them: K from CameraInfo; poses
-(``CameraFrame.T_world_cam``) additionally need K on every view. Then depth/extrinsics are in the
-poses' units and ``depth_scale_metric`` is True; otherwise depth is in DA3 units (up to scale).
+Known intrinsics are passed per view: a view with K (from CameraInfo) uses it, a view without keeps the
+network's estimate (``extras["K_known"]`` says which; a camera without CameraInfo no longer turns a
+whole window uncalibrated). Poses (``CameraFrame.T_world_cam``) are passed only when every view has a
+pose and a K; then depth/extrinsics are in the poses' units and ``depth_scale_metric`` is True;
+otherwise depth is in DA3 units (up to scale).
 """
 
 from __future__ import annotations
@@ -110,8 +112,11 @@ class Predictor:
         views = window.views
         Ks = [v.K for v in views]
         poses = [v.T_world_cam for v in views]
-        K = np.stack(Ks) if all(k is not None for k in Ks) else None
-        T_world_cam = np.stack(poses) if K is not None and all(p is not None for p in poses) else None
+        K = None
+        if any(k is not None for k in Ks):  # unknown views: NaN, the network estimates their K
+            K = np.stack([np.full((3, 3), np.nan) if k is None else np.asarray(k, np.float64) for k in Ks])
+        all_K = all(k is not None for k in Ks)
+        T_world_cam = np.stack(poses) if all_K and all(p is not None for p in poses) else None
         return self._predict(
             [v.image for v in views],
             K,
@@ -160,11 +165,16 @@ class Predictor:
             labels, scores, qidx = instances_from_queries(
                 out["pred_logits"][0], out["pred_masks"][0], hw, self.score_threshold, self.mask_threshold
             )
+        K_out = out["intrinsics"][0].double().cpu().numpy()
+        K_known = np.zeros(len(images), bool)
+        if K_proc is not None:  # given K in float64 (the network's copy is float32)
+            K_known = np.isfinite(K_proc).reshape(len(images), -1).all(1)
+            K_out[K_known] = K_proc[K_known]
         pred = WindowPrediction(
             images=imgs,
             depth=out["depth"][0].float().cpu().numpy(),
             depth_conf=out["depth_conf"][0].float().cpu().numpy(),
-            K=(K_proc if K_proc is not None else out["intrinsics"][0].double().cpu().numpy()).astype(np.float64),
+            K=K_out.astype(np.float64),
             T_cam_world=(
                 np.asarray(T_cam_world, dtype=np.float64) if T_cam_world is not None
                 else out["extrinsics"][0].double().cpu().numpy()
@@ -172,7 +182,7 @@ class Predictor:
             labels=labels.cpu().numpy().astype(np.int32),
             scores=scores.float().cpu().numpy().astype(np.float32),
             depth_scale_metric=T_cam_world is not None,
-            extras={"query_index": qidx.cpu().numpy(), "process_hw": hw},
+            extras={"query_index": qidx.cpu().numpy(), "process_hw": hw, "K_known": K_known},
             **meta,
         )
         pred.engine_ms = (time.perf_counter() - t0) * 1000.0

@@ -116,6 +116,14 @@ class DiagnosticsBuilder:
         self.last_window_publish_ms = 0.0  # window cloud + TF (before the map update)
         self.maps_published = 0  # ~/instances_cloud messages (fewer than results with map_publish_period)
 
+    def calibration(self) -> str:
+        """``known`` (every camera's CameraInfo K is used), ``estimated`` (none), or ``mixed (estimated: a, b)``:
+        the network estimates K per view only for the cameras without a usable one (issue 19)."""
+        est = [c for c in self.cameras if not self.k_status[c].startswith("ok")]
+        if not est:
+            return "known"
+        return "estimated" if len(est) == len(self.cameras) else f"mixed (estimated: {', '.join(est)})"
+
     def build(self, stamp, sync: dict, engine: dict, outputs: dict) -> DiagnosticArray:
         arr = DiagnosticArray()
         arr.header.stamp = stamp
@@ -157,6 +165,7 @@ class DiagnosticsBuilder:
             f"{self.output_rate.count} results published" + (f", {sum(nerr.values())} errors" if nerr else ""),
             {"results_published": self.output_rate.count, "result_rate_hz": self.output_rate.rate(),
              "last_publish_ms": self.last_publish_ms, "last_window_publish_ms": self.last_window_publish_ms,
-             "maps_published": self.maps_published, **outputs, **{f"error_{k}": v for k, v in nerr.items()}},
+             "maps_published": self.maps_published, "calibration": self.calibration(), **outputs,
+             **{f"error_{k}": v for k, v in nerr.items()}},
             hw))
         return arr

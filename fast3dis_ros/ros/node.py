@@ -3,8 +3,10 @@
 Thin by design (docs/ARCHITECTURE.md): parameters in, frames to ``PipelineRunner``, messages out.
 
 Inputs (sensor-data QoS), per camera ``c`` in ``cameras``:
-  ``image_topic`` (sensor_msgs/Image), ``camera_info_topic`` (CameraInfo), optionally
-  ``compressed_topic`` (CompressedImage, ``use_compressed``).
+  ``image_topic`` (sensor_msgs/Image) or, with ``use_compressed``, ``compressed_topic`` (CompressedImage)
+  instead (one transport per camera: both would hand every frame over twice), ``camera_info_topic``
+  (CameraInfo); ``{camera}`` in the templates is the camera's
+  stream from ``camera_map`` (``robot/front=front``; ``data/camera_identity.py``), else its name.
 Outputs (reliable, depth ``output_qos_depth``), all in ``map_frame``, stamped with the window's newest
 frame set stamp:
   ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
@@ -46,6 +48,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
+from ..data.camera_identity import camera_streams
 from ..pipeline.frames import CameraFrame
 from . import params as P
 from .conversions import (
@@ -183,16 +186,18 @@ class Fast3disNode(Node):
         # inputs
         sq, iq = sensor_qos(), camera_info_qos()
         self._subs = []
-        for cam in self.cameras:
-            topic = self.p["image_topic"].format(camera=cam)
-            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
-            info_topic = self.p["camera_info_topic"].format(camera=cam)
+        streams = camera_streams(self.p["camera_map"], self.cameras)  # camera -> topic namespace (camera_map)
+        for cam in self.cameras:  # one image transport per camera: raw, or compressed with use_compressed
+            if self.p["use_compressed"]:
+                topic = self.p["compressed_topic"].format(camera=streams[cam])
+                self._subs.append(self.create_subscription(CompressedImage, topic,
+                                                           lambda m, c=cam: self._on_compressed(m, c), sq))
+            else:
+                topic = self.p["image_topic"].format(camera=streams[cam])
+                self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
+            info_topic = self.p["camera_info_topic"].format(camera=streams[cam])
             self._subs.append(self.create_subscription(CameraInfo, info_topic,
                                                        lambda m, c=cam: self._on_info(m, c), iq))
-            if self.p["use_compressed"]:
-                ctopic = self.p["compressed_topic"].format(camera=cam)
-                self._subs.append(self.create_subscription(CompressedImage, ctopic,
-                                                           lambda m, c=cam: self._on_compressed(m, c), sq))
             self.get_logger().info(f"camera '{cam}': {topic}, {info_topic}")
 
         self.add_on_set_parameters_callback(self._on_set_parameters)

@@ -39,8 +39,14 @@ PARAMS: list[ParamSpec] = [
               extra="must contain {camera}"),
     ParamSpec("camera_info_topic", "/{camera}/camera_info", "CameraInfo topic template.",
               extra="must contain {camera}"),
+    ParamSpec("camera_map", "",
+              "Streams whose namespace differs from the camera name, as <stream>=<camera> pairs separated by "
+              "commas (e.g. 'robot/front=front,robot/left=left'): camera front then reads /robot/front/image_raw "
+              "etc. Same rule as fast3dis-eval --camera-map (fast3dis_ros/data/camera_identity.py). Empty: the "
+              "topics use the camera names.", extra="<stream>=<camera>[,...], cameras from 'cameras'"),
     ParamSpec("use_compressed", False,
-              "Also subscribe to sensor_msgs/CompressedImage (jpeg/png) on compressed_topic."),
+              "Read sensor_msgs/CompressedImage (jpeg/png) on compressed_topic instead of Image on image_topic "
+              "(one transport per camera, as fast3dis-eval --image-transport: both would give every frame twice)."),
     ParamSpec("compressed_topic", "/{camera}/image_raw/compressed", "CompressedImage topic template.",
               extra="must contain {camera}"),
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
@@ -156,6 +162,13 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
             return f"camera names must be non-empty [A-Za-z0-9_]: {bad}"
     if name in ("image_topic", "camera_info_topic", "compressed_topic", "camera_frame") and "{camera}" not in value:
         return f"{name} '{value}' must contain '{{camera}}'"
+    if name == "camera_map" and (value or others.get("cameras")):
+        from ..data.camera_identity import camera_streams
+
+        try:
+            camera_streams(value, others.get("cameras") or [])
+        except ValueError as e:
+            return f"camera_map: {e}"
     if name in ("map_frame", "known_pose_frame") and (not value or value.startswith("/")):
         return f"{name} '{value}' must be non-empty and not start with '/'"
     if name == "process_long_edge" and value != 0 and (value % 14 or value < 28):
