@@ -171,17 +171,18 @@ class Fast3disNode(Node):
         )
 
         # outputs: the map, instances and markers are latched (a late subscriber gets the newest at once,
-        # REP 2003); the window cloud is volatile. All take the standard qos_overrides parameters.
-        lq, oq = map_qos(), output_qos(self.p["output_qos_depth"])
-        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", lq,
+        # REP 2003); the window cloud is volatile. All take the standard qos_overrides parameters (which
+        # edit the profile in place: one profile object per entity).
+        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", map_qos(),
                                              qos_overriding_options=overridable())
-        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", oq,
+        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", output_qos(self.p["output_qos_depth"]),
                                                 qos_overriding_options=overridable())
         from fast3dis_msgs.msg import InstanceArray
 
-        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", lq,
+        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", map_qos(),
                                                    qos_overriding_options=overridable())
-        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", lq, qos_overriding_options=overridable())
+        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", map_qos(),
+                                                 qos_overriding_options=overridable())
         if getattr(self, "pub_diag", None) is None:  # a lifecycle node has it from construction
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # running map throttle (map_publish_period): engine thread and map timer share this state
@@ -219,19 +220,19 @@ class Fast3disNode(Node):
     def _create_inputs(self) -> None:
         """Subscriptions (sensor-data QoS, qos_overrides accepted); relative topic templates follow the
         node's namespace."""
-        sq, iq = sensor_qos(), camera_info_qos()
+        # qos_overrides edit the profile in place: a new profile object per subscription
         for cam in self.cameras:
             topic = self.p["image_topic"].format(camera=cam)
-            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq,
-                                                       qos_overriding_options=overridable()))
+            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c),
+                                                       sensor_qos(), qos_overriding_options=overridable()))
             info_topic = self.p["camera_info_topic"].format(camera=cam)
             self._subs.append(self.create_subscription(CameraInfo, info_topic,
-                                                       lambda m, c=cam: self._on_info(m, c), iq,
+                                                       lambda m, c=cam: self._on_info(m, c), camera_info_qos(),
                                                        qos_overriding_options=overridable()))
             if self.p["use_compressed"]:
                 ctopic = self.p["compressed_topic"].format(camera=cam)
                 self._subs.append(self.create_subscription(CompressedImage, ctopic,
-                                                           lambda m, c=cam: self._on_compressed(m, c), sq,
+                                                           lambda m, c=cam: self._on_compressed(m, c), sensor_qos(),
                                                            qos_overriding_options=overridable()))
             self.get_logger().info(f"camera '{cam}': {self.resolve_topic_name(topic)}, "
                                    f"{self.resolve_topic_name(info_topic)}")
