@@ -173,15 +173,16 @@ class Fast3disNode(Node):
         # outputs: the map, instances and markers are latched (a late subscriber gets the newest at once,
         # REP 2003); the window cloud is volatile. All take the standard qos_overrides parameters (which
         # edit the profile in place: one profile object per entity).
-        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", map_qos(),
+        depth = self.p["output_qos_depth"]
+        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", map_qos(depth),
                                              qos_overriding_options=overridable())
-        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", output_qos(self.p["output_qos_depth"]),
+        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", output_qos(depth),
                                                 qos_overriding_options=overridable())
         from fast3dis_msgs.msg import InstanceArray
 
-        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", map_qos(),
+        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", map_qos(depth),
                                                    qos_overriding_options=overridable())
-        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", map_qos(),
+        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", map_qos(depth),
                                                  qos_overriding_options=overridable())
         if getattr(self, "pub_diag", None) is None:  # a lifecycle node has it from construction
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)

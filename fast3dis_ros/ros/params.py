@@ -114,8 +114,8 @@ PARAMS: list[ParamSpec] = [
               "0: one per window. The window cloud, instances and markers still go out for every window; a map "
               "held back is replaced by newer ones and the newest goes out when the period is over.",
               (0.0, 3600.0), read_only=False),
-    ParamSpec("output_qos_depth", 2, "History depth of ~/window_cloud (volatile). The map, instances and markers "
-              "are latched with depth 1 (transient local: a late subscriber gets the newest at once).", (1, 100)),
+    ParamSpec("output_qos_depth", 2, "History depth of the reliable outputs. ~/window_cloud is volatile; the map, "
+              "instances and markers are transient local (a late subscriber gets the newest at once).", (1, 100)),
     ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0), read_only=False),
     # lifecycle (fast3dis_node is a managed node; ros/lifecycle.py)
     ParamSpec("autostart", True, "Lifecycle node: configure and activate at start (behaves like a plain node); "

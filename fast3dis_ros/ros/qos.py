@@ -45,11 +45,14 @@ def latched_qos() -> QoSProfile:
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def map_qos() -> QoSProfile:
-    """The running map, instances and markers: latched (REP 2003 maps), so RViz, Nav2 or a map saver that
-    starts late gets the newest map at once instead of waiting for the next window. Depth 1: only the
-    newest map matters and a map can be large."""
-    return latched_qos()
+def map_qos(depth: int = 2) -> QoSProfile:
+    """The running map, instances and markers: reliable + transient local (REP 2003 maps), so RViz, Nav2 or a
+    map saver that starts late gets the newest map at once instead of waiting for the next window. Depth
+    as the other outputs (``output_qos_depth``): with depth 1 a reliable writer drops a sample that a slow
+    live subscriber has not acknowledged yet when the next window's comes; a late subscriber with depth 1
+    keeps the newest of the cached ones."""
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 def overridable() -> QoSOverridingOptions:
