@@ -419,3 +419,36 @@ def test_two_namespaces_on_one_domain_do_not_cross():
         assert ctx.node.count_publishers("/fast3dis/instances_cloud") == 0
         assert not c2.get_instances().success  # robot2's map is empty
         assert c1.get_instances().success
+
+
+@pytest.mark.timeout(120)
+def test_result_fused_before_a_reset_is_not_published_after_it():
+    """The engine fused a window (its epoch is recorded under the fusion lock), then ~/reset_map ran, then
+    the engine reaches _on_fusion with that window's result: it must not bring the old map back."""
+    from types import SimpleNamespace
+
+    from sensor_msgs.msg import PointCloud2
+
+    from fast3dis_ros.pipeline.frames import InstanceSummary
+    from test_map_io import make_cloud
+
+    dom = unique_domain_id()
+    with LifecycleNodeThread(dom, ScriptedPredictor()) as nt, RosContext(dom) as ctx:
+        n = nt.node
+        n.trigger_configure()
+        old = SimpleNamespace(stamp_ns=5, window_index=0, map_cloud=make_cloud(),
+                              instances=[InstanceSummary(3, 0.9, np.zeros(3), -np.ones(3), np.ones(3), 10, 2)])
+        n._on_window(SimpleNamespace(window_cloud=make_cloud(), stamp_ns=5, window_index=0), None)  # epoch seen
+        cl = Client(ctx)
+        assert cl.reset_map().success
+        n._on_fusion(old, None)  # the stale result arrives after the reset
+        assert n.map_services.snapshot().instances == []
+        got = []
+        latched_sub(ctx, PointCloud2, "/fast3dis/instances_cloud", got)
+        assert ctx.spin_until(lambda: got, 10.0)
+        ctx.spin_for(0.5)
+        assert got[-1].width == 0
+        # a result of a window fused after the reset goes out as usual
+        n._on_window(SimpleNamespace(window_cloud=make_cloud(), stamp_ns=6, window_index=1), None)
+        n._on_fusion(SimpleNamespace(**{**vars(old), "stamp_ns": 6, "window_index": 1}), None)
+        assert [s.id for s in n.map_services.snapshot().instances] == [3]
