@@ -452,3 +452,22 @@ def test_result_fused_before_a_reset_is_not_published_after_it():
         n._on_window(SimpleNamespace(window_cloud=make_cloud(), stamp_ns=6, window_index=1), None)
         n._on_fusion(SimpleNamespace(**{**vars(old), "stamp_ns": 6, "window_index": 1}), None)
         assert [s.id for s in n.map_services.snapshot().instances] == [3]
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_handler_answers_internal_error_and_the_node_goes_on():
+    """A bug inside a service handler (here: a snapshot without a cloud) becomes an error response; the
+    executor keeps running and the next call is answered."""
+    from fast3dis_ros.pipeline.frames import InstanceSummary
+
+    dom = unique_domain_id()
+    with LifecycleNodeThread(dom, ScriptedPredictor()) as nt, RosContext(dom) as ctx:
+        n = nt.node
+        n.trigger_configure()
+        n.map_services.update(None, [InstanceSummary(3, 0.9, np.zeros(3), -np.ones(3), np.ones(3), 10, 2)], 5)
+        cl = Client(ctx)
+        r = cl.get_instances(with_points=True)
+        assert not r.success and r.message.startswith("internal error: AttributeError")
+        r = cl.get_instances()
+        assert r.success and [i.id for i in r.instances] == [3]
+        assert nt.error is None and nt.thread.is_alive()
