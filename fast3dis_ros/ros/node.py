@@ -5,7 +5,8 @@ Thin by design (docs/ARCHITECTURE.md): parameters in, frames to ``PipelineRunner
 Inputs (sensor-data QoS), per camera ``c`` in ``cameras``:
   ``image_topic`` (sensor_msgs/Image), ``camera_info_topic`` (CameraInfo), optionally
   ``compressed_topic`` (CompressedImage, ``use_compressed``).
-Outputs (reliable, depth ``output_qos_depth``), all in ``map_frame``, stamped with the window's newest
+Outputs (reliable, depth ``output_qos_depth``; the map, instances and markers transient local, i.e. latched;
+every entity takes ``qos_overrides`` parameters), all in ``map_frame``, stamped with the window's newest
 frame set stamp:
   ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
   (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
@@ -24,6 +25,10 @@ Order per window (engine thread): as soon as the window is aligned, voxelised an
 (``MapFusion.commit``) and ``~/instances``, ``~/markers`` and ``~/instances_cloud`` follow. With
 ``map_publish_period`` > 0 the running map is sent at most once per period (the newest pending map goes
 out from a steady timer when the period is over).
+
+Services ``~/save_map``, ``~/reset_map``, ``~/get_instances``: ``ros/map_services.py``. The managed (lifecycle)
+variant and the ``fast3dis_node`` executable: ``ros/lifecycle.py``, which drives this class's stages
+(``_configure``, ``_create_inputs``, ``_destroy_inputs``, ``_teardown``).
 
 Threads: subscription callbacks only convert and hand frames over (sync + windowing are cheap);
 inference, fusion and publishing run on the engine's worker thread. Nothing raises out of a callback:
