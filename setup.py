@@ -29,7 +29,7 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            "fast3dis_node = fast3dis_ros.ros.node:main",
+            "fast3dis_node = fast3dis_ros.ros.lifecycle:main",
             "fast3dis-demo = fast3dis_ros.cli:demo_main",
             "fast3dis-train = fast3dis_ros.cli:train_main",
             "fast3dis-eval = fast3dis_ros.cli:eval_main",

@@ -39,6 +39,7 @@ def _node(context, *args, **kwargs):
     for name in ("weights", "checkpoint", "device", "model_size"):
         if get(name):
             overrides[name] = get(name)
+    overrides["autostart"] = get("autostart").lower() in ("1", "true", "yes")
     actions = [
         Node(
             package="fast3dis_ros",
@@ -82,7 +83,11 @@ def generate_launch_description():
                               description="rosbag2 to replay with `ros2 bag play --clock` (empty: none)"),
         DeclareLaunchArgument("bag_rate", default_value="1.0", description="Replay rate of the bag"),
         DeclareLaunchArgument("rviz", default_value="false", description="Start RViz with rviz/fast3dis.rviz"),
-        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="Namespace of the node: inputs ({camera}/image_raw) and outputs follow it"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Configure and activate the lifecycle node at start (false: wait for "
+                                          "a lifecycle manager or `ros2 lifecycle set /fast3dis configure`)"),
         DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node"),
         DeclareLaunchArgument("large_clouds_profile", default_value="true",
                               description="Start the node, bag replay and RViz with the Fast DDS profile "

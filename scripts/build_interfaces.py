@@ -36,7 +36,7 @@ BUILD = ROOT / ".interfaces_build"
 # Build order matters: later packages may depend on earlier ones.
 PACKAGES = {
     "tf2_msgs": "from tf2_msgs.msg import TFMessage",
-    "fast3dis_msgs": "from fast3dis_msgs.msg import Instance, InstanceArray",
+    "fast3dis_msgs": "from fast3dis_msgs.msg import Instance, InstanceArray; from fast3dis_msgs.srv import GetInstances, ResetMap, SaveMap",
 }
 CONTAINER_PY = "/opt/python/cp311-cp311"
 

@@ -63,6 +63,27 @@ def test_import_and_fields():
     assert TFMessage.get_fields_and_field_types() == {"transforms": "sequence<geometry_msgs/TransformStamped>"}
 
 
+def test_services_of_the_node():
+    """The .srv of ~/save_map, ~/reset_map, ~/get_instances (built like the messages)."""
+    from fast3dis_msgs.srv import GetInstances, ResetMap, SaveMap
+
+    assert SaveMap.Request.get_fields_and_field_types() == {
+        "path": "string", "frame_id": "string", "per_instance": "boolean"}
+    assert SaveMap.Response.get_fields_and_field_types() == {
+        "success": "boolean", "message": "string", "files": "sequence<string>", "num_points": "uint32"}
+    assert ResetMap.Request.get_fields_and_field_types() == {}
+    assert set(ResetMap.Response.get_fields_and_field_types()) == {
+        "success", "message", "points_cleared", "instances_cleared"}
+    req = GetInstances.Request.get_fields_and_field_types()
+    assert req == {"ids": "sequence<uint32>", "min_score": "float", "use_box": "boolean", "box_frame": "string",
+                   "box_min": "geometry_msgs/Point", "box_max": "geometry_msgs/Point", "with_points": "boolean"}
+    res = GetInstances.Response.get_fields_and_field_types()
+    assert res["instances"] == "sequence<fast3dis_msgs/Instance>" and res["points"] == "sensor_msgs/PointCloud2"
+    share = Path(sys.prefix) / "share" / "fast3dis_msgs" / "srv"
+    for name in ("SaveMap", "ResetMap", "GetInstances"):
+        assert (share / f"{name}.srv").is_file()
+
+
 def test_installed_like_a_ros_package():
     # the venv is the ROS prefix: share/<pkg>, ament index entry, generated libraries
     prefix = Path(sys.prefix)

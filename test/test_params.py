@@ -58,15 +58,16 @@ def test_descriptors_and_runtime_callback(node):
     from rclpy.parameter import Parameter
 
     d = node.describe_parameters(["window_size", "score_threshold", "cameras"])
-    assert d[0].integer_range[0].from_value == 1 and d[0].integer_range[0].to_value == 512 and d[0].read_only
-    assert d[1].floating_point_range[0].to_value == 1.0 and not d[1].read_only
+    assert d[0].integer_range[0].from_value == 1 and d[0].integer_range[0].to_value == 512
+    assert "start-up only" in d[0].additional_constraints  # refused at run time by the callback, with a reason
+    assert d[1].floating_point_range[0].to_value == 1.0 and "start-up only" not in d[1].additional_constraints
     assert "Camera names" in d[2].description
     ok = node.set_parameters([Parameter("score_threshold", value=0.25)])[0]
     assert ok.successful and node.runner.fusion.min_score == 0.25 and node.predictor.score_threshold == 0.25
     bad = node.set_parameters([Parameter("score_threshold", value=3.0)])[0]
     assert not bad.successful and bad.reason
     ro = node.set_parameters([Parameter("window_size", value=4)])[0]
-    assert not ro.successful and "read-only" in ro.reason.lower()
+    assert not ro.successful and "window_size is start-up only" in ro.reason and "restart the node" in ro.reason
     assert node.set_parameters([Parameter("publish_window_cloud", value=False)])[0].successful
     assert node.p["publish_window_cloud"] is False
     assert node.get_parameter("use_sim_time").value is False

@@ -122,10 +122,12 @@ def test_node_callbacks_count_bad_images_and_never_raise(node):
 def test_wrong_parameter_values_rejected_with_reason(node):
     from rclpy.parameter import Parameter
 
-    # ranges and types are checked by rclpy from the descriptors, the rest by the node's callback (P.validate)
+    # ranges and types are checked by rclpy from the descriptors, the rest by the node's callback (P.validate,
+    # then start-up-only parameters refused with the reason: ros/runtime_params.py)
     cases = [("score_threshold", -0.1, "range"), ("score_threshold", "x", "type"),
              ("conf_threshold", 1e9, "range"), ("publish_window_cloud", 1, "type"),
-             ("window_size", 3, "read-only"), ("cameras", ["a"], "read-only")]
+             ("window_size", 3, "stride=4 > window_size=3"), ("window_size", 6, "start-up only"),
+             ("cameras", ["a"], "start-up only")]
     for name, value, why in cases:
         r = node.set_parameters([Parameter(name, value=value)])[0]
         assert not r.successful and why in r.reason.lower(), (name, value, r.reason)

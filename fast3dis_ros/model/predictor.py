@@ -80,11 +80,34 @@ class Predictor:
             self.model.compile_for_inference(weight_dtype=fast_path_weight_dtype(self.device, self.dtype))
         # On CUDA each window shape is captured once and replayed (model/cuda_graph.py): at robot-sized
         # windows the eager forward is bound by kernel launches, not arithmetic.
+        self.cuda_graphs = bool(cuda_graphs)
         self.graphed = None
-        if cuda_graphs and self.device.type == "cuda":
+        self._new_graphs()
+
+    def _new_graphs(self) -> None:
+        if self.cuda_graphs and self.device.type == "cuda":
             from fast3dis_ros.model.cuda_graph import GraphedForward
 
             self.graphed = GraphedForward(self._forward_no_aux, amp_dtype=self.dtype)
+
+    # ------------------------------------------------------------------ device residency (lifecycle)
+    def release_device(self) -> None:
+        """Free accelerator memory while the node is inactive (lifecycle deactivate): the weights move to
+        host memory (activating again needs no disk read), the captured CUDA graphs and the allocator's
+        cache are dropped. No-op on CPU."""
+        if self.device.type != "cuda":
+            return
+        self.graphed = None
+        self.model.to("cpu")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    def restore_device(self) -> None:
+        """Undo ``release_device`` (lifecycle activate); graphs are recaptured at the first window."""
+        if self.device.type != "cuda" or next(self.model.parameters()).device.type == "cuda":
+            return
+        self.model.to(self.device)
+        self._new_graphs()
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -8,7 +8,7 @@ from collections import deque
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-__all__ = ["RateMeter", "Counter", "make_status", "gpu_memory", "DiagnosticsBuilder"]
+__all__ = ["RateMeter", "Counter", "make_status", "gpu_memory", "DiagnosticsBuilder", "interface_status"]
 
 OK, WARN, ERROR, STALE = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR, DiagnosticStatus.STALE
 
@@ -169,3 +169,17 @@ class DiagnosticsBuilder:
              **{f"error_{k}": v for k, v in nerr.items()}},
             hw))
         return arr
+
+
+def interface_status(node_name: str, lifecycle_state: str, calls: list) -> DiagnosticStatus:
+    """Lifecycle state and the last map service calls (``map_services.ServiceCall``), newest first.
+    WARN when the newest call was refused, so a failing map saver shows up in rqt_robot_monitor."""
+    vals: dict = {"lifecycle_state": lifecycle_state, "service_calls_listed": len(calls)}
+    for k, c in enumerate(reversed(calls)):
+        vals[f"call_{k}"] = (f"{c.service} {'ok' if c.success else 'refused'} "
+                             f"{time.strftime('%H:%M:%S', time.localtime(c.wall_time))} "
+                             f"({c.duration_ms:.1f} ms): {c.message}")
+    level = WARN if calls and not calls[-1].success else OK
+    msg = f"{lifecycle_state}" + (f"; last call {calls[-1].service}: "
+                                  f"{'ok' if calls[-1].success else 'refused'}" if calls else "")
+    return make_status(f"{node_name}: interface", level, msg, vals, node_name)

@@ -7,7 +7,8 @@ Inputs (sensor-data QoS), per camera ``c`` in ``cameras``:
   instead (one transport per camera: both would hand every frame over twice), ``camera_info_topic``
   (CameraInfo); ``{camera}`` in the templates is the camera's
   stream from ``camera_map`` (``robot/front=front``; ``data/camera_identity.py``), else its name.
-Outputs (reliable, depth ``output_qos_depth``), all in ``map_frame``, stamped with the window's newest
+Outputs (reliable, depth ``output_qos_depth``; the map, instances and markers transient local, i.e. latched;
+every entity takes ``qos_overrides`` parameters), all in ``map_frame``, stamped with the window's newest
 frame set stamp:
   ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
   (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
@@ -26,6 +27,10 @@ Order per window (engine thread): as soon as the window is aligned, voxelised an
 (``MapFusion.commit``) and ``~/instances``, ``~/markers`` and ``~/instances_cloud`` follow. With
 ``map_publish_period`` > 0 the running map is sent at most once per period (the newest pending map goes
 out from a steady timer when the period is over).
+
+Services ``~/save_map``, ``~/reset_map``, ``~/get_instances``: ``ros/map_services.py``. The managed (lifecycle)
+variant and the ``fast3dis_node`` executable: ``ros/lifecycle.py``, which drives this class's stages
+(``_configure``, ``_create_inputs``, ``_destroy_inputs``, ``_teardown``).
 
 Threads: subscription callbacks only convert and hand frames over (sync + windowing are cheap);
 inference, fusion and publishing run on the engine's worker thread. Nothing raises out of a callback:
@@ -49,6 +54,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
 from ..data.camera_identity import camera_streams
+from ..geometry.clouds import empty_cloud
 from ..pipeline.frames import CameraFrame
 from . import params as P
 from .conversions import (
@@ -61,8 +67,10 @@ from .conversions import (
     instances_to_msg,
     stamp_to_ns,
 )
-from .diagnostics import DiagnosticsBuilder
-from .qos import camera_info_qos, output_qos, sensor_qos
+from .diagnostics import DiagnosticsBuilder, interface_status
+from .map_services import MapServices
+from .qos import camera_info_qos, map_qos, output_qos, overridable, sensor_qos
+from .runtime_params import START_UP_REASON, refusal
 from .tf import TFBroadcaster, matrix_to_transform
 from .tf_buffer import TfLookup, TfLookupError
 
@@ -112,9 +120,23 @@ def make_predictor(p: dict):
 
 
 class Fast3disNode(Node):
+    """The plain node: configured and active from construction (``ros/lifecycle.py`` drives the same stages,
+    ``_configure`` / ``_create_inputs`` / ``_destroy_inputs`` / ``_teardown``, through lifecycle transitions)."""
+
     def __init__(self, predictor=None, **node_kwargs):
         super().__init__(P.NODE_NAME, **node_kwargs)
         P.declare_parameters(self)
+        self._configure(predictor)
+        self._create_inputs()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.get_logger().info(
+            f"ready: {len(self.cameras)} cameras, window {self.p['window_size']} sets / stride {self.p['stride']}, "
+            f"outputs in '{self.map_frame}'")
+
+    # ------------------------------------------------------------------ stages (plain node: all in __init__)
+    def _configure(self, predictor=None) -> None:
+        """Validate the parameters, load the model, build the pipeline, outputs and map services (no
+        subscription yet). Raises ValueError (bad parameters) or the model loader's error."""
         self.p = P.read_parameters(self)
         reasons = P.validate_all(self.p)
         if reasons:
@@ -126,6 +148,7 @@ class Fast3disNode(Node):
         self._K_cache: dict[tuple, tuple] = {}
         self._closing = False
         self._loggers: dict = {}
+        self._subs = []
         self.diag = DiagnosticsBuilder(self.get_name(), self.cameras)
 
         # model + pipeline (loading happens here, before any subscription exists)
@@ -155,21 +178,32 @@ class Fast3disNode(Node):
             on_error=self._on_engine_error, on_oom=self._on_oom,
         )
 
-        # outputs
-        oq = output_qos(self.p["output_qos_depth"])
-        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", oq)
-        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", oq)
+        # outputs: the map, instances and markers are latched (a late subscriber gets the newest at once,
+        # REP 2003); the window cloud is volatile. All take the standard qos_overrides parameters (which
+        # edit the profile in place: one profile object per entity).
+        depth = self.p["output_qos_depth"]
+        self.pub_map = self.create_publisher(PointCloud2, "~/instances_cloud", map_qos(depth),
+                                             qos_overriding_options=overridable())
+        self.pub_window = self.create_publisher(PointCloud2, "~/window_cloud", output_qos(depth),
+                                                qos_overriding_options=overridable())
         from fast3dis_msgs.msg import InstanceArray
 
-        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", oq)
-        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", oq)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", map_qos(depth),
+                                                   qos_overriding_options=overridable())
+        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", map_qos(depth),
+                                                 qos_overriding_options=overridable())
+        if getattr(self, "pub_diag", None) is None:  # a lifecycle node has it from construction
+            self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # running map throttle (map_publish_period): engine thread and map timer share this state
         self._map_lock = threading.Lock()
         self._map_pending = None  # (cloud, stamp) not published yet
         self._map_last_pub = -float("inf")  # time.monotonic() of the last map message
         self._map_timer = None
         self._map_timer_tick = 0.0
+        # ~/reset_map vs the engine thread: a result fused before a reset must not be published after it
+        self._reset_lock = threading.Lock()
+        self._map_epoch = 0  # += 1 per reset (under the fusion lock)
+        self._window_epoch = 0  # epoch in which the engine's current window was fused
         self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
 
         # known poses from TF (tf2_ros when importable, else the node's own /tf + /tf_static buffer)
@@ -183,30 +217,66 @@ class Fast3disNode(Node):
                 f"known poses: {self.known_pose_frame} <- <image frame_id> from TF "
                 f"({'tf2_ros' if self._tf_buffer.uses_tf2_ros else 'fast3dis_ros.ros.tf_buffer'})")
 
-        # inputs
-        sq, iq = sensor_qos(), camera_info_qos()
-        self._subs = []
+        # ~/save_map, ~/reset_map, ~/get_instances: own callback group, answered from the map snapshot
+        self.map_services = MapServices(self, self.map_frame, reset_map=self._reset_map,
+                                        tf_lookup=self._tf_buffer or TfLookup(self))
+        # wall-clock timer: diagnostics keep flowing even while sim time is paused
+        if getattr(self, "_diag_timer", None) is None:
+            self._diag_timer = self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics,
+                                                 clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._configured = True
+
+    def _create_inputs(self) -> None:
+        """Subscriptions (sensor-data QoS, qos_overrides accepted); relative topic templates follow the
+        node's namespace. One image transport per camera: raw, or compressed with ``use_compressed``;
+        ``{camera}`` is the camera's stream from ``camera_map``."""
+        # qos_overrides edit the profile in place: a new profile object per subscription
         streams = camera_streams(self.p["camera_map"], self.cameras)  # camera -> topic namespace (camera_map)
-        for cam in self.cameras:  # one image transport per camera: raw, or compressed with use_compressed
+        for cam in self.cameras:
             if self.p["use_compressed"]:
                 topic = self.p["compressed_topic"].format(camera=streams[cam])
                 self._subs.append(self.create_subscription(CompressedImage, topic,
-                                                           lambda m, c=cam: self._on_compressed(m, c), sq))
+                                                           lambda m, c=cam: self._on_compressed(m, c), sensor_qos(),
+                                                           qos_overriding_options=overridable()))
             else:
                 topic = self.p["image_topic"].format(camera=streams[cam])
-                self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
+                self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c),
+                                                           sensor_qos(), qos_overriding_options=overridable()))
             info_topic = self.p["camera_info_topic"].format(camera=streams[cam])
             self._subs.append(self.create_subscription(CameraInfo, info_topic,
-                                                       lambda m, c=cam: self._on_info(m, c), iq))
-            self.get_logger().info(f"camera '{cam}': {topic}, {info_topic}")
+                                                       lambda m, c=cam: self._on_info(m, c), camera_info_qos(),
+                                                       qos_overriding_options=overridable()))
+            self.get_logger().info(f"camera '{cam}': {self.resolve_topic_name(topic)}, "
+                                   f"{self.resolve_topic_name(info_topic)}")
 
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        # wall-clock timer: diagnostics keep flowing even while sim time is paused
-        self._diag_timer = self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics,
-                                             clock=Clock(clock_type=ClockType.STEADY_TIME))
-        self.get_logger().info(
-            f"ready: {len(self.cameras)} cameras, window {self.p['window_size']} sets / stride {self.p['stride']}, "
-            f"outputs in '{self.map_frame}'")
+    def _destroy_inputs(self) -> None:
+        """Stop input: no new frame reaches the pipeline (windows already queued still finish)."""
+        for s in getattr(self, "_subs", []):
+            self.destroy_subscription(s)
+        self._subs = []
+
+    def _teardown(self, timeout: float = 2.0) -> None:
+        """Undo ``_configure`` (also a partial one): stop the engine, drop the model, the map, publishers,
+        services and timers."""
+        self._closing = True
+        self._destroy_inputs()
+        if getattr(self, "runner", None) is not None:
+            try:
+                self.runner.stop(timeout)
+            except Exception as e:  # pragma: no cover
+                self.get_logger().warning(f"engine stop: {e!r}")
+        if getattr(self, "map_services", None) is not None:
+            self.map_services.destroy()
+        for name in ("pub_map", "pub_window", "pub_instances", "pub_markers"):
+            pub = getattr(self, name, None)
+            if pub is not None:
+                self.destroy_publisher(pub)
+                setattr(self, name, None)
+        if getattr(self, "_map_timer", None) is not None:
+            self.destroy_timer(self._map_timer)
+            self._map_timer = None
+        self.runner = self.predictor = self.map_services = None
+        self._configured = False
 
     # ------------------------------------------------------------------ input callbacks
     def _warn(self, key: str, msg: str) -> None:
@@ -317,6 +387,7 @@ class Fast3disNode(Node):
     def _on_window(self, window, pred) -> None:
         """The window's own outputs, before the map update (``MapFusion.begin``): its cloud, already aligned
         into ``map_frame`` with global instance ids, and the camera poses on TF."""
+        self._window_epoch = self._map_epoch  # called under the runner's fusion lock, like a reset
         if self._closing:
             return
         t0 = time.perf_counter()
@@ -338,13 +409,17 @@ class Fast3disNode(Node):
         t0 = time.perf_counter()
         stamp = int(result.stamp_ns)
         mf = self.map_frame
-        try:
-            self.pub_instances.publish(instances_to_msg(result.instances, mf, stamp))
-            self.pub_markers.publish(instances_to_markers(result.instances, mf, stamp))
-            self._offer_map(result.map_cloud, stamp)
-        except Exception as e:
-            self._publish_failed(f"window {result.window_index}", e, with_traceback=True)
-            return
+        with self._reset_lock:
+            if self._window_epoch != self._map_epoch:
+                return  # fused before a ~/reset_map: the cleared map stays the newest
+            self.map_services.update(result.map_cloud, result.instances, stamp)
+            try:
+                self.pub_instances.publish(instances_to_msg(result.instances, mf, stamp))
+                self.pub_markers.publish(instances_to_markers(result.instances, mf, stamp))
+                self._offer_map(result.map_cloud, stamp)
+            except Exception as e:
+                self._publish_failed(f"window {result.window_index}", e, with_traceback=True)
+                return
         self.diag.last_publish_ms = (time.perf_counter() - t0) * 1000.0
         self.diag.output_rate.tick()
 
@@ -362,6 +437,26 @@ class Fast3disNode(Node):
                 return
             self._map_pending = None
             self._publish_map_locked(cloud, stamp, now)
+
+    def _reset_map(self) -> tuple[int, int]:
+        """~/reset_map: clear the map and the instance ids (the next window starts a new map) and publish the
+        empty map, instances and markers (latched: late subscribers see the cleared state). Returns the
+        points and instances dropped."""
+        with self._reset_lock:
+            with self.runner._fusion_lock:
+                n_points = len(self.runner.fusion.map)
+                n_inst = len(self.map_services.snapshot().instances)
+                self.runner.fusion.reset()
+                self._map_epoch += 1
+            self.map_services.clear()
+            stamp = self.get_clock().now().nanoseconds
+            with self._map_lock:
+                self._map_pending = None
+                self._publish_map_locked(empty_cloud(self.map_frame, stamp), stamp, time.monotonic())
+            self.pub_instances.publish(instances_to_msg([], self.map_frame, stamp))
+            self.pub_markers.publish(instances_to_markers([], self.map_frame, stamp))
+        self.get_logger().info(f"map reset: {n_points} points, {n_inst} instances dropped")
+        return n_points, n_inst
 
     def _publish_map_locked(self, cloud, stamp: int, now: float) -> None:
         self.pub_map.publish(cloud_to_pointcloud2(cloud, frame_id=self.map_frame, stamp_ns=stamp))
@@ -476,13 +571,30 @@ class Fast3disNode(Node):
                        "frame_sets_dropped": sum(sets.get("dropped", {}).values()),
                        "silent_cameras": ",".join(sorted(self.runner.silent_cameras())),
                        **{f"fusion_{k}": v for k, v in acc.get("fusion", {}).get("events", {}).items()}}
-            self.pub_diag.publish(self.diag.build(self.get_clock().now().to_msg(), sync, engine, outputs))
+            arr = self.diag.build(self.get_clock().now().to_msg(), sync, engine, outputs)
+            arr.status.append(self._interface_status())
+            self.pub_diag.publish(arr)
         except Exception as e:
             self._warn("diag", f"diagnostics failed: {e!r}")
 
+    def _interface_status(self):
+        """Lifecycle state and the last map service calls (one DiagnosticStatus)."""
+        services = getattr(self, "map_services", None)
+        return interface_status(self.get_name(), self._lifecycle_state_label(),
+                                services.last_calls() if services is not None else [])
+
+    _is_lifecycle = False  # ros/lifecycle.py: True
+
+    def _lifecycle_state_label(self) -> str:
+        return "active (plain node)"
+
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params) -> SetParametersResult:
-        new = dict(self.p)
+        """Run-time parameters (``runtime_params.RUNTIME``) apply at once; start-up-only ones are refused
+        with the reason while the node is configured (a lifecycle node takes them when unconfigured)."""
+        configured = getattr(self, "_configured", False)
+        current = self.p if configured else P.read_parameters(self)
+        new = dict(current)
         for prm in params:
             if prm.name in new:
                 new[prm.name] = prm.value
@@ -490,6 +602,10 @@ class Fast3disNode(Node):
             reason = P.validate(prm.name, prm.value, new)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
+            if configured and prm.name in START_UP_REASON and prm.value != current.get(prm.name):
+                return SetParametersResult(successful=False, reason=refusal(prm.name, self._is_lifecycle))
+        if not configured:
+            return SetParametersResult(successful=True)
         for prm in params:
             if prm.name in self.p:
                 self.p[prm.name] = new[prm.name]
@@ -503,11 +619,25 @@ class Fast3disNode(Node):
                 with self._map_lock:  # a held-back map goes out on the new period's schedule
                     if self._map_timer is not None or self._map_pending is not None:
                         self._ensure_map_timer(float(prm.value))
+            elif prm.name == "max_points_per_view":  # read by fusion at the next window
+                self.runner.fusion.max_points_per_view = int(prm.value)
+            elif prm.name == "publish_tf":
+                if prm.value and self.tf is None:
+                    self.tf = TFBroadcaster(self)
+                elif not prm.value:
+                    self.tf = None  # the engine thread reads it once per window
+            elif prm.name == "diagnostics_period":
+                self.destroy_timer(self._diag_timer)
+                self._diag_timer = self.create_timer(float(prm.value), self._publish_diagnostics,
+                                                     clock=Clock(clock_type=ClockType.STEADY_TIME))
+            # use_known_intrinsics and publish_window_cloud are read from self.p per image / window
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, timeout: float = 2.0) -> None:
         self._closing = True
+        if getattr(self, "runner", None) is None:
+            return  # never configured, or cleaned up (lifecycle)
         try:
             self.runner.stop(timeout)
         except Exception as e:  # pragma: no cover

@@ -35,19 +35,20 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("cameras", ["cam0", "cam1", "cam2"],
               "Camera names, in view order. Each camera <c> gives topics from the templates below and "
               "the TF frame <c>_optical_frame.", extra="non-empty list of unique names"),
-    ParamSpec("image_topic", "/{camera}/image_raw", "Image topic template; {camera} is replaced by the name.",
+    ParamSpec("image_topic", "{camera}/image_raw", "Image topic template; {camera} is replaced by the name. "
+              "Relative names follow the node's namespace (namespace robot1: /robot1/cam0/image_raw).",
               extra="must contain {camera}"),
-    ParamSpec("camera_info_topic", "/{camera}/camera_info", "CameraInfo topic template.",
-              extra="must contain {camera}"),
+    ParamSpec("camera_info_topic", "{camera}/camera_info", "CameraInfo topic template (relative: in the node's "
+              "namespace).", extra="must contain {camera}"),
     ParamSpec("camera_map", "",
               "Streams whose namespace differs from the camera name, as <stream>=<camera> pairs separated by "
-              "commas (e.g. 'robot/front=front,robot/left=left'): camera front then reads /robot/front/image_raw "
+              "commas (e.g. 'robot/front=front,robot/left=left'): camera front then reads robot/front/image_raw "
               "etc. Same rule as fast3dis-eval --camera-map (fast3dis_ros/data/camera_identity.py). Empty: the "
               "topics use the camera names.", extra="<stream>=<camera>[,...], cameras from 'cameras'"),
     ParamSpec("use_compressed", False,
               "Read sensor_msgs/CompressedImage (jpeg/png) on compressed_topic instead of Image on image_topic "
               "(one transport per camera, as fast3dis-eval --image-transport: both would give every frame twice)."),
-    ParamSpec("compressed_topic", "/{camera}/image_raw/compressed", "CompressedImage topic template.",
+    ParamSpec("compressed_topic", "{camera}/image_raw/compressed", "CompressedImage topic template.",
               extra="must contain {camera}"),
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
     ParamSpec("sync_queue_size", 10, "Approximate-time sync: frames kept per camera while matching.", (1, 1000)),
@@ -90,16 +91,17 @@ PARAMS: list[ParamSpec] = [
               (1000, 50_000_000)),
     ParamSpec("max_points_per_view", 20_000, "Fusion lifts at most about this many pixels per view (a coarser "
               "pixel stride at high processing resolution keeps fusion off the latency path); 0: no cap.",
-              (0, 10_000_000)),
+              (0, 10_000_000), read_only=False),
     ParamSpec("fusion_threads", 2, "Threads fusion uses to lift, look up and sum a window's points (numpy "
               "releases the GIL there; the window cloud comes out sooner). 1: the engine thread only.", (1, 16)),
     ParamSpec("camera_frame", "{camera}_optical_frame",
               "TF child frame template of the estimated camera poses (map -> camera_frame).",
               extra="must contain {camera}"),
-    ParamSpec("publish_tf", True, "Publish the estimated camera poses on /tf."),
+    ParamSpec("publish_tf", True, "Publish the estimated camera poses on /tf.", read_only=False),
     ParamSpec("map_frame", "map", "Fixed frame of the outputs (the first window's reference).",
               extra="non-empty, no leading '/'"),
-    ParamSpec("use_known_intrinsics", True, "Give CameraInfo K to the network (else it estimates intrinsics)."),
+    ParamSpec("use_known_intrinsics", True, "Give CameraInfo K to the network (else it estimates intrinsics).",
+              read_only=False),
     ParamSpec("use_known_poses", False,
               "Give camera poses from TF to the network: T known_pose_frame <- image frame_id at the image stamp "
               "(tf2_ros when installed, else the node's own /tf + /tf_static buffer). Needs K too; a window "
@@ -118,8 +120,16 @@ PARAMS: list[ParamSpec] = [
               "0: one per window. The window cloud, instances and markers still go out for every window; a map "
               "held back is replaced by newer ones and the newest goes out when the period is over.",
               (0.0, 3600.0), read_only=False),
-    ParamSpec("output_qos_depth", 2, "History depth of the reliable output publishers.", (1, 100)),
-    ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0)),
+    ParamSpec("output_qos_depth", 2, "History depth of the reliable outputs. ~/window_cloud is volatile; the map, "
+              "instances and markers are transient local (a late subscriber gets the newest at once).", (1, 100)),
+    ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0), read_only=False),
+    # lifecycle (fast3dis_node is a managed node; ros/lifecycle.py)
+    ParamSpec("autostart", True, "Lifecycle node: configure and activate at start (behaves like a plain node); "
+              "false: wait in 'unconfigured' for a lifecycle manager or `ros2 lifecycle set`."),
+    ParamSpec("warmup_width", 640, "Configure warms the model with one window of window_size x cameras views of "
+              "warmup_width x warmup_height (first CUDA graph capture; compile when on). 0: no warm-up.",
+              (0, 8192)),
+    ParamSpec("warmup_height", 480, "Height of the warm-up images [px] (see warmup_width).", (0, 8192)),
 ]
 
 _BY_NAME = {p.name: p for p in PARAMS}
@@ -186,13 +196,19 @@ def validate_all(values: dict) -> list[str]:
 
 
 def declare_parameters(node) -> None:
-    """Declare every parameter with its descriptor (ranges, read-only flags) on ``node``."""
+    """Declare every parameter with its descriptor (ranges, constraints) on ``node``.
+
+    Start-up-only parameters are not declared read-only: a lifecycle node takes them while unconfigured,
+    and the node's set-parameters callback refuses them at run time with the reason
+    (``ros/runtime_params.py``); their constraints text says "start-up only"."""
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
     for p in PARAMS:
-        desc = ParameterDescriptor(name=p.name, description=p.description, read_only=p.read_only,
-                                   additional_constraints=p.extra or (
-                                       f"one of {list(p.choices)}" if p.choices else ""))
+        constraints = p.extra or (f"one of {list(p.choices)}" if p.choices else "")
+        if p.read_only:
+            constraints = (constraints + "; " if constraints else "") + "start-up only (set before configure)"
+        desc = ParameterDescriptor(name=p.name, description=p.description, read_only=False,
+                                   additional_constraints=constraints)
         if p.range is not None:
             if isinstance(p.default, int) and not isinstance(p.default, bool):
                 desc.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]), step=0)]
