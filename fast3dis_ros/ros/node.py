@@ -9,11 +9,11 @@ Outputs (reliable, depth ``output_qos_depth``), all in ``map_frame``, stamped wi
 frame set stamp:
   ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
   (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
-  TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp), ``/diagnostics``.
+  TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp; ``tf2_ros.TransformBroadcaster``),
+  ``/diagnostics``.
 
 Known poses (``use_known_poses``): each image's pose ``known_pose_frame <- header.frame_id`` is looked
-up at its stamp (tf2_ros when importable, else ``ros/tf_buffer.py`` on /tf + /tf_static; tolerance
-``sync_slop``). Windows whose views all have K and a pose are pose-conditioned and the map is then
+up at its stamp (``tf2_ros.Buffer`` + ``TransformListener``; tolerance ``sync_slop``). Windows whose views all have K and a pose are pose-conditioned and the map is then
 ``known_pose_frame`` itself: the node publishes ``known_pose_frame -> map_frame`` (when the names
 differ and ``map_frame`` is not already in the TF tree) and does not re-publish a camera pose under a
 frame that is one of its pose inputs (that frame would get a second parent, and the node would read
@@ -60,8 +60,7 @@ from .conversions import (
 )
 from .diagnostics import DiagnosticsBuilder
 from .qos import camera_info_qos, output_qos, sensor_qos
-from .tf import TFBroadcaster, matrix_to_transform
-from .tf_buffer import TfLookup, TfLookupError
+from .tf import TfLookup, TfLookupError, matrix_to_transform
 
 __all__ = ["Fast3disNode", "main", "make_predictor"]
 
@@ -141,10 +140,9 @@ class Fast3disNode(Node):
                            max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"])
         from .sync_adapter import make_synchronizer
 
-        sync = None  # the runner's own ApproximateTimeSync (with time-jump reset)
-        if self.p["sync_backend"] == "message_filters":
-            sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
-                                     backend="message_filters")
+        # 'fast3dis': None = the runner's own ApproximateTimeSync (drop reasons, time-jump reset)
+        sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
+                                 backend=self.p["sync_backend"])
         self.runner = PipelineRunner(
             self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9), sync=sync,
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
@@ -167,18 +165,20 @@ class Fast3disNode(Node):
         self._map_last_pub = -float("inf")  # time.monotonic() of the last map message
         self._map_timer = None
         self._map_timer_tick = 0.0
-        self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
+        self.tf = None
+        if self.p["publish_tf"]:
+            from tf2_ros import TransformBroadcaster
 
-        # known poses from TF (tf2_ros when importable, else the node's own /tf + /tf_static buffer)
+            self.tf = TransformBroadcaster(self)
+
+        # known poses from TF (tf2_ros.Buffer + TransformListener on /tf and /tf_static)
         self._tf_buffer = None
         self.known_pose_frame = self.p["known_pose_frame"]
         self._pose_input_frames: set[str] = set()  # frames looked up as pose inputs: never re-published
         self._publish_known_to_map: bool | None = None  # decided at the first pose-conditioned window
         if self.p["use_known_poses"]:
             self._tf_buffer = TfLookup(self)
-            self.get_logger().info(
-                f"known poses: {self.known_pose_frame} <- <image frame_id> from TF "
-                f"({'tf2_ros' if self._tf_buffer.uses_tf2_ros else 'fast3dis_ros.ros.tf_buffer'})")
+            self.get_logger().info(f"known poses: {self.known_pose_frame} <- <image frame_id> from TF (tf2_ros)")
 
         # inputs
         sq, iq = sensor_qos(), camera_info_qos()
@@ -411,7 +411,7 @@ class Fast3disNode(Node):
                                                                           pred.view_stamps_ns[v])))
         tfs.sort(key=lambda x: x[0])
         if tfs:
-            self.tf.send([t for _, t in tfs])
+            self.tf.sendTransform([t for _, t in tfs])
 
     def _publish_known_frame(self, result) -> None:
         """known_pose_frame -> map_frame for a pose-conditioned window (its world is known_pose_frame, so
@@ -437,7 +437,7 @@ class Fast3disNode(Node):
         from ..geometry.align import sim3_inverse
 
         T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
-        self.tf.send([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])
+        self.tf.sendTransform([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
@@ -446,7 +446,7 @@ class Fast3disNode(Node):
             frames = acc.get("frames", {})
             eng = acc.get("windows", {}).get("engine", {})
             sets = acc.get("frame_sets", {})
-            backend = getattr(self.runner.sync, "backend", "project")
+            backend = getattr(self.runner.sync, "backend", "fast3dis")
             sync = {"backend": backend, "frame_sets": sets.get("received", 0),
                     "drops": frames.get("dropped", {})}
             em = eng.get("engine_ms", {})
