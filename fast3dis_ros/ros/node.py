@@ -185,10 +185,12 @@ class Fast3disNode(Node):
         self._subs = []
         for cam in self.cameras:
             topic = self.p["image_topic"].format(camera=cam)
-            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
             info_topic = self.p["camera_info_topic"].format(camera=cam)
+            # CameraInfo first: the executor serves ready subscriptions in creation order, so an image and its
+            # CameraInfo that arrive together give the image its K (test_launch_bag_replay.py)
             self._subs.append(self.create_subscription(CameraInfo, info_topic,
                                                        lambda m, c=cam: self._on_info(m, c), iq))
+            self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c), sq))
             if self.p["use_compressed"]:
                 ctopic = self.p["compressed_topic"].format(camera=cam)
                 self._subs.append(self.create_subscription(CompressedImage, ctopic,
