@@ -5,7 +5,6 @@ bag: same windows (stamps), same instance ids, window clouds and final map equal
 The bag plays at rate 0.1 (one frame set a second) so the node drops nothing; the node's own accounting
 (/diagnostics) must show no drop, else the comparison would not be meaningful."""
 
-import os
 import subprocess
 import sys
 import tempfile

@@ -42,7 +42,8 @@ class TestSimTime(unittest.TestCase):
                 return any(stamp_to_ns(d.header.stamp) >= SIM_START_NS for d in diag[n_at_start:])
 
             ok = ctx.spin_until(lambda: sim_stamped() and clouds, timeout=90, step=pub.pump())
-            self.assertTrue(ok, f"{len(clouds)} clouds; diagnostics stamps {[stamp_to_ns(d.header.stamp) for d in diag[-5:]]}")
+            stamps = [stamp_to_ns(d.header.stamp) for d in diag[-5:]]
+            self.assertTrue(ok, f"{len(clouds)} clouds; diagnostics stamps {stamps}")
         last_clock = pub.stamps[-1]
         for d in diag[n_at_start:]:
             s = stamp_to_ns(d.header.stamp)

@@ -13,11 +13,11 @@ frame set stamp:
   ``/diagnostics``.
 
 Known poses (``use_known_poses``): each image's pose ``known_pose_frame <- header.frame_id`` is looked
-up at its stamp (``tf2_ros.Buffer`` + ``TransformListener``; tolerance ``sync_slop``). Windows whose views all have K and a pose are pose-conditioned and the map is then
-``known_pose_frame`` itself: the node publishes ``known_pose_frame -> map_frame`` (when the names
-differ and ``map_frame`` is not already in the TF tree) and does not re-publish a camera pose under a
-frame that is one of its pose inputs (that frame would get a second parent, and the node would read
-its own output back as input).
+up at its stamp (``tf2_ros.Buffer`` + ``TransformListener``; tolerance ``sync_slop``). Windows whose views
+all have K and a pose are pose-conditioned and the map is then ``known_pose_frame`` itself: the node
+publishes ``known_pose_frame -> map_frame`` (when the names differ and ``map_frame`` is not already in
+the TF tree) and does not re-publish a camera pose under a frame that is one of its pose inputs (that
+frame would get a second parent, and the node would read its own output back as input).
 
 Order per window (engine thread): as soon as the window is aligned, voxelised and its instances matched
 (``MapFusion.begin``), ``~/window_cloud`` and the TF poses go out; then the map is updated
@@ -439,7 +439,8 @@ class Fast3disNode(Node):
         from ..geometry.align import sim3_inverse
 
         T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
-        self.tf.sendTransform([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])
+        self.tf.sendTransform([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame,
+                                                   result.stamp_ns)])
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:

@@ -42,11 +42,11 @@ class PlayOptions:
     wait_timeout_s: float = 60.0
 
 
-def qos_from_offered(offered) -> "QoSProfile":  # noqa: F821 - rclpy type, imported lazily
+def qos_from_offered(offered):
     """The QoS to play a topic with, from rosbags' ``offered_qos_profiles`` (list of ``Qos``).
 
-    As rosbag2's player: best effort if any recorded publisher was, transient local only if every one was; depth the largest recorded keep-last depth (at least 10). No profile: reliable, volatile,
-    depth 10."""
+    As rosbag2's player: best effort if any recorded publisher was, transient local only if every one was;
+    depth the largest recorded keep-last depth (at least 10). No profile: reliable, volatile, depth 10."""
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
     def v(x) -> int:  # rosbags' QoS enums (QosReliability ...) are plain Enums of the rmw values
