@@ -32,3 +32,12 @@ def synth_main() -> None:
     from fast3dis_ros.data.synthetic import main
 
     main()
+
+
+def play_main() -> None:
+    """fast3dis-play: replay a rosbag2 over DDS without rosbag2 (ros/player.py)."""
+    import sys
+
+    from fast3dis_ros.ros.player import main
+
+    sys.exit(main())

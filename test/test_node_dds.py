@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("fast3dis_msgs.msg")
 
-from ros_helpers import RosContext, RosProcess, unique_domain_id, wait_for_subscribers  # noqa: E402
+from ros_helpers import RosContext, RosProcess, read_cloud, unique_domain_id, wait_for_subscribers  # noqa: E402
 
 CAMS = ["left", "right"]
 H, W = 48, 64
@@ -102,12 +102,15 @@ def _wait_matched(ctx, h, node):
 
 
 @pytest.mark.timeout(90)
-def test_node_end_to_end_over_dds():
-    from fast3dis_ros.ros.conversions import pointcloud2_to_structured, stamp_to_ns
+@pytest.mark.parametrize("backend", ["fast3dis", "message_filters"])
+def test_node_end_to_end_over_dds(backend):
+    """Both frame-set back ends (sync_backend) over DDS; every cloud also read with sensor_msgs_py."""
+    from fast3dis_ros.ros.conversions import stamp_to_ns
     from visualization_msgs.msg import Marker
 
     dom = unique_domain_id()
-    with RosContext(dom) as ctx, RosProcess(_node_args(), dom, name="fast3dis_node") as node:
+    with RosContext(dom) as ctx, RosProcess(_node_args("-p", f"sync_backend:={backend}"), dom,
+                                            name="fast3dis_node") as node:
         h = _Harness(ctx)
         _wait_matched(ctx, h, node)
         t0 = time.monotonic()
@@ -122,6 +125,8 @@ def test_node_end_to_end_over_dds():
         assert node.alive(), node.output()
 
     stamps = set(h.stamps)
+    for pc in h.got["map"] + h.got["window"]:
+        read_cloud(pc)  # the package's reader == sensor_msgs_py.point_cloud2.read_points, field by field
     # PointCloud2 layout / frame / stamp
     for key in ("map", "window"):
         pc = h.got[key][-1]
@@ -131,7 +136,7 @@ def test_node_end_to_end_over_dds():
         assert pc.point_step == 24 and pc.height == 1 and pc.width > 0
         # header stamp = newest frame set of the window (window_size 2: never the first set)
         assert stamp_to_ns(pc.header.stamp) in stamps and stamp_to_ns(pc.header.stamp) >= h.stamps[1]
-        arr = pointcloud2_to_structured(pc)
+        arr = read_cloud(pc)
         assert np.isfinite(arr["x"]).all() and len(arr) == pc.width
     # the map grows or stays (never empty) and carries the same stamp as the InstanceArray of that window
     inst_stamps = {stamp_to_ns(m.header.stamp) for m in h.got["inst"]}
@@ -157,6 +162,10 @@ def test_node_end_to_end_over_dds():
     names = {st.name for d in h.got["diag"] for st in d.status}
     assert {"fast3dis: input left", "fast3dis: input right", "fast3dis: sync", "fast3dis: engine",
             "fast3dis: outputs", "fast3dis: gpu"} <= names
+    sync_vals = [{kv.key: kv.value for kv in st.values} for d in h.got["diag"] for st in d.status
+                 if st.name == "fast3dis: sync"]
+    assert sync_vals[-1]["backend"] == backend
+    assert int(sync_vals[-1]["frame_sets"]) >= len(h.got["inst"]) + 1  # window 2, stride 1: sets >= windows + 1
     print(f"end to end: {len(h.got['map'])} map clouds, {len(h.stamps)} frame sets sent in {elapsed:.1f} s")
 
 

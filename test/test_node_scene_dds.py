@@ -26,7 +26,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("fast3dis_msgs.msg")
 pytest.importorskip("tf2_msgs.msg")
 
-from ros_helpers import RosContext, RosProcess, unique_domain_id, wait_for_subscribers  # noqa: E402
+from ros_helpers import RosContext, RosProcess, read_cloud, unique_domain_id, wait_for_subscribers  # noqa: E402
 
 W, H, N_FRAMES, WIN, STRIDE = 112, 84, 10, 4, 2
 BASE_NS = 1_700_000_000_000_000_000
@@ -144,7 +144,7 @@ class _Harness:
 
 def _check_common(h):
     """Cloud layout/frame/stamps and instance id consistency across windows."""
-    from fast3dis_ros.ros.conversions import pointcloud2_to_structured, stamp_to_ns
+    from fast3dis_ros.ros.conversions import stamp_to_ns
 
     expected = _window_stamps()
     assert [stamp_to_ns(m.header.stamp) for m in h.got["map"]] == expected
@@ -155,7 +155,7 @@ def _check_common(h):
         assert [(f.name, f.offset, f.datatype) for f in pc.fields] == FIELDS
         assert pc.point_step == 24 and pc.height == 1 and pc.row_step == 24 * pc.width and not pc.is_bigendian
         assert pc.width > 0
-        arr = pointcloud2_to_structured(pc)
+        arr = read_cloud(pc)
         assert len(arr) == pc.width and np.isfinite(arr["x"]).all() and np.isfinite(arr["z"]).all()
     seen: set[int] = set()
     for pc, ia in zip(h.got["map"], h.got["inst"]):
@@ -163,7 +163,7 @@ def _check_common(h):
         ids = [i.id for i in ia.instances]
         assert len(ids) == len(set(ids)) and all(i > 0 for i in ids)
         # an id lives in InstanceArray exactly while the running map holds points with it
-        cloud_ids = set(np.unique(pointcloud2_to_structured(pc)["instance"]).tolist()) - {0}
+        cloud_ids = set(np.unique(read_cloud(pc)["instance"]).tolist()) - {0}
         assert set(ids) == cloud_ids
         for i in ia.instances:
             assert i.num_points > 0 and 0.0 <= i.score <= 1.0

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("fast3dis_msgs.msg")
 
-from ros_helpers import RosContext, unique_domain_id  # noqa: E402
+from ros_helpers import RosContext, read_cloud, unique_domain_id  # noqa: E402
 
 W, H, CAMS, N_FRAMES, WIN, STRIDE = 84, 63, 2, 6, 2, 1
 BASE_NS = 1_700_000_000_000_000_000
@@ -119,7 +119,6 @@ def _stamps(msgs):
 
 @pytest.mark.timeout(120)
 def test_window_cloud_first_and_exact_over_dds(scene):
-    from fast3dis_ros.ros.conversions import pointcloud2_to_structured
 
     ref = _offline(scene)
     assert len(ref) == (N_FRAMES - WIN) // STRIDE + 1 and ref[1].align_method == "shared_views"
@@ -136,13 +135,13 @@ def test_window_cloud_first_and_exact_over_dds(scene):
     assert _stamps(run.got["inst"]) == expected
     for r, (_, wmsg), (_, mmsg), (_, ia) in zip(ref, run.got["window"], run.got["map"], run.got["inst"]):
         assert wmsg.header.frame_id == "map" and mmsg.header.frame_id == "map"
-        w = pointcloud2_to_structured(wmsg)
+        w = read_cloud(wmsg)
         # the window cloud on the wire is the aligned (map frame), id-matched window cloud, to the bit
         assert len(w) == len(r.window_cloud) > 100
         assert np.array_equal(np.stack([w["x"], w["y"], w["z"]], 1), r.window_cloud.xyz)
         assert np.array_equal(w["instance"], r.window_cloud.instance)
         assert np.array_equal(w["score"], r.window_cloud.score)
-        m = pointcloud2_to_structured(mmsg)
+        m = read_cloud(mmsg)
         assert len(m) == len(r.map_cloud) and np.array_equal(m["instance"], r.map_cloud.instance)
         assert np.array_equal(np.stack([m["x"], m["y"], m["z"]], 1), r.map_cloud.xyz)
         ids = {i.id for i in ia.instances}
@@ -154,7 +153,6 @@ def test_window_cloud_first_and_exact_over_dds(scene):
 
 @pytest.mark.timeout(120)
 def test_map_publish_period_throttles_and_flushes_the_newest_map(scene):
-    from fast3dis_ros.ros.conversions import pointcloud2_to_structured
 
     from rclpy.parameter import Parameter
 
@@ -179,5 +177,5 @@ def test_map_publish_period_throttles_and_flushes_the_newest_map(scene):
         run.close()
     assert _stamps(run.got["map"]) == [ref[0].stamp_ns, ref[-1].stamp_ns]
     assert run.got["map"][1][0] - t_set < 5.0
-    last = pointcloud2_to_structured(run.got["map"][1][1])
+    last = read_cloud(run.got["map"][1][1])
     assert len(last) == len(ref[-1].map_cloud) and np.array_equal(last["instance"], ref[-1].map_cloud.instance)

@@ -144,8 +144,12 @@ def test_package_xml():
     assert pkg.get_build_type() == "ament_python"
     deps = {d.name for d in pkg.exec_depends}
     assert {"rclpy", "sensor_msgs", "geometry_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs",
-            "tf2_ros", "tf2_msgs", "message_filters", "cv_bridge", "sensor_msgs_py", "launch", "launch_ros",
+            "tf2_ros", "tf2_msgs", "message_filters", "launch", "launch_ros", "rosgraph_msgs", "rosidl_runtime_py",
             "fast3dis_msgs"} <= deps
+    # declared only where code uses it: images are converted by the package's numpy converters (no
+    # cv_bridge); sensor_msgs_py is the tests' reference PointCloud2 reader
+    assert "cv_bridge" not in deps and "sensor_msgs_py" not in deps
+    assert {"launch_testing", "launch_testing_ros", "sensor_msgs_py"} <= {d.name for d in pkg.test_depends}
     iface = parse_package(str(ROOT / "interfaces" / "fast3dis_msgs" / "package.xml"))
     iface.validate()
     assert "rosidl_interface_packages" in [g.name for g in iface.member_of_groups]

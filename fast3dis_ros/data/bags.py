@@ -287,8 +287,10 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
                 stamp = t_frame + ci * int(camera_jitter_ns)
                 fid = f"{v.camera}_optical_frame"
                 h, wd = v.rgb.shape[:2]
-                w.write(f"/{v.camera}/image_raw", IMAGE, image_dict(v.rgb, "rgb8", fid, stamp), stamp)
+                # CameraInfo before its image: a node fed live from this bag (fast3dis-play) then has K for the
+                # first image too, as the offline replay has (it waits for the CameraInfo of the same stamp)
                 w.write(f"/{v.camera}/camera_info", CAMERA_INFO, camera_info_dict(v.K, wd, h, fid, stamp), stamp)
+                w.write(f"/{v.camera}/image_raw", IMAGE, image_dict(v.rgb, "rgb8", fid, stamp), stamp)
                 if ground_truth:
                     w.write(f"/{v.camera}/depth_gt", IMAGE, image_dict(v.depth.astype(np.float32), "32FC1", fid, stamp), stamp)
                     w.write(f"/{v.camera}/instance_gt", IMAGE, image_dict(v.instance.astype(np.int32), "32SC1", fid, stamp), stamp)

@@ -59,7 +59,7 @@ class MapServices:
     def __init__(self, node, map_frame: str, reset_map: Callable[[], tuple[int, int]], tf_lookup,
                  history: int = 8) -> None:
         """``reset_map()`` clears the live map and returns (points, instances) dropped; ``tf_lookup`` has
-        ``lookup(target, source, stamp_ns) -> T_target_source`` (ros/tf_buffer.TfLookup)."""
+        ``lookup(target, source, stamp_ns) -> T_target_source`` (ros/tf.TfLookup, on tf2_ros)."""
         from fast3dis_msgs.srv import GetInstances, ResetMap, SaveMap
 
         self.node = node

@@ -12,15 +12,15 @@ every entity takes ``qos_overrides`` parameters), all in ``map_frame``, stamped 
 frame set stamp:
   ``~/instances_cloud`` (PointCloud2 x y z rgb instance score: running map), ``~/window_cloud``
   (this window), ``~/instances`` (fast3dis_msgs/InstanceArray), ``~/markers`` (MarkerArray),
-  TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp), ``/diagnostics``.
+  TF ``map_frame -> camera_frame`` per view (stamped with the view's stamp; ``tf2_ros.TransformBroadcaster``),
+  ``/diagnostics``.
 
 Known poses (``use_known_poses``): each image's pose ``known_pose_frame <- header.frame_id`` is looked
-up at its stamp (tf2_ros when importable, else ``ros/tf_buffer.py`` on /tf + /tf_static; tolerance
-``sync_slop``). Windows whose views all have K and a pose are pose-conditioned and the map is then
-``known_pose_frame`` itself: the node publishes ``known_pose_frame -> map_frame`` (when the names
-differ and ``map_frame`` is not already in the TF tree) and does not re-publish a camera pose under a
-frame that is one of its pose inputs (that frame would get a second parent, and the node would read
-its own output back as input).
+up at its stamp (``tf2_ros.Buffer`` + ``TransformListener``; tolerance ``sync_slop``). Windows whose views
+all have K and a pose are pose-conditioned and the map is then ``known_pose_frame`` itself: the node
+publishes ``known_pose_frame -> map_frame`` (when the names differ and ``map_frame`` is not already in
+the TF tree) and does not re-publish a camera pose under a frame that is one of its pose inputs (that
+frame would get a second parent, and the node would read its own output back as input).
 
 Order per window (engine thread): as soon as the window is aligned, voxelised and its instances matched
 (``MapFusion.begin``), ``~/window_cloud`` and the TF poses go out; then the map is updated
@@ -71,8 +71,7 @@ from .diagnostics import DiagnosticsBuilder, interface_status
 from .map_services import MapServices
 from .qos import camera_info_qos, map_qos, output_qos, overridable, sensor_qos
 from .runtime_params import START_UP_REASON, refusal
-from .tf import TFBroadcaster, matrix_to_transform
-from .tf_buffer import TfLookup, TfLookupError
+from .tf import TfLookup, TfLookupError, matrix_to_transform
 
 __all__ = ["Fast3disNode", "main", "make_predictor"]
 
@@ -167,10 +166,9 @@ class Fast3disNode(Node):
                            max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"])
         from .sync_adapter import make_synchronizer
 
-        sync = None  # the runner's own ApproximateTimeSync (with time-jump reset)
-        if self.p["sync_backend"] == "message_filters":
-            sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
-                                     backend="message_filters")
+        # 'fast3dis': None = the runner's own ApproximateTimeSync (drop reasons, time-jump reset)
+        sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
+                                 backend=self.p["sync_backend"])
         self.runner = PipelineRunner(
             self.cameras, predictor.predict, slop_ns=int(self.p["sync_slop"] * 1e9), sync=sync,
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
@@ -204,18 +202,20 @@ class Fast3disNode(Node):
         self._reset_lock = threading.Lock()
         self._map_epoch = 0  # += 1 per reset (under the fusion lock)
         self._window_epoch = 0  # epoch in which the engine's current window was fused
-        self.tf = TFBroadcaster(self) if self.p["publish_tf"] else None
+        self.tf = None
+        if self.p["publish_tf"]:
+            from tf2_ros import TransformBroadcaster
 
-        # known poses from TF (tf2_ros when importable, else the node's own /tf + /tf_static buffer)
+            self.tf = TransformBroadcaster(self)
+
+        # known poses from TF (tf2_ros.Buffer + TransformListener on /tf and /tf_static)
         self._tf_buffer = None
         self.known_pose_frame = self.p["known_pose_frame"]
         self._pose_input_frames: set[str] = set()  # frames looked up as pose inputs: never re-published
         self._publish_known_to_map: bool | None = None  # decided at the first pose-conditioned window
         if self.p["use_known_poses"]:
             self._tf_buffer = TfLookup(self)
-            self.get_logger().info(
-                f"known poses: {self.known_pose_frame} <- <image frame_id> from TF "
-                f"({'tf2_ros' if self._tf_buffer.uses_tf2_ros else 'fast3dis_ros.ros.tf_buffer'})")
+            self.get_logger().info(f"known poses: {self.known_pose_frame} <- <image frame_id> from TF (tf2_ros)")
 
         # ~/save_map, ~/reset_map, ~/get_instances: own callback group, answered from the map snapshot
         self.map_services = MapServices(self, self.map_frame, reset_map=self._reset_map,
@@ -233,6 +233,12 @@ class Fast3disNode(Node):
         # qos_overrides edit the profile in place: a new profile object per subscription
         streams = camera_streams(self.p["camera_map"], self.cameras)  # camera -> topic namespace (camera_map)
         for cam in self.cameras:
+            # CameraInfo first: the executor serves ready subscriptions in creation order, so an image and its
+            # CameraInfo that arrive together give the image its K (test_launch_bag_replay.py)
+            info_topic = self.p["camera_info_topic"].format(camera=streams[cam])
+            self._subs.append(self.create_subscription(CameraInfo, info_topic,
+                                                       lambda m, c=cam: self._on_info(m, c), camera_info_qos(),
+                                                       qos_overriding_options=overridable()))
             if self.p["use_compressed"]:
                 topic = self.p["compressed_topic"].format(camera=streams[cam])
                 self._subs.append(self.create_subscription(CompressedImage, topic,
@@ -242,10 +248,6 @@ class Fast3disNode(Node):
                 topic = self.p["image_topic"].format(camera=streams[cam])
                 self._subs.append(self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(m, c),
                                                            sensor_qos(), qos_overriding_options=overridable()))
-            info_topic = self.p["camera_info_topic"].format(camera=streams[cam])
-            self._subs.append(self.create_subscription(CameraInfo, info_topic,
-                                                       lambda m, c=cam: self._on_info(m, c), camera_info_qos(),
-                                                       qos_overriding_options=overridable()))
             self.get_logger().info(f"camera '{cam}': {self.resolve_topic_name(topic)}, "
                                    f"{self.resolve_topic_name(info_topic)}")
 
@@ -511,7 +513,7 @@ class Fast3disNode(Node):
                                                                           pred.view_stamps_ns[v])))
         tfs.sort(key=lambda x: x[0])
         if tfs:
-            self.tf.send([t for _, t in tfs])
+            self.tf.sendTransform([t for _, t in tfs])
 
     def _publish_known_frame(self, result) -> None:
         """known_pose_frame -> map_frame for a pose-conditioned window (its world is known_pose_frame, so
@@ -537,7 +539,8 @@ class Fast3disNode(Node):
         from ..geometry.align import sim3_inverse
 
         T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
-        self.tf.send([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])
+        self.tf.sendTransform([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame,
+                                                   result.stamp_ns)])
 
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
@@ -546,7 +549,7 @@ class Fast3disNode(Node):
             frames = acc.get("frames", {})
             eng = acc.get("windows", {}).get("engine", {})
             sets = acc.get("frame_sets", {})
-            backend = getattr(self.runner.sync, "backend", "project")
+            backend = getattr(self.runner.sync, "backend", "fast3dis")
             sync = {"backend": backend, "frame_sets": sets.get("received", 0),
                     "drops": frames.get("dropped", {})}
             em = eng.get("engine_ms", {})
@@ -623,7 +626,8 @@ class Fast3disNode(Node):
                 self.runner.fusion.max_points_per_view = int(prm.value)
             elif prm.name == "publish_tf":
                 if prm.value and self.tf is None:
-                    self.tf = TFBroadcaster(self)
+                    from tf2_ros import TransformBroadcaster
+                    self.tf = TransformBroadcaster(self)
                 elif not prm.value:
                     self.tf = None  # the engine thread reads it once per window
             elif prm.name == "diagnostics_period":

@@ -53,10 +53,11 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
     ParamSpec("sync_queue_size", 10, "Approximate-time sync: frames kept per camera while matching.", (1, 1000)),
     # windowing
-    ParamSpec("sync_backend", "project", "Frame-set grouping: 'project' (the package's ApproximateTimeSync: same "
+    ParamSpec("sync_backend", "fast3dis", "Frame-set grouping: 'fast3dis' (the package's ApproximateTimeSync: same "
               "matching rule as message_filters, plus drop counts by reason and a reset when time jumps back, "
-              "e.g. a looping bag) or 'message_filters' (ApproximateTimeSynchronizer; needs a ROS 2 install).",
-              choices=("project", "message_filters")),
+              "e.g. a looping bag) or 'message_filters' (message_filters.ApproximateTimeSynchronizer; its "
+              "discards are reported as 'unmatched' only).",
+              choices=("fast3dis", "message_filters")),
     ParamSpec("window_size", 8, "Frame sets per inference window (views = window_size x cameras).", (1, 512)),
     ParamSpec("stride", 4, "A new window every `stride` frame sets (stride <= window_size: overlapping windows "
               "share frame sets, which aligns them to the map).", (1, 512), extra="stride <= window_size"),
@@ -104,7 +105,7 @@ PARAMS: list[ParamSpec] = [
               read_only=False),
     ParamSpec("use_known_poses", False,
               "Give camera poses from TF to the network: T known_pose_frame <- image frame_id at the image stamp "
-              "(tf2_ros when installed, else the node's own /tf + /tf_static buffer). Needs K too; a window "
+              "(tf2_ros Buffer + TransformListener). Needs K too; a window "
               "uses poses only when every view has one. The map then coincides with known_pose_frame (the "
               "node publishes known_pose_frame -> map_frame when they differ) and camera poses are not "
               "re-published under a frame that is already a pose input (it would get a second TF parent): "

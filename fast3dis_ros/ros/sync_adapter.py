@@ -1,13 +1,15 @@
-"""Approximate-time grouping of CameraFrames into FrameSets, through message_filters when it exists.
+"""Frame-set grouping back ends of the node (parameter ``sync_backend``).
 
-Both back ends offer ``push(frame) -> list[FrameSet]``, ``drops.as_dict()`` and ``backend``:
+- ``fast3dis`` (default): the package's ``pipeline.sync.ApproximateTimeSync``, built by the
+  ``PipelineRunner`` itself. It does what message_filters cannot: every discarded frame is counted by
+  reason (diagnostics, accounting identities) and a stamp that jumps back (a looping bag, a restarted
+  clock) resets the queues and the map instead of leaving frames unmatched.
+- ``message_filters``: ``message_filters.ApproximateTimeSynchronizer`` fed through one ``SimpleFilter``
+  per camera. It does not count what it discards, so ``drops`` reports ``unmatched`` = frames pushed minus
+  frames emitted (frames still in its queues are included) and ``resets`` stays 0.
 
-- ``message_filters``: ``message_filters.ApproximateTimeSynchronizer`` fed through one
-  ``SimpleFilter`` per camera (a real ROS 2 install). It does not count what it discards, so
-  ``drops`` reports ``unmatched`` = frames pushed minus frames emitted minus those still queued (an
-  upper bound: frames still waiting in its queues are included).
-- ``project``: ``fast3dis_ros.pipeline.sync.ApproximateTimeSync`` (same matching rule, fully
-  accounted drops by reason, time-jump reset). Used where message_filters is missing, or on request.
+Both give the runner ``push(frame) -> list[FrameSet]``, ``flush``, ``pushed``, ``emitted_sets``,
+``pending_count``, ``drops`` and ``resets``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,9 @@ import threading
 
 from ..pipeline.frames import CameraFrame, FrameSet
 
-__all__ = ["make_synchronizer", "MessageFiltersSync", "HAVE_MESSAGE_FILTERS"]
+__all__ = ["SYNC_BACKENDS", "make_synchronizer", "MessageFiltersSync"]
 
-try:  # pragma: no cover - a real ROS install only
-    import message_filters as _mf
-
-    HAVE_MESSAGE_FILTERS = True
-except ImportError:
-    _mf = None
-    HAVE_MESSAGE_FILTERS = False
+SYNC_BACKENDS = ("fast3dis", "message_filters")
 
 
 class _Counts:
@@ -56,10 +52,9 @@ class _Stamped:
 class MessageFiltersSync:
     backend = "message_filters"
 
-    def __init__(self, cameras: list[str], slop_ns: int, queue_size: int = 10, mf_module=None):
-        mf = mf_module or _mf
-        if mf is None:
-            raise ImportError("message_filters is not installed")
+    def __init__(self, cameras: list[str], slop_ns: int, queue_size: int = 10):
+        import message_filters as mf
+
         self.cameras = list(cameras)
         self._inputs = {c: mf.SimpleFilter() for c in self.cameras}
         self._sync = mf.ApproximateTimeSynchronizer([self._inputs[c] for c in self.cameras], queue_size,
@@ -100,15 +95,11 @@ class MessageFiltersSync:
             return out
 
 
-def make_synchronizer(cameras: list[str], slop_ns: int, queue_size: int = 10, backend: str = "auto"):
-    """``backend``: 'auto' (message_filters if importable, else the project's), 'message_filters'
-    or 'project'."""
-    if backend not in ("auto", "message_filters", "project"):
-        raise ValueError(f"unknown sync backend '{backend}'")
-    if backend == "message_filters" or (backend == "auto" and HAVE_MESSAGE_FILTERS):
+def make_synchronizer(cameras: list[str], slop_ns: int, queue_size: int = 10, backend: str = "fast3dis"):
+    """The synchroniser for ``PipelineRunner(sync=...)``: None for 'fast3dis' (the runner builds its own
+    ApproximateTimeSync, wired to its time-jump reset), a ``MessageFiltersSync`` for 'message_filters'."""
+    if backend not in SYNC_BACKENDS:
+        raise ValueError(f"unknown sync backend '{backend}' (one of {list(SYNC_BACKENDS)})")
+    if backend == "message_filters":
         return MessageFiltersSync(cameras, slop_ns, queue_size)
-    from ..pipeline.sync import ApproximateTimeSync
-
-    s = ApproximateTimeSync(cameras, int(slop_ns), int(queue_size))
-    s.backend = "project"
-    return s
+    return None

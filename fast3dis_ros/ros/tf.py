@@ -1,36 +1,29 @@
-"""TF for fast3dis_ros: 4x4 matrix <-> TransformStamped, and broadcasters.
+"""TF for fast3dis_ros on tf2_ros: 4x4 matrix <-> TransformStamped, and pose look-ups.
 
-``TFBroadcaster`` / ``StaticTFBroadcaster`` use ``tf2_ros`` when it is importable (a real ROS 2
-install). Where it is not (the PyPI venv) they publish ``tf2_msgs/TFMessage`` themselves with the
-same topics and QoS as tf2_ros: ``/tf`` (reliable, volatile, depth 100) and ``/tf_static``
-(reliable, transient local, depth 1, all static transforms re-sent in one message).
+TF goes in and out through ``tf2_ros`` itself (``TransformBroadcaster``, ``StaticTransformBroadcaster``,
+``Buffer`` + ``TransformListener``), as on any ROS 2 install; in the project's venv scripts/setup.sh builds
+it from ../shared/ros2_sources. What this module adds is the numpy side:
+
+- ``matrix_to_transform`` / ``transform_to_matrix``: ``T_parent_child`` (4x4) <-> TransformStamped;
+- ``TfLookup``: ``lookup(target, source, stamp_ns, tolerance_ns) -> T_target_source`` over a
+  ``tf2_ros.Buffer``. tf2 interpolates inside a frame's history and refuses to extrapolate; the node's
+  pose look-up allows a stamp up to ``tolerance_ns`` (its sync slop) past the newest transform, where the
+  newest one is used (a camera image that arrives just before its pose on /tf).
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 from geometry_msgs.msg import TransformStamped
 
 from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
-from .conversions import ns_to_stamp
+from .conversions import ns_to_stamp, stamp_to_ns
 
-try:  # pragma: no cover - exercised on a real ROS install only
-    import tf2_ros as _tf2_ros
+__all__ = ["TfLookupError", "TfLookup", "matrix_to_transform", "transform_to_matrix"]
 
-    HAVE_TF2_ROS = True
-except ImportError:
-    _tf2_ros = None
-    HAVE_TF2_ROS = False
 
-__all__ = [
-    "HAVE_TF2_ROS",
-    "matrix_to_transform",
-    "transform_to_matrix",
-    "TFBroadcaster",
-    "StaticTFBroadcaster",
-]
+class TfLookupError(LookupError):
+    """A transform that cannot be given: unknown frame, no path, or extrapolation beyond the tolerance."""
 
 
 def matrix_to_transform(T: np.ndarray, parent: str, child: str, stamp_ns: int) -> TransformStamped:
@@ -60,59 +53,35 @@ def transform_to_matrix(msg: TransformStamped) -> np.ndarray:
     return T
 
 
-class _Broadcaster:
-    """tf2_ros' broadcaster named by ``_TF2_CLASS`` when available, else a ``TFMessage`` publisher on
-    ``_TOPIC`` (reliable, depth ``_DEPTH``, durability ``_DURABILITY``). With ``_LATCH_ALL`` every call
-    publishes all transforms seen so far, keyed by child frame (what tf2_ros does for static ones)."""
+class TfLookup:
+    """``tf2_ros.Buffer`` (+ a ``TransformListener`` on ``node`` when given) with numpy look-ups."""
 
-    _TF2_CLASS: str
-    _TOPIC: str
-    _DEPTH: int
-    _DURABILITY: str
-    _LATCH_ALL: bool
+    def __init__(self, node=None, cache_time_s: float = 10.0, buffer=None):
+        import tf2_ros
+        from rclpy.duration import Duration
 
-    def __init__(self, node, force_fallback: bool = False):
-        self.uses_tf2_ros = HAVE_TF2_ROS and not force_fallback
-        self._lock = threading.Lock()
-        self._by_child: dict[str, TransformStamped] = {}
-        if self.uses_tf2_ros:  # pragma: no cover
-            self._impl = getattr(_tf2_ros, self._TF2_CLASS)(node)
-            self._pub = None
-        else:
-            from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-            from tf2_msgs.msg import TFMessage
+        self.buffer = buffer if buffer is not None else tf2_ros.Buffer(cache_time=Duration(seconds=cache_time_s))
+        self._listener = tf2_ros.TransformListener(self.buffer, node) if node is not None else None
 
-            self._msg_type = TFMessage
-            qos = QoSProfile(depth=self._DEPTH, history=HistoryPolicy.KEEP_LAST,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=getattr(DurabilityPolicy, self._DURABILITY))
-            self._pub = node.create_publisher(TFMessage, self._TOPIC, qos)
+    def lookup(self, target_frame: str, source_frame: str, stamp_ns: int, tolerance_ns: int = 0) -> np.ndarray:
+        """``T_target_source`` at ``stamp_ns`` (0: the latest common time); raises ``TfLookupError``."""
+        import tf2_ros
+        from rclpy.time import Time
 
-    def send(self, transforms: list[TransformStamped] | TransformStamped) -> None:
-        transforms = [transforms] if isinstance(transforms, TransformStamped) else list(transforms)
-        if self.uses_tf2_ros:  # pragma: no cover
-            self._impl.sendTransform(transforms)
-            return
-        if self._LATCH_ALL:
-            with self._lock:
-                for t in transforms:
-                    self._by_child[t.child_frame_id] = t
-                transforms = list(self._by_child.values())
-        self._pub.publish(self._msg_type(transforms=transforms))
-
-
-class TFBroadcaster(_Broadcaster):
-    """Dynamic transforms on /tf (tf2_ros.TransformBroadcaster when available)."""
-
-    _TF2_CLASS, _TOPIC, _DEPTH, _DURABILITY, _LATCH_ALL = "TransformBroadcaster", "/tf", 100, "VOLATILE", False
-
-
-class StaticTFBroadcaster(_Broadcaster):
-    """Static transforms on /tf_static, latched (tf2_ros.StaticTransformBroadcaster when available).
-
-    Like tf2_ros, every call re-publishes all static transforms seen so far (keyed by child frame),
-    so a late subscriber gets all of them from the one latched message.
-    """
-
-    _TF2_CLASS, _TOPIC, _DEPTH, _DURABILITY, _LATCH_ALL = (
-        "StaticTransformBroadcaster", "/tf_static", 1, "TRANSIENT_LOCAL", True)
+        try:
+            return transform_to_matrix(self.buffer.lookup_transform(target_frame, source_frame,
+                                                                    Time(nanoseconds=int(stamp_ns))))
+        except tf2_ros.ExtrapolationException as e:
+            if tolerance_ns <= 0 or stamp_ns <= 0:
+                raise TfLookupError(str(e)) from e
+            try:
+                latest = self.buffer.lookup_transform(target_frame, source_frame, Time())
+            except tf2_ros.TransformException as e2:  # pragma: no cover - the first call already found a path
+                raise TfLookupError(str(e2)) from e2
+            gap = int(stamp_ns) - stamp_to_ns(latest.header.stamp)
+            if 0 < gap <= tolerance_ns:
+                return transform_to_matrix(latest)
+            raise TfLookupError(f"{e} (newest {target_frame} <- {source_frame} is {gap / 1e6:.1f} ms from the "
+                                f"requested stamp; tolerance {tolerance_ns / 1e6:.1f} ms)") from e
+        except tf2_ros.TransformException as e:
+            raise TfLookupError(str(e)) from e
