@@ -9,8 +9,9 @@
   is retried with its views subsampled by ``oom_subsample`` up to ``oom_retries`` times; after that it is
   dropped with reason ``oom``.
 - ``stop(timeout)`` returns within ``timeout`` even while ``predict_fn`` is running (the worker is a
-  daemon thread; a result that completes after stop is discarded as ``shutdown``). Queued windows are
-  dropped as ``shutdown``.
+  daemon thread; a result that completes after stop is discarded as ``shutdown``, and so is a
+  prediction that raises after stop, e.g. aborted by ``model.interrupt.abort_forwards``). Queued windows
+  are dropped as ``shutdown``.
 - A window without views is dropped with reason ``empty_window`` (``predict_fn`` is not called).
 - ``process_now(window)``: synchronous mode for offline replay, nothing is dropped for lack of time.
 
@@ -200,6 +201,9 @@ class InferenceEngine:
             except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
+                if check_stop and self._stop:  # aborted by the shutdown (model.interrupt): not an error
+                    self._drop(window, "shutdown")
+                    return None
                 if is_oom_error(exc):
                     if self.on_oom is not None:
                         try:
