@@ -140,6 +140,7 @@ class Fast3disNode(Node):
 
         # model + pipeline (loading happens here, before any subscription exists)
         if predictor is None:
+            self.get_logger().info("loading model ...")
             predictor, what = make_predictor(self.p)
         else:
             what = type(predictor).__name__

@@ -90,6 +90,8 @@ def startup_failure(exc: BaseException) -> str | None:
     if "Parameter" in name or name in ("CheckpointMismatchError", "SafetensorError", "InvalidTopicNameException",
                                        "InvalidNodeNameException", "InvalidNamespaceException"):
         return f"{name}: {text}" if name.startswith("Invalid") else text
+    if name == "RCLError" and "initialize rcl" in text:  # e.g. a -p value rcl's YAML parser cannot read
+        return f"bad command line: {text}"
     if "CUDA" in text or "cuda" in text:
         return f"CUDA is not usable: {text}"
     return None
