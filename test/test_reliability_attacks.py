@@ -249,7 +249,8 @@ def test_attack5_implausible_calibration_is_refused_and_said_so():
         (_info([1e300, 0, cx, 0, 1e300, cy, 0, 0, 1]), "implausible focal length"),
         (_info([f, 0, -1e6, 0, f, cy, 0, 0, 1]), "principal point"),
         (_info([f, 1e6, cx, 0, f, cy, 0, 0, 1]), "skew"),
-        (_info([f, 0, cx, 0, f, cy, 0, 0, 1], model="equidistant", d=(0.3, 0.0, 0.0, 0.0)), "not undistorted"),
+        # a wide fisheye (f 20 px on 64 px): the border moves by ~10 px
+        (_info([20, 0, cx, 0, 20, cy, 0, 0, 1], model="equidistant", d=(0.3, 0.0, 0.0, 0.0)), "not undistorted"),
         (_info([f, 0, cx, 0, f, cy, 0, 0, 1], model="kannala_brandt", d=(0.1,)), "not supported"),
         (_info([500, 0, 320, 0, 500, 240, 0, 0, 1], width=0, height=0), "0x0"),
         (_info([f, 0, cx, 0, f, cy, 0, 0, 1], width=W, height=2 * H), "another aspect ratio"),

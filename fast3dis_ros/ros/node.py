@@ -605,6 +605,7 @@ def main(args=None) -> int:
                     "without it (exit 0)")
             node.destroy_node()
         rclpy.try_shutdown()
+        gate.ignore_further()
     if not stopped:
         leave_now(rc)  # a thread inside torch would abort interpreter finalisation
     return rc

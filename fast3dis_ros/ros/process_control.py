@@ -64,6 +64,13 @@ class SignalGate:
             signal.signal(sig, self._handle)
         return self
 
+    def ignore_further(self) -> None:
+        """Once the node is down: ignore SIGINT / SIGTERM for the rest of the exit. (Interpreter finalisation
+        puts Python-handled signals back to their default, so a late second Ctrl-C would otherwise kill the
+        process with -2 during its last milliseconds; ignored signals are left ignored.)"""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
     @property
     def requested(self) -> bool:
         return self.signum is not None
