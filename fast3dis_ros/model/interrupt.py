@@ -10,6 +10,7 @@ so it costs nothing while the node runs; a CUDA graph replay or a compiled graph
 
 from __future__ import annotations
 
+import sys
 import threading
 
 __all__ = ["ForwardAborted", "abort_forwards", "forwards_aborted"]
@@ -29,10 +30,11 @@ def _raise(module, args):
 def abort_forwards() -> None:
     """From now on every ``nn.Module`` call in this process raises ``ForwardAborted`` (idempotent)."""
     global _handle
+    torch = sys.modules.get("torch")
+    if torch is None:  # never imported: no forward can be running (and importing it would cost seconds)
+        return
     with _lock:
         if _handle is None:
-            import torch
-
             _handle = torch.nn.modules.module.register_module_forward_pre_hook(_raise)
 
 
