@@ -167,7 +167,7 @@ def test_attack3_signal_during_a_long_forward_exits_cleanly(signals):
         dt = time.monotonic() - t0
         out = node.output()
     assert rc == 0, f"rc={rc} after {dt:.1f} s\n{out[-3000:]}"
-    assert dt < 8.0, f"{dt:.1f} s to exit"
+    assert dt < 3.0, f"{dt:.1f} s to exit (the forward was not aborted: shutdown_timeout is 5 s)"
     for bad in ("terminate called", "context is invalid", "Traceback", "KeyboardInterrupt"):
         assert bad not in out, out[-3000:]
     print(f"{'+'.join(signal.Signals(s).name for s in signals)} during the forward: exit 0 in {dt:.2f} s")
