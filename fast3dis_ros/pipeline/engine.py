@@ -130,6 +130,18 @@ class InferenceEngine:
         t.join(timeout)
         return not t.is_alive()
 
+    def busy_in(self, depth: int = 3) -> str:
+        """Where the worker thread is now (innermost ``depth`` frames), for a log line when it does not stop."""
+        import sys
+        import traceback
+
+        t = self._thread
+        frame = sys._current_frames().get(t.ident) if t is not None and t.ident is not None else None
+        if frame is None:
+            return "not running"
+        return " <- ".join(f"{fs.name} ({fs.filename.rsplit('/', 1)[-1]}:{fs.lineno})"
+                           for fs in reversed(traceback.extract_stack(frame)[-depth:]))
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop

@@ -564,8 +564,12 @@ class Fast3disNode(Node):
             return False
 
 
-def main(args=None) -> int:
-    """Run the node; exit codes and the shutdown order: ``ros/process_control.py``."""
+def main(args=None, exit_process: bool = True) -> int:
+    """Run the node; exit codes and the shutdown order: ``ros/process_control.py``.
+
+    ``exit_process``: once the node is down, leave with ``os._exit`` (logs flushed) instead of returning:
+    interpreter finalisation after a run with the model loaded took ~4 s of C++ teardown here, and aborts
+    the process when a thread is still inside torch."""
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
@@ -602,12 +606,12 @@ def main(args=None) -> int:
             if not stopped:
                 node.get_logger().warning(
                     f"inference still busy {node.p['shutdown_timeout']:.1f} s after the stop request: leaving "
-                    "without it (exit 0)")
+                    f"without it (exit 0); it is in {node.runner.engine.busy_in()}")
             node.destroy_node()
         rclpy.try_shutdown()
         gate.ignore_further()
-    if not stopped:
-        leave_now(rc)  # a thread inside torch would abort interpreter finalisation
+    if exit_process or not stopped:
+        leave_now(rc)
     return rc
 
 
