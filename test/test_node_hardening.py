@@ -149,3 +149,33 @@ def test_no_finite_output_streak():
             r.feed(CameraFrame(c, (k + 1) * 100 * MS, np.zeros((4, 4, 3), np.uint8)))
         streak.append(r.nonfinite_windows_in_a_row)
     assert streak == [0, 1, 1, 2, 2, 3, 3, 4, 4, 0]
+
+
+def test_forward_abort_hits_only_the_marked_thread_and_is_released():
+    import threading
+
+    import torch
+
+    from fast3dis_ros.model.interrupt import ForwardAborted, abort_forwards, release
+
+    lin = torch.nn.Linear(2, 2)
+    started, go = threading.Event(), threading.Event()
+    out = {}
+
+    def worker():
+        started.set()
+        go.wait(10)
+        try:
+            lin(torch.zeros(1, 2))
+            out["r"] = "ran"
+        except ForwardAborted:
+            out["r"] = "aborted"
+    t = threading.Thread(target=worker)
+    t.start()
+    started.wait(10)
+    abort_forwards(t)
+    lin(torch.zeros(1, 2))  # this thread is not affected
+    go.set()
+    t.join(10)
+    release(t)
+    assert out["r"] == "aborted" and not torch.nn.modules.module._global_forward_pre_hooks

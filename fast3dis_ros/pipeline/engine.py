@@ -130,6 +130,11 @@ class InferenceEngine:
         t.join(timeout)
         return not t.is_alive()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread (None in synchronous mode before ``start``)."""
+        return self._thread
+
     def busy_in(self, depth: int = 3) -> str:
         """Where the worker thread is now (innermost ``depth`` frames), for a log line when it does not stop."""
         import sys

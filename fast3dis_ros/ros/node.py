@@ -554,14 +554,18 @@ class Fast3disNode(Node):
         (default ``shutdown_timeout``)."""
         with self._close_lock:
             self._closing = True
-        from ..model.interrupt import abort_forwards
+        from ..model.interrupt import abort_forwards, release
 
-        abort_forwards()
+        worker = self.runner.engine.thread
+        abort_forwards(worker)
         try:
-            return self.runner.stop(self.p["shutdown_timeout"] if timeout is None else timeout)
+            stopped = self.runner.stop(self.p["shutdown_timeout"] if timeout is None else timeout)
         except Exception as e:  # pragma: no cover
             self.get_logger().warning(f"engine stop: {e!r}")
             return False
+        if stopped:
+            release(worker)
+        return stopped
 
 
 def main(args=None, exit_process: bool = True) -> int:
