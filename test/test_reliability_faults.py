@@ -165,7 +165,10 @@ sys.exit(rc)
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_shutdown_in_the_middle_of_inference(sig):
+def test_shutdown_while_predict_cannot_be_aborted(sig):
+    """A predictor stuck outside torch (a sleep: ``model.interrupt`` cannot stop it; the real long forward is
+    test_reliability_attacks::test_attack3_*): the node waits ``shutdown_timeout`` (1 s here) and leaves with
+    exit 0 without interpreter finalisation (which would abort with a thread still inside)."""
     pytest.importorskip("rclpy")
     from ros_helpers import RosContext, RosProcess, unique_domain_id, wait_for_subscribers
     from sensor_msgs.msg import Image
@@ -174,14 +177,14 @@ def test_shutdown_in_the_middle_of_inference(sig):
 
     dom = unique_domain_id()
     args = ["-c", _SLEEPY_NODE, "--ros-args", "-p", "cameras:=[a]", "-p", "window_size:=1", "-p", "stride:=1",
-            "-p", "device:=cpu"]
+            "-p", "device:=cpu", "-p", "shutdown_timeout:=1.0"]
     with RosContext(dom) as ctx, RosProcess(args, dom, name="sleepy_node") as node:
         pub = ctx.node.create_publisher(Image, "/a/image_raw", 10)
         assert wait_for_subscribers(ctx, pub, 1, timeout=60), node.output()
         k = [0]
 
         def step():
-            m = numpy_to_image(np.zeros((8, 8, 3), np.uint8), "rgb8")
+            m = numpy_to_image(np.zeros((32, 32, 3), np.uint8), "rgb8")
             m.header.stamp = ns_to_stamp(1_000_000_000 + k[0] * 100 * MS)
             k[0] += 1
             pub.publish(m)
@@ -202,8 +205,9 @@ def test_shutdown_in_the_middle_of_inference(sig):
         dt = time.monotonic() - t0
         out = node.output()
     assert rc == 0, f"rc={rc} after {dt:.1f} s\n{out[-3000:]}"
-    assert dt < 5.0, f"took {dt:.1f} s to exit"
-    assert "MAIN_RETURNED 0" in out and "Traceback" not in out, out[-3000:]
+    assert dt < 5.0, f"took {dt:.1f} s to exit\n{out[-3000:]}"
+    assert "inference still busy 1.0 s after the stop request" in out, out[-3000:]
+    assert "Traceback" not in out and "terminate called" not in out and "context is invalid" not in out, out[-3000:]
     print(f"{signal.Signals(sig).name} while in predict: exited rc 0 in {dt:.2f} s")
 
 

@@ -86,8 +86,8 @@ def test_missing_zero_and_nan_camera_info(node):
     node._on_info(_info([60, 0, 32, 0, 60, 24, 0, 0, 1]), cam)
     K = node._intrinsics(cam, 128, 96)  # CameraInfo for 64x48, images at 128x96: scaled, said so
     assert K[0, 0] == 120 and K[1, 2] == 48 and "scaled" in node.diag.k_status[cam]
-    node._on_info(_info([60, 0, 32, 0, 60, 24, 0, 0, 1], width=0, height=0), cam)  # size unknown: used as is
-    assert node._intrinsics(cam, 64, 48)[0, 0] == 60
+    node._on_info(_info([60, 0, 32, 0, 60, 24, 0, 0, 1], width=0, height=0), cam)  # size unknown: refused
+    assert node._intrinsics(cam, 64, 48) is None and "0x0" in node.diag.k_status[cam]
 
 
 def test_node_callbacks_count_bad_images_and_never_raise(node):

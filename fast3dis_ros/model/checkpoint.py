@@ -67,12 +67,23 @@ def resolve_path(path_or_id: str | os.PathLike, allow_patterns: list[str] | None
         raise FileNotFoundError(f"{s}: not a local path and downloading it from the hub failed: {e}") from e
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+class UnreadableWeightsError(ValueError):
+    """A weights file that exists but cannot be read (truncated, garbage, wrong format)."""
 
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; ``UnreadableWeightsError`` naming the file when it cannot be read."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, UnpicklingError, EOFError ... all mean the same
+        size = path.stat().st_size if path.exists() else 0
+        raise UnreadableWeightsError(
+            f"{path} ({size} bytes) cannot be read, truncated or not a weights file: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     return sd

@@ -9,8 +9,9 @@
   is retried with its views subsampled by ``oom_subsample`` up to ``oom_retries`` times; after that it is
   dropped with reason ``oom``.
 - ``stop(timeout)`` returns within ``timeout`` even while ``predict_fn`` is running (the worker is a
-  daemon thread; a result that completes after stop is discarded as ``shutdown``). Queued windows are
-  dropped as ``shutdown``.
+  daemon thread; a result that completes after stop is discarded as ``shutdown``, and so is a
+  prediction that raises after stop, e.g. aborted by ``model.interrupt.abort_forwards``). Queued windows
+  are dropped as ``shutdown``.
 - A window without views is dropped with reason ``empty_window`` (``predict_fn`` is not called).
 - ``process_now(window)``: synchronous mode for offline replay, nothing is dropped for lack of time.
 
@@ -130,6 +131,23 @@ class InferenceEngine:
         return not t.is_alive()
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread (None in synchronous mode before ``start``)."""
+        return self._thread
+
+    def busy_in(self, depth: int = 3) -> str:
+        """Where the worker thread is now (innermost ``depth`` frames), for a log line when it does not stop."""
+        import sys
+        import traceback
+
+        t = self._thread
+        frame = sys._current_frames().get(t.ident) if t is not None and t.ident is not None else None
+        if frame is None:
+            return "not running"
+        return " <- ".join(f"{fs.name} ({fs.filename.rsplit('/', 1)[-1]}:{fs.lineno})"
+                           for fs in reversed(traceback.extract_stack(frame)[-depth:]))
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop
 
@@ -200,6 +218,9 @@ class InferenceEngine:
             except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
+                if check_stop and self._stop:  # aborted by the shutdown (model.interrupt): not an error
+                    self._drop(window, "shutdown")
+                    return None
                 if is_oom_error(exc):
                     if self.on_oom is not None:
                         try:

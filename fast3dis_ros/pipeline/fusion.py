@@ -8,7 +8,9 @@ order of preference:
    stride < window_size): camera poses of those views in ``map`` (remembered from the window that first
    saw them) vs. in the new window's world, ``geometry.align.align_cameras``. The scale is the median
    ratio of the shared views' depth maps (map units / window units), which is dense and far better
-   conditioned than the spread of nearby camera centres; without usable depth the centres give it.
+   conditioned than the spread of nearby camera centres (a shared view processed at another resolution
+   is resampled, counted ``depth_ratio_resampled``); without usable depth the centres give it, counted
+   ``scale_from_centres`` (the node's diagnostics then say the map is at risk).
 2. known poses (``use_known_poses=True`` and ``WindowPrediction.T_world_cam_known``): through the
    estimated ``T_map_knownworld`` (learned whenever 1. or the first window and known poses coexist).
 3. otherwise the previous window's alignment is kept and ``events['no_overlap']`` is counted (an
@@ -566,6 +568,15 @@ def _id_lut(id_map: dict[int, int], nlab: int) -> np.ndarray:
     return lut
 
 
+def _resample_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``a`` (H0, W0) sampled at the pixel centres of an (H, W) grid over the same image extent."""
+    h0, w0 = a.shape
+    h, w = shape
+    rows = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
+    return a[rows[:, None], cols[None, :]]
+
+
 def _rigid_in_map(T_cam_world: np.ndarray, T_map_world: np.ndarray) -> np.ndarray:
     """Rigid camera extrinsics in map given the window's Sim(3) T_map_world (V, 4, 4)."""
     s, R, t = sim3_decompose(T_map_world)
@@ -650,11 +661,15 @@ class MapFusion:
             if rec.depth_map_units is None:
                 continue
             d = pred.depth[v][::st, ::st]
-            if d.shape != rec.depth_map_units.shape:
-                continue
-            ok = np.isfinite(d) & (d > 0) & np.isfinite(rec.depth_map_units) & (rec.depth_map_units > 0)
+            ref = rec.depth_map_units
+            if d.shape != ref.shape:
+                # the same image processed at another resolution (the window's view 0 set it): compare the
+                # same image points, never skip the view silently (the scale would fall back to centres)
+                ref = _resample_nearest(ref, d.shape)
+                self.events.add("depth_ratio_resampled")
+            ok = np.isfinite(d) & (d > 0) & np.isfinite(ref) & (ref > 0)
             if ok.sum() >= 16:
-                ratios.append(rec.depth_map_units[ok] / d[ok])
+                ratios.append(ref[ok] / d[ok])
         if not ratios:
             return None
         r = float(np.median(np.concatenate(ratios)))
@@ -684,6 +699,10 @@ class MapFusion:
                     scale = 1.0
                 else:
                     scale = self._depth_ratio(pred, shared)
+                    if scale is None:
+                        # no usable shared depth: the scale comes from the spread of camera centres, far worse
+                        # conditioned; counted so that diagnostics can say the map is at risk
+                        self.events.add("scale_from_centres")
                 info["depth_scale"] = scale
                 T = align_cameras(A, B, scale=scale, info=info)
                 return T, "shared_views", len(shared), scale

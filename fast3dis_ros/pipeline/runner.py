@@ -133,10 +133,16 @@ class PipelineRunner:
         reset_map_on_time_jump: bool = True,
         clock: Callable[[], int] = time.monotonic_ns,
         sync=None,
+        jump_confirm: int = 1,
+        sync_max_bytes: int = 0,
+        on_time_jump: Callable[[dict | None, bool], None] | None = None,
     ) -> None:
         """``sync``: an alternative synchroniser with the ``ApproximateTimeSync`` interface (``push``,
         ``flush``, ``pushed``, ``emitted_sets``, ``pending_count``, ``drops``, ``resets``), e.g. the ROS
-        layer's message_filters adapter; default: the project's ``ApproximateTimeSync``."""
+        layer's message_filters adapter; default: the project's ``ApproximateTimeSync`` with
+        ``jump_confirm`` / ``sync_max_bytes`` (see ``pipeline/sync.py``). ``on_time_jump(jump, map_reset)``
+        is told of every adopted backward jump (after the window, and with ``reset_map_on_time_jump`` the
+        map, were reset)."""
         self.cameras = list(cameras)
         self.sync_mode = bool(sync_mode)
         self.clock = clock
@@ -145,6 +151,9 @@ class PipelineRunner:
         self.on_prediction = on_prediction
         self.on_error_cb = on_error
         self.reset_map_on_time_jump = reset_map_on_time_jump
+        self.on_time_jump = on_time_jump
+        # windows in a row whose prediction had no finite depth at all (e.g. a checkpoint of NaN weights)
+        self.nonfinite_windows_in_a_row = 0
         self.fusion = fusion if isinstance(fusion, MapFusion) else MapFusion(**(fusion or {}))
         self._lock = threading.RLock()  # accounting
         self._fusion_lock = threading.Lock()  # map state (fusion runs on the engine thread when async)
@@ -156,7 +165,8 @@ class PipelineRunner:
         self.e2e_ms = LatencyStats()  # window creation -> fusion result
         self.window_e2e_ms = LatencyStats()  # window creation -> on_window called (window cloud ready)
         self.sync = sync if sync is not None else ApproximateTimeSync(
-            self.cameras, slop_ns, sync_queue_size, jump_back_ns, on_reset=self._on_time_jump)
+            self.cameras, slop_ns, sync_queue_size, jump_back_ns, on_reset=self._on_time_jump,
+            jump_confirm=jump_confirm, max_bytes=sync_max_bytes, clock=clock)
         self.window = SlidingWindow(window_size, stride, max_views, on_evict=self._on_evict, clock=clock)
         self.watchdog = SyncWatchdog(self.cameras, watchdog_timeout_ns, clock=clock)
         self.engine = InferenceEngine(predict_fn, queue_depth, on_result=self._on_result, on_drop=self._on_drop,
@@ -214,6 +224,8 @@ class PipelineRunner:
         if self.reset_map_on_time_jump:
             with self._fusion_lock:
                 self.fusion.reset()
+        if self.on_time_jump is not None:
+            self.on_time_jump(getattr(self.sync, "last_jump", None), self.reset_map_on_time_jump)
 
     def _on_evict(self, fs: FrameSet, windowed: bool) -> None:
         with self._lock:
@@ -252,13 +264,17 @@ class PipelineRunner:
             self.on_prediction(w, pred)
         t0 = self.clock()
         cb_ns = 0  # time spent in on_window (not fusion time)
+        reason = None
         try:
             res, clean, cb_ns, reason = self._fuse(w, pred)
         finally:
             # diagnostics only (lifting skips non-finite depth): counted once the window's outputs are out
-            bad_px = count_nonfinite(pred.depth) if getattr(pred, "depth", None) is not None else 0
+            depth = getattr(pred, "depth", None)
+            bad_px = count_nonfinite(depth) if depth is not None else 0
             if bad_px:
                 self.fusion.events.add("nonfinite_depth_px", bad_px)
+            no_finite_output = reason == "nonfinite_prediction" or (depth is not None and bad_px == depth.size)
+            self.nonfinite_windows_in_a_row = self.nonfinite_windows_in_a_row + 1 if no_finite_output else 0
         if res is None:
             self._finish(w, False, reason)
             return
@@ -334,12 +350,14 @@ class PipelineRunner:
                     "pushed": self.sync.pushed,
                     "in_sets": self.sync.emitted_sets * len(self.cameras),
                     "pending": self.sync.pending_count(),
+                    "pending_bytes": self.sync.pending_bytes() if hasattr(self.sync, "pending_bytes") else 0,
                     "dropped": self.sync.drops.as_dict(),
                 },
                 "windows": {"emitted": self.windows_emitted, "engine": self.engine.stats()},
                 "fusion": {"events": self.fusion.events.as_dict(), "ms": self.fusion_ms.as_dict(),
                            "e2e_ms": self.e2e_ms.as_dict(), "window_e2e_ms": self.window_e2e_ms.as_dict()},
                 "sync_resets": self.sync.resets,
+                "nonfinite_windows_in_a_row": self.nonfinite_windows_in_a_row,
             }
 
     def silent_cameras(self) -> dict[str, int]:

@@ -114,11 +114,14 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- CameraInfo
-def camera_info_to_K(msg, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str]:
+def camera_info_to_K(msg, image_size: tuple[int, int] | None = None,
+                     max_distortion_px: float = 2.0) -> tuple[np.ndarray | None, str]:
     """3x3 float64 K from CameraInfo, or ``(None, reason)`` when it is unusable.
 
     ``image_size`` = (width, height) of the images actually received; when CameraInfo was written
-    for another resolution K is scaled to it (and the reason says so).
+    for another resolution of the same aspect K is scaled to it (and the reason says so); a CameraInfo
+    without a size (0x0) or of another aspect is refused. The scaled K must be plausible for the image
+    and the distortion small (``geometry/calibration.py``: images are not undistorted).
     """
     k = np.asarray(msg.k, np.float64)
     if k.size != 9:
@@ -133,13 +136,32 @@ def camera_info_to_K(msg, image_size: tuple[int, int] | None = None) -> tuple[np
     if abs(K[2, 2] - 1.0) > 1e-6 or abs(K[2, 0]) > 1e-9 or abs(K[2, 1]) > 1e-9:
         return None, f"CameraInfo.k last row is {K[2].tolist()}, [0, 0, 1] expected"
     reason = ""
-    if image_size is not None and msg.width > 0 and msg.height > 0:
-        w, h = image_size
-        if (w, h) != (msg.width, msg.height):
-            sx, sy = w / msg.width, h / msg.height
-            K[0] *= sx
-            K[1] *= sy
-            reason = f"K scaled from {msg.width}x{msg.height} to {w}x{h}"
+    if image_size is None:
+        return K, reason
+    from ..geometry.calibration import check_intrinsics, distortion_shift_px
+
+    w, h = image_size
+    if msg.width <= 0 or msg.height <= 0:
+        return None, f"CameraInfo size is {msg.width}x{msg.height}: K cannot be checked against the {w}x{h} image"
+    if (w, h) != (msg.width, msg.height):
+        sx, sy = w / msg.width, h / msg.height
+        if abs(sx - sy) > 0.01 * max(sx, sy):
+            return None, f"CameraInfo is for {msg.width}x{msg.height}, images are {w}x{h} (another aspect ratio)"
+        K[0] *= sx
+        K[1] *= sy
+        reason = f"K scaled from {msg.width}x{msg.height} to {w}x{h}"
+    why = check_intrinsics(K, w, h)
+    if why:
+        return None, why
+    model = str(getattr(msg, "distortion_model", "") or "")
+    shift = distortion_shift_px(model, getattr(msg, "d", []), K, w, h)
+    if shift is None:
+        return None, f"distortion model '{model}' is not supported (images are not undistorted): K refused"
+    if shift > max_distortion_px:
+        return None, (f"'{model}' distortion moves the image border by up to {shift:.1f} px > {max_distortion_px:g} "
+                      "(images are not undistorted): K refused")
+    if shift > 0:
+        reason = (reason + "; " if reason else "") + f"'{model}' distortion <= {shift:.2f} px ignored"
     return K, reason
 
 

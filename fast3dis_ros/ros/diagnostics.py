@@ -99,6 +99,11 @@ def gpu_memory() -> dict:
     }
 
 
+# fusion events that mean a window was aligned by a weaker method than the map was built with
+MAP_RISK_EVENTS = {"scale_from_centres": "scaled from camera centres (no shared depth)",
+                   "align_failed": "failed to align"}
+
+
 class DiagnosticsBuilder:
     """Collects the node's figures into one DiagnosticArray (one status per concern)."""
 
@@ -115,6 +120,9 @@ class DiagnosticsBuilder:
         self.last_publish_ms = 0.0  # instances + markers + map (after the map update)
         self.last_window_publish_ms = 0.0  # window cloud + TF (before the map update)
         self.maps_published = 0  # ~/instances_cloud messages (fewer than results with map_publish_period)
+        self.time_jump: tuple[float, str] | None = None  # (monotonic time, what happened) of the newest jump
+        self.time_jump_warn_s = 60.0  # the sync status stays WARN this long after a jump was adopted
+        self.nonfinite_error_after = 3  # windows in a row without any finite output -> engine ERROR
 
     def calibration(self) -> str:
         """``known`` (every camera's CameraInfo K is used), ``estimated`` (none), or ``mixed (estimated: a, b)``:
@@ -137,6 +145,8 @@ class DiagnosticsBuilder:
                 level, msg = WARN, f"no image for {age:.1f} s"
             elif errs:
                 level, msg = WARN, f"{sum(errs.values())} input message(s) rejected"
+            elif self.k_status[c].startswith("invalid"):
+                level, msg = WARN, f"CameraInfo refused: {self.k_status[c][len('invalid: '):]}"
             else:
                 level, msg = OK, f"{ir:.1f} Hz"
             vals = {"image_rate_hz": ir, "camera_info_rate_hz": self.info_rate[c].rate(),
@@ -145,12 +155,21 @@ class DiagnosticsBuilder:
             vals.update({f"rejected_{k}": v for k, v in errs.items()})
             arr.status.append(make_status(f"{hw}: input {c}", level, msg, vals, hw))
         sdrops = sync.get("drops", {})
+        slevel = WARN if sum(sdrops.values()) and not sync.get("frame_sets") else OK
+        smsg = f"{sync.get('frame_sets', 0)} frame sets, {sum(sdrops.values())} frames dropped"
+        jump = self.time_jump
+        if jump is not None and time.monotonic() - jump[0] < self.time_jump_warn_s:
+            slevel, smsg = WARN, f"{jump[1]} ({time.monotonic() - jump[0]:.0f} s ago); {smsg}"
         arr.status.append(make_status(
-            f"{hw}: sync", WARN if sum(sdrops.values()) and not sync.get("frame_sets") else OK,
-            f"{sync.get('frame_sets', 0)} frame sets, {sum(sdrops.values())} frames dropped",
+            f"{hw}: sync", slevel, smsg,
             {"backend": sync.get("backend", ""), "frame_sets": sync.get("frame_sets", 0),
+             "pending_bytes": sync.get("pending_bytes", 0), "last_time_jump": jump[1] if jump else "",
              **{f"drop_{k}": v for k, v in sdrops.items()}}, hw))
         edrops = engine.get("drops", {})
+        streak = int(engine.get("nonfinite_windows_in_a_row", 0))
+        if streak >= self.nonfinite_error_after and not engine.get("error"):
+            engine["error"] = (f"the model produced no finite output for {streak} windows in a row "
+                               "(broken checkpoint or weights?)")
         elevel = ERROR if engine.get("error") else (WARN if edrops.get("queue_full") else OK)
         emsg = engine.get("error") or (f"{engine.get('processed', 0)} windows, "
                                        f"p50 {engine.get('engine_ms_p50', 0.0):.0f} ms")
@@ -160,9 +179,13 @@ class DiagnosticsBuilder:
         gm = gpu_memory()
         arr.status.append(make_status(f"{hw}: gpu", OK, gm.get("gpu_name", "no CUDA device in use"), gm, hw))
         nerr = self.node_errors.as_dict()
+        risk = {k: outputs.get(f"fusion_{k}", 0) for k in MAP_RISK_EVENTS if outputs.get(f"fusion_{k}", 0)}
+        omsg = f"{self.output_rate.count} results published" + (f", {sum(nerr.values())} errors" if nerr else "")
+        if risk:
+            omsg = "map at risk: " + ", ".join(f"{v} window(s) {MAP_RISK_EVENTS[k]}" for k, v in risk.items()) \
+                + "; " + omsg
         arr.status.append(make_status(
-            f"{hw}: outputs", WARN if nerr else OK,
-            f"{self.output_rate.count} results published" + (f", {sum(nerr.values())} errors" if nerr else ""),
+            f"{hw}: outputs", WARN if nerr or risk else OK, omsg,
             {"results_published": self.output_rate.count, "result_rate_hz": self.output_rate.rate(),
              "last_publish_ms": self.last_publish_ms, "last_window_publish_ms": self.last_window_publish_ms,
              "maps_published": self.maps_published, "calibration": self.calibration(), **outputs,

@@ -30,12 +30,13 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from ..pipeline.frames import CameraFrame, FrameSet, Window
 from . import params as P
 from .diagnostics import gpu_memory
+from .cli_params import with_command_line
 from .node import Fast3disNode
 
 __all__ = ["Fast3disLifecycleNode", "memory_mib", "release_host_memory", "warmup_window", "main"]
@@ -85,8 +86,11 @@ class Fast3disLifecycleNode(Fast3disNode, LifecycleNode):
 
     _is_lifecycle = True
 
-    def __init__(self, predictor=None, **node_kwargs):
-        LifecycleNode.__init__(self, P.NODE_NAME, **node_kwargs)
+    def __init__(self, predictor=None, command_line: list[str] | None = None, **node_kwargs):
+        """``command_line``: the process arguments; their ``-p`` values override ``--params-file``
+        (``ros/cli_params.py``)."""
+        LifecycleNode.__init__(self, P.NODE_NAME, **with_command_line(command_line, node_kwargs, P.NODE_NAME))
+        self.configure_error: BaseException | None = None  # why the last configure failed
         P.declare_parameters(self)
         self._predictor_arg = predictor  # tests inject one; None: loaded from the parameters at configure
         self._configured = False
@@ -105,12 +109,14 @@ class Fast3disLifecycleNode(Fast3disNode, LifecycleNode):
         try:
             self._configure(self._predictor_arg)
         except Exception as e:
+            self.configure_error = e
             self._teardown()
             self.get_logger().error(f"configure failed, staying unconfigured: {e}")
             return FAILURE
         try:
             warm_ms = self._warm_up()
         except Exception as e:
+            self.configure_error = e
             self._teardown()
             self.get_logger().error(f"configure failed at the model warm-up, staying unconfigured: {e!r}\n"
                                     f"{traceback.format_exc(limit=4)}")
@@ -195,47 +201,41 @@ class Fast3disLifecycleNode(Fast3disNode, LifecycleNode):
         arr.status.append(self._interface_status())
         self.pub_diag.publish(arr)
 
-    def shutdown(self, timeout: float = 2.0) -> None:
-        """Process exit: release like the shutdown transition (the state machine is not consulted)."""
-        if self._configured:
-            self._teardown(timeout)
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Process exit: stop like the plain node (stop publishing, abort the forward in flight, join the
+        engine: ``Fast3disNode.shutdown``), then release like the shutdown transition (the state machine is
+        not consulted). False when the engine did not stop within the timeout."""
+        if not self._configured:
+            return True
+        stopped = Fast3disNode.shutdown(self, timeout)
+        if stopped:
+            self._teardown(0.5)
+        return stopped
 
 
-def _fatal(e: Exception) -> int:
-    rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
-    return 2
+def start(node: Fast3disLifecycleNode) -> None:
+    """``autostart``: configure + activate; a failed configure raises its cause (so the process exits 2 with
+    it, ``process_control.startup_failure``), a failed activate a RuntimeError."""
+    if node.trigger_configure() != SUCCESS:
+        raise node.configure_error or RuntimeError("configure failed (the error above says why)")
+    if node.trigger_activate() != SUCCESS:
+        raise RuntimeError("activate failed (the error above says why)")
 
 
-def main(args=None) -> int:
+def main(args=None, exit_process: bool = True) -> int:
     """``fast3dis_node``: the lifecycle node; with ``autostart`` (default) configured and activated at start.
-    Exit status 2 when it cannot start (bad parameters, no model); spun by a multi-threaded executor so
-    the map services answer while images are handled."""
-    rclpy.init(args=args)
-    node = None
-    rc = 0
-    try:
-        node = Fast3disLifecycleNode()
+    Exit codes, signals and the shutdown order as the plain node (``ros/process_control.py``): 2 with one
+    line when it cannot start. Spun by a multi-threaded executor so the map services answer while images are
+    handled."""
+    from .process_control import serve
+
+    def build(argv):
+        node = Fast3disLifecycleNode(command_line=argv)
         if node.get_parameter("autostart").value:
-            if node.trigger_configure() != SUCCESS:
-                return _fatal(RuntimeError("configure failed (the error above says why)"))
-            if node.trigger_activate() != SUCCESS:
-                return _fatal(RuntimeError("activate failed (the error above says why)"))
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as e:
-        if "Parameter" in type(e).__name__:  # rclpy's InvalidParameterValueException & co. at declare time
-            rc = _fatal(e)
-        else:
-            raise
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return rc
+            start(node)
+        return node
+
+    return serve(build, lambda: MultiThreadedExecutor(num_threads=4), args, exit_process, P.NODE_NAME)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ from visualization_msgs.msg import MarkerArray
 
 from ..data.camera_identity import camera_streams
 from ..geometry.clouds import empty_cloud
+from ..pipeline.frame_guard import FrameGeometryGuard
 from ..pipeline.frames import CameraFrame
 from . import params as P
+from .cli_params import with_command_line
 from .conversions import (
     ImageConversionError,
     camera_info_to_K,
@@ -79,14 +81,15 @@ THROTTLE_S = 5.0
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
+    """'auto' -> cuda if available else cpu; 'cuda' without a usable CUDA device is a start-up error."""
+    import torch
 
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device:=cuda but no CUDA device is usable here (torch.cuda.is_available() is False); "
+                         "use device:=cpu or auto")
+    return device
 
 
 def make_predictor(p: dict):
@@ -122,8 +125,10 @@ class Fast3disNode(Node):
     """The plain node: configured and active from construction (``ros/lifecycle.py`` drives the same stages,
     ``_configure`` / ``_create_inputs`` / ``_destroy_inputs`` / ``_teardown``, through lifecycle transitions)."""
 
-    def __init__(self, predictor=None, **node_kwargs):
-        super().__init__(P.NODE_NAME, **node_kwargs)
+    def __init__(self, predictor=None, command_line: list[str] | None = None, **node_kwargs):
+        """``command_line``: the process arguments; their ``-p`` values override ``--params-file``
+        (``ros/cli_params.py``)."""
+        super().__init__(P.NODE_NAME, **with_command_line(command_line, node_kwargs, P.NODE_NAME))
         P.declare_parameters(self)
         self._configure(predictor)
         self._create_inputs()
@@ -146,12 +151,16 @@ class Fast3disNode(Node):
         self._info: dict[str, CameraInfo] = {}
         self._K_cache: dict[tuple, tuple] = {}
         self._closing = False
+        self._close_lock = threading.Lock()  # held while the engine thread publishes; shutdown takes it
         self._loggers: dict = {}
         self._subs = []
+        self._stamp_outliers_logged = 0
+        self.geometry = FrameGeometryGuard(self.p["min_image_side"], self.p["max_image_aspect"])
         self.diag = DiagnosticsBuilder(self.get_name(), self.cameras)
 
         # model + pipeline (loading happens here, before any subscription exists)
         if predictor is None:
+            self.get_logger().info("loading model ...")
             predictor, what = make_predictor(self.p)
         else:
             what = type(predictor).__name__
@@ -174,6 +183,9 @@ class Fast3disNode(Node):
             sync_queue_size=self.p["sync_queue_size"], window_size=self.p["window_size"], stride=self.p["stride"],
             fusion=fusion, queue_depth=self.p["queue_depth"], on_fusion=self._on_fusion, on_window=self._on_window,
             on_error=self._on_engine_error, on_oom=self._on_oom,
+            jump_back_ns=int(self.p["time_jump_threshold"] * 1e9), jump_confirm=self.p["time_jump_confirm"],
+            reset_map_on_time_jump=self.p["time_jump_policy"] == "reset_map", on_time_jump=self._on_time_jump,
+            sync_max_bytes=int(self.p["sync_queue_max_mb"] * 2**20),
         )
 
         # outputs: the map, instances and markers are latched (a late subscriber gets the newest at once,
@@ -302,10 +314,10 @@ class Fast3disNode(Node):
         if info is None:
             self.diag.k_status[cam] = "no CameraInfo yet: network estimates K"
             return None
-        key = (cam, w, h, tuple(info.k), info.width, info.height)
+        key = (cam, w, h, tuple(info.k), info.width, info.height, info.distortion_model, tuple(info.d))
         hit = self._K_cache.get(cam)
         if hit is None or hit[0] != key:
-            K, why = camera_info_to_K(info, (w, h))
+            K, why = camera_info_to_K(info, (w, h), max_distortion_px=self.p["max_distortion_px"])
             self._K_cache[cam] = hit = (key, K, why)
             if K is None:
                 self._warn(f"k_{cam}", f"{cam}: CameraInfo unusable ({why}); the network estimates K")
@@ -320,6 +332,13 @@ class Fast3disNode(Node):
             self._warn(f"stamp_{cam}", f"{cam}: image without stamp (header.stamp = 0): dropped")
             return
         h, w = rgb.shape[:2]
+        verdict = self.geometry.check(cam, h, w)
+        if not verdict.accept:
+            self.diag.input_errors[cam].add(verdict.reason)
+            self._warn(f"geom_{cam}_{verdict.reason}", f"{cam}: image rejected ({verdict.reason}): {verdict.detail}")
+            return
+        if verdict.reason:  # a new resolution, sustained: the camera's geometry follows
+            self.get_logger().warning(f"{cam}: {verdict.reason}: {verdict.detail}")
         K = self._intrinsics(cam, w, h)
         frame_id = header.frame_id or self.p["camera_frame"].format(camera=cam)
         T_world_cam = self._known_pose(cam, frame_id, stamp) if self._tf_buffer is not None else None
@@ -368,6 +387,16 @@ class Fast3disNode(Node):
             self._warn(f"pose_{cam}", f"{cam}: no TF {self.known_pose_frame} <- {frame_id} at {stamp_ns} ns: {e}")
             return None
 
+    def _on_time_jump(self, jump: dict | None, map_reset: bool) -> None:
+        """An adopted backward time jump (sustained: ``time_jump_confirm`` frames): logged at WARN and
+        shown in the sync status."""
+        span = ""
+        if jump and jump.get("from_ns") is not None:
+            span = f" by {(jump['from_ns'] - jump['to_ns']) / 1e9:.1f} s"
+        what = f"time jumped back{span}: {'window and map reset' if map_reset else 'window reset, map kept'}"
+        self.diag.time_jump = (time.monotonic(), what)
+        self.get_logger().warning(f"{what} (time_jump_policy {self.p['time_jump_policy']})")
+
     # ------------------------------------------------------------------ engine thread
     def _on_engine_error(self, window, exc) -> None:
         self.diag.node_errors.add("engine")
@@ -390,8 +419,11 @@ class Fast3disNode(Node):
         """The window's own outputs, before the map update (``MapFusion.begin``): its cloud, already aligned
         into ``map_frame`` with global instance ids, and the camera poses on TF."""
         self._window_epoch = self._map_epoch  # called under the runner's fusion lock, like a reset
-        if self._closing:
-            return
+        with self._close_lock:
+            if not self._closing:
+                self._publish_window(window, pred)
+
+    def _publish_window(self, window, pred) -> None:
         t0 = time.perf_counter()
         try:
             if self.p["publish_window_cloud"]:
@@ -406,8 +438,11 @@ class Fast3disNode(Node):
 
     def _on_fusion(self, result, pred) -> None:
         """After the map update: instances, markers, then the running map (throttled by map_publish_period)."""
-        if self._closing:
-            return
+        with self._close_lock:
+            if not self._closing:
+                self._publish_results(result)
+
+    def _publish_results(self, result) -> None:
         t0 = time.perf_counter()
         stamp = int(result.stamp_ns)
         mf = self.map_frame
@@ -567,6 +602,13 @@ class Fast3disNode(Node):
             err = getattr(self, "_last_engine_error", None)
             if err and eng.get("errors", 0) and not eng.get("processed", 0):
                 engine["error"] = f"inference failing: {err}"
+            sync["pending_bytes"] = frames.get("pending_bytes", 0)
+            engine["nonfinite_windows_in_a_row"] = acc.get("nonfinite_windows_in_a_row", 0)
+            outliers = frames.get("dropped", {}).get("stamp_outlier", 0)
+            if outliers > self._stamp_outliers_logged:
+                self.get_logger().warning(f"{outliers - self._stamp_outliers_logged} image(s) with a stamp off the "
+                                          "timeline dropped (stamp_outlier)")
+                self._stamp_outliers_logged = outliers
             outputs = {"map_points": len(self.runner.fusion.map), "sync_resets": acc.get("sync_resets", 0),
                        # frame accounting: pushed == in_sets + pending + sum(sync drops)
                        "frames_pushed": frames.get("pushed", 0), "frames_in_sets": frames.get("in_sets", 0),
@@ -638,44 +680,36 @@ class Fast3disNode(Node):
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ shutdown
-    def shutdown(self, timeout: float = 2.0) -> None:
-        self._closing = True
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop publishing (waits for a publish in progress), abort the forward in flight
+        (``model.interrupt``) and join the inference thread; True when it ended within ``timeout``
+        (default ``shutdown_timeout``). Nothing to stop when never configured or cleaned up (lifecycle)."""
+        with self._close_lock:
+            self._closing = True
         if getattr(self, "runner", None) is None:
-            return  # never configured, or cleaned up (lifecycle)
+            return True
+        from ..model.interrupt import abort_forwards, release
+
+        worker = self.runner.engine.thread
+        abort_forwards(worker)
         try:
-            self.runner.stop(timeout)
+            stopped = self.runner.stop(self.p["shutdown_timeout"] if timeout is None else timeout)
         except Exception as e:  # pragma: no cover
             self.get_logger().warning(f"engine stop: {e!r}")
+            return False
+        if stopped:
+            release(worker)
+        return stopped
 
 
-def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = None
-    rc = 0
-    try:
-        node = Fast3disNode()
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    except rclpy.executors.ExternalShutdownException:
-        pass
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
-        rc = 2
-    except Exception as e:
-        # rclpy's InvalidParameterValueException & co. at declare time; a checkpoint whose weights do not fit
-        # its configuration (model.checkpoint.CheckpointMismatchError names the keys and shapes)
-        if "Parameter" in type(e).__name__ or type(e).__name__ == "CheckpointMismatchError":
-            rclpy.logging.get_logger(P.NODE_NAME).fatal(f"cannot start: {e}")
-            rc = 2
-        else:
-            raise
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return rc
+def main(args=None, exit_process: bool = True) -> int:
+    """Run the plain node; exit codes and the shutdown order: ``ros/process_control.py``."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    from .process_control import serve
+
+    return serve(lambda argv: Fast3disNode(command_line=argv), SingleThreadedExecutor, args, exit_process,
+                 P.NODE_NAME)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ used both at start-up and by the node's set-parameters callback.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,23 @@ PARAMS: list[ParamSpec] = [
               extra="must contain {camera}"),
     ParamSpec("sync_slop", 0.05, "Approximate-time sync: max stamp spread within a frame set [s].", (0.0001, 5.0)),
     ParamSpec("sync_queue_size", 10, "Approximate-time sync: frames kept per camera while matching.", (1, 1000)),
+    ParamSpec("sync_queue_max_mb", 512.0, "Approximate-time sync: image data kept while matching, all cameras "
+              "together [MiB]; beyond it the oldest frame of the camera holding the most is dropped (counted "
+              "queue_bytes_overflow).", (1.0, 65536.0)),
+    ParamSpec("time_jump_threshold", 1.0, "A stamp more than this far back, or this far ahead plus the time "
+              "elapsed since the newest frame, leaves the timeline [s].", (0.01, 3600.0)),
+    ParamSpec("time_jump_confirm", 3, "Frames that must agree on a new timeline before it is adopted (a bag "
+              "loop, a sim-time reset); frames off the timeline until then are held, and dropped as "
+              "stamp_outlier when the old timeline goes on instead. 1: adopt every jump at once.", (1, 100)),
+    ParamSpec("time_jump_policy", "reset_map", "What an adopted backward time jump does: 'reset_map' (sync, "
+              "window and map start over) or 'keep_map' (sync and window start over, the map is kept, e.g. "
+              "a bag that loops over the same scene).", choices=("reset_map", "keep_map")),
+    ParamSpec("min_image_side", 16, "Images whose shorter side is below this are rejected (image_too_small) "
+              "[px].", (1, 4096)),
+    ParamSpec("max_image_aspect", 8.0, "Images whose long side / short side exceeds this are rejected "
+              "(image_aspect).", (1.0, 1000.0)),
+    ParamSpec("max_distortion_px", 2.0, "CameraInfo K is refused when its distortion model moves the image "
+              "border by more than this (images are not undistorted) [px].", (0.0, 1e6)),
     # windowing
     ParamSpec("sync_backend", "fast3dis", "Frame-set grouping: 'fast3dis' (the package's ApproximateTimeSync: same "
               "matching rule as message_filters, plus drop counts by reason and a reset when time jumps back, "
@@ -124,6 +142,8 @@ PARAMS: list[ParamSpec] = [
     ParamSpec("output_qos_depth", 2, "History depth of the reliable outputs. ~/window_cloud is volatile; the map, "
               "instances and markers are transient local (a late subscriber gets the newest at once).", (1, 100)),
     ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0), read_only=False),
+    ParamSpec("shutdown_timeout", 5.0, "On SIGINT / SIGTERM: how long the node waits for a window in "
+              "inference to abort before it leaves anyway (exit 0 either way) [s].", (0.1, 600.0)),
     # lifecycle (fast3dis_node is a managed node; ros/lifecycle.py)
     ParamSpec("autostart", True, "Lifecycle node: configure and activate at start (behaves like a plain node); "
               "false: wait in 'unconfigured' for a lifecycle manager or `ros2 lifecycle set`."),
@@ -168,11 +188,20 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
             return "cameras must not be empty"
         if len(set(value)) != len(value):
             return f"cameras has duplicates: {list(value)}"
-        bad = [c for c in value if not c or not all(ch.isalnum() or ch == "_" for ch in c)]
+        bad = [c for c in value if not _NAME.fullmatch(c)]
         if bad:
-            return f"camera names must be non-empty [A-Za-z0-9_]: {bad}"
-    if name in ("image_topic", "camera_info_topic", "compressed_topic", "camera_frame") and "{camera}" not in value:
-        return f"{name} '{value}' must contain '{{camera}}'"
+            return (f"camera names must start with a letter and hold only [A-Za-z0-9_] (they become topic "
+                    f"names and frame ids): {bad}")
+    if name in ("image_topic", "camera_info_topic", "compressed_topic", "camera_frame"):
+        if "{camera}" not in value:
+            return f"{name} '{value}' must contain '{{camera}}'"
+        names, why = _expand(name, value, others.get("cameras") or ["cam"])
+        if why:
+            return why
+        for n in names:
+            why = _topic_reason(n) if name != "camera_frame" else _frame_reason(n)
+            if why:
+                return f"{name} '{value}' gives '{n}': {why}"
     if name == "camera_map" and (value or others.get("cameras")):
         from ..data.camera_identity import camera_streams
 
@@ -180,8 +209,10 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
             camera_streams(value, others.get("cameras") or [])
         except ValueError as e:
             return f"camera_map: {e}"
-    if name in ("map_frame", "known_pose_frame") and (not value or value.startswith("/")):
-        return f"{name} '{value}' must be non-empty and not start with '/'"
+    if name in ("map_frame", "known_pose_frame"):
+        why = _frame_reason(value)
+        if why:
+            return f"{name} '{value}': {why}"
     if name == "process_long_edge" and value != 0 and (value % 14 or value < 28):
         return f"process_long_edge={value} must be 0 or a multiple of 14 >= 28 (DA3 patch size)"
     if name in ("stride", "window_size"):
@@ -189,6 +220,37 @@ def validate(name: str, value, others: dict | None = None) -> str | None:
         win = value if name == "window_size" else others.get("window_size")
         if stride is not None and win is not None and stride > win:
             return f"stride={stride} > window_size={win} (windows would skip frame sets)"
+    return None
+
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_FRAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+
+
+def _expand(name: str, template: str, cameras) -> tuple[list[str], str | None]:
+    """The names a ``{camera}`` template gives for ``cameras`` (or why it cannot be expanded)."""
+    try:
+        return [template.format(camera=c) for c in cameras], None
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return [], (f"{name} '{template}' is not a valid template ({type(e).__name__}: {e}); the only "
+                    "placeholder is {camera}")
+
+
+def _topic_reason(topic: str) -> str | None:
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
+    try:
+        validate_topic_name(topic)
+    except InvalidTopicNameException as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def _frame_reason(frame: str) -> str | None:
+    """Why ``frame`` is not a valid tf2 frame id (non-empty, no leading '/', no spaces), or None."""
+    if not _FRAME.fullmatch(frame or ""):
+        return "a frame id must be non-empty, must not start with '/' and may only hold [A-Za-z0-9_./-]"
     return None
 
 
