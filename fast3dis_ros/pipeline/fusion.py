@@ -35,6 +35,7 @@ from ..geometry.align import align_cameras, sim3_decompose
 from ..geometry.cameras import invert_se3
 from ..geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
+from .linking import Association, LinkParams, ViewLabelMemory, associate, overlap_2d, overlap_3d
 from .stats import DropCounter
 from .tracker import InstanceTracker
 
@@ -76,6 +77,7 @@ class PendingWindow:
     nlab: int
     scores: np.ndarray
     tick: int
+    link: Association | None = None
 
 
 # hash slots store key + 2 (packed voxel keys are >= 0), so a zeroed table (calloc: pages are mapped lazily,
@@ -393,6 +395,23 @@ class VoxelMap:
         return (ids, self._lab_count[ids], self._lab_sum[ids], self._lab_min[ids].astype(np.float64),
                 self._lab_max[ids].astype(np.float64))
 
+    def relabel(self, lut: dict[int, int]) -> int:
+        """Give every voxel labelled with a key of ``lut`` the mapped id (merged instances), keeping its votes
+        (the voxel's label agreed with them; a merge must not restart the vote). Returns voxels changed."""
+        if not lut or not self._count:
+            return 0
+        src = np.fromiter(lut, np.int64)
+        dst = np.fromiter(lut.values(), np.int64)
+        inst = self._inst[:self._count]
+        rows = np.flatnonzero(np.isin(inst, src))
+        if not len(rows):
+            return 0
+        o = np.argsort(src)
+        self._stats_remove(rows)
+        self._inst[rows] = dst[o][np.searchsorted(src[o], self._inst[rows])]
+        self._stats_add(rows)
+        return int(len(rows))
+
     # ------------------------------------------------------------------ window update
     def __len__(self) -> int:
         return int(self._count)
@@ -594,10 +613,18 @@ class MapFusion:
         depth_ratio_stride: int = 4,
         map_frame: str = "map",
         workers: int = 2,
+        link_2d: bool = True,
+        link: LinkParams | None = None,
+        link_stride: int = 2,
     ) -> None:
         """``workers``: threads that ``begin`` uses for the lifting, the map lookups and the per-voxel sums
         of a window (numpy releases the GIL in those loops; the other fusion steps stay on the caller's
-        thread). 1: none. The result does not depend on it."""
+        thread). 1: none. The result does not depend on it.
+
+        ``link_2d``: associate window instances with map ids by mask overlap on shared views too
+        (``pipeline/linking.py``; the label images of the last ``view_memory`` views are kept, subsampled by
+        ``link_stride``); ``link``: the association's thresholds and whether it makes split / merge
+        decisions (``match_iou`` overrides its ``match_iou``)."""
         if voxel_size <= 0 or max_points < 1:
             raise ValueError("MapFusion: voxel_size > 0 and max_points >= 1 required")
         self.voxel_size = float(voxel_size)
@@ -614,6 +641,9 @@ class MapFusion:
         self.workers = max(1, int(workers))
         self._pool = None  # ThreadPoolExecutor of workers - 1 threads, made on first use
         self.tracker = InstanceTracker(match_iou=match_iou, score_mode=score_mode)
+        self.link_2d = bool(link_2d)
+        self.link_params = LinkParams(**{**(link.__dict__ if link is not None else {}), "match_iou": float(match_iou)})
+        self.view_labels = ViewLabelMemory(self.view_memory, link_stride)
         self.map = VoxelMap(voxel_size, max_points)
         self.events = DropCounter()
         self.reset()
@@ -626,6 +656,8 @@ class MapFusion:
         self._T_map_known: np.ndarray | None = None
         self._tick = 0
         self._pending: PendingWindow | None = None  # begin() done, commit() not yet
+        self.view_labels.clear()
+        self._link_totals: dict[str, int] = {}
 
     def _run(self, fns: list) -> list:
         """Results of the thunks ``fns``, the first on this thread, the others on the pool (``workers``)."""
@@ -753,6 +785,7 @@ class MapFusion:
 
         self._T_map_window_prev = T_map_window
         self._tick += 1
+        o2d = self._overlap_2d(pred, keys)
 
         # lift all (confident) pixels into map, window labels with low score -> background
         xyz, rgb, lab, vkeys = lift_window(pred, T_map_window, self.stride_for(pred.depth.shape[-2:]),
@@ -817,8 +850,8 @@ class MapFusion:
                 present = np.bincount(vlab, minlength=nlab) > 0
                 present[pw] = True
                 kept_labels = np.flatnonzero(present[1:]) + 1
-                id_map, _ = self.tracker.assign_pairs(pair_w, map_lab, vm._lab_count,
-                                                      all_window_labels=kept_labels)
+                link = associate(kept_labels, o2d, overlap_3d(pair_w, map_lab, vm._lab_count), self.link_params)
+                id_map = self._ids(link)
                 lut = _id_lut(id_map, nlab)
                 # majority global id per voxel (ties -> smaller id); its score is its window label's score
                 if len(pv):
@@ -827,20 +860,100 @@ class MapFusion:
                     first[1:] = pv[order][1:] != pv[order][:-1]
                     best = order[first]
                     vlab[pv[best]] = pw[best]
-                return id_map, lut[vlab], label_scores(vlab, scores)
+                return id_map, link, lut[vlab], label_scores(vlab, scores)
 
             # the label matching on this thread, the sums beside it (``workers`` > 1)
-            (id_map, vinst, vscore), (n, w_xyz, w_rgb) = self._run([match, sums])
+            (id_map, link, vinst, vscore), (n, w_xyz, w_rgb) = self._run([match, sums])
             window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, w_xyz, w_rgb, vinst.astype(np.uint32),
                                          vscore)
             upd = (wrows, wrows >= before, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
-            id_map, _ = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
+            id_map, link = {}, None
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)
+        info["linking"] = self._link_info(link, id_map)
         window = WindowResult(pred.window_index, pred.stamp_ns, window_cloud, T_map_cam, T_map_window, id_map,
                               method, n_shared, s, info)
-        self._pending = PendingWindow(window, pred, upd, shared_idx, nlab, scores, self._tick)
+        self._pending = PendingWindow(window, pred, upd, shared_idx, nlab, scores, self._tick, link)
         return self._pending
+
+    # ------------------------------------------------------------------ linking
+    def _label_filter(self, pred: WindowPrediction) -> np.ndarray:
+        """Window label -> itself where its score reaches ``min_score`` (what lifting keeps), else 0."""
+        n = max(int(pred.n_instances), int(pred.labels.max()) if pred.labels.size else 0) + 1
+        keep = np.zeros(n, np.int64)
+        sc = np.asarray(pred.scores, np.float64)
+        ok = np.flatnonzero(sc >= self.min_score) + 1
+        keep[ok] = ok
+        return keep
+
+    def _overlap_2d(self, pred: WindowPrediction, keys: list[tuple[str, int]]) -> tuple:
+        """Pixel overlap of the window's (kept) labels with the map ids remembered for its shared views."""
+        win, mapped = [], []
+        if self.link_2d and len(self.view_labels):
+            keep = self._label_filter(pred)
+            for v, k in enumerate(keys):
+                m = self.view_labels.get(k)
+                if m is None:
+                    continue
+                w = self.view_labels.subsample(np.clip(pred.labels[v], 0, len(keep) - 1))
+                if w.shape != m.shape:
+                    self.events.add("link_view_shape_mismatch")
+                    continue
+                win.append(keep[w])
+                mapped.append(m)
+        return overlap_2d(win, mapped)
+
+    def _ids(self, link: Association) -> dict[int, int]:
+        """Global id per window label: the associated map id, else a new one (ascending labels)."""
+        return {lab: (gid if gid else self.tracker.new_id()) for lab, gid in sorted(link.id_map.items())}
+
+    def _link_info(self, link: Association | None, id_map: dict[int, int]) -> dict:
+        """Per-window linking figures: ``window_instances`` (labels that got an id), ``linked_instances``
+        (of those, linked to an id the map already had), evidence kinds and decisions."""
+        out = {"window_instances": len(id_map), "linked_instances": 0, "map_had_instances": bool(self.map._lab_count[1:].any())}
+        if link is not None:
+            out.update({k: v for k, v in link.counts.items() if k != "window_instances"})
+            out["linked_instances"] = sum(1 for g in link.id_map.values() if g)
+        return out
+
+    def link_stats(self) -> dict:
+        """Cumulative linking figures over the committed windows whose map already held instances (a first
+        window cannot link anything): ``window_instances``, ``linked_instances``, ``linking_rate`` (their
+        ratio, None before any), ``windows``; and the decision counts (``linked_2d`` / ``linked_3d`` /
+        ``linked_mixed``, ``merges`` / ``merged_ids``, ``splits``, ``absorbed``) over all windows."""
+        t = dict(self._link_totals)
+        for k in ("window_instances", "linked_instances", "windows"):
+            t.setdefault(k, 0)
+        t["linking_rate"] = t["linked_instances"] / t["window_instances"] if t["window_instances"] else None
+        return t
+
+    def _count_link(self, info: dict) -> None:
+        tot = self._link_totals
+        if info.get("map_had_instances"):
+            for k in ("window_instances", "linked_instances"):
+                tot[k] = tot.get(k, 0) + int(info.get(k, 0))
+            tot["windows"] = tot.get("windows", 0) + 1
+        for k in ("linked_2d", "linked_3d", "linked_mixed", "merges", "merged_ids", "splits", "absorbed"):
+            tot[k] = tot.get(k, 0) + int(info.get(k, 0))
+
+    def _apply_merges(self, link: Association | None) -> None:
+        if link is None or not link.merges:
+            return
+        lut = {src: dst for dst, srcs in link.merges for src in srcs}
+        self.map.relabel(lut)
+        self.tracker.merge(lut)
+        self.view_labels.relabel(lut)
+
+    def _remember_labels(self, pred: WindowPrediction, id_map: dict[int, int]) -> None:
+        """The window's label images in global ids, for linking the next windows on shared views."""
+        if not self.link_2d:
+            return
+        keep = self._label_filter(pred)
+        lut = _id_lut(id_map, len(keep))
+        lut = np.where(keep > 0, lut, 0)
+        for v in range(pred.labels.shape[0]):
+            self.view_labels.put((pred.cameras[v], int(pred.view_stamps_ns[v])),
+                                 lut[np.clip(pred.labels[v], 0, len(lut) - 1)])
 
     def commit(self, pending: PendingWindow) -> FusionResult:
         """Second half of ``integrate``: fold the window of ``begin`` into the map (sums, votes, eviction),
@@ -850,6 +963,9 @@ class MapFusion:
         self._pending = None
         w, pred, nlab, scores = pending.window, pending.pred, pending.nlab, pending.scores
         self._remember_views(pred, w.T_map_cam, w.scale)
+        self._apply_merges(pending.link)
+        self._remember_labels(pred, w.id_map)
+        self._count_link(w.info.get("linking", {}))
         if pending.update is not None:
             self.map.update_rows(*pending.update, pending.tick)
             # memory for the next window's new voxels (about as many as this one's), off its latency path

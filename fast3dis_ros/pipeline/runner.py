@@ -337,7 +337,8 @@ class PipelineRunner:
                     "dropped": self.sync.drops.as_dict(),
                 },
                 "windows": {"emitted": self.windows_emitted, "engine": self.engine.stats()},
-                "fusion": {"events": self.fusion.events.as_dict(), "ms": self.fusion_ms.as_dict(),
+                "fusion": {"events": self.fusion.events.as_dict(), "linking": self.fusion.link_stats(),
+                           "ms": self.fusion_ms.as_dict(),
                            "e2e_ms": self.e2e_ms.as_dict(), "window_e2e_ms": self.window_e2e_ms.as_dict()},
                 "sync_resets": self.sync.resets,
             }
