@@ -9,15 +9,17 @@ topic                          type                         content
 ``/<cam>/camera_info``         sensor_msgs/msg/CameraInfo   K, P = [K|0], D = 0 (plumb_bob), R = I
 ``/<cam>/depth_gt``            sensor_msgs/msg/Image        32FC1 metric z-depth (ground truth)
 ``/<cam>/instance_gt``         sensor_msgs/msg/Image        32SC1 instance ids, 0 = background
-``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``<cam>_optical_frame`` per frame
+``/tf_static``                 tf2_msgs/msg/TFMessage       ``base_link`` -> ``<cam>_optical_frame`` (the
+                                                            rig extrinsics), once, at the first stamp
+``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``base_link`` at every image stamp
 ``/fast3dis_gt/instances``     std_msgs/msg/String          JSON {"instances": [...], "cameras": [...],
                                                             "T_rig_cam": {...}} once, at the first stamp
 =============================  ===========================  =============================================
 
-Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). No
-``/tf_static``: the camera frames hang off ``map`` directly (ground-truth poses), so a static
-``base_link -> <cam>_optical_frame`` would give them a second parent; the fixed rig extrinsics travel in
-the JSON instead.
+Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). The TF tree is a
+robot's: ``map -> base_link`` (ground-truth rig pose, one transform per distinct image stamp) and static
+``base_link -> <cam>_optical_frame``, so a camera's pose is their composition. Bags of the older layout
+(``map -> <cam>_optical_frame`` on ``/tf``, no ``/tf_static``) are still read.
 
 Reading works on any rosbag2 folder (``metadata.yaml`` + db3/mcap files; the storage is taken from the
 metadata); corrupt or truncated bags raise :class:`BagReadError` naming the bag.
@@ -59,6 +61,7 @@ CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 TF = "tf2_msgs/msg/TFMessage"
 STRING = "std_msgs/msg/String"
 GT_INSTANCES_TOPIC = "/fast3dis_gt/instances"
+RIG_FRAME = "base_link"  # the rig frame of synthetic bags (static parent of the camera optical frames)
 
 class BagReadError(RuntimeError):
     """A rosbag2 could not be read (missing, corrupt, truncated, or an undecodable message)."""
@@ -278,9 +281,12 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
                        "T_rig_cam": {k: np.asarray(v).tolist() for k, v in scene.T_rig_cam.items()},
                        "rate_hz": rate_hz, "start_ns": int(start_ns)}
             w.write(GT_INSTANCES_TOPIC, STRING, {"data": json.dumps(payload)}, start_ns)
+        T_rig_cam = {c: np.asarray(T, np.float64) for c, T in scene.T_rig_cam.items()}
+        w.write("/tf_static", TF, tf_message_dict([(RIG_FRAME, f"{c}_optical_frame", T_rig_cam[c])
+                                                   for c in scene.camera_names], start_ns), start_ns)
         for fi, frame in enumerate(scene.frames):
             t_frame = int(start_ns) + fi * period
-            tfs = []
+            tfs = {}
             for ci, v in enumerate(frame):
                 stamp = t_frame + ci * int(camera_jitter_ns)
                 fid = f"{v.camera}_optical_frame"
@@ -290,8 +296,9 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
                 if ground_truth:
                     w.write(f"/{v.camera}/depth_gt", IMAGE, image_dict(v.depth.astype(np.float32), "32FC1", fid, stamp), stamp)
                     w.write(f"/{v.camera}/instance_gt", IMAGE, image_dict(v.instance.astype(np.int32), "32SC1", fid, stamp), stamp)
-                tfs.append(("map", fid, v.T_world_cam, stamp))
-            msg = {"transforms": [tf_message_dict([(p, c, T)], s)["transforms"][0] for p, c, T, s in tfs]}
+                # the rig pose from this camera's GT pose (the same for every camera of the frame set)
+                tfs.setdefault(stamp, np.asarray(v.T_world_cam, np.float64) @ np.linalg.inv(T_rig_cam[v.camera]))
+            msg = {"transforms": [tf_message_dict([("map", RIG_FRAME, T)], s)["transforms"][0] for s, T in tfs.items()]}
             w.write("/tf", TF, msg, t_frame)
         return dict(w.counts)
 
@@ -527,7 +534,11 @@ class GroundTruth:
 
 def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth:
     """Depth / instance maps per camera and stamp, the instance list, K and ground-truth poses."""
+    from ..geometry.tf_tree import TransformTree
+
     gt = GroundTruth()
+    tree = TransformTree()
+    stamps: dict[str, set[int]] = {}  # cam -> image stamps (poses are composed at them)
     b = _OpenBag(path)
     try:
         sel = [c for c in b.reader.connections if c.topic == GT_INSTANCES_TOPIC or c.topic in ("/tf", "/tf_static")
@@ -542,12 +553,11 @@ def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth
                     gt.meta = {k: v for k, v in d.items() if k != "instances"}
             elif conn.msgtype == TF:
                 for tf in _tf_list(msg):
-                    if tf["parent"] == world_frame and tf["child"].endswith("_optical_frame"):
-                        cam = tf["child"][: -len("_optical_frame")]
-                        gt.T_world_cam.setdefault(cam, {})[tf["stamp_ns"]] = tf["T"]
+                    tree.add(tf["parent"], tf["child"], tf["T"], tf["stamp_ns"], static=conn.topic == "/tf_static")
             else:
                 cam = conn.topic.strip("/").rsplit("/", 1)[0]
                 stamp = _stamp_ns(msg.header.stamp)
+                stamps.setdefault(cam, set()).add(stamp)
                 if conn.topic.endswith("/depth_gt"):
                     gt.depth.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.float32, copy=False)
                 elif conn.topic.endswith("/instance_gt"):
@@ -556,4 +566,15 @@ def read_ground_truth(path: str | Path, world_frame: str = "map") -> GroundTruth
                     gt.K[cam] = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
     finally:
         b.close()
+    from ..geometry.tf_tree import TransformLookupError
+
+    for cam, sts in stamps.items():  # world <- <cam>_optical_frame at every GT stamp (direct or via the rig)
+        fid = f"{cam}_optical_frame"
+        if fid not in tree.frames or world_frame not in tree.frames:
+            continue
+        for st in sorted(sts):
+            try:
+                gt.T_world_cam.setdefault(cam, {})[st] = tree.lookup(world_frame, fid, st, tolerance_ns=0)
+            except TransformLookupError:
+                pass
     return gt

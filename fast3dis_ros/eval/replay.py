@@ -7,7 +7,13 @@ window is processed, nothing is dropped for lack of time). Every result is writt
 
 Frames are built as the node builds them: RGB from the Image / CompressedImage, ``K`` from the camera's
 CameraInfo with the same stamp (or the latest one) when its size matches the image
-(``use_known_intrinsics``), ``frame_id`` from the header. Known poses are not used (node default).
+(``use_known_intrinsics``), ``frame_id`` from the header. ``known_geometry`` (``fast3dis-eval
+--known-geometry``) adds the geometry a robot already has, from the bag's ``/tf`` + ``/tf_static``
+(``geometry.tf_tree``): ``none`` (node default), ``rig`` (static extrinsics of each camera, the top of its
+static chain, e.g. ``base_link <- <cam>_optical_frame``: metric scale and relative camera poses in fusion),
+``poses`` (``known_pose_frame <- frame_id`` at the image stamp: the network is conditioned on them, like
+the node's ``use_known_poses``). A frame whose transform is missing goes without it (counted in
+``accounting['known_geometry']``).
 
 Accounting (written as ``accounting.json``) covers every image message of the selected cameras:
 
@@ -140,6 +146,11 @@ class ReplayConfig:
     use_known_intrinsics: bool = True
     map_frame: str = "map"
     max_frame_sets: int | None = None  # stop after this many image stamps per camera (None = all)
+    known_geometry: str = "none"  # none | rig | poses (see the module doc)
+    known_pose_frame: str = "map"  # fixed frame of the bag's TF tree for known_geometry='poses'
+    tf_tolerance_ms: float = 5.0  # nearest stamped transform accepted this far from the image stamp
+    link_2d: bool = True  # fusion: link instances by mask overlap on shared views too
+    link_decisions: bool = True  # fusion: explicit merge / split decisions
 
 
 @dataclass
@@ -278,6 +289,60 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
             yield f
 
 
+KNOWN_GEOMETRY = ("none", "rig", "poses")
+
+
+class KnownGeometry:
+    """The bag's TF tree (read once) and what ``ReplayConfig.known_geometry`` takes from it per frame."""
+
+    def __init__(self, bag, cfg: ReplayConfig) -> None:
+        from ..data.bags import read_camera_streams
+        from ..geometry.tf_tree import TransformTree
+
+        self.mode = cfg.known_geometry
+        self.frame = cfg.known_pose_frame
+        self.tol_ns = int(cfg.tf_tolerance_ms * 1e6)
+        self.tree = TransformTree()
+        self.counts: Counter = Counter()
+        for m in read_camera_streams(bag, topics=[t for t in ("/tf", "/tf_static") if t in _topics(bag)],
+                                     include_tf=False, skip_bad=True):
+            if m.kind != "tf":
+                self.counts["bad_tf_message"] += 1
+                continue
+            for t in m.data:
+                try:
+                    self.tree.add(t["parent"], t["child"], t["T"], t["stamp_ns"], static=m.topic == "/tf_static")
+                except ValueError:
+                    self.counts["bad_transform"] += 1
+
+    def attach(self, frame: CameraFrame) -> CameraFrame:
+        from ..geometry.tf_tree import TransformLookupError
+
+        fid = frame.frame_id
+        if self.mode == "rig":
+            root, T = self.tree.static_root(fid)
+            if root == fid:
+                self.counts["no_rig_extrinsics"] += 1
+                log.warning("%s: no static transform above %s: frame without rig extrinsics", frame.camera, fid)
+            else:
+                frame.T_rig_cam = T
+                self.counts["with_rig_extrinsics"] += 1
+        elif self.mode == "poses":
+            try:
+                frame.T_world_cam = self.tree.lookup(self.frame, fid, frame.stamp_ns, self.tol_ns)
+                self.counts["with_pose"] += 1
+            except TransformLookupError as e:
+                self.counts["no_pose"] += 1
+                log.warning("%s: no pose %s <- %s at %d: %s", frame.camera, self.frame, fid, frame.stamp_ns, e)
+        return frame
+
+
+def _topics(bag) -> dict:
+    from ..data.bags import bag_topics
+
+    return bag_topics(bag)
+
+
 def replay_bag(
     bag: str | Path,
     predictor,
@@ -325,8 +390,14 @@ def replay_bag(
             on_window(rec)
 
     errors: list[str] = []
+    if cfg.known_geometry not in KNOWN_GEOMETRY:
+        raise ValueError(f"known_geometry must be one of {KNOWN_GEOMETRY}, got {cfg.known_geometry!r}")
+    from ..pipeline.linking import LinkParams
+
     fusion = MapFusion(voxel_size=cfg.voxel_size, max_points=cfg.max_map_points, min_score=cfg.score_threshold,
-                       conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame)
+                       conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame, link_2d=cfg.link_2d,
+                       link=LinkParams(decisions=cfg.link_decisions))
+    geo = KnownGeometry(bag, cfg) if cfg.known_geometry != "none" else None
     runner = PipelineRunner(cameras, predictor.predict, slop_ns=int(cfg.slop_ms * 1e6),
                             sync_queue_size=cfg.sync_queue_size, window_size=cfg.window_size, stride=cfg.stride,
                             fusion=fusion, sync_mode=True, on_fusion=on_fusion,
@@ -338,7 +409,7 @@ def replay_bag(
             writer.__enter__()
         for frame in frames_from_bag(bag, cameras, cfg.image_topics, cfg.use_known_intrinsics, counts, rejected,
                                      cfg.max_frame_sets):
-            runner.feed(frame)
+            runner.feed(geo.attach(frame) if geo is not None else frame)
             if bar is not None:
                 bar.update(1)
         runner.flush()
@@ -369,6 +440,7 @@ def replay_bag(
         "windows": {"emitted": acc["windows"]["emitted"], "fused": len(records),
                     "engine": acc["windows"]["engine"]},
         "fusion": acc["fusion"],
+        "known_geometry": {"mode": cfg.known_geometry, **(geo.counts if geo is not None else {})},
         "errors": errors,
         "balanced": bool(frames_ok and sets_ok and fs["in_flight"] == 0),
         "identities": {

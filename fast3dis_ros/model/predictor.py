@@ -112,7 +112,7 @@ class Predictor:
         poses = [v.T_world_cam for v in views]
         K = np.stack(Ks) if all(k is not None for k in Ks) else None
         T_world_cam = np.stack(poses) if K is not None and all(p is not None for p in poses) else None
-        return self._predict(
+        pred = self._predict(
             [v.image for v in views],
             K,
             None if T_world_cam is None else np.linalg.inv(T_world_cam),
@@ -122,6 +122,13 @@ class Predictor:
             frame_ids=[v.frame_id for v in views],
             view_stamps_ns=[int(v.stamp_ns) for v in views],
         )
+        # known rig extrinsics: DA3 conditions on full camera poses only (every view, across time), which a
+        # rig alone does not give; they go to fusion (metric scale, relative poses inside a frame set)
+        if any(getattr(v, "T_rig_cam", None) is not None for v in views):
+            nan = np.full((4, 4), np.nan)
+            pred.T_rig_cam_known = np.stack([nan if v.T_rig_cam is None else np.asarray(v.T_rig_cam, np.float64)
+                                             for v in views])
+        return pred
 
     def predict_arrays(
         self, images: np.ndarray | Sequence[np.ndarray], K: np.ndarray | None = None, poses: np.ndarray | None = None

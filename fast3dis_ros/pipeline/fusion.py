@@ -27,7 +27,7 @@ node publishes the window cloud in between, so the map's cost is not on the firs
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from ..geometry.cameras import invert_se3
 from ..geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
 from .linking import Association, LinkParams, ViewLabelMemory, associate, overlap_2d, overlap_3d
+from .rig import rig_scale, rigidify
 from .stats import DropCounter
 from .tracker import InstanceTracker
 
@@ -616,6 +617,8 @@ class MapFusion:
         link_2d: bool = True,
         link: LinkParams | None = None,
         link_stride: int = 2,
+        use_rig: bool = True,
+        rig_rigidify: bool = True,
     ) -> None:
         """``workers``: threads that ``begin`` uses for the lifting, the map lookups and the per-voxel sums
         of a window (numpy releases the GIL in those loops; the other fusion steps stay on the caller's
@@ -624,7 +627,12 @@ class MapFusion:
         ``link_2d``: associate window instances with map ids by mask overlap on shared views too
         (``pipeline/linking.py``; the label images of the last ``view_memory`` views are kept, subsampled by
         ``link_stride``); ``link``: the association's thresholds and whether it makes split / merge
-        decisions (``match_iou`` overrides its ``match_iou``)."""
+        decisions (``match_iou`` overrides its ``match_iou``).
+
+        ``use_rig``: windows that carry known rig extrinsics (``WindowPrediction.T_rig_cam_known``) get
+        their metric scale from them (``pipeline/rig.py``): the first one makes the map metric and every
+        later one is aligned with its own rig scale instead of the chained depth ratio, so the map keeps
+        metres; ``rig_rigidify``: their cameras are also put back on the known rig per frame set."""
         if voxel_size <= 0 or max_points < 1:
             raise ValueError("MapFusion: voxel_size > 0 and max_points >= 1 required")
         self.voxel_size = float(voxel_size)
@@ -641,6 +649,8 @@ class MapFusion:
         self.workers = max(1, int(workers))
         self._pool = None  # ThreadPoolExecutor of workers - 1 threads, made on first use
         self.tracker = InstanceTracker(match_iou=match_iou, score_mode=score_mode)
+        self.use_rig = bool(use_rig)
+        self.rig_rigidify = bool(rig_rigidify)
         self.link_2d = bool(link_2d)
         self.link_params = LinkParams(**{**(link.__dict__ if link is not None else {}), "match_iou": float(match_iou)})
         self.view_labels = ViewLabelMemory(self.view_memory, link_stride)
@@ -654,10 +664,12 @@ class MapFusion:
         self._views: OrderedDict[tuple[str, int], _ViewRecord] = OrderedDict()
         self._T_map_window_prev: np.ndarray | None = None
         self._T_map_known: np.ndarray | None = None
+        self._map_metric = False  # map units are metres (first window metric or rig-scaled)
         self._tick = 0
         self._pending: PendingWindow | None = None  # begin() done, commit() not yet
         self.view_labels.clear()
         self._link_totals: dict[str, int] = {}
+        self.merged_into: dict[int, int] = {}  # merged map id -> the id it lives on as (resolved)
 
     def _run(self, fns: list) -> list:
         """Results of the thunks ``fns``, the first on this thread, the others on the pool (``workers``)."""
@@ -700,11 +712,30 @@ class MapFusion:
         ok = np.all(np.isfinite(K.reshape(len(K), -1)), axis=1)
         return ok if ok.any() else None
 
-    def _align(self, pred: WindowPrediction, info: dict) -> tuple[np.ndarray, str, int, float | None]:
+    def _apply_rig(self, pred: WindowPrediction, info: dict) -> tuple[WindowPrediction, float | None]:
+        """(prediction with its cameras put on the known rig, metres per window unit) when the window carries
+        rig extrinsics and its depth is not metric already; else (pred, None)."""
+        if not self.use_rig or pred.T_rig_cam_known is None or pred.depth_scale_metric:
+            return pred, None
+        s, pairs = rig_scale(pred.T_cam_world, pred.T_rig_cam_known, pred.cameras)
+        info["rig_pairs"] = pairs
+        if s is None:
+            self.events.add("rig_scale_unavailable")
+            return pred, None
+        info["rig_scale"] = s
+        if self.rig_rigidify:
+            pred = replace(pred, T_cam_world=rigidify(pred.T_cam_world, pred.T_rig_cam_known, pred.cameras, s))
+        return pred, s
+
+    def _align(self, pred: WindowPrediction, info: dict, s_rig: float | None = None
+               ) -> tuple[np.ndarray, str, int, float | None]:
         keys = list(zip(pred.cameras, (int(s) for s in pred.view_stamps_ns)))
         shared = [(v, self._views[k]) for v, k in enumerate(keys) if k in self._views]
         if self._T_map_window_prev is None:
-            return np.eye(4), "first", 0, None
+            T = np.eye(4)
+            if s_rig is not None:  # the map is metric from the first window on
+                T[:3, :3] *= s_rig
+            return T, "first", 0, s_rig
         if shared:
             try:
                 idx = [v for v, _ in shared]
@@ -714,6 +745,8 @@ class MapFusion:
                 # from their depth ratio would only add noise to an exact alignment.
                 if pred.depth_scale_metric and all(rec.metric for _, rec in shared):
                     scale = 1.0
+                elif s_rig is not None and self._map_metric:
+                    scale = s_rig  # absolute (rig) scale: no drift along the chain of windows
                 else:
                     scale = self._depth_ratio(pred, shared)
                 info["depth_scale"] = scale
@@ -768,7 +801,10 @@ class MapFusion:
         V = pred.depth.shape[0]
         keys = list(zip(pred.cameras, (int(t) for t in pred.view_stamps_ns)))
         shared_idx = {v for v, k in enumerate(keys) if k in self._views}
-        T_map_window, method, n_shared, _ = self._align(pred, info)
+        pred, s_rig = self._apply_rig(pred, info)
+        T_map_window, method, n_shared, _ = self._align(pred, info, s_rig)
+        if method == "first":
+            self._map_metric = bool(pred.depth_scale_metric) or s_rig is not None
         s = sim3_decompose(T_map_window)[0]
         T_map_cam = _rigid_in_map(np.asarray(pred.T_cam_world, np.float64), T_map_window)
 
@@ -916,6 +952,10 @@ class MapFusion:
             out["linked_instances"] = sum(1 for g in link.id_map.values() if g)
         return out
 
+    def current_id(self, gid: int) -> int:
+        """The map id that ``gid`` (e.g. from an earlier window's ``id_map``) lives on as after merges."""
+        return self.merged_into.get(int(gid), int(gid))
+
     def link_stats(self) -> dict:
         """Cumulative linking figures over the committed windows whose map already held instances (a first
         window cannot link anything): ``window_instances``, ``linked_instances``, ``linking_rate`` (their
@@ -940,6 +980,11 @@ class MapFusion:
         if link is None or not link.merges:
             return
         lut = {src: dst for dst, srcs in link.merges for src in srcs}
+        for src, dst in lut.items():
+            for k, v in self.merged_into.items():
+                if v == src:
+                    self.merged_into[k] = dst
+            self.merged_into[src] = dst
         self.map.relabel(lut)
         self.tracker.merge(lut)
         self.view_labels.relabel(lut)
@@ -985,6 +1030,8 @@ class MapFusion:
         map_cloud = self.map.cloud(self.map_frame, pred.stamp_ns)
         instances = self._summaries()
         self.tracker.prune([i.id for i in instances])
+        if self.merged_into:
+            w.info["merged_into"] = dict(self.merged_into)  # earlier windows' ids -> current map ids
         w.info["map_voxels"] = len(self.map)
         w.info["evicted_total"] = self.map.evicted
         return FusionResult(**{f.name: getattr(w, f.name) for f in fields(WindowResult)},

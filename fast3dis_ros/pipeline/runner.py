@@ -95,6 +95,7 @@ def sanitize_prediction(pred: WindowPrediction, count_nonfinite_depth: bool = Tr
     out.images, out.depth, out.depth_conf = sub(pred.images), sub(pred.depth), sub(pred.depth_conf)
     out.K, out.T_cam_world, out.labels = sub(pred.K), sub(pred.T_cam_world), sub(pred.labels)
     out.T_world_cam_known = sub(pred.T_world_cam_known)
+    out.T_rig_cam_known = sub(pred.T_rig_cam_known)
     return out, ev
 
 
