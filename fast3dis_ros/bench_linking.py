@@ -49,8 +49,11 @@ CONFIGS = {
     "net_net": ("net", "net", "2d+3d", "none"),
     "net_net_rig": ("net", "net", "2d+3d", "rig"),
     "net_net_poses": ("net", "net", "2d+3d", "poses"),
+    "net_net_rig+poses": ("net", "net", "2d+3d", "rig+poses"),
+    "net_net_poses_cond": ("net", "net", "2d+3d", "poses+conditioning"),
     "gtmask_net_rig": ("gt", "net", "2d+3d", "rig"),
     "gtmask_net_poses": ("gt", "net", "2d+3d", "poses"),
+    "gtmask_net_poses_cond": ("gt", "net", "2d+3d", "poses+conditioning"),
 }
 
 
@@ -62,8 +65,9 @@ class CachedPredictor:
         self._cache: dict = {}
 
     def predict(self, window):
-        key = tuple((v.camera, int(v.stamp_ns), v.T_world_cam is not None, v.T_rig_cam is not None)
-                    for v in window.views)
+        cond = getattr(self.base, "condition_on_poses", True)
+        key = (cond,) + tuple((v.camera, int(v.stamp_ns), v.T_world_cam is not None, v.T_rig_cam is not None)
+                              for v in window.views)
         if key not in self._cache:
             self._cache[key] = self.base.predict(window)
         p = copy.copy(self._cache[key])
@@ -151,18 +155,23 @@ def _ids_per_object(records, gt) -> float:
     return float(np.mean(counts)) if counts else float("nan")
 
 
-def _map_scale(records, gt) -> float | None:
-    """Map units per metre: fused distance between the first and last camera centres over the GT distance."""
-    first, last = records[0], records[-1]
-    (c0, s0), (c1, s1) = (first.prediction.cameras[0], first.prediction.view_stamps_ns[0]), \
-        (last.prediction.cameras[-1], last.prediction.view_stamps_ns[-1])
-    try:
-        g0, g1 = gt.T_world_cam[c0][s0][:3, 3], gt.T_world_cam[c1][s1][:3, 3]
-    except KeyError:
-        return None
-    m0, m1 = first.fusion.T_map_cam[0][:3, 3], last.fusion.T_map_cam[-1][:3, 3]
-    d = float(np.linalg.norm(g1 - g0))
-    return float(np.linalg.norm(m1 - m0)) / d if d > 1e-6 else None
+def _map_scales(records, gt) -> list[float]:
+    """Map units per metre of every window: median over its views of (depth x the window's Sim(3) scale) /
+    GT depth (1 = metric map; the spread over windows is the scale drift)."""
+    out = []
+    for r in records:
+        p, ratios = r.prediction, []
+        for v, (c, s) in enumerate(zip(p.cameras, p.view_stamps_ns)):
+            g = (gt.depth.get(c) or {}).get(s)
+            if g is None:
+                continue
+            g = _nearest(g, p.depth.shape[1:])
+            ok = (g > 0) & np.isfinite(g) & (p.depth[v] > 0) & np.isfinite(p.depth[v])
+            if ok.sum() > 16:
+                ratios.append(np.median(p.depth[v][ok] * r.fusion.scale / g[ok]))
+        if ratios:
+            out.append(float(np.median(ratios)))
+    return out
 
 
 def run_config(name: str, bags: list[Path], gts: list, nets: list, log) -> dict:
@@ -171,7 +180,9 @@ def run_config(name: str, bags: list[Path], gts: list, nets: list, log) -> dict:
     from .eval.replay import ReplayConfig, replay_bag
 
     masks, geometry, linking, known = CONFIGS[name]
-    cfg = ReplayConfig(known_geometry=known, link_2d=linking != "voxel", link_decisions=linking != "voxel")
+    cond = known.endswith("+conditioning")
+    cfg = ReplayConfig(known_geometry=known.replace("+conditioning", ""), pose_conditioning=cond,
+                       link_2d=linking != "voxel", link_decisions=linking != "voxel")
     pool = {"fast3dis": {"whole": InstanceAPEvaluator(), "per_window": InstanceAPEvaluator()}}
     tot: dict = {}
     spread, scales = [], []
@@ -184,9 +195,7 @@ def run_config(name: str, bags: list[Path], gts: list, nets: list, log) -> dict:
                 tot[k] = tot.get(k, 0) + v
         compute_metrics(res.records, gt, pool=pool)
         spread.append(_ids_per_object(res.records, gt))
-        s = _map_scale(res.records, gt)
-        if s is not None:
-            scales.append(s)
+        scales += _map_scales(res.records, gt)
     ap = pool["fast3dis"]["whole"].compute()
     apw = pool["fast3dis"]["per_window"].compute()
     row = {"name": name, "masks": masks, "geometry": geometry, "linking": linking, "known_geometry": known,

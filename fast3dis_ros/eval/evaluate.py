@@ -474,9 +474,12 @@ def _parse(argv):
                     help="instance score threshold (predictor and fusion; default: the checkpoint's)")
     ap.add_argument("--voxel-size", type=float, default=0.02, help="map voxel size (map units)")
     ap.add_argument("--eval-voxel", type=float, default=0.05, help="voxel of the GT common point set (m)")
-    ap.add_argument("--known-geometry", choices=["none", "rig", "poses"], default="none",
+    ap.add_argument("--known-geometry", choices=["none", "rig", "poses", "rig+poses"], default="none",
                     help="geometry from the bag's TF: rig = /tf_static camera extrinsics (metric scale, relative "
-                         "camera poses in fusion), poses = camera poses in --known-pose-frame (network conditioning)")
+                         "camera poses in fusion), poses = camera poses in --known-pose-frame (fusion places the "
+                         "windows on them)")
+    ap.add_argument("--pose-conditioning", action="store_true",
+                    help="known poses also condition the network (the node's use_known_poses)")
     ap.add_argument("--known-pose-frame", default="map", help="fixed TF frame of --known-geometry poses")
     ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
     add_baseline_args(ap)
@@ -539,7 +542,7 @@ def run(argv: list[str] | None = None) -> int:
     cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
                        image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
                        slop_ms=args.slop_ms, voxel_size=args.voxel_size, known_geometry=args.known_geometry,
-                       known_pose_frame=args.known_pose_frame)
+                       known_pose_frame=args.known_pose_frame, pose_conditioning=args.pose_conditioning)
     kw = {}
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold

@@ -11,9 +11,10 @@ CameraInfo with the same stamp (or the latest one) when its size matches the ima
 --known-geometry``) adds the geometry a robot already has, from the bag's ``/tf`` + ``/tf_static``
 (``geometry.tf_tree``): ``none`` (node default), ``rig`` (static extrinsics of each camera, the top of its
 static chain, e.g. ``base_link <- <cam>_optical_frame``: metric scale and relative camera poses in fusion),
-``poses`` (``known_pose_frame <- frame_id`` at the image stamp: the network is conditioned on them, like
-the node's ``use_known_poses``). A frame whose transform is missing goes without it (counted in
-``accounting['known_geometry']``).
+``poses`` (``known_pose_frame <- frame_id`` at the image stamp: fusion places every window on them; with
+``pose_conditioning`` the network is conditioned on them too, as the node's ``use_known_poses`` does),
+``rig+poses`` (both: the rig gives the scale of the network's depth). A frame whose transform is missing
+goes without it (counted in ``accounting['known_geometry']``).
 
 Accounting (written as ``accounting.json``) covers every image message of the selected cameras:
 
@@ -146,7 +147,8 @@ class ReplayConfig:
     use_known_intrinsics: bool = True
     map_frame: str = "map"
     max_frame_sets: int | None = None  # stop after this many image stamps per camera (None = all)
-    known_geometry: str = "none"  # none | rig | poses (see the module doc)
+    known_geometry: str = "none"  # none | rig | poses | rig+poses (see the module doc)
+    pose_conditioning: bool = False  # known poses also condition the network (DA3 camera encoder)
     known_pose_frame: str = "map"  # fixed frame of the bag's TF tree for known_geometry='poses'
     tf_tolerance_ms: float = 5.0  # nearest stamped transform accepted this far from the image stamp
     link_2d: bool = True  # fusion: link instances by mask overlap on shared views too
@@ -289,7 +291,16 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
             yield f
 
 
-KNOWN_GEOMETRY = ("none", "rig", "poses")
+KNOWN_GEOMETRY = ("none", "rig", "poses", "rig+poses")
+
+
+def _set_pose_conditioning(predictor, on: bool) -> None:
+    """``condition_on_poses`` of the predictor (or of the predictors it wraps through ``.base``)."""
+    p, depth = predictor, 0
+    while p is not None and depth < 8:
+        if hasattr(p, "condition_on_poses"):
+            p.condition_on_poses = bool(on)
+        p, depth = getattr(p, "base", None), depth + 1
 
 
 class KnownGeometry:
@@ -319,7 +330,7 @@ class KnownGeometry:
         from ..geometry.tf_tree import TransformLookupError
 
         fid = frame.frame_id
-        if self.mode == "rig":
+        if "rig" in self.mode:
             root, T = self.tree.static_root(fid)
             if root == fid:
                 self.counts["no_rig_extrinsics"] += 1
@@ -327,7 +338,7 @@ class KnownGeometry:
             else:
                 frame.T_rig_cam = T
                 self.counts["with_rig_extrinsics"] += 1
-        elif self.mode == "poses":
+        if "poses" in self.mode:
             try:
                 frame.T_world_cam = self.tree.lookup(self.frame, fid, frame.stamp_ns, self.tol_ns)
                 self.counts["with_pose"] += 1
@@ -396,8 +407,10 @@ def replay_bag(
 
     fusion = MapFusion(voxel_size=cfg.voxel_size, max_points=cfg.max_map_points, min_score=cfg.score_threshold,
                        conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame, link_2d=cfg.link_2d,
-                       link=LinkParams(decisions=cfg.link_decisions))
+                       link=LinkParams(decisions=cfg.link_decisions),
+                       use_known_poses="poses" in cfg.known_geometry, use_rig="rig" in cfg.known_geometry)
     geo = KnownGeometry(bag, cfg) if cfg.known_geometry != "none" else None
+    _set_pose_conditioning(predictor, cfg.pose_conditioning)
     runner = PipelineRunner(cameras, predictor.predict, slop_ns=int(cfg.slop_ms * 1e6),
                             sync_queue_size=cfg.sync_queue_size, window_size=cfg.window_size, stride=cfg.stride,
                             fusion=fusion, sync_mode=True, on_fusion=on_fusion,

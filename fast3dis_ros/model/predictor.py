@@ -70,6 +70,9 @@ class Predictor:
         self.cfg = cfg
         self.model = model.to(self.device).eval()
         self.process_size = int(process_size or cfg.backbone.process_res)
+        # known poses (CameraFrame.T_world_cam) condition the network (DA3's camera encoder) when True; they
+        # always travel to fusion in WindowPrediction.T_world_cam_known
+        self.condition_on_poses = True
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
         if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
@@ -112,6 +115,11 @@ class Predictor:
         poses = [v.T_world_cam for v in views]
         K = np.stack(Ks) if all(k is not None for k in Ks) else None
         T_world_cam = np.stack(poses) if K is not None and all(p is not None for p in poses) else None
+        known = None
+        if any(p is not None for p in poses):
+            known = np.stack([np.full((4, 4), np.nan) if p is None else np.asarray(p, np.float64) for p in poses])
+        if not self.condition_on_poses:
+            T_world_cam = None
         pred = self._predict(
             [v.image for v in views],
             K,
@@ -122,6 +130,7 @@ class Predictor:
             frame_ids=[v.frame_id for v in views],
             view_stamps_ns=[int(v.stamp_ns) for v in views],
         )
+        pred.T_world_cam_known = known
         # known rig extrinsics: DA3 conditions on full camera poses only (every view, across time), which a
         # rig alone does not give; they go to fusion (metric scale, relative poses inside a frame set)
         if any(getattr(v, "T_rig_cam", None) is not None for v in views):

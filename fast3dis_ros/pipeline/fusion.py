@@ -665,6 +665,7 @@ class MapFusion:
         self._T_map_window_prev: np.ndarray | None = None
         self._T_map_known: np.ndarray | None = None
         self._map_metric = False  # map units are metres (first window metric or rig-scaled)
+        self._map_on_known = False  # map = the known-pose world (first window placed on known poses)
         self._tick = 0
         self._pending: PendingWindow | None = None  # begin() done, commit() not yet
         self.view_labels.clear()
@@ -726,6 +727,32 @@ class MapFusion:
         if self.rig_rigidify:
             pred = replace(pred, T_cam_world=rigidify(pred.T_cam_world, pred.T_rig_cam_known, pred.cameras, s))
         return pred, s
+
+    def _place_on_known_poses(self, pred: WindowPrediction, s_rig: float | None, info: dict
+                              ) -> tuple[WindowPrediction, float | None]:
+        """With ``use_known_poses`` and a known pose for every view of a window whose network did not use them
+        (depth not metric): its cameras become the known ones, in window units (the known world scaled by
+        1 / s), and s (metres per window unit) is returned: the rig scale when there is one, else the scale
+        of the Sim(3) that fits the predicted cameras to the known ones. Else (pred, None)."""
+        if not self.use_known_poses or pred.depth_scale_metric:
+            return pred, None
+        ok = self._known(pred)
+        if ok is None or not ok.all():
+            return pred, None
+        T_cam_known = invert_se3(np.asarray(pred.T_world_cam_known, np.float64))
+        s = s_rig
+        if s is None:
+            try:
+                s = float(sim3_decompose(align_cameras(T_cam_known, pred.T_cam_world))[0])
+            except (ValueError, np.linalg.LinAlgError):
+                self.events.add("align_failed")
+                return pred, None
+        if not np.isfinite(s) or s <= 0:
+            return pred, None
+        T = T_cam_known.copy()
+        T[:, :3, 3] /= s
+        info["known_pose_scale"] = s
+        return replace(pred, T_cam_world=T), s
 
     def _align(self, pred: WindowPrediction, info: dict, s_rig: float | None = None
                ) -> tuple[np.ndarray, str, int, float | None]:
@@ -802,9 +829,18 @@ class MapFusion:
         keys = list(zip(pred.cameras, (int(t) for t in pred.view_stamps_ns)))
         shared_idx = {v for v, k in enumerate(keys) if k in self._views}
         pred, s_rig = self._apply_rig(pred, info)
-        T_map_window, method, n_shared, _ = self._align(pred, info, s_rig)
+        pred, s_known = self._place_on_known_poses(pred, s_rig, info)
+        if s_known is not None and (self._T_map_window_prev is None or self._map_on_known):
+            # the window's world is the known world in window units: s_known turns it into metres
+            T_map_window = np.eye(4)
+            T_map_window[:3, :3] *= s_known
+            method, n_shared = ("first" if self._T_map_window_prev is None else "known_poses"), len(shared_idx)
+            if self._T_map_window_prev is None:
+                self._map_on_known = True
+        else:
+            T_map_window, method, n_shared, _ = self._align(pred, info, s_rig)
         if method == "first":
-            self._map_metric = bool(pred.depth_scale_metric) or s_rig is not None
+            self._map_metric = bool(pred.depth_scale_metric) or s_rig is not None or s_known is not None
         s = sim3_decompose(T_map_window)[0]
         T_map_cam = _rigid_in_map(np.asarray(pred.T_cam_world, np.float64), T_map_window)
 
