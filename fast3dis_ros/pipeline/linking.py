@@ -20,7 +20,7 @@ evidence w has): ``score = c_w * IoU_2d + (1 - c_w) * IoU_3d``; the same blend g
 1. **links**: Hungarian on ``score`` (>= ``match_iou``).
 2. **merges**: a window label that covers >= ``merge_cover`` of two or more map ids (each also a real part
    of it, ``cover_w >= min_part``) that no other window label was linked to: those ids are one object the
-   map had split; they merge into the linked one (or the best-scoring one).
+   map had split; they merge into the oldest (smallest) of them, which the window label takes.
 3. **splits**: an unlinked window label lying mostly inside one map id (``cover_w >= split_cover``):
    a small part of it (``cover_m < split_part``) is a fragment and is **absorbed** (takes that id); a
    large part of an id that another window label is linked to is a real **split** (a new id).
@@ -234,7 +234,9 @@ def associate(labels: np.ndarray, o2d: tuple, o3d: tuple, params: LinkParams) ->
         gone = [j for j in strong if j != keep and j not in claimed and j not in merged]
         if gone:
             merged.update(gone)
-            out.merges.append((int(cols[keep]), [int(cols[j]) for j in gone]))
+            ids = sorted(int(cols[j]) for j in [keep] + gone)  # the oldest (smallest) id lives on
+            out.id_map[int(rows[i])] = ids[0]
+            out.merges.append((ids[0], ids[1:]))
             counts["merges"] += 1
             counts["merged_ids"] += len(gone)
     for i in range(len(rows)):  # splits / fragments of unlinked labels
