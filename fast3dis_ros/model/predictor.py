@@ -22,6 +22,7 @@ from fast3dis_ros.model.backbone import PATCH_SIZE, normalize_images
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.postprocess import instances_from_queries
 from fast3dis_ros.pipeline.frames import Window, WindowPrediction
+from fast3dis_ros.pipeline.rig import rig_extrinsics_of
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 
@@ -133,10 +134,7 @@ class Predictor:
         pred.T_world_cam_known = known
         # known rig extrinsics: DA3 conditions on full camera poses only (every view, across time), which a
         # rig alone does not give; they go to fusion (metric scale, relative poses inside a frame set)
-        if any(getattr(v, "T_rig_cam", None) is not None for v in views):
-            nan = np.full((4, 4), np.nan)
-            pred.T_rig_cam_known = np.stack([nan if v.T_rig_cam is None else np.asarray(v.T_rig_cam, np.float64)
-                                             for v in views])
+        pred.T_rig_cam_known = rig_extrinsics_of(views)
         return pred
 
     def predict_arrays(

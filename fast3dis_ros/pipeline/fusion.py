@@ -922,7 +922,8 @@ class MapFusion:
                 present = np.bincount(vlab, minlength=nlab) > 0
                 present[pw] = True
                 kept_labels = np.flatnonzero(present[1:]) + 1
-                link = associate(kept_labels, o2d, overlap_3d(pair_w, map_lab, vm._lab_count), self.link_params)
+                link = associate(kept_labels, o2d[:5], overlap_3d(pair_w, map_lab, vm._lab_count), self.link_params,
+                                 px_all=o2d[5])
                 id_map = self._ids(link)
                 lut = _id_lut(id_map, nlab)
                 # majority global id per voxel (ties -> smaller id); its score is its window label's score
@@ -959,10 +960,15 @@ class MapFusion:
         return keep
 
     def _overlap_2d(self, pred: WindowPrediction, keys: list[tuple[str, int]]) -> tuple:
-        """Pixel overlap of the window's (kept) labels with the map ids remembered for its shared views."""
+        """Pixel overlap of the window's (kept) labels with the map ids remembered for its shared views
+        (``overlap_2d``'s tuple) and the pixels of each label on all its views (same subsampling; None when
+        no view is remembered)."""
         win, mapped = [], []
+        px_all = None
         if self.link_2d and len(self.view_labels):
             keep = self._label_filter(pred)
+            px_all = np.bincount(keep[self.view_labels.subsample(
+                np.clip(pred.labels, 0, len(keep) - 1).transpose(1, 2, 0))].ravel(), minlength=len(keep))
             for v, k in enumerate(keys):
                 m = self.view_labels.get(k)
                 if m is None:
@@ -973,7 +979,7 @@ class MapFusion:
                     continue
                 win.append(keep[w])
                 mapped.append(m)
-        return overlap_2d(win, mapped)
+        return overlap_2d(win, mapped) + (px_all,)
 
     def _ids(self, link: Association) -> dict[int, int]:
         """Global id per window label: the associated map id, else a new one (ascending labels)."""

@@ -13,8 +13,9 @@ Evidence per (window label w, map id m):
   pixels of m (``px_m``) and their intersection.
 * **3D** (voxels): voxels of w in map, voxels of m in the map, and the voxels they share.
 
-``associate`` blends them per window label with ``c_w = min(1, px_w / support_px)`` (how much 2D
-evidence w has): ``score = c_w * IoU_2d + (1 - c_w) * IoU_3d``; the same blend gives the two covers
+``associate`` blends them per window label with ``c_w = min(1, px_w / min(support_px, px_all_w / 2))``
+(how much 2D evidence w has: full weight once it has ``support_px`` pixels, or half of all its pixels in
+the window, on the shared views): ``score = c_w * IoU_2d + (1 - c_w) * IoU_3d``; the same blend gives the two covers
 ``cover_w`` (share of w inside m) and ``cover_m`` (share of m inside w). Then, in order:
 
 1. **links**: Hungarian on ``score`` (>= ``match_iou``).
@@ -43,7 +44,9 @@ __all__ = ["LinkParams", "Association", "ViewLabelMemory", "overlap_2d", "overla
 @dataclass
 class LinkParams:
     match_iou: float = 0.2  # least blended score of a link
-    support_px: int = 50  # window-label pixels on shared views for full 2D weight (c_w = 1)
+    # window-label pixels on shared views for full 2D weight (c_w = 1), counted in the stored label images
+    # (subsampled by MapFusion's link_stride: 12 px = ~50 px of the processing resolution at stride 2)
+    support_px: int = 12
     merge_cover: float = 0.6  # share of a map id inside one window label for a merge
     min_part: float = 0.1  # ... and share of that window label on the map id
     split_cover: float = 0.6  # share of an unlinked window label inside one map id (split or absorb)
@@ -172,9 +175,12 @@ def _sizes(vals, keys, rows) -> np.ndarray:
     return out
 
 
-def associate(labels: np.ndarray, o2d: tuple, o3d: tuple, params: LinkParams) -> Association:
+def associate(labels: np.ndarray, o2d: tuple, o3d: tuple, params: LinkParams,
+              px_all: np.ndarray | None = None) -> Association:
     """Decide, for every window label in ``labels`` (> 0), its map id (0 = new) from the 2D overlap ``o2d``
-    and the 3D overlap ``o3d`` (outputs of ``overlap_2d`` / ``overlap_3d``); see the module doc."""
+    and the 3D overlap ``o3d`` (outputs of ``overlap_2d`` / ``overlap_3d``); ``px_all[label]``: pixels of
+    each label on all the window's views (same subsampling as ``o2d``; None: ``support_px`` alone); see the
+    module doc."""
     rows = np.unique(np.asarray(labels, np.int64))
     rows = rows[rows > 0]
     i2, wl2, ml2, pxw, pxm = o2d
@@ -192,7 +198,11 @@ def associate(labels: np.ndarray, o2d: tuple, o3d: tuple, params: LinkParams) ->
     nw = _sizes(nw3, wl3, rows)[:, None]
     nm = np.zeros(len(cols))
     nm[np.searchsorted(cols, ml3)] = nm3
-    c = np.minimum(1.0, pw / max(1, params.support_px))
+    need = np.full(pw.shape, float(max(1, params.support_px)))
+    if px_all is not None:
+        tot = np.asarray(px_all, np.float64)[np.clip(rows, 0, len(px_all) - 1)][:, None]
+        need = np.maximum(1.0, np.minimum(need, 0.5 * tot))
+    c = np.minimum(1.0, pw / need)
     safe = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)  # noqa: E731
     iou2 = safe(I2, pw + pm[None] - I2)
     iou3 = safe(I3, nw + nm[None] - I3)
