@@ -58,11 +58,23 @@ CONFIGS = {
 
 
 class CachedPredictor:
-    """``predict`` of a base predictor, computed once per window content (views + given poses)."""
+    """``predict`` of a base predictor, computed once per window content (views + given poses); with
+    ``folder`` the predictions are also kept on disk (pickles), so a rerun skips the network."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, folder: Path | None = None) -> None:
         self.base = base
+        self.folder = folder
         self._cache: dict = {}
+        if folder is not None and (folder / "predictions.pkl").is_file():
+            import pickle
+
+            self._cache = pickle.loads((folder / "predictions.pkl").read_bytes())
+
+    def save(self) -> None:
+        if self.folder is not None:
+            import pickle
+
+            (self.folder / "predictions.pkl").write_bytes(pickle.dumps(self._cache))
 
     def predict(self, window):
         cond = getattr(self.base, "condition_on_poses", True)
@@ -306,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     if info.get("random_weights"):
         print("no bundled checkpoint: refusing to benchmark random weights", file=sys.stderr)
         return 2
-    nets = [CachedPredictor(base) for _ in bags]
-    rows = [run_config(n, bags, gts, nets, log) for n in names]
+    nets = [CachedPredictor(base, b) for b in bags]
+    rows = []
+    for n in names:
+        rows.append(run_config(n, bags, gts, nets, log))
+        for c in nets:
+            c.save()
     print(_table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
