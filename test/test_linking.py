@@ -249,3 +249,22 @@ def test_transform_tree_chain_static_root_and_tolerance():
         tree.lookup("map", "nowhere", 100)
     with pytest.raises(ValueError):
         tree.add("map", "x", np.full((4, 4), np.nan))
+
+
+def test_fusion_puts_the_cameras_of_a_frame_set_back_on_the_rig():
+    from test_fusion import view_pose
+
+    rng = np.random.default_rng(5)
+    p = make_pred(0, [0, 1], S_world_map=rand_sim3(3))
+    T_wc = invert_se3(p.T_cam_world)
+    for v in range(len(T_wc)):  # 2-3 degrees of orientation error per camera (centres kept)
+        T_wc[v, :3, :3] = Rotation.from_rotvec(rng.normal(0, 0.03, 3)).as_matrix() @ T_wc[v, :3, :3]
+    p.T_cam_world = invert_se3(T_wc)
+    p.T_rig_cam_known = np.stack([np.linalg.inv(view_pose("a", k)) @ view_pose(c, k) for k in (0, 1)
+                                  for c in ("a", "b")])
+    r = MapFusion(voxel_size=0.05).integrate(p)
+    for k in (0, 1):  # camera b seen from camera a: the known mounting, in metres
+        rel = np.linalg.inv(r.T_map_cam[2 * k]) @ r.T_map_cam[2 * k + 1]
+        assert np.allclose(rel, np.linalg.inv(view_pose("a", k)) @ view_pose("b", k), atol=1e-9)
+    in_rel = (np.linalg.inv(T_wc[0]) @ T_wc[1])[:3, :3]  # the input's relative rotation was off
+    assert not np.allclose(in_rel, (np.linalg.inv(r.T_map_cam[0]) @ r.T_map_cam[1])[:3, :3], atol=1e-3)
