@@ -10,8 +10,8 @@ Usage::
 
 Writes into ``--out``: ``output_bag/`` (the node's output topics, ``eval/output_bag.py``),
 ``accounting.json`` (every input frame and frame set: processed or dropped with a reason), and when the
-GT bag has ground truth (``/<cam>/depth_gt``, ``/<cam>/instance_gt``, GT poses ``map -> <cam>_optical_frame``
-on ``/tf``, CameraInfo): ``metrics.json``, ``report.md`` and PNG plots (``eval/report.py``).
+GT bag has ground truth (``/<cam>/depth_gt``, ``/<cam>/instance_gt``, GT poses ``map <- <cam>_optical_frame``
+from ``/tf`` + ``/tf_static``, CameraInfo): ``metrics.json``, ``report.md`` and PNG plots (``eval/report.py``).
 
 How predictions meet the ground truth
 -------------------------------------

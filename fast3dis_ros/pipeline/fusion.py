@@ -14,9 +14,22 @@ order of preference:
 3. otherwise the previous window's alignment is kept and ``events['no_overlap']`` is counted (an
    alignment that raises counts ``align_failed`` and falls through the same way).
 
+Known geometry: a window with rig extrinsics (``T_rig_cam_known``) gets its metric scale from them and its
+frame sets put back on the rig (``pipeline/rig.py``): the first makes the map metric, later ones are aligned
+with their own rig scale. With ``use_known_poses``, a window whose network did not use the poses is placed
+on them (map = the known world, metres).
+
+Instance ids (``pipeline/linking.py``): window instances are associated with map ids by per-pixel mask
+overlap on the views shared with earlier windows (the label images of the last ``view_memory`` views are
+kept in map ids) and by voxel overlap, blended in one score; merges (a window instance covering two map
+ids: they become one, map voxels relabelled with their votes) and splits are explicit decisions;
+``link_stats()`` / ``info['linking']`` count them and the linked instances.
+
 The running map is a voxel map (``voxel_size`` in map units) holding mean xyz / colour, one instance id
 per voxel (majority with vote hysteresis) and score; it never holds more than ``max_points`` voxels (the
-least recently observed are evicted).
+least recently observed are evicted). Why one object used to spread over several ids: a window whose
+instances did not link gave them new ids, whose votes took the voxels their points reached (new ones, or
+old ones they outvoted) while the rest kept the older id; linking on shared views removes the cause.
 
 ``integrate(pred)`` is ``commit(begin(pred))``: ``begin`` aligns, lifts, voxelises and matches the
 window's instances to global ids (everything the window's own cloud needs, ``WindowResult``); ``commit``
