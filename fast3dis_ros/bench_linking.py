@@ -77,13 +77,21 @@ class CachedPredictor:
             (self.folder / "predictions.pkl").write_bytes(pickle.dumps(self._cache))
 
     def predict(self, window):
+        from .pipeline.rig import rig_extrinsics_of
+
+        # the network's output depends on the images and on poses it is conditioned on; rig extrinsics and
+        # unconditioned poses only travel with the prediction (as Predictor.predict passes them on)
         cond = getattr(self.base, "condition_on_poses", True)
-        key = (cond,) + tuple((v.camera, int(v.stamp_ns), v.T_world_cam is not None, v.T_rig_cam is not None)
+        key = (cond,) + tuple((v.camera, int(v.stamp_ns), cond and v.T_world_cam is not None, False)
                               for v in window.views)
         if key not in self._cache:
             self._cache[key] = self.base.predict(window)
         p = copy.copy(self._cache[key])
         p.window_index, p.extras = window.index, dict(p.extras)
+        poses = [v.T_world_cam for v in window.views]
+        p.T_world_cam_known = None if all(T is None for T in poses) else np.stack(
+            [np.full((4, 4), np.nan) if T is None else np.asarray(T, np.float64) for T in poses])
+        p.T_rig_cam_known = rig_extrinsics_of(window.views)
         return p
 
 
