@@ -41,7 +41,8 @@ def test_topics_types_and_counts(bag, scene):
     path, counts, storage = bag
     assert any(p.suffix == (".mcap" if storage == "mcap" else ".db3") for p in path.iterdir())
     topics = bag_topics(path)
-    expected = {"/fast3dis_gt/instances": ("std_msgs/msg/String", 1), "/tf": ("tf2_msgs/msg/TFMessage", 3)}
+    expected = {"/fast3dis_gt/instances": ("std_msgs/msg/String", 1), "/tf": ("tf2_msgs/msg/TFMessage", 3),
+                "/tf_static": ("tf2_msgs/msg/TFMessage", 1)}
     for cam in scene.camera_names:
         expected[f"/{cam}/image_raw"] = ("sensor_msgs/msg/Image", 3)
         expected[f"/{cam}/camera_info"] = ("sensor_msgs/msg/CameraInfo", 3)
@@ -54,7 +55,7 @@ def test_topics_types_and_counts(bag, scene):
 def test_camera_stream_roundtrip(bag, scene):
     path, _, _ = bag
     items = list(read_camera_streams(path, cameras=scene.camera_names))
-    assert len(items) == 3 * (2 * 2 + 1)  # image + info per camera, one tf per frame
+    assert len(items) == 3 * (2 * 2 + 1) + 1  # image + info per camera, one tf per frame, one tf_static
     for it in items:
         fi = (it.stamp_ns - START) // PERIOD
         assert (it.stamp_ns - START) % PERIOD == 0 and 0 <= fi < 3
@@ -70,13 +71,15 @@ def test_camera_stream_roundtrip(bag, scene):
             assert np.array_equal(it.data["P"][:, :3], v.K) and np.all(it.data["P"][:, 3] == 0)
             assert it.data["distortion_model"] == "plumb_bob" and np.all(it.data["D"] == 0)
             assert (it.data["width"], it.data["height"]) == (20, 14)
-        else:
-            assert it.kind == "tf" and it.topic == "/tf"
-            assert {t["child"] for t in it.data} == {f"{c}_optical_frame" for c in scene.camera_names}
+        elif it.topic == "/tf_static":  # the rig: base_link -> <cam>_optical_frame
+            assert it.kind == "tf" and {t["child"] for t in it.data} == {f"{c}_optical_frame" for c in scene.camera_names}
             for t in it.data:
-                assert t["parent"] == "map"
-                v = scene.view(fi, t["child"].replace("_optical_frame", ""))
-                assert np.abs(t["T"] - v.T_world_cam).max() < 1e-12
+                assert t["parent"] == "base_link"
+                assert np.abs(t["T"] - scene.T_rig_cam[t["child"].replace("_optical_frame", "")]).max() < 1e-12
+        else:  # the rig pose: map -> base_link at the frame's stamp
+            assert it.kind == "tf" and it.topic == "/tf"
+            assert [(t["parent"], t["child"], t["stamp_ns"]) for t in it.data] == [("map", "base_link", it.stamp_ns)]
+            assert np.abs(it.data[0]["T"] - scene.T_world_rig[fi]).max() < 1e-12
     # explicit topics + no tf
     only = list(read_camera_streams(path, topics=["/left/image_raw"], include_tf=False))
     assert [i.topic for i in only] == ["/left/image_raw"] * 3
@@ -98,6 +101,8 @@ def test_ground_truth_roundtrip(bag, scene):
             v = scene.view(fi, cam)
             st = START + fi * PERIOD
             assert gt.depth[cam][st].dtype == np.float32 and np.array_equal(gt.depth[cam][st], v.depth)
+            # the camera pose composed from map -> base_link (/tf) and base_link -> <cam> (/tf_static)
+            assert np.abs(gt.T_world_cam[cam][st] - v.T_world_cam).max() < 1e-9
             assert gt.instance[cam][st].dtype == np.int32 and np.array_equal(gt.instance[cam][st], v.instance)
             assert np.abs(gt.T_world_cam[cam][st] - v.T_world_cam).max() < 1e-12
 

@@ -133,11 +133,19 @@ def test_no_overlap_keeps_previous_and_known_pose_fallback():
     def known(set_ids):
         return np.stack([T_known_map @ view_pose(c, k) for k in set_ids for c in ("a", "b")])
 
+    # windows whose network did not use the known poses are placed on them: map = the known world, metric
     f = MapFusion(voxel_size=0.05, use_known_poses=True)
-    f.integrate(make_pred(0, [0, 1], known=known([0, 1])))
+    r0 = f.integrate(make_pred(0, [0, 1], known=known([0, 1])))
+    assert r0.align_method == "first" and np.allclose(r0.T_map_cam, known([0, 1]), atol=1e-6)
     r = f.integrate(make_pred(1, [5, 6], S_world_map=S, known=known([5, 6])))  # no shared view
     assert r.align_method == "known_poses"
-    assert np.allclose(r.T_map_window, sim3_inverse(S), atol=1e-4)
+    assert np.allclose(r.T_map_cam, known([5, 6]), atol=1e-6)
+    assert r.scale == pytest.approx(1 / sim3_decompose(S)[0], rel=1e-6)  # window units -> metres
+    # lifted points land on the spheres in the known world
+    pts = r.window_cloud.xyz[r.window_cloud.instance > 0].astype(np.float64)
+    pts_map = transform_points(sim3_inverse(T_known_map), pts)
+    d = np.min([np.abs(np.linalg.norm(pts_map - c, axis=1) - rad) for c, rad in SPHERES], axis=0)
+    assert np.median(d) < 0.03
     f2 = MapFusion(voxel_size=0.05)
     r1 = f2.integrate(make_pred(0, [0, 1]))
     r2 = f2.integrate(make_pred(1, [5, 6], S_world_map=S))

@@ -9,16 +9,18 @@ topic                          type                         content
 ``/<cam>/camera_info``         sensor_msgs/msg/CameraInfo   K, P = [K|0], D = 0 (plumb_bob), R = I
 ``/<cam>/depth_gt``            sensor_msgs/msg/Image        32FC1 metric z-depth (ground truth)
 ``/<cam>/instance_gt``         sensor_msgs/msg/Image        32SC1 instance ids, 0 = background
-``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``<cam>_optical_frame`` per frame
+``/tf_static``                 tf2_msgs/msg/TFMessage       ``base_link`` -> ``<cam>_optical_frame`` (the
+                                                            rig extrinsics), once, at the first stamp
+``/tf``                        tf2_msgs/msg/TFMessage       ``map`` -> ``base_link`` at every image stamp
 ``/fast3dis_gt/instances``     std_msgs/msg/String          JSON {"instances": [...], "cameras": [...],
                                                             "T_rig_cam": {...}, "K": {cam: 3x3}} once,
                                                             at the first stamp
 =============================  ===========================  =============================================
 
-Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). No
-``/tf_static``: the camera frames hang off ``map`` directly (ground-truth poses), so a static
-``base_link -> <cam>_optical_frame`` would give them a second parent; the fixed rig extrinsics travel in
-the JSON instead.
+Frame ``i`` is stamped ``start_ns + i * 1e9 / rate_hz`` (+ ``i_cam * camera_jitter_ns``). The TF tree is a
+robot's: ``map -> base_link`` (ground-truth rig pose, one transform per distinct image stamp) and static
+``base_link -> <cam>_optical_frame``, so a camera's pose is their composition. Bags of the older layout
+(``map -> <cam>_optical_frame`` on ``/tf``, no ``/tf_static``) are still read.
 
 Reading works on any rosbag2 folder (``metadata.yaml`` + db3/mcap files; the storage is taken from the
 metadata); corrupt or truncated bags raise :class:`BagReadError` naming the bag.
@@ -60,6 +62,7 @@ CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 TF = "tf2_msgs/msg/TFMessage"
 STRING = "std_msgs/msg/String"
 GT_INSTANCES_TOPIC = "/fast3dis_gt/instances"
+RIG_FRAME = "base_link"  # the rig frame of synthetic bags (static parent of the camera optical frames)
 
 class BagReadError(RuntimeError):
     """A rosbag2 could not be read (missing, corrupt, truncated, or an undecodable message)."""
@@ -280,9 +283,12 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
                        "K": {v.camera: np.asarray(v.K).tolist() for v in scene.frames[0]} if scene.frames else {},
                        "rate_hz": rate_hz, "start_ns": int(start_ns)}
             w.write(GT_INSTANCES_TOPIC, STRING, {"data": json.dumps(payload)}, start_ns)
+        T_rig_cam = {c: np.asarray(T, np.float64) for c, T in scene.T_rig_cam.items()}
+        w.write("/tf_static", TF, tf_message_dict([(RIG_FRAME, f"{c}_optical_frame", T_rig_cam[c])
+                                                   for c in scene.camera_names], start_ns), start_ns)
         for fi, frame in enumerate(scene.frames):
             t_frame = int(start_ns) + fi * period
-            tfs = []
+            tfs = {}
             for ci, v in enumerate(frame):
                 stamp = t_frame + ci * int(camera_jitter_ns)
                 fid = f"{v.camera}_optical_frame"
@@ -294,8 +300,9 @@ def write_scene_bag(scene, path: str | Path, storage: str = "mcap", rate_hz: flo
                 if ground_truth:
                     w.write(f"/{v.camera}/depth_gt", IMAGE, image_dict(v.depth.astype(np.float32), "32FC1", fid, stamp), stamp)
                     w.write(f"/{v.camera}/instance_gt", IMAGE, image_dict(v.instance.astype(np.int32), "32SC1", fid, stamp), stamp)
-                tfs.append(("map", fid, v.T_world_cam, stamp))
-            msg = {"transforms": [tf_message_dict([(p, c, T)], s)["transforms"][0] for p, c, T, s in tfs]}
+                # the rig pose from this camera's GT pose (the same for every camera of the frame set)
+                tfs.setdefault(stamp, np.asarray(v.T_world_cam, np.float64) @ np.linalg.inv(T_rig_cam[v.camera]))
+            msg = {"transforms": [tf_message_dict([("map", RIG_FRAME, T)], s)["transforms"][0] for s, T in tfs.items()]}
             w.write("/tf", TF, msg, t_frame)
         return dict(w.counts)
 
@@ -549,12 +556,17 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
 
     Cameras are named through ``identity`` (a ``data.camera_identity.CameraIdentity``; default: the cameras
     discovered from the bag's image streams), the same mapping the replay uses: GT topics by their stream
-    (``/robot/front/depth_gt`` -> ``front``), poses by the TF child frame (``map -> front_optical_frame``,
-    or a frame seen in a header of that camera). K: the camera's CameraInfo, else the GT JSON's ``"K"``
+    (``/robot/front/depth_gt`` -> ``front``), poses by the TF frame of the camera (``front_optical_frame``,
+    or a frame seen in a header of that camera), composed through ``/tf`` + ``/tf_static`` to
+    ``world_frame`` at every GT stamp (``map -> base_link -> front_optical_frame`` or a direct
+    ``map -> front_optical_frame``). K: the camera's CameraInfo, else the GT JSON's ``"K"``
     (``{camera: 3x3 | 9 values | {fx, fy, cx, cy}}``). What matches no camera is listed in ``unmatched``."""
+    from ..geometry.tf_tree import TransformLookupError, TransformTree
     from .camera_identity import CameraIdentity, plan_streams
 
     gt = GroundTruth()
+    tree = TransformTree()
+    stamps: dict[str, set[int]] = {}  # cam -> image stamps (poses are composed at them)
     b = _OpenBag(path)
     try:
         if identity is None:
@@ -563,7 +575,6 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
                 identity = plan_streams(topics, CameraIdentity()).identity
             except ValueError as e:
                 raise BagReadError(f"{b.path}: {e}") from e
-        tf_children: dict[str, dict[int, np.ndarray]] = {}
         sel = [c for c in b.reader.connections if c.topic == GT_INSTANCES_TOPIC or c.topic in ("/tf", "/tf_static")
                or c.topic.endswith(("/depth_gt", "/instance_gt")) or c.msgtype == CAMERA_INFO]
         for conn, t, msg in b.messages(sel):
@@ -576,8 +587,7 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
                     gt.meta = {k: v for k, v in d.items() if k != "instances"}
             elif conn.msgtype == TF:
                 for tf in _tf_list(msg):
-                    if tf["parent"].strip("/") == world_frame:
-                        tf_children.setdefault(tf["child"], {})[tf["stamp_ns"]] = tf["T"]
+                    tree.add(tf["parent"], tf["child"], tf["T"], tf["stamp_ns"], static=conn.topic == "/tf_static")
             else:
                 cam = identity.camera_of_topic(conn.topic)
                 if cam is None:
@@ -586,6 +596,7 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
                     continue
                 identity.learn_frame(str(msg.header.frame_id), cam)
                 stamp = _stamp_ns(msg.header.stamp)
+                stamps.setdefault(cam, set()).add(stamp)
                 if conn.topic.endswith("/depth_gt"):
                     gt.depth.setdefault(cam, {})[stamp] = decode_image(msg).astype(np.float32, copy=False)
                 elif conn.topic.endswith("/instance_gt"):
@@ -595,12 +606,22 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
                     gt.K_source[cam] = "camera_info"
     finally:
         b.close()
-    for child, poses in tf_children.items():
-        cam = identity.camera_of_frame(child)
-        if cam is None:
-            gt.unmatched.append(f"tf {world_frame} -> {child}")
-        else:
-            gt.T_world_cam.setdefault(cam, {}).update(poses)
+    parents = {tree._edges[f].parent for f in tree.frames if f in tree._edges}
+    cam_frame: dict[str, str] = {}  # camera -> its frame: a header frame_id, else *_optical_frame, else any
+    rank = lambda f: (f in identity.frames, f.endswith("_optical_frame"))  # noqa: E731
+    for fid in sorted(tree.frames - {world_frame}):
+        cam = identity.camera_of_frame(fid)
+        if cam is None or cam not in stamps:
+            if fid not in parents:  # a leaf frame that is no camera's: say so (inner frames like base_link are not)
+                gt.unmatched.append(f"tf {world_frame} -> {fid}")
+        elif cam not in cam_frame or rank(fid) > rank(cam_frame[cam]):
+            cam_frame[cam] = fid
+    for cam, fid in cam_frame.items():  # world <- camera frame at every GT stamp (direct or via the rig)
+        for st in sorted(stamps[cam]):
+            try:
+                gt.T_world_cam.setdefault(cam, {})[st] = tree.lookup(world_frame, fid, st, tolerance_ns=0)
+            except TransformLookupError:
+                pass
     for key, value in (gt.meta.get("K") or {}).items():
         cam = key if identity.cameras is None or key in identity.cameras else identity.camera_of_topic(f"/{key}")
         K = _json_K(value)

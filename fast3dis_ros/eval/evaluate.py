@@ -10,8 +10,8 @@ Usage::
 
 Writes into ``--out``: ``output_bag/`` (the node's output topics, ``eval/output_bag.py``),
 ``accounting.json`` (every input frame and frame set: processed or dropped with a reason), and when the
-GT bag has ground truth (``/<cam>/depth_gt``, ``/<cam>/instance_gt``, GT poses ``map -> <cam>_optical_frame``
-on ``/tf``, CameraInfo): ``metrics.json``, ``report.md`` and PNG plots (``eval/report.py``).
+GT bag has ground truth (``/<cam>/depth_gt``, ``/<cam>/instance_gt``, GT poses ``map <- <cam>_optical_frame``
+from ``/tf`` + ``/tf_static``, CameraInfo): ``metrics.json``, ``report.md`` and PNG plots (``eval/report.py``).
 
 How predictions meet the ground truth
 -------------------------------------
@@ -97,6 +97,8 @@ def _lut(id_map: dict, n: int) -> np.ndarray:
 def select_views(records, gt) -> ScoredViews:
     """Latest window per (camera, stamp) among views that have GT depth, instances, K and pose."""
     latest: dict = {}
+    # ids merged by fusion after a window was fused live on as the id they merged into (the map's ids)
+    merged = (records[-1].fusion.info.get("merged_into") or {}) if records else {}
     for ri, rec in enumerate(records):
         p = rec.prediction
         for v, (cam, st) in enumerate(zip(p.cameras, p.view_stamps_ns)):
@@ -113,7 +115,7 @@ def select_views(records, gt) -> ScoredViews:
             continue
         rec = records[ri]
         p = rec.prediction
-        lut = _lut(rec.fusion.id_map, p.n_instances)
+        lut = _lut({w: merged.get(g, g) for w, g in rec.fusion.id_map.items()}, p.n_instances)
         loc = p.labels[v].astype(np.int64)
         sv.keys.append((cam, st))
         sv.rec_idx.append(ri)
@@ -517,6 +519,13 @@ def _parse(argv):
                     help="instance score threshold (predictor and fusion; default: the checkpoint's)")
     ap.add_argument("--voxel-size", type=float, default=0.02, help="map voxel size (map units)")
     ap.add_argument("--eval-voxel", type=float, default=0.05, help="voxel of the GT common point set (m)")
+    ap.add_argument("--known-geometry", choices=["none", "rig", "poses", "rig+poses"], default="none",
+                    help="geometry from the bag's TF: rig = /tf_static camera extrinsics (metric scale, relative "
+                         "camera poses in fusion), poses = camera poses in --known-pose-frame (fusion places the "
+                         "windows on them)")
+    ap.add_argument("--pose-conditioning", action="store_true",
+                    help="known poses also condition the network (the node's use_known_poses)")
+    ap.add_argument("--known-pose-frame", default="map", help="fixed TF frame of --known-geometry poses")
     ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
     add_baseline_args(ap)
     ap.add_argument("--no-progress", action="store_true")
@@ -585,7 +594,8 @@ def run(argv: list[str] | None = None) -> int:
     cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
                        image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
                        slop_ms=args.slop_ms, voxel_size=args.voxel_size, camera_map=camera_map,
-                       image_transport=args.image_transport)
+                       image_transport=args.image_transport, known_geometry=args.known_geometry,
+                       known_pose_frame=args.known_pose_frame, pose_conditioning=args.pose_conditioning)
     kw = {}
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold
@@ -622,6 +632,11 @@ def run(argv: list[str] | None = None) -> int:
           f"dropped by sync {acc['frames']['dropped_by_sync']}; frame sets: received {fs['received']}, processed "
           f"{fs['processed']}, dropped {fs['dropped']}; windows fused {acc['windows']['fused']}; "
           f"balanced: {acc['balanced']}")
+    ln = acc["fusion"].get("linking") or {}
+    print(f"linking: {ln.get('linked_instances', 0)}/{ln.get('window_instances', 0)} window instances linked to an "
+          f"existing map id (2D {ln.get('linked_2d', 0)}, 3D {ln.get('linked_3d', 0)}, mixed {ln.get('linked_mixed', 0)}; "
+          f"merges {ln.get('merges', 0)}, splits {ln.get('splits', 0)}, absorbed {ln.get('absorbed', 0)}); "
+          f"known geometry: {acc.get('known_geometry', {})}")
     if r["metrics"] is not None:
         print()
         print_table(r["metrics"])

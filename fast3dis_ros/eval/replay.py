@@ -13,7 +13,14 @@ name; a configured camera with no stream is a ``StreamPlanError`` naming the cau
 
 Frames are built as the node builds them: RGB from the Image / CompressedImage, ``K`` from the camera's
 CameraInfo with the same stamp (or the latest one) when its size matches the image
-(``use_known_intrinsics``), ``frame_id`` from the header. Known poses are not used (node default).
+(``use_known_intrinsics``), ``frame_id`` from the header. ``known_geometry`` (``fast3dis-eval
+--known-geometry``) adds the geometry a robot already has, from the bag's ``/tf`` + ``/tf_static``
+(``geometry.tf_tree``): ``none`` (node default), ``rig`` (static extrinsics of each camera, the top of its
+static chain, e.g. ``base_link <- <cam>_optical_frame``: metric scale and relative camera poses in fusion),
+``poses`` (``known_pose_frame <- frame_id`` at the image stamp: fusion places every window on them; with
+``pose_conditioning`` the network is conditioned on them too, as the node's ``use_known_poses`` does),
+``rig+poses`` (both: the rig gives the scale of the network's depth). A frame whose transform is missing
+goes without it (counted in ``accounting['known_geometry']``).
 Per camera, ``accounting["calibration"]`` counts frames with a known K and, by reason, those whose K the
 network estimates (said once per camera and reason in the log).
 
@@ -152,6 +159,12 @@ class ReplayConfig:
     use_known_intrinsics: bool = True
     map_frame: str = "map"
     max_frame_sets: int | None = None  # stop after this many image stamps per camera (None = all)
+    known_geometry: str = "none"  # none | rig | poses | rig+poses (see the module doc)
+    pose_conditioning: bool = False  # known poses also condition the network (DA3 camera encoder)
+    known_pose_frame: str = "map"  # fixed frame of the bag's TF tree for known_geometry='poses'
+    tf_tolerance_ms: float = 5.0  # nearest stamped transform accepted this far from the image stamp
+    link_2d: bool = True  # fusion: link instances by mask overlap on shared views too
+    link_decisions: bool = True  # fusion: explicit merge / split decisions
 
 
 @dataclass
@@ -323,6 +336,69 @@ def frames_from_bag(path, cameras: list[str] | None, image_topics: list[str] | N
             yield f
 
 
+KNOWN_GEOMETRY = ("none", "rig", "poses", "rig+poses")
+
+
+def _set_pose_conditioning(predictor, on: bool) -> None:
+    """``condition_on_poses`` of the predictor (or of the predictors it wraps through ``.base``)."""
+    p, depth = predictor, 0
+    while p is not None and depth < 8:
+        if hasattr(p, "condition_on_poses"):
+            p.condition_on_poses = bool(on)
+        p, depth = getattr(p, "base", None), depth + 1
+
+
+class KnownGeometry:
+    """The bag's TF tree (read once) and what ``ReplayConfig.known_geometry`` takes from it per frame."""
+
+    def __init__(self, bag, cfg: ReplayConfig) -> None:
+        from ..data.bags import read_camera_streams
+        from ..geometry.tf_tree import TransformTree
+
+        self.mode = cfg.known_geometry
+        self.frame = cfg.known_pose_frame
+        self.tol_ns = int(cfg.tf_tolerance_ms * 1e6)
+        self.tree = TransformTree()
+        self.counts: Counter = Counter()
+        for m in read_camera_streams(bag, topics=[t for t in ("/tf", "/tf_static") if t in _topics(bag)],
+                                     include_tf=False, skip_bad=True):
+            if m.kind != "tf":
+                self.counts["bad_tf_message"] += 1
+                continue
+            for t in m.data:
+                try:
+                    self.tree.add(t["parent"], t["child"], t["T"], t["stamp_ns"], static=m.topic == "/tf_static")
+                except ValueError:
+                    self.counts["bad_transform"] += 1
+
+    def attach(self, frame: CameraFrame) -> CameraFrame:
+        from ..geometry.tf_tree import TransformLookupError
+
+        fid = frame.frame_id
+        if "rig" in self.mode:
+            root, T = self.tree.static_root(fid)
+            if root == fid:
+                self.counts["no_rig_extrinsics"] += 1
+                log.warning("%s: no static transform above %s: frame without rig extrinsics", frame.camera, fid)
+            else:
+                frame.T_rig_cam = T
+                self.counts["with_rig_extrinsics"] += 1
+        if "poses" in self.mode:
+            try:
+                frame.T_world_cam = self.tree.lookup(self.frame, fid, frame.stamp_ns, self.tol_ns)
+                self.counts["with_pose"] += 1
+            except TransformLookupError as e:
+                self.counts["no_pose"] += 1
+                log.warning("%s: no pose %s <- %s at %d: %s", frame.camera, self.frame, fid, frame.stamp_ns, e)
+        return frame
+
+
+def _topics(bag) -> dict:
+    from ..data.bags import bag_topics
+
+    return bag_topics(bag)
+
+
 def replay_bag(
     bag: str | Path,
     predictor,
@@ -365,8 +441,16 @@ def replay_bag(
             on_window(rec)
 
     errors: list[str] = []
+    if cfg.known_geometry not in KNOWN_GEOMETRY:
+        raise ValueError(f"known_geometry must be one of {KNOWN_GEOMETRY}, got {cfg.known_geometry!r}")
+    from ..pipeline.linking import LinkParams
+
     fusion = MapFusion(voxel_size=cfg.voxel_size, max_points=cfg.max_map_points, min_score=cfg.score_threshold,
-                       conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame)
+                       conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame, link_2d=cfg.link_2d,
+                       link=LinkParams(decisions=cfg.link_decisions),
+                       use_known_poses="poses" in cfg.known_geometry, use_rig="rig" in cfg.known_geometry)
+    geo = KnownGeometry(bag, cfg) if cfg.known_geometry != "none" else None
+    _set_pose_conditioning(predictor, cfg.pose_conditioning)
     runner = PipelineRunner(cameras, predictor.predict, slop_ns=int(cfg.slop_ms * 1e6),
                             sync_queue_size=cfg.sync_queue_size, window_size=cfg.window_size, stride=cfg.stride,
                             fusion=fusion, sync_mode=True, on_fusion=on_fusion,
@@ -379,7 +463,7 @@ def replay_bag(
             writer.__enter__()
         for frame in frames_from_bag(bag, cameras, cfg.image_topics, cfg.use_known_intrinsics, counts, rejected,
                                      cfg.max_frame_sets, plan=plan, calibration=calibration):
-            runner.feed(frame)
+            runner.feed(geo.attach(frame) if geo is not None else frame)
             if bar is not None:
                 bar.update(1)
         runner.flush()
@@ -417,6 +501,7 @@ def replay_bag(
         "windows": {"emitted": acc["windows"]["emitted"], "fused": len(records),
                     "engine": acc["windows"]["engine"]},
         "fusion": acc["fusion"],
+        "known_geometry": {"mode": cfg.known_geometry, **(geo.counts if geo is not None else {})},
         "errors": errors,
         "balanced": bool(frames_ok and sets_ok and fs["in_flight"] == 0),
         "identities": {

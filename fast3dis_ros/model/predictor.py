@@ -24,6 +24,7 @@ from fast3dis_ros.model.backbone import PATCH_SIZE, normalize_images
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.postprocess import instances_from_queries
 from fast3dis_ros.pipeline.frames import Window, WindowPrediction
+from fast3dis_ros.pipeline.rig import rig_extrinsics_of
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 
@@ -72,6 +73,9 @@ class Predictor:
         self.cfg = cfg
         self.model = model.to(self.device).eval()
         self.process_size = int(process_size or cfg.backbone.process_res)
+        # known poses (CameraFrame.T_world_cam) condition the network (DA3's camera encoder) when True; they
+        # always travel to fusion in WindowPrediction.T_world_cam_known
+        self.condition_on_poses = True
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
         if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
@@ -140,7 +144,12 @@ class Predictor:
             K = np.stack([np.full((3, 3), np.nan) if k is None else np.asarray(k, np.float64) for k in Ks])
         all_K = all(k is not None for k in Ks)
         T_world_cam = np.stack(poses) if all_K and all(p is not None for p in poses) else None
-        return self._predict(
+        known = None
+        if any(p is not None for p in poses):
+            known = np.stack([np.full((4, 4), np.nan) if p is None else np.asarray(p, np.float64) for p in poses])
+        if not self.condition_on_poses:
+            T_world_cam = None
+        pred = self._predict(
             [v.image for v in views],
             K,
             None if T_world_cam is None else np.linalg.inv(T_world_cam),
@@ -150,6 +159,11 @@ class Predictor:
             frame_ids=[v.frame_id for v in views],
             view_stamps_ns=[int(v.stamp_ns) for v in views],
         )
+        pred.T_world_cam_known = known
+        # known rig extrinsics: DA3 conditions on full camera poses only (every view, across time), which a
+        # rig alone does not give; they go to fusion (metric scale, relative poses inside a frame set)
+        pred.T_rig_cam_known = rig_extrinsics_of(views)
+        return pred
 
     def predict_arrays(
         self, images: np.ndarray | Sequence[np.ndarray], K: np.ndarray | None = None, poses: np.ndarray | None = None

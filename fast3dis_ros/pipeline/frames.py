@@ -18,6 +18,8 @@ class CameraFrame:
 
     ``K`` is the 3x3 pinhole matrix from CameraInfo (None when unknown or invalid);
     ``T_world_cam`` is a known camera pose from TF (None unless the user enables known poses).
+    ``T_rig_cam`` is the camera's known mounting on its rig (static TF ``base_link <- frame_id``; None
+    unless the user enables known rig extrinsics).
     """
 
     camera: str
@@ -26,6 +28,7 @@ class CameraFrame:
     frame_id: str = ""
     K: np.ndarray | None = None
     T_world_cam: np.ndarray | None = None
+    T_rig_cam: np.ndarray | None = None
 
     @property
     def height(self) -> int:
@@ -102,6 +105,10 @@ class WindowPrediction:
     # Optional known camera poses (e.g. from TF) per view, (V, 4, 4) T_knownworld_cam; views whose pose
     # is unknown hold NaN. Only used by MapFusion(use_known_poses=True) as an alignment fallback.
     T_world_cam_known: np.ndarray | None = None
+    # Optional known rig extrinsics per view, (V, 4, 4) T_rig_cam (metric, static TF); NaN where unknown.
+    # MapFusion uses them to make each window metric (known vs predicted distances between the cameras of
+    # one frame set) and to fix the cameras' relative poses inside a frame set.
+    T_rig_cam_known: np.ndarray | None = None
 
     @property
     def n_instances(self) -> int:

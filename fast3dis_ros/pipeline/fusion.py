@@ -16,9 +16,22 @@ order of preference:
 3. otherwise the previous window's alignment is kept and ``events['no_overlap']`` is counted (an
    alignment that raises counts ``align_failed`` and falls through the same way).
 
+Known geometry: a window with rig extrinsics (``T_rig_cam_known``) gets its metric scale from them and its
+frame sets put back on the rig (``pipeline/rig.py``): the first makes the map metric, later ones are aligned
+with their own rig scale. With ``use_known_poses``, a window whose network did not use the poses is placed
+on them (map = the known world, metres).
+
+Instance ids (``pipeline/linking.py``): window instances are associated with map ids by per-pixel mask
+overlap on the views shared with earlier windows (the label images of the last ``view_memory`` views are
+kept in map ids) and by voxel overlap, blended in one score; merges (a window instance covering two map
+ids: they become one, map voxels relabelled with their votes) and splits are explicit decisions;
+``link_stats()`` / ``info['linking']`` count them and the linked instances.
+
 The running map is a voxel map (``voxel_size`` in map units) holding mean xyz / colour, one instance id
 per voxel (majority with vote hysteresis) and score; it never holds more than ``max_points`` voxels (the
-least recently observed are evicted).
+least recently observed are evicted). Why one object used to spread over several ids: a window whose
+instances did not link gave them new ids, whose votes took the voxels their points reached (new ones, or
+old ones they outvoted) while the rest kept the older id; linking on shared views removes the cause.
 
 ``integrate(pred)`` is ``commit(begin(pred))``: ``begin`` aligns, lifts, voxelises and matches the
 window's instances to global ids (everything the window's own cloud needs, ``WindowResult``); ``commit``
@@ -29,7 +42,7 @@ node publishes the window cloud in between, so the map's cost is not on the firs
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -37,6 +50,8 @@ from ..geometry.align import align_cameras, sim3_decompose
 from ..geometry.cameras import invert_se3
 from ..geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
 from .frames import InstanceCloud, InstanceSummary, WindowPrediction
+from .linking import Association, LinkParams, ViewLabelMemory, associate, overlap_2d, overlap_3d
+from .rig import rig_scale, rigidify
 from .stats import DropCounter
 from .tracker import InstanceTracker
 
@@ -78,6 +93,7 @@ class PendingWindow:
     nlab: int
     scores: np.ndarray
     tick: int
+    link: Association | None = None
 
 
 # hash slots store key + 2 (packed voxel keys are >= 0), so a zeroed table (calloc: pages are mapped lazily,
@@ -395,6 +411,23 @@ class VoxelMap:
         return (ids, self._lab_count[ids], self._lab_sum[ids], self._lab_min[ids].astype(np.float64),
                 self._lab_max[ids].astype(np.float64))
 
+    def relabel(self, lut: dict[int, int]) -> int:
+        """Give every voxel labelled with a key of ``lut`` the mapped id (merged instances), keeping its votes
+        (the voxel's label agreed with them; a merge must not restart the vote). Returns voxels changed."""
+        if not lut or not self._count:
+            return 0
+        src = np.fromiter(lut, np.int64)
+        dst = np.fromiter(lut.values(), np.int64)
+        inst = self._inst[:self._count]
+        rows = np.flatnonzero(np.isin(inst, src))
+        if not len(rows):
+            return 0
+        o = np.argsort(src)
+        self._stats_remove(rows)
+        self._inst[rows] = dst[o][np.searchsorted(src[o], self._inst[rows])]
+        self._stats_add(rows)
+        return int(len(rows))
+
     # ------------------------------------------------------------------ window update
     def __len__(self) -> int:
         return int(self._count)
@@ -605,10 +638,25 @@ class MapFusion:
         depth_ratio_stride: int = 4,
         map_frame: str = "map",
         workers: int = 2,
+        link_2d: bool = True,
+        link: LinkParams | None = None,
+        link_stride: int = 2,
+        use_rig: bool = True,
+        rig_rigidify: bool = True,
     ) -> None:
         """``workers``: threads that ``begin`` uses for the lifting, the map lookups and the per-voxel sums
         of a window (numpy releases the GIL in those loops; the other fusion steps stay on the caller's
-        thread). 1: none. The result does not depend on it."""
+        thread). 1: none. The result does not depend on it.
+
+        ``link_2d``: associate window instances with map ids by mask overlap on shared views too
+        (``pipeline/linking.py``; the label images of the last ``view_memory`` views are kept, subsampled by
+        ``link_stride``); ``link``: the association's thresholds and whether it makes split / merge
+        decisions (``match_iou`` overrides its ``match_iou``).
+
+        ``use_rig``: windows that carry known rig extrinsics (``WindowPrediction.T_rig_cam_known``) get
+        their metric scale from them (``pipeline/rig.py``): the first one makes the map metric and every
+        later one is aligned with its own rig scale instead of the chained depth ratio, so the map keeps
+        metres; ``rig_rigidify``: their cameras are also put back on the known rig per frame set."""
         if voxel_size <= 0 or max_points < 1:
             raise ValueError("MapFusion: voxel_size > 0 and max_points >= 1 required")
         self.voxel_size = float(voxel_size)
@@ -625,6 +673,11 @@ class MapFusion:
         self.workers = max(1, int(workers))
         self._pool = None  # ThreadPoolExecutor of workers - 1 threads, made on first use
         self.tracker = InstanceTracker(match_iou=match_iou, score_mode=score_mode)
+        self.use_rig = bool(use_rig)
+        self.rig_rigidify = bool(rig_rigidify)
+        self.link_2d = bool(link_2d)
+        self.link_params = LinkParams(**{**(link.__dict__ if link is not None else {}), "match_iou": float(match_iou)})
+        self.view_labels = ViewLabelMemory(self.view_memory, link_stride)
         self.map = VoxelMap(voxel_size, max_points)
         self.events = DropCounter()
         self.reset()
@@ -635,8 +688,13 @@ class MapFusion:
         self._views: OrderedDict[tuple[str, int], _ViewRecord] = OrderedDict()
         self._T_map_window_prev: np.ndarray | None = None
         self._T_map_known: np.ndarray | None = None
+        self._map_metric = False  # map units are metres (first window metric or rig-scaled)
+        self._map_on_known = False  # map = the known-pose world (first window placed on known poses)
         self._tick = 0
         self._pending: PendingWindow | None = None  # begin() done, commit() not yet
+        self.view_labels.clear()
+        self._link_totals: dict[str, int] = {}
+        self.merged_into: dict[int, int] = {}  # merged map id -> the id it lives on as (resolved)
 
     def _run(self, fns: list) -> list:
         """Results of the thunks ``fns``, the first on this thread, the others on the pool (``workers``)."""
@@ -683,11 +741,56 @@ class MapFusion:
         ok = np.all(np.isfinite(K.reshape(len(K), -1)), axis=1)
         return ok if ok.any() else None
 
-    def _align(self, pred: WindowPrediction, info: dict) -> tuple[np.ndarray, str, int, float | None]:
+    def _apply_rig(self, pred: WindowPrediction, info: dict) -> tuple[WindowPrediction, float | None]:
+        """(prediction with its cameras put on the known rig, metres per window unit) when the window carries
+        rig extrinsics and its depth is not metric already; else (pred, None)."""
+        if not self.use_rig or pred.T_rig_cam_known is None or pred.depth_scale_metric:
+            return pred, None
+        s, pairs = rig_scale(pred.T_cam_world, pred.T_rig_cam_known, pred.cameras)
+        info["rig_pairs"] = pairs
+        if s is None:
+            self.events.add("rig_scale_unavailable")
+            return pred, None
+        info["rig_scale"] = s
+        if self.rig_rigidify:
+            pred = replace(pred, T_cam_world=rigidify(pred.T_cam_world, pred.T_rig_cam_known, pred.cameras, s))
+        return pred, s
+
+    def _place_on_known_poses(self, pred: WindowPrediction, s_rig: float | None, info: dict
+                              ) -> tuple[WindowPrediction, float | None]:
+        """With ``use_known_poses`` and a known pose for every view of a window whose network did not use them
+        (depth not metric): its cameras become the known ones, in window units (the known world scaled by
+        1 / s), and s (metres per window unit) is returned: the rig scale when there is one, else the scale
+        of the Sim(3) that fits the predicted cameras to the known ones. Else (pred, None)."""
+        if not self.use_known_poses or pred.depth_scale_metric:
+            return pred, None
+        ok = self._known(pred)
+        if ok is None or not ok.all():
+            return pred, None
+        T_cam_known = invert_se3(np.asarray(pred.T_world_cam_known, np.float64))
+        s = s_rig
+        if s is None:
+            try:
+                s = float(sim3_decompose(align_cameras(T_cam_known, pred.T_cam_world))[0])
+            except (ValueError, np.linalg.LinAlgError):
+                self.events.add("align_failed")
+                return pred, None
+        if not np.isfinite(s) or s <= 0:
+            return pred, None
+        T = T_cam_known.copy()
+        T[:, :3, 3] /= s
+        info["known_pose_scale"] = s
+        return replace(pred, T_cam_world=T), s
+
+    def _align(self, pred: WindowPrediction, info: dict, s_rig: float | None = None
+               ) -> tuple[np.ndarray, str, int, float | None]:
         keys = list(zip(pred.cameras, (int(s) for s in pred.view_stamps_ns)))
         shared = [(v, self._views[k]) for v, k in enumerate(keys) if k in self._views]
         if self._T_map_window_prev is None:
-            return np.eye(4), "first", 0, None
+            T = np.eye(4)
+            if s_rig is not None:  # the map is metric from the first window on
+                T[:3, :3] *= s_rig
+            return T, "first", 0, s_rig
         if shared:
             try:
                 idx = [v for v, _ in shared]
@@ -697,6 +800,8 @@ class MapFusion:
                 # from their depth ratio would only add noise to an exact alignment.
                 if pred.depth_scale_metric and all(rec.metric for _, rec in shared):
                     scale = 1.0
+                elif s_rig is not None and self._map_metric:
+                    scale = s_rig  # absolute (rig) scale: no drift along the chain of windows
                 else:
                     scale = self._depth_ratio(pred, shared)
                     if scale is None:
@@ -755,7 +860,19 @@ class MapFusion:
         V = pred.depth.shape[0]
         keys = list(zip(pred.cameras, (int(t) for t in pred.view_stamps_ns)))
         shared_idx = {v for v, k in enumerate(keys) if k in self._views}
-        T_map_window, method, n_shared, _ = self._align(pred, info)
+        pred, s_rig = self._apply_rig(pred, info)
+        pred, s_known = self._place_on_known_poses(pred, s_rig, info)
+        if s_known is not None and (self._T_map_window_prev is None or self._map_on_known):
+            # the window's world is the known world in window units: s_known turns it into metres
+            T_map_window = np.eye(4)
+            T_map_window[:3, :3] *= s_known
+            method, n_shared = ("first" if self._T_map_window_prev is None else "known_poses"), len(shared_idx)
+            if self._T_map_window_prev is None:
+                self._map_on_known = True
+        else:
+            T_map_window, method, n_shared, _ = self._align(pred, info, s_rig)
+        if method == "first":
+            self._map_metric = bool(pred.depth_scale_metric) or s_rig is not None or s_known is not None
         s = sim3_decompose(T_map_window)[0]
         T_map_cam = _rigid_in_map(np.asarray(pred.T_cam_world, np.float64), T_map_window)
 
@@ -772,6 +889,7 @@ class MapFusion:
 
         self._T_map_window_prev = T_map_window
         self._tick += 1
+        o2d = self._overlap_2d(pred, keys)
 
         # lift all (confident) pixels into map, window labels with low score -> background
         xyz, rgb, lab, vkeys = lift_window(pred, T_map_window, self.stride_for(pred.depth.shape[-2:]),
@@ -836,8 +954,9 @@ class MapFusion:
                 present = np.bincount(vlab, minlength=nlab) > 0
                 present[pw] = True
                 kept_labels = np.flatnonzero(present[1:]) + 1
-                id_map, _ = self.tracker.assign_pairs(pair_w, map_lab, vm._lab_count,
-                                                      all_window_labels=kept_labels)
+                link = associate(kept_labels, o2d[:5], overlap_3d(pair_w, map_lab, vm._lab_count), self.link_params,
+                                 px_all=o2d[5])
+                id_map = self._ids(link)
                 lut = _id_lut(id_map, nlab)
                 # majority global id per voxel (ties -> smaller id); its score is its window label's score
                 if len(pv):
@@ -846,20 +965,114 @@ class MapFusion:
                     first[1:] = pv[order][1:] != pv[order][:-1]
                     best = order[first]
                     vlab[pv[best]] = pw[best]
-                return id_map, lut[vlab], label_scores(vlab, scores)
+                return id_map, link, lut[vlab], label_scores(vlab, scores)
 
             # the label matching on this thread, the sums beside it (``workers`` > 1)
-            (id_map, vinst, vscore), (n, w_xyz, w_rgb) = self._run([match, sums])
+            (id_map, link, vinst, vscore), (n, w_xyz, w_rgb) = self._run([match, sums])
             window_cloud = InstanceCloud(self.map_frame, pred.stamp_ns, w_xyz, w_rgb, vinst.astype(np.uint32),
                                          vscore)
             upd = (wrows, wrows >= before, xyz_sum, rgb_sum, n, vinst, vscore)
         else:
-            id_map, _ = self.tracker.assign_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), vm._lab_count)
+            id_map, link = {}, None
             window_cloud = empty_cloud(self.map_frame, pred.stamp_ns)
+        info["linking"] = self._link_info(link, id_map)
         window = WindowResult(pred.window_index, pred.stamp_ns, window_cloud, T_map_cam, T_map_window, id_map,
                               method, n_shared, s, info)
-        self._pending = PendingWindow(window, pred, upd, shared_idx, nlab, scores, self._tick)
+        self._pending = PendingWindow(window, pred, upd, shared_idx, nlab, scores, self._tick, link)
         return self._pending
+
+    # ------------------------------------------------------------------ linking
+    def _label_filter(self, pred: WindowPrediction) -> np.ndarray:
+        """Window label -> itself where its score reaches ``min_score`` (what lifting keeps), else 0."""
+        n = max(int(pred.n_instances), int(pred.labels.max()) if pred.labels.size else 0) + 1
+        keep = np.zeros(n, np.int64)
+        sc = np.asarray(pred.scores, np.float64)
+        ok = np.flatnonzero(sc >= self.min_score) + 1
+        keep[ok] = ok
+        return keep
+
+    def _overlap_2d(self, pred: WindowPrediction, keys: list[tuple[str, int]]) -> tuple:
+        """Pixel overlap of the window's (kept) labels with the map ids remembered for its shared views
+        (``overlap_2d``'s tuple) and the pixels of each label on all its views (same subsampling; None when
+        no view is remembered)."""
+        win, mapped = [], []
+        px_all = None
+        if self.link_2d and len(self.view_labels):
+            keep = self._label_filter(pred)
+            px_all = np.bincount(keep[self.view_labels.subsample(
+                np.clip(pred.labels, 0, len(keep) - 1).transpose(1, 2, 0))].ravel(), minlength=len(keep))
+            for v, k in enumerate(keys):
+                m = self.view_labels.get(k)
+                if m is None:
+                    continue
+                w = self.view_labels.subsample(np.clip(pred.labels[v], 0, len(keep) - 1))
+                if w.shape != m.shape:
+                    self.events.add("link_view_shape_mismatch")
+                    continue
+                win.append(keep[w])
+                mapped.append(m)
+        return overlap_2d(win, mapped) + (px_all,)
+
+    def _ids(self, link: Association) -> dict[int, int]:
+        """Global id per window label: the associated map id, else a new one (ascending labels)."""
+        return {lab: (gid if gid else self.tracker.new_id()) for lab, gid in sorted(link.id_map.items())}
+
+    def _link_info(self, link: Association | None, id_map: dict[int, int]) -> dict:
+        """Per-window linking figures: ``window_instances`` (labels that got an id), ``linked_instances``
+        (of those, linked to an id the map already had), evidence kinds and decisions."""
+        out = {"window_instances": len(id_map), "linked_instances": 0, "map_had_instances": bool(self.map._lab_count[1:].any())}
+        if link is not None:
+            out.update({k: v for k, v in link.counts.items() if k != "window_instances"})
+            out["linked_instances"] = sum(1 for g in link.id_map.values() if g)
+        return out
+
+    def current_id(self, gid: int) -> int:
+        """The map id that ``gid`` (e.g. from an earlier window's ``id_map``) lives on as after merges."""
+        return self.merged_into.get(int(gid), int(gid))
+
+    def link_stats(self) -> dict:
+        """Cumulative linking figures over the committed windows whose map already held instances (a first
+        window cannot link anything): ``window_instances``, ``linked_instances``, ``linking_rate`` (their
+        ratio, None before any), ``windows``; and the decision counts (``linked_2d`` / ``linked_3d`` /
+        ``linked_mixed``, ``merges`` / ``merged_ids``, ``splits``, ``absorbed``) over all windows."""
+        t = dict(self._link_totals)
+        for k in ("window_instances", "linked_instances", "windows"):
+            t.setdefault(k, 0)
+        t["linking_rate"] = t["linked_instances"] / t["window_instances"] if t["window_instances"] else None
+        return t
+
+    def _count_link(self, info: dict) -> None:
+        tot = self._link_totals
+        if info.get("map_had_instances"):
+            for k in ("window_instances", "linked_instances"):
+                tot[k] = tot.get(k, 0) + int(info.get(k, 0))
+            tot["windows"] = tot.get("windows", 0) + 1
+        for k in ("linked_2d", "linked_3d", "linked_mixed", "merges", "merged_ids", "splits", "absorbed"):
+            tot[k] = tot.get(k, 0) + int(info.get(k, 0))
+
+    def _apply_merges(self, link: Association | None) -> None:
+        if link is None or not link.merges:
+            return
+        lut = {src: dst for dst, srcs in link.merges for src in srcs}
+        for src, dst in lut.items():
+            for k, v in self.merged_into.items():
+                if v == src:
+                    self.merged_into[k] = dst
+            self.merged_into[src] = dst
+        self.map.relabel(lut)
+        self.tracker.merge(lut)
+        self.view_labels.relabel(lut)
+
+    def _remember_labels(self, pred: WindowPrediction, id_map: dict[int, int]) -> None:
+        """The window's label images in global ids, for linking the next windows on shared views."""
+        if not self.link_2d:
+            return
+        keep = self._label_filter(pred)
+        lut = _id_lut(id_map, len(keep))
+        lut = np.where(keep > 0, lut, 0)
+        for v in range(pred.labels.shape[0]):
+            self.view_labels.put((pred.cameras[v], int(pred.view_stamps_ns[v])),
+                                 lut[np.clip(pred.labels[v], 0, len(lut) - 1)])
 
     def commit(self, pending: PendingWindow) -> FusionResult:
         """Second half of ``integrate``: fold the window of ``begin`` into the map (sums, votes, eviction),
@@ -869,6 +1082,9 @@ class MapFusion:
         self._pending = None
         w, pred, nlab, scores = pending.window, pending.pred, pending.nlab, pending.scores
         self._remember_views(pred, w.T_map_cam, w.scale)
+        self._apply_merges(pending.link)
+        self._remember_labels(pred, w.id_map)
+        self._count_link(w.info.get("linking", {}))
         if pending.update is not None:
             self.map.update_rows(*pending.update, pending.tick)
             # memory for the next window's new voxels (about as many as this one's), off its latency path
@@ -888,6 +1104,8 @@ class MapFusion:
         map_cloud = self.map.cloud(self.map_frame, pred.stamp_ns)
         instances = self._summaries()
         self.tracker.prune([i.id for i in instances])
+        if self.merged_into:
+            w.info["merged_into"] = dict(self.merged_into)  # earlier windows' ids -> current map ids
         w.info["map_voxels"] = len(self.map)
         w.info["evicted_total"] = self.map.evicted
         return FusionResult(**{f.name: getattr(w, f.name) for f in fields(WindowResult)},

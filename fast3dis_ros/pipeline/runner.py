@@ -95,6 +95,7 @@ def sanitize_prediction(pred: WindowPrediction, count_nonfinite_depth: bool = Tr
     out.images, out.depth, out.depth_conf = sub(pred.images), sub(pred.depth), sub(pred.depth_conf)
     out.K, out.T_cam_world, out.labels = sub(pred.K), sub(pred.T_cam_world), sub(pred.labels)
     out.T_world_cam_known = sub(pred.T_world_cam_known)
+    out.T_rig_cam_known = sub(pred.T_rig_cam_known)
     return out, ev
 
 
@@ -354,7 +355,8 @@ class PipelineRunner:
                     "dropped": self.sync.drops.as_dict(),
                 },
                 "windows": {"emitted": self.windows_emitted, "engine": self.engine.stats()},
-                "fusion": {"events": self.fusion.events.as_dict(), "ms": self.fusion_ms.as_dict(),
+                "fusion": {"events": self.fusion.events.as_dict(), "linking": self.fusion.link_stats(),
+                           "ms": self.fusion_ms.as_dict(),
                            "e2e_ms": self.e2e_ms.as_dict(), "window_e2e_ms": self.window_e2e_ms.as_dict()},
                 "sync_resets": self.sync.resets,
                 "nonfinite_windows_in_a_row": self.nonfinite_windows_in_a_row,

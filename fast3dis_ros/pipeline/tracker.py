@@ -164,6 +164,24 @@ class InstanceTracker:
         tr.last_window = window_index
         return tr
 
+    def merge(self, lut: dict[int, int]) -> None:
+        """Fold the tracks of merged ids (keys of ``lut``) into the kept ones (values): running-max score,
+        views and windows added, earliest first window. Merged ids are never reused."""
+        for src, dst in lut.items():
+            a = self.tracks.pop(int(src), None)
+            if a is None:
+                continue
+            b = self.tracks.get(int(dst))
+            if b is None:
+                self.tracks[int(dst)] = InstanceTrack(int(dst), a.score, a.views_seen, a.windows_seen, a.first_window,
+                                                      a.last_window)
+                continue
+            b.score = max(b.score, a.score)
+            b.views_seen += a.views_seen
+            b.windows_seen = max(b.windows_seen, a.windows_seen)
+            b.first_window = min(b.first_window, a.first_window)
+            b.last_window = max(b.last_window, a.last_window)
+
     def prune(self, alive_ids) -> None:
         alive = set(int(i) for i in alive_ids)
         for gid in [g for g in self.tracks if g not in alive]:

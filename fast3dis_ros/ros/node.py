@@ -172,7 +172,10 @@ class Fast3disNode(Node):
         fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
                            use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
-                           max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"])
+                           max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"],
+                           use_rig=self.p["use_rig_extrinsics"], link_2d=self.p["link_2d"])
+        if hasattr(predictor, "condition_on_poses"):
+            predictor.condition_on_poses = bool(self.p["condition_on_known_poses"])
         from .sync_adapter import make_synchronizer
 
         # 'fast3dis': None = the runner's own ApproximateTimeSync (drop reasons, time-jump reset)
@@ -225,9 +228,13 @@ class Fast3disNode(Node):
         self.known_pose_frame = self.p["known_pose_frame"]
         self._pose_input_frames: set[str] = set()  # frames looked up as pose inputs: never re-published
         self._publish_known_to_map: bool | None = None  # decided at the first pose-conditioned window
-        if self.p["use_known_poses"]:
+        self._rig: dict[str, np.ndarray] = {}  # frame_id -> T rig_frame <- frame_id (static: looked up once)
+        if self.p["use_known_poses"] or self.p["use_rig_extrinsics"]:
             self._tf_buffer = TfLookup(self)
+        if self.p["use_known_poses"]:
             self.get_logger().info(f"known poses: {self.known_pose_frame} <- <image frame_id> from TF (tf2_ros)")
+        if self.p["use_rig_extrinsics"]:
+            self.get_logger().info(f"rig extrinsics: {self.p['rig_frame']} <- <image frame_id> from /tf_static")
 
         # ~/save_map, ~/reset_map, ~/get_instances: own callback group, answered from the map snapshot
         self.map_services = MapServices(self, self.map_frame, reset_map=self._reset_map,
@@ -341,8 +348,9 @@ class Fast3disNode(Node):
             self.get_logger().warning(f"{cam}: {verdict.reason}: {verdict.detail}")
         K = self._intrinsics(cam, w, h)
         frame_id = header.frame_id or self.p["camera_frame"].format(camera=cam)
-        T_world_cam = self._known_pose(cam, frame_id, stamp) if self._tf_buffer is not None else None
-        frame = CameraFrame(cam, stamp, rgb, frame_id=frame_id, K=K, T_world_cam=T_world_cam)
+        T_world_cam = self._known_pose(cam, frame_id, stamp) if self.p["use_known_poses"] else None
+        T_rig_cam = self._rig_extrinsics(cam, frame_id) if self.p["use_rig_extrinsics"] else None
+        frame = CameraFrame(cam, stamp, rgb, frame_id=frame_id, K=K, T_world_cam=T_world_cam, T_rig_cam=T_rig_cam)
         self.runner.feed(frame)
 
     def _on_image(self, msg: Image, cam: str) -> None:
@@ -396,6 +404,22 @@ class Fast3disNode(Node):
         what = f"time jumped back{span}: {'window and map reset' if map_reset else 'window reset, map kept'}"
         self.diag.time_jump = (time.monotonic(), what)
         self.get_logger().warning(f"{what} (time_jump_policy {self.p['time_jump_policy']})")
+
+    def _rig_extrinsics(self, cam: str, frame_id: str) -> np.ndarray | None:
+        """T rig_frame <- frame_id (static, cached once found; None, logged and counted, while TF lacks it)."""
+        T = self._rig.get(frame_id)
+        if T is not None:
+            return T
+        try:
+            T = self._tf_buffer.lookup(self.p["rig_frame"], frame_id, 0)
+            if not np.all(np.isfinite(T)):
+                raise TfLookupError("non-finite transform")
+        except (TfLookupError, ValueError) as e:
+            self.diag.input_errors[cam].add("no_rig_extrinsics")
+            self._warn(f"rig_{cam}", f"{cam}: no static TF {self.p['rig_frame']} <- {frame_id}: {e}")
+            return None
+        self._rig[frame_id] = T
+        return T
 
     # ------------------------------------------------------------------ engine thread
     def _on_engine_error(self, window, exc) -> None:
@@ -615,7 +639,9 @@ class Fast3disNode(Node):
                        "frames_pending": frames.get("pending", 0),
                        "frame_sets_dropped": sum(sets.get("dropped", {}).values()),
                        "silent_cameras": ",".join(sorted(self.runner.silent_cameras())),
-                       **{f"fusion_{k}": v for k, v in acc.get("fusion", {}).get("events", {}).items()}}
+                       **{f"fusion_{k}": v for k, v in acc.get("fusion", {}).get("events", {}).items()},
+                       **{f"linking_{k}": v for k, v in acc.get("fusion", {}).get("linking", {}).items()
+                          if v is not None}}
             arr = self.diag.build(self.get_clock().now().to_msg(), sync, engine, outputs)
             arr.status.append(self._interface_status())
             self.pub_diag.publish(arr)

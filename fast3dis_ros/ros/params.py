@@ -132,6 +132,21 @@ PARAMS: list[ParamSpec] = [
               "Fixed frame of the input TF tree in which known camera poses are looked up (use_known_poses). "
               "May equal map_frame (e.g. fast3dis-synth bags: map -> <camera>_optical_frame).",
               extra="non-empty, no leading '/'"),
+    ParamSpec("use_rig_extrinsics", False,
+              "Use the static TF rig_frame <- image frame_id of every camera (its mounting on the robot, "
+              "/tf_static) in fusion: each window's metric scale from the known vs predicted distances between "
+              "the cameras of one frame set, and those cameras put back on the known rig. The map is then in "
+              "metres without odometry."),
+    ParamSpec("rig_frame", "base_link", "Frame the cameras' static transforms hang off (use_rig_extrinsics).",
+              extra="non-empty, no leading '/'"),
+    ParamSpec("condition_on_known_poses", True,
+              "With use_known_poses: also condition the network on the poses (DA3's camera encoder). False: "
+              "fusion alone places every window on them (scale from the rig, else from the fit of the "
+              "predicted cameras), for checkpoints trained without pose conditioning."),
+    ParamSpec("link_2d", True,
+              "Link window instances to map ids by per-pixel mask overlap on the views shared with earlier "
+              "windows (exact whatever the depth and poses), then by voxel overlap; split / merge decisions "
+              "are counted in the diagnostics."),
     # outputs
     ParamSpec("publish_window_cloud", True, "Also publish each window's own cloud on ~/window_cloud.",
               read_only=False),
