@@ -181,13 +181,6 @@ def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes:
     return res
 
 
-def _per_window_scenes(sv: ScoredViews) -> list[list[int]]:
-    by: dict = {}
-    for i, ri in enumerate(sv.rec_idx):
-        by.setdefault(ri, []).append(i)
-    return list(by.values())
-
-
 def _offset_window_labels(sv: ScoredViews, local_labels: list[np.ndarray], local_scores: dict[int, np.ndarray]):
     """Window-local labels made globally unique by window (no cross-window association)."""
     offs, cur = {}, 0
@@ -303,7 +296,7 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
 
 
 def baseline_metrics(records, sv: ScoredViews, *, eval_voxel: float = 0.05, params: dict | None = None,
-                     pool: dict | None = None, depth: dict | None = None, pose: dict | None = None):
+                     pool: dict | None = None, depth: dict | None = None, pose: dict | None = None, gt=None):
     """HDBSCAN (``run_baseline`` with ``params``) on the replay's windows, scored like FAST3DIS.
     Returns (method metrics, curves, baseline output). ``pool``: {"whole": ev, "per_window": ev} of
     ``InstanceAPEvaluator`` s that also receive this replay's scenes (pooling over several bags)."""
@@ -314,33 +307,37 @@ def baseline_metrics(records, sv: ScoredViews, *, eval_voxel: float = 0.05, para
     b_scores = {ri: base_out["scores"][ri] for ri in set(sv.rec_idx)}
     b_lab, b_sc = _offset_window_labels(sv, b_loc, b_scores)
     bap = _ap3d(sv, b_lab, b_sc, [list(range(len(sv)))], eval_voxel, pool=pool.get("whole"))
-    bapw = _ev_per_window(sv, b_loc, b_scores, eval_voxel, pool=pool.get("per_window"))
+    gtv = window_gt_views(records, gt) if gt is not None else {}
+    bapw = _ev_per_window(gtv, lambda ri, v: base_out["labels"][ri][v], base_out["scores"], eval_voxel,
+                          pool=pool.get("per_window"))
     bm2 = _mask2d(sv, b_loc, [b_scores[ri] for ri in sv.rec_idx])
     cl = base_out["ms"]
     m = {
         "AP": bap["AP"], "AP50": bap["AP50"], "AP25": bap["AP25"],
         "ap_per_threshold": bap["ap_per_threshold"], "n_gt": bap["n_gt"], "n_pred": bap["n_pred"],
         "n_points": bap["n_points"],
-        "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred", "n_views")},
         "mask2d": bm2,
         "depth": depth, "pose": pose,  # same geometry (FAST3DIS forward)
         "timing": {"cluster_ms_mean": float(np.mean(cl)) if cl else float("nan"), "ms_per_window_mean":
                    float(np.mean(np.add(cl, engine_ms))) if cl else float("nan"), "n_windows": len(cl)},
         "features": base_out["features"],
         "params": dict(params or {}),
-        "note": "whole-replay AP: ids are per window (no tracking); compare AP_per_window",
+        "note": "lifted AP: ids are per window (no tracking); compare AP_per_window",
     }
     return m, {"pr": bap["curves"]}, base_out
 
 
 def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | None = None,
-                    meta: dict | None = None, baseline_params: dict | None = None, pool: dict | None = None
-                    ) -> tuple[dict, dict, ScoredViews, dict | None]:
+                    meta: dict | None = None, baseline_params: dict | None = None, pool: dict | None = None,
+                    keep_points: bool = False) -> tuple[dict, dict, ScoredViews, dict | None]:
     """(metrics for report.write_report, curves, scored views, baseline output or None).
 
     ``baseline_params``: keyword arguments of ``run_baseline`` (``min_cluster_frac``, ``min_samples``,
     ``w_xyz``, ``w_feat``, ``max_points``, ...). ``pool``: {method: {"whole": ev, "per_window": ev}} of
-    ``InstanceAPEvaluator`` s that also receive this replay's scenes (``eval/heldout.py`` pools bags)."""
+    ``InstanceAPEvaluator`` s that also receive this replay's scenes (``eval/heldout.py`` pools bags;
+    ``pool["fast3dis"]["map_cloud"]`` receives the final map). ``keep_points``: keep the map's per-point
+    distance / GT label in ``methods.fast3dis.map_cloud.points`` (demo error render)."""
     pool = pool or {}
     fpool = pool.get("fast3dis") or {}
     sv = select_views(records, gt)
@@ -355,53 +352,88 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
     if len(sv) == 0:
         return {"methods": {}, "meta": {**(meta or {}), "scored_views": 0,
                                         "note": "no view matched ground truth"}}, {}, sv, None
-    # FAST3DIS: whole replay, map ids
+    # FAST3DIS, lifted: map ids of each view's latest window, lifted with GT depth and poses
     glab, gsc = _dense(sv.pred_global, _global_scores(records))
     ap = _ap3d(sv, glab, gsc, [list(range(len(sv)))], eval_voxel, pool=fpool.get("whole"))
-    # per window, window-local ids
-    loc_scores = {ri: np.asarray(records[ri].prediction.scores, np.float64) for ri in set(sv.rec_idx)}
-    apw = _ev_per_window(sv, sv.pred_local, loc_scores, eval_voxel, pool=fpool.get("per_window"))
+    # per window, window-local ids, every view of the window
+    gtv = window_gt_views(records, gt)
+    loc_scores = {ri: np.asarray(rec.prediction.scores, np.float64) for ri, rec in enumerate(records)}
+    apw = _ev_per_window(gtv, lambda ri, v: records[ri].prediction.labels[v], loc_scores, eval_voxel,
+                         pool=fpool.get("per_window"))
     m2 = _mask2d(sv, sv.pred_local, [loc_scores[ri] for ri in sv.rec_idx])
     dep = _depth(sv)
     pose_w, pose_m = _pose(records, sv, gt)
+    from .map_metrics import score_replay_map
+
+    mp = score_replay_map(records, gt, voxel=eval_voxel, ap=fpool.get("map_cloud"), keep_points=keep_points)
     methods["fast3dis"] = {
         "AP": ap["AP"], "AP50": ap["AP50"], "AP25": ap["AP25"],
         "ap_per_threshold": ap["ap_per_threshold"], "n_gt": ap["n_gt"], "n_pred": ap["n_pred"],
         "n_points": ap["n_points"],
-        "AP_per_window": {k: apw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "AP_per_window": {k: apw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred", "n_views")},
+        "map_cloud": mp,
+        "linking": mp["linking"] if mp else None,
         "mask2d": m2,
         "depth": {k: v for k, v in dep.items() if k != "abs_rel_errors"},
         "pose": pose_w, "pose_map": pose_m,
         "timing": timing,
     }
     curves["fast3dis"] = {"pr": ap["curves"], "depth_abs_rel": dep.get("abs_rel_errors", [])}
+    if mp is not None and "points" in mp:  # arrays: not for metrics.json
+        curves["fast3dis"]["map_points"] = mp.pop("points")
     base_out = None
     if baseline == "hdbscan":
         methods["hdbscan"], curves["hdbscan"], base_out = baseline_metrics(
             records, sv, eval_voxel=eval_voxel, params=baseline_params, pool=(pool or {}).get("hdbscan"),
-            depth=methods["fast3dis"]["depth"], pose=pose_w)
+            depth=methods["fast3dis"]["depth"], pose=pose_w, gt=gt)
     metrics = {"methods": methods,
                "meta": {**(meta or {}), "scored_views": len(sv), "eval_voxel_m": eval_voxel,
-                        "protocol": "3D AP on the GT surface (pixel-to-voxel common point set), map ids via "
-                                    "FusionResult.id_map; latest window per view; see eval/evaluate.py"}}
+                        "protocol": "AP/AP50/AP25 = LIFTED AP: each view's map ids (latest window, "
+                                    "FusionResult.id_map) lifted with GT depth and poses onto the GT surface "
+                                    "(scores labels, not the map's geometry); map_cloud = the published map "
+                                    "cloud scored against the GT surface after one Sim(3) (eval/map_metrics.py); "
+                                    "AP_per_window = each window on all of its views; see eval/evaluate.py"}}
     return metrics, curves, sv, base_out
 
 
-def _ev_per_window(sv, labels, scores_by_rec, voxel, pool=None) -> dict:
+def window_gt_views(records, gt) -> dict[int, list[tuple]]:
+    """Per record index: (view index, GT depth, GT instances, K, T_world_cam) of **every** view of that
+    window with GT (a view shared by several windows appears in each of them)."""
+    out: dict[int, list[tuple]] = {}
+    for ri, rec in enumerate(records):
+        p = rec.prediction
+        for v, (cam, st) in enumerate(zip(p.cameras, p.view_stamps_ns)):
+            st = int(st)
+            dep = (gt.depth.get(cam) or {}).get(st)
+            ins = (gt.instance.get(cam) or {}).get(st)
+            K = gt.K.get(cam)
+            T = _gt_pose(gt, cam, st)
+            if dep is None or ins is None or K is None or T is None:
+                continue
+            out.setdefault(ri, []).append((v, np.asarray(dep, np.float32), np.asarray(ins, np.int64),
+                                           np.asarray(K, np.float64), np.asarray(T, np.float64)))
+    return out
+
+
+def _ev_per_window(gt_views: dict, label_of, scores_by_rec: dict, voxel: float, pool=None) -> dict:
+    """Per-window AP: each window is one scene, scored on all of its views with GT (``window_gt_views``),
+    with its window-local labels ``label_of(record index, view index)`` and scores ``scores_by_rec``."""
     from .metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
-    for sc in _per_window_scenes(sv):
-        ri = sv.rec_idx[sc[0]]
-        for grp in _group_by_shape(sc, [g.shape for g in sv.gt_depth]):
-            cps = build_common_point_set(np.stack([sv.gt_depth[i] for i in grp]),
-                                         np.stack([sv.gt_instance[i] for i in grp]),
-                                         np.stack([sv.gt_K[i] for i in grp]), np.stack([labels[i] for i in grp]),
-                                         T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
+    for ri, views in gt_views.items():
+        for grp in _group_by_shape(list(range(len(views))), [vw[1].shape for vw in views]):
+            sel = [views[i] for i in grp]
+            cps = build_common_point_set(np.stack([x[1] for x in sel]), np.stack([x[2] for x in sel]),
+                                         np.stack([x[3] for x in sel]),
+                                         np.stack([np.asarray(label_of(ri, x[0])) for x in sel]),
+                                         T_world_cam=np.stack([x[4] for x in sel]), voxel_size=voxel)
             ev.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
             if pool is not None:
                 pool.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
-    return ev.compute()
+    res = ev.compute()
+    res["n_views"] = int(sum(len(v) for v in gt_views.values()))
+    return res
 
 
 def has_ground_truth(gt) -> bool:

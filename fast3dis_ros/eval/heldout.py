@@ -178,7 +178,7 @@ def _sweep(scenes: _Scenes, seeds: list[int], grid: list[dict], eval_voxel: floa
         _m, _c, sv, _b = compute_metrics(res.records, gt, eval_voxel=eval_voxel, pool=fpool)
         msg = []
         for params, pool in zip(grid, pools):
-            m, _cur, _out = baseline_metrics(res.records, sv, eval_voxel=eval_voxel, params=params, pool=pool)
+            m, _cur, _out = baseline_metrics(res.records, sv, eval_voxel=eval_voxel, params=params, pool=pool, gt=gt)
             msg.append(f"{100 * (m['AP_per_window']['AP50'] or 0):.1f}")
         log(f"  tune scene {si + 1}/{len(seeds)} seed {seed}: {len(res.records)} windows, per-window AP50 per "
             f"setting [{', '.join(msg)}] ({time.perf_counter() - t0:.0f} s)")
