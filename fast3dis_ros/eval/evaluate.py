@@ -443,12 +443,29 @@ def has_ground_truth(gt) -> bool:
 # ----------------------------------------------------------------------------------------------------
 def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
-                 title: str = "FAST3DIS evaluation", baseline_params: dict | None = None) -> dict:
-    """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths."""
+                 title: str = "FAST3DIS evaluation", baseline_params: dict | None = None,
+                 oracle: tuple = (), oracle_table: list | None = None, keep_points: bool = False) -> dict:
+    """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths.
+
+    ``oracle``: parts of every window's prediction replaced by GT (``eval/oracle.py``); ``oracle_table``:
+    oracle configurations to replay as well (network run once per window), written to the report as the
+    error-budget table (``eval/oracle_table.py``). Both need GT in the bag."""
     from ..data.bags import read_ground_truth
     from .replay import ReplayConfig, replay_bag
     from .report import write_report
 
+    gt = read_ground_truth(gt_bag or bag)
+    if (oracle or oracle_table) and not has_ground_truth(gt):
+        raise ValueError("--oracle / --oracle-table need ground truth (depth_gt, instance_gt, GT poses) in the bag")
+    base_predictor = predictor
+    if oracle_table:
+        from .oracle import CachedPredictor
+
+        base_predictor = predictor = CachedPredictor(predictor)
+    if oracle:
+        from .oracle import OraclePredictor
+
+        predictor = OraclePredictor(base_predictor, gt, oracle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_bag = out / "output_bag"
@@ -464,12 +481,16 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
                                                 "output_topics": res.output_counts}), indent=2))
     paths = {"output_bag": str(out_bag.resolve()), "accounting": str(acc_path.resolve())}
     result = {"replay": res, "paths": paths, "metrics": None, "scored": None, "baseline": None}
-    gt = read_ground_truth(gt_bag or bag)
     if not has_ground_truth(gt):
         return result
     meta = {"bag": str(Path(bag).resolve()), "gt_bag": str(Path(gt_bag or bag).resolve()),
             "cameras": res.cameras, "windows": len(res.records),
             "window_size": (replay_cfg or ReplayConfig()).window_size, "stride": (replay_cfg or ReplayConfig()).stride}
+    if oracle:
+        from .oracle import oracle_name
+
+        meta["oracle"] = oracle_name(oracle)
+        meta["oracle_stats"] = dict(predictor.stats)
     if weights_info:
         meta["weights"] = weights_info.get("weights")
         meta["checkpoint"] = weights_info.get("checkpoint")
@@ -477,11 +498,16 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
             meta["WARNING"] = "WEIGHTS ARE RANDOM (no checkpoint found): metrics are not meaningful"
     t0 = time.perf_counter()
     metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta,
-                                                baseline_params=baseline_params)
+                                                baseline_params=baseline_params, keep_points=keep_points)
     metrics["meta"]["metrics_s"] = time.perf_counter() - t0
+    if oracle_table and len(sv):
+        from .oracle_table import scene_rows
+
+        metrics["oracle_table"] = scene_rows(bag, gt, base_predictor, replay_cfg or ReplayConfig(), oracle_table,
+                                             eval_voxel=eval_voxel)
     files = write_report(metrics, out, curves=curves, title=title)
     paths["report"] = files
-    result.update(metrics=metrics, scored=sv, baseline=base, gt=gt)
+    result.update(metrics=metrics, scored=sv, baseline=base, gt=gt, curves=curves)
     return result
 
 
@@ -505,6 +531,15 @@ def _parse(argv):
     ap.add_argument("--voxel-size", type=float, default=0.02, help="map voxel size (map units)")
     ap.add_argument("--eval-voxel", type=float, default=0.05, help="voxel of the GT common point set (m)")
     ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
+    ap.add_argument("--oracle", default=None, metavar="PARTS",
+                    help="replace these parts of every window's prediction with ground truth: any of "
+                         "masks,depth,poses (comma separated; 'all'); GT masks get window-local shuffled ids")
+    ap.add_argument("--oracle-table", choices=["issue", "all"], default=None,
+                    help="also replay the oracle configurations (issue: masks x depth+poses; all: every subset) "
+                         "and put the error-budget table in the report")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="a bag without ground truth is fine (replay + accounting, exit 0); otherwise a run that "
+                         "scores nothing exits 3")
     add_baseline_args(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -540,20 +575,31 @@ def print_table(metrics: dict, file=None) -> None:
             return "n/a"
         return f"{100 * v:5.1f}" if pct else f"{v:.3f}"
 
-    hdr = f"{'method':<10} {'AP':>6} {'AP50':>6} {'AP25':>6} {'AP/win':>6} {'2D AP':>6} {'AbsRel':>7} " \
-          f"{'d1':>6} {'AUC@3':>6} {'AUC@30':>6} {'ms/win':>8}"
+    hdr = f"{'method':<10} {'liftAP':>6} {'lift50':>6} {'lift25':>6} {'AP/win':>6} {'map AP':>6} {'map50':>6} " \
+          f"{'link%':>6} {'2D AP':>6} {'AbsRel':>7} {'d1':>6} {'AUC@3':>6} {'AUC@30':>6} {'ms/win':>8}"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for m, d in metrics.get("methods", {}).items():
+        mc = d.get("map_cloud") or {}
         print(f"{m:<10} {f(d.get('AP')):>6} {f(d.get('AP50')):>6} {f(d.get('AP25')):>6} "
-              f"{f(d.get('AP_per_window', {}).get('AP')):>6} {f(d.get('mask2d', {}).get('AP')):>6} "
+              f"{f(d.get('AP_per_window', {}).get('AP')):>6} {f(mc.get('AP')):>6} {f(mc.get('AP50')):>6} "
+              f"{f((d.get('linking') or {}).get('rate')):>6} {f(d.get('mask2d', {}).get('AP')):>6} "
               f"{f(d.get('depth', {}).get('abs_rel'), False):>7} {f(d.get('depth', {}).get('delta1')):>6} "
               f"{f(d.get('pose', {}).get('auc3')):>6} {f(d.get('pose', {}).get('auc30')):>6} "
               f"{d.get('timing', {}).get('ms_per_window_mean', float('nan')):8.1f}", file=file)
+    print("liftAP: labels lifted with GT depth+poses; map AP: the published map cloud vs the GT surface; "
+          "link%: window instances linked to an existing map id", file=file)
+    if metrics.get("oracle_table"):
+        from .oracle_table import table_lines
+
+        print("\nerror budget (oracle table, %):", file=file)
+        print("\n".join(table_lines(metrics["oracle_table"])), file=file)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input."""
+    """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input or bad
+    options, 3 when nothing was scored (no window, no ground truth without ``--replay-only``, no view
+    matching the ground truth)."""
     raise SystemExit(run(argv))
 
 
@@ -569,6 +615,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
+    from .oracle import all_oracle_configs, ISSUE_TABLE_CONFIGS, parse_oracle
+
+    try:
+        oracle = parse_oracle(args.oracle)
+    except ValueError as e:
+        print(f"fast3dis-eval: error: --oracle: {e}", file=sys.stderr)
+        return 2
+    table = {"issue": ISSUE_TABLE_CONFIGS, "all": all_oracle_configs(), None: None}[args.oracle_table]
     t0 = time.perf_counter()
     try:  # fail fast on an unreadable bag, before loading the model
         from ..data.bags import bag_topics
@@ -589,9 +643,13 @@ def run(argv: list[str] | None = None) -> int:
     try:
         r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
                          replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,
-                         progress=not args.no_progress, baseline_params=baseline_params_from_args(args))
+                         progress=not args.no_progress, baseline_params=baseline_params_from_args(args),
+                         oracle=oracle, oracle_table=table)
     except BagReadError as e:
         print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"fast3dis-eval: error: {e}", file=sys.stderr)
         return 2
     acc = r["replay"].accounting
     fs = acc["frame_sets"]
@@ -609,7 +667,26 @@ def run(argv: list[str] | None = None) -> int:
     for k, v in r["paths"].items():
         for p in v if isinstance(v, list) else [v]:
             print(f"  {Path(p).resolve()}")
+    why = _scored_nothing(r, args.replay_only)
+    if why:
+        print(f"fast3dis-eval: error: nothing was scored: {why}", file=sys.stderr)
+        return 3
     return 0 if acc["balanced"] else 1
+
+
+def _scored_nothing(r: dict, replay_only: bool) -> str | None:
+    """Why the run scored nothing (None when it scored something, or had nothing to score and
+    ``replay_only`` allows that)."""
+    if not r["replay"].records:
+        return "no window was processed (see accounting.json: frames rejected / dropped by sync)"
+    m = r["metrics"]
+    if m is None:
+        return None if replay_only else ("the bag has no ground truth (/<cam>/depth_gt, /<cam>/instance_gt, GT poses "
+                                         "on /tf); give --gt, or --replay-only for replay + accounting alone")
+    if not m.get("methods"):
+        return ("no processed view matched the ground truth by (camera, stamp): "
+                f"{m.get('meta', {}).get('note', 'check camera names and stamps of --gt')}")
+    return None
 
 
 if __name__ == "__main__":
