@@ -82,6 +82,15 @@ class OracleTable:
         self.scenes.append({"scene": name, "rows": rows})
         return rows
 
+    def merge(self, other: "OracleTable") -> None:
+        """Add the scenes of ``other`` (same configurations), e.g. from parallel runs (``--save`` / ``--merge``)."""
+        if other.configs != self.configs:
+            raise ValueError("oracle tables with different configurations cannot be merged")
+        self.scenes += other.scenes
+        for name, pools in other.pools.items():
+            for k, ev in pools.items():
+                self.pools[name][k].scenes += ev.scenes
+
     def pooled(self) -> list[dict]:
         out = []
         for c in self.configs:
@@ -142,7 +151,7 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.oracle_table", description=(
         "Error budget on held-out synthetic scenes: replay each scene with every oracle configuration "
         "(GT masks / depth / poses) and score the lifted labels, the published map cloud and linking."))
-    ap.add_argument("--seeds", default="7000-7007", help="synthetic scene seeds (data.synthetic)")
+    ap.add_argument("--seeds", default="7000-7007", help="synthetic scene seeds (data.synthetic); none = only --independent")
     ap.add_argument("--independent", default=None,
                     help="seeds of scenes from the independent generator (eval/independent_scene.py), e.g. 0-1")
     ap.add_argument("--configs", choices=["all", "issue"], default="all",
@@ -155,6 +164,9 @@ def _parse(argv):
     ap.add_argument("--eval-voxel", type=float, default=0.05)
     ap.add_argument("--cameras", type=int, default=3)
     ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--save", default=None, help="also pickle the tables here (for --merge)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="pool tables pickled by parallel runs (--save) instead of replaying scenes")
     return ap.parse_args(argv)
 
 
@@ -172,16 +184,25 @@ def run(argv: list[str] | None = None) -> dict:
     from .replay import ReplayConfig, load_predictor
     from .report import to_jsonable
 
+    import pickle
+
     t_start = time.perf_counter()
     configs = all_oracle_configs() if args.configs == "all" else ISSUE_TABLE_CONFIGS
-    predictor, winfo = load_predictor(args.checkpoint, args.device)
-    cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"synthetic": OracleTable(configs), "independent": OracleTable(configs)}
-    jobs = [("synthetic", s) for s in parse_seeds(args.seeds)]
-    if args.independent:
+    jobs = [("synthetic", s) for s in parse_seeds(args.seeds)] if not args.merge and args.seeds != "none" else []
+    if args.independent and not args.merge:
         jobs += [("independent", s) for s in parse_seeds(args.independent)]
+    winfo: dict = {}
+    for p in args.merge or []:
+        part = pickle.loads(Path(p).read_bytes())
+        winfo = part["weights"]
+        for k, t in part["tables"].items():
+            tables[k].merge(t)
+    if jobs:
+        predictor, winfo = load_predictor(args.checkpoint, args.device)
+    cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
     tmp = Path(tempfile.mkdtemp(prefix="oracle_table_"))
     try:
         for kind, seed in jobs:
@@ -200,6 +221,9 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"{kind} {seed}: map-cloud AP50 {summ} ({time.perf_counter() - t0:.0f} s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.save:
+        Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {k: winfo.get(k) for k in
+                                                                                ("weights", "checkpoint")}}))
     command = "python -m fast3dis_ros.eval.oracle_table " + shlex.join(argv)
     result = {"command": command, "weights": {k: winfo.get(k) for k in ("weights", "checkpoint")},
               "window_size": args.window_size, "stride": args.stride, "device": args.device,
