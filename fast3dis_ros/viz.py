@@ -276,7 +276,7 @@ def render_cloud_perspective_png(
 
 def save_map_errors_png(xyz: np.ndarray, ids: np.ndarray, dist: np.ndarray, gt_label: np.ndarray, path,
                         tau: float = 0.10, max_dist: float = 0.5, max_points: int = 40_000, seed: int = 0) -> str:
-    """What the robot sees, top-down in the GT world (z up), three panels side by side:
+    """What the robot sees, top-down in the GT world (z up; the highest 10 % of points hidden), three panels:
 
     1. the map coloured by instance id, each id written at its centroid;
     2. each point's distance to the GT surface (0 .. ``max_dist`` m, turbo; the map after its Sim(3));
@@ -293,6 +293,9 @@ def save_map_errors_png(xyz: np.ndarray, ids: np.ndarray, dist: np.ndarray, gt_l
 
     xyz, ids = np.asarray(xyz, np.float64), np.asarray(ids, np.int64)
     dist, gt_label = np.asarray(dist, np.float64), np.asarray(gt_label, np.int64)
+    if len(xyz):  # hide the top 10 % in height (a ceiling would cover the top-down view)
+        low = xyz[:, 2] <= np.percentile(xyz[:, 2], 90)
+        xyz, ids, dist, gt_label = xyz[low], ids[low], dist[low], gt_label[low]
     if len(xyz) > max_points:
         sel = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
         xyz, ids, dist, gt_label = xyz[sel], ids[sel], dist[sel], gt_label[sel]
@@ -322,7 +325,7 @@ def save_map_errors_png(xyz: np.ndarray, ids: np.ndarray, dist: np.ndarray, gt_l
     axs[1].set_title(f"geometry error (median {np.median(dist) if len(dist) else float('nan'):.2f} m)")
     axs[2].scatter(x, y, c=err[order], s=1, linewidths=0)
     ok = float(np.mean(err[:, 1] == 0.7)) if len(err) else 0.0
-    axs[2].set_title(f"labels: green right ({100 * ok:.0f} %), red wrong, black > {tau:.2f} m off")
+    axs[2].set_title(f"labels: green right ({100 * ok:.0f} %), red wrong,\nblack > {tau:.2f} m off the GT surface")
     for a in axs:
         a.set_aspect("equal")
         a.set_xlabel("x (m, GT world)")

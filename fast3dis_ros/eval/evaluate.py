@@ -5,6 +5,7 @@ Usage::
     fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
                   [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
                   [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
+                  [--oracle masks,depth,poses] [--oracle-table issue|all] [--replay-only]
                   [--hdbscan-min-cluster-frac 0.004 --hdbscan-min-samples 10 --hdbscan-w-xyz 1
                    --hdbscan-w-feat 1 --hdbscan-max-points 8000]
 
@@ -20,7 +21,8 @@ aligned in 3D for the instance metrics: they are scored on the **GT surface**.
 
 * Views are matched to GT by (camera, header stamp). A view seen by several overlapping windows is scored
   once, with the labels of the **latest** window that contained it.
-* **3D AP / AP50 / AP25** (ScanNet, class-agnostic; ``metrics.build_common_point_set``): every valid GT
+* **Lifted AP / AP50 / AP25** (keys ``AP``, ``AP50``, ``AP25``; formerly "whole replay"; ScanNet,
+  class-agnostic; ``metrics.build_common_point_set``): labels lifted with GT geometry. Every valid GT
   pixel of every scored view is lifted with GT depth, K and GT pose and voxelised (``--eval-voxel``, m);
   each voxel gets its majority GT instance and the majority *global* predicted id of its pixels. The
   predicted per-view labels are mapped to map ids with the window's ``FusionResult.id_map`` (labels the
@@ -28,14 +30,26 @@ aligned in 3D for the instance metrics: they are scored on the **GT surface**.
   scene = the whole replay, so ids must be consistent across views *and* windows. Instance score = the
   tracker's score of the map instance (``InstanceSummary.score``) if it is still in the final map, else
   the highest window score that mapped to it.
+  The lifted AP scores labels and linking; it never sees the map's own points.
+* **Map-cloud AP and map metrics** (``map_cloud``; ``eval/map_metrics.py``): the published map cloud
+  (``FusionResult.map_cloud`` = ``~/instances_cloud``) after one Sim(3) per scene, each map point labelled
+  by its nearest GT surface voxel within 10 cm (else background); geometry accuracy / completeness /
+  Chamfer, splits, merges, id switches over checkpoints, GT-object points left unassigned, and the
+  linking rate (``linking``: window instances linked to an existing map id).
 * ``AP_per_window``: the same with each window as its own scene and its window-local labels (no tracking
-  needed); this is the fair comparison with the HDBSCAN baseline, which has no cross-window ids.
+  needed), scored on **all** views of the window (``window_gt_views``; a view in two windows counts in
+  both); this is the fair comparison with the HDBSCAN baseline, which has no cross-window ids.
 * **2D mask AP** (COCO, class-agnostic): every scored view is one image; window-local masks and scores.
 * **Depth** AbsRel / delta1: predicted depth nearest-resized to the GT grid, per-view median scaling.
 * **Pose** AUC@3 / AUC@30 (pairwise relative errors, VGGT/DA3 protocol) of each window's predicted
   cameras, pooled over windows; ATE after Sim(3) alignment averaged over windows; ``pose_map``: the same
   for the fused camera poses in ``map`` (``FusionResult.T_map_cam``) of all scored views (tests drift of
   the window-to-map alignment).
+
+Error budget (``--oracle``, ``--oracle-table``; ``eval/oracle.py``, ``eval/oracle_table.py``): replace
+masks / depth / poses of every window's prediction with GT (GT masks with window-local shuffled ids);
+``--oracle-table`` replays the configurations of the issue's table (or all 8) and puts the table in the
+report. Exit codes: 0 ok, 1 accounting unbalanced, 2 unreadable input / bad options, 3 nothing scored.
 
 Baseline (``--baseline hdbscan``, ``eval/baseline.py``): on every window, HDBSCAN clusters the window's
 predicted points (FAST3DIS depth + cameras, so geometry is identical) with features = the pixel
