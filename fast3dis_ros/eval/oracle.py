@@ -132,7 +132,7 @@ class OraclePredictor:
 
     def __init__(self, base, gt, parts, seed: int = 0) -> None:
         self.base, self.gt, self.parts, self.seed = base, gt, tuple(parts), int(seed)
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter(views_replaced=0, views_without_gt=0)
 
     def predict(self, window: Window) -> WindowPrediction:
         pred = self.base.predict(window)
