@@ -217,6 +217,9 @@ def run(argv: list[str] | None = None) -> dict:
             rows = tables[kind].add(f"{kind} {seed}", bag, read_ground_truth(bag), CachedPredictor(predictor), cfg,
                                     args.eval_voxel)
             shutil.rmtree(bag, ignore_errors=True)
+            if args.save:  # after every scene: a killed run keeps what it finished
+                Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {
+                    k: winfo.get(k) for k in ("weights", "checkpoint")}}))
             summ = ", ".join(f"{r['oracle']} {_f(r['map_AP50'])}" for r in rows)
             print(f"{kind} {seed}: map-cloud AP50 {summ} ({time.perf_counter() - t0:.0f} s)", flush=True)
     finally:
