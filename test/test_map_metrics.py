@@ -83,11 +83,11 @@ def test_splits_merges_offsets_and_missing_parts_are_counted():
     assert r["instances"]["gt_objects_split"] == 1 and r["instances"]["map_ids_merged"] == 1
     # IoU ~0.67 (object 1 / id 5) and ~0.75 (object 2 / id 6): both match at 0.5, neither at 0.8 and above
     assert r["AP50"] == pytest.approx(1.0) and r["AP"] < 0.65
-    # object 2 missing from the map: its GT voxels are uncovered and count against the recall
-    keep = lab != 2
+    # a map of object 1 alone: object 2's GT voxels are uncovered, stay in the point set and cost recall
+    keep = lab == 1
     r2 = score_map_cloud(_cloud(xyz[keep], lab[keep]), surf, IDENT)
     assert r2["instances"]["uncovered_frac"] == pytest.approx(0.5, abs=0.05)
-    assert r2["AP50"] == pytest.approx(0.5, abs=0.01)
+    assert r2["n_gt"] == 2 and r2["AP50"] == pytest.approx(0.5, abs=0.01)
     # the whole map 25 cm off the surface (beyond tau = 10 cm): every label is background, AP 0
     r3 = score_map_cloud(_cloud(xyz + [0, 0, 0.25], lab), surf, IDENT)
     assert r3["AP50"] == 0.0 and r3["geometry"]["pct_points_within_10cm"] < 0.2
