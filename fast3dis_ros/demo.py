@@ -8,7 +8,8 @@
 3. Write the node's output topics to ``<out>/output_bag`` (mcap: instances_cloud, window_cloud,
    instances, markers, tf), ``accounting.json``, the instance-coloured map cloud as a binary PLY with
    ``instance`` and ``score`` properties, PNGs (input views, predicted depth next to GT, per-view instance
-   masks next to GT, top-down and perspective renders of the instance cloud), and ``metrics.json`` +
+   masks next to GT, top-down and perspective renders of the instance cloud, ``png/map_errors.png``: the
+   published map with its ids, its distance to the GT surface and its label errors), and ``metrics.json`` +
    ``report.md`` (3D AP/AP50/AP25 vs GT, 2D mask AP, depth AbsRel/delta1, pose AUC; see
    ``eval/evaluate.py`` for the protocol).
 
@@ -98,10 +99,15 @@ def _input_images(bag: Path, cameras: list[str]) -> dict:
     return {(f.camera, f.stamp_ns): f.image for f in frames_from_bag(bag, cameras, use_known_intrinsics=False)}
 
 
-def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str]) -> list[str]:
+def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str], map_points: dict | None = None) -> list[str]:
     from . import viz
 
     files = []
+    if map_points is not None and len(map_points["xyz_gt"]):  # the published map, its ids and its errors
+        from .eval.map_metrics import MAP_TAU_M
+
+        files.append(viz.save_map_errors_png(map_points["xyz_gt"], map_points["id"], map_points["dist_m"],
+                                             map_points["gt_label"], out / "png" / "map_errors.png", tau=MAP_TAU_M))
     png = out / "png"
     # input views: one row per frame set, one column per camera
     stamps = sorted({st for (_c, st) in inputs})
@@ -174,7 +180,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     r = evaluate_bag(bag, out, predictor=predictor, weights_info=info, replay_cfg=cfg, baseline=args.baseline,
-                     progress=progress, title="FAST3DIS demo (synthetic sample bag)")
+                     progress=progress, title="FAST3DIS demo (synthetic sample bag)", keep_points=True)
     timings["replay_and_metrics_s"] = time.perf_counter() - t0
     res = r["replay"]
 
@@ -187,7 +193,12 @@ def run_demo(argv: list[str] | None = None) -> dict:
                       m.score.astype(np.float32))
         paths.append(str(ply))
     inputs = _input_images(bag, res.cameras)
-    paths += _write_pngs(out, res, r["scored"], inputs, res.cameras)
+    map_points = (r.get("curves") or {}).get("fast3dis", {}).get("map_points")
+    paths += _write_pngs(out, res, r["scored"], inputs, res.cameras, map_points)
+    if map_points is not None and (out / "report.md").is_file():
+        with open(out / "report.md", "a") as fh:
+            fh.write("\n## What the robot sees\n\nThe published map (top-down, GT world after the Sim(3)): ids, "
+                     "distance of each point to the GT surface, and label errors.\n\n![map errors](png/map_errors.png)\n")
     paths += r["paths"].get("report", [])
     timings["outputs_s"] = time.perf_counter() - t0
     wall = time.perf_counter() - t_start
@@ -210,6 +221,13 @@ def run_demo(argv: list[str] | None = None) -> dict:
     if m is not None:
         print(f"final map: {len(m)} points, {len(res.final.instances)} instances "
               f"(ids {[i.id for i in res.final.instances][:20]})")
+        mc = (r["metrics"] or {}).get("methods", {}).get("fast3dis", {}).get("map_cloud")
+        if mc:
+            g = mc["geometry"]
+            print(f"map vs GT: map-cloud AP50 {100 * mc['AP50']:.1f}, median distance {g['accuracy_median_m']:.2f} m, "
+                  f"{100 * g['pct_points_within_10cm']:.0f} % of points within 10 cm, "
+                  f"{100 * g['pct_gt_surface_covered']:.0f} % of the GT surface covered, linking "
+                  f"{mc['linking']['linked']}/{mc['linking']['window_instances']} (png/map_errors.png)")
     print(f"output topics: {res.output_counts}")
     if r["metrics"] is not None:
         print()

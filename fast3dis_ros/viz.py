@@ -28,6 +28,7 @@ __all__ = [
     "render_cloud_perspective_png",
     "write_ply",
     "read_ply",
+    "save_map_errors_png",
 ]
 
 BACKGROUND_COLOR = np.array([96, 96, 96], dtype=np.uint8)  # label 0 (grey)
@@ -271,6 +272,69 @@ def render_cloud_perspective_png(
     img, _ = splat_points(u, v, np.where(front, z, np.inf), colors, W, H, point_radius, background)
     save_png(img, path)
     return img
+
+
+def save_map_errors_png(xyz: np.ndarray, ids: np.ndarray, dist: np.ndarray, gt_label: np.ndarray, path,
+                        tau: float = 0.10, max_dist: float = 0.5, max_points: int = 40_000, seed: int = 0) -> str:
+    """What the robot sees, top-down in the GT world (z up; the highest 10 % of points hidden), three panels:
+
+    1. the map coloured by instance id, each id written at its centroid;
+    2. each point's distance to the GT surface (0 .. ``max_dist`` m, turbo; the map after its Sim(3));
+    3. label errors: green = the point's id agrees with its GT object (the GT object the id mostly covers),
+       red = wrong object / an id on background / no id on an object, grey = background both, black = farther
+       than ``tau`` from any GT surface (no GT label; see ``eval/map_metrics.py``).
+
+    ``xyz`` (N, 3) in GT frame, ``ids`` map ids (0 = none), ``dist`` (N,) m, ``gt_label`` (N,) transferred GT
+    instance (0 = background or off-surface)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    xyz, ids = np.asarray(xyz, np.float64), np.asarray(ids, np.int64)
+    dist, gt_label = np.asarray(dist, np.float64), np.asarray(gt_label, np.int64)
+    if len(xyz):  # hide the top 10 % in height (a ceiling would cover the top-down view)
+        low = xyz[:, 2] <= np.percentile(xyz[:, 2], 90)
+        xyz, ids, dist, gt_label = xyz[low], ids[low], dist[low], gt_label[low]
+    if len(xyz) > max_points:
+        sel = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
+        xyz, ids, dist, gt_label = xyz[sel], ids[sel], dist[sel], gt_label[sel]
+    # the GT object each id mostly covers (on-surface points only)
+    dom: dict[int, int] = {}
+    on = (ids > 0) & (gt_label > 0)
+    for i in np.unique(ids[on]):
+        g, c = np.unique(gt_label[on & (ids == i)], return_counts=True)
+        dom[int(i)] = int(g[np.argmax(c)])
+    want = np.array([dom.get(int(i), -1) for i in ids]) if len(ids) else np.zeros(0, np.int64)
+    err = np.full((len(xyz), 3), 0.55)
+    err[(ids > 0) & (gt_label > 0) & (want == gt_label)] = (0.1, 0.7, 0.2)
+    err[((ids > 0) != (gt_label > 0)) | ((ids > 0) & (gt_label > 0) & (want != gt_label))] = (0.85, 0.1, 0.1)
+    err[dist > tau] = (0.0, 0.0, 0.0)
+    fig, axs = plt.subplots(1, 3, figsize=(15, 5.2))
+    order = np.argsort(xyz[:, 2]) if len(xyz) else np.zeros(0, np.int64)  # higher points drawn last (top-down)
+    x, y = xyz[order, 0], xyz[order, 1]
+    axs[0].scatter(x, y, c=label_color(ids[order]) / 255.0, s=1, linewidths=0)
+    for i in np.unique(ids[ids > 0]):
+        c = xyz[ids == i].mean(0)
+        axs[0].annotate(str(int(i)), (c[0], c[1]), fontsize=7, ha="center", va="center",
+                        bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.7, lw=0))
+    axs[0].set_title(f"map ids ({len(np.unique(ids[ids > 0]))} instances, {len(xyz)} points shown)")
+    sc = axs[1].scatter(x, y, c=np.clip(dist[order], 0, max_dist), cmap="turbo", vmin=0, vmax=max_dist, s=1,
+                        linewidths=0)
+    fig.colorbar(sc, ax=axs[1], fraction=0.046, label="distance to GT surface (m)")
+    axs[1].set_title(f"geometry error (median {np.median(dist) if len(dist) else float('nan'):.2f} m)")
+    axs[2].scatter(x, y, c=err[order], s=1, linewidths=0)
+    ok = float(np.mean(err[:, 1] == 0.7)) if len(err) else 0.0
+    axs[2].set_title(f"labels: green right ({100 * ok:.0f} %), red wrong,\nblack > {tau:.2f} m off the GT surface")
+    for a in axs:
+        a.set_aspect("equal")
+        a.set_xlabel("x (m, GT world)")
+    axs[0].set_ylabel("y (m)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------

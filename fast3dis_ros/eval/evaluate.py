@@ -5,6 +5,7 @@ Usage::
     fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
                   [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
                   [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
+                  [--oracle masks,depth,poses] [--oracle-table issue|all] [--replay-only]
                   [--hdbscan-min-cluster-frac 0.004 --hdbscan-min-samples 10 --hdbscan-w-xyz 1
                    --hdbscan-w-feat 1 --hdbscan-max-points 8000]
 
@@ -20,7 +21,8 @@ aligned in 3D for the instance metrics: they are scored on the **GT surface**.
 
 * Views are matched to GT by (camera, header stamp). A view seen by several overlapping windows is scored
   once, with the labels of the **latest** window that contained it.
-* **3D AP / AP50 / AP25** (ScanNet, class-agnostic; ``metrics.build_common_point_set``): every valid GT
+* **Lifted AP / AP50 / AP25** (keys ``AP``, ``AP50``, ``AP25``; formerly "whole replay"; ScanNet,
+  class-agnostic; ``metrics.build_common_point_set``): labels lifted with GT geometry. Every valid GT
   pixel of every scored view is lifted with GT depth, K and GT pose and voxelised (``--eval-voxel``, m);
   each voxel gets its majority GT instance and the majority *global* predicted id of its pixels. The
   predicted per-view labels are mapped to map ids with the window's ``FusionResult.id_map`` (labels the
@@ -28,14 +30,26 @@ aligned in 3D for the instance metrics: they are scored on the **GT surface**.
   scene = the whole replay, so ids must be consistent across views *and* windows. Instance score = the
   tracker's score of the map instance (``InstanceSummary.score``) if it is still in the final map, else
   the highest window score that mapped to it.
+  The lifted AP scores labels and linking; it never sees the map's own points.
+* **Map-cloud AP and map metrics** (``map_cloud``; ``eval/map_metrics.py``): the published map cloud
+  (``FusionResult.map_cloud`` = ``~/instances_cloud``) after one Sim(3) per scene, each map point labelled
+  by its nearest GT surface voxel within 10 cm (else background); geometry accuracy / completeness /
+  Chamfer, splits, merges, id switches over checkpoints, GT-object points left unassigned, and the
+  linking rate (``linking``: window instances linked to an existing map id).
 * ``AP_per_window``: the same with each window as its own scene and its window-local labels (no tracking
-  needed); this is the fair comparison with the HDBSCAN baseline, which has no cross-window ids.
+  needed), scored on **all** views of the window (``window_gt_views``; a view in two windows counts in
+  both); this is the fair comparison with the HDBSCAN baseline, which has no cross-window ids.
 * **2D mask AP** (COCO, class-agnostic): every scored view is one image; window-local masks and scores.
 * **Depth** AbsRel / delta1: predicted depth nearest-resized to the GT grid, per-view median scaling.
 * **Pose** AUC@3 / AUC@30 (pairwise relative errors, VGGT/DA3 protocol) of each window's predicted
   cameras, pooled over windows; ATE after Sim(3) alignment averaged over windows; ``pose_map``: the same
   for the fused camera poses in ``map`` (``FusionResult.T_map_cam``) of all scored views (tests drift of
   the window-to-map alignment).
+
+Error budget (``--oracle``, ``--oracle-table``; ``eval/oracle.py``, ``eval/oracle_table.py``): replace
+masks / depth / poses of every window's prediction with GT (GT masks with window-local shuffled ids);
+``--oracle-table`` replays the configurations of the issue's table (or all 8) and puts the table in the
+report. Exit codes: 0 ok, 1 accounting unbalanced, 2 unreadable input / bad options, 3 nothing scored.
 
 Baseline (``--baseline hdbscan``, ``eval/baseline.py``): on every window, HDBSCAN clusters the window's
 predicted points (FAST3DIS depth + cameras, so geometry is identical) with features = the pixel
@@ -186,13 +200,6 @@ def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes:
     return res
 
 
-def _per_window_scenes(sv: ScoredViews) -> list[list[int]]:
-    by: dict = {}
-    for i, ri in enumerate(sv.rec_idx):
-        by.setdefault(ri, []).append(i)
-    return list(by.values())
-
-
 def _offset_window_labels(sv: ScoredViews, local_labels: list[np.ndarray], local_scores: dict[int, np.ndarray]):
     """Window-local labels made globally unique by window (no cross-window association)."""
     offs, cur = {}, 0
@@ -308,7 +315,7 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
 
 
 def baseline_metrics(records, sv: ScoredViews, *, eval_voxel: float = 0.05, params: dict | None = None,
-                     pool: dict | None = None, depth: dict | None = None, pose: dict | None = None):
+                     pool: dict | None = None, depth: dict | None = None, pose: dict | None = None, gt=None):
     """HDBSCAN (``run_baseline`` with ``params``) on the replay's windows, scored like FAST3DIS.
     Returns (method metrics, curves, baseline output). ``pool``: {"whole": ev, "per_window": ev} of
     ``InstanceAPEvaluator`` s that also receive this replay's scenes (pooling over several bags)."""
@@ -319,33 +326,37 @@ def baseline_metrics(records, sv: ScoredViews, *, eval_voxel: float = 0.05, para
     b_scores = {ri: base_out["scores"][ri] for ri in set(sv.rec_idx)}
     b_lab, b_sc = _offset_window_labels(sv, b_loc, b_scores)
     bap = _ap3d(sv, b_lab, b_sc, [list(range(len(sv)))], eval_voxel, pool=pool.get("whole"))
-    bapw = _ev_per_window(sv, b_loc, b_scores, eval_voxel, pool=pool.get("per_window"))
+    gtv = window_gt_views(records, gt) if gt is not None else {}
+    bapw = _ev_per_window(gtv, lambda ri, v: base_out["labels"][ri][v], base_out["scores"], eval_voxel,
+                          pool=pool.get("per_window"))
     bm2 = _mask2d(sv, b_loc, [b_scores[ri] for ri in sv.rec_idx])
     cl = base_out["ms"]
     m = {
         "AP": bap["AP"], "AP50": bap["AP50"], "AP25": bap["AP25"],
         "ap_per_threshold": bap["ap_per_threshold"], "n_gt": bap["n_gt"], "n_pred": bap["n_pred"],
         "n_points": bap["n_points"],
-        "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "AP_per_window": {k: bapw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred", "n_views")},
         "mask2d": bm2,
         "depth": depth, "pose": pose,  # same geometry (FAST3DIS forward)
         "timing": {"cluster_ms_mean": float(np.mean(cl)) if cl else float("nan"), "ms_per_window_mean":
                    float(np.mean(np.add(cl, engine_ms))) if cl else float("nan"), "n_windows": len(cl)},
         "features": base_out["features"],
         "params": dict(params or {}),
-        "note": "whole-replay AP: ids are per window (no tracking); compare AP_per_window",
+        "note": "lifted AP: ids are per window (no tracking); compare AP_per_window",
     }
     return m, {"pr": bap["curves"]}, base_out
 
 
 def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | None = None,
-                    meta: dict | None = None, baseline_params: dict | None = None, pool: dict | None = None
-                    ) -> tuple[dict, dict, ScoredViews, dict | None]:
+                    meta: dict | None = None, baseline_params: dict | None = None, pool: dict | None = None,
+                    keep_points: bool = False) -> tuple[dict, dict, ScoredViews, dict | None]:
     """(metrics for report.write_report, curves, scored views, baseline output or None).
 
     ``baseline_params``: keyword arguments of ``run_baseline`` (``min_cluster_frac``, ``min_samples``,
     ``w_xyz``, ``w_feat``, ``max_points``, ...). ``pool``: {method: {"whole": ev, "per_window": ev}} of
-    ``InstanceAPEvaluator`` s that also receive this replay's scenes (``eval/heldout.py`` pools bags)."""
+    ``InstanceAPEvaluator`` s that also receive this replay's scenes (``eval/heldout.py`` pools bags;
+    ``pool["fast3dis"]["map_cloud"]`` receives the final map). ``keep_points``: keep the map's per-point
+    distance / GT label in ``methods.fast3dis.map_cloud.points`` (demo error render)."""
     pool = pool or {}
     fpool = pool.get("fast3dis") or {}
     sv = select_views(records, gt)
@@ -360,53 +371,88 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
     if len(sv) == 0:
         return {"methods": {}, "meta": {**(meta or {}), "scored_views": 0,
                                         "note": "no view matched ground truth"}}, {}, sv, None
-    # FAST3DIS: whole replay, map ids
+    # FAST3DIS, lifted: map ids of each view's latest window, lifted with GT depth and poses
     glab, gsc = _dense(sv.pred_global, _global_scores(records))
     ap = _ap3d(sv, glab, gsc, [list(range(len(sv)))], eval_voxel, pool=fpool.get("whole"))
-    # per window, window-local ids
-    loc_scores = {ri: np.asarray(records[ri].prediction.scores, np.float64) for ri in set(sv.rec_idx)}
-    apw = _ev_per_window(sv, sv.pred_local, loc_scores, eval_voxel, pool=fpool.get("per_window"))
+    # per window, window-local ids, every view of the window
+    gtv = window_gt_views(records, gt)
+    loc_scores = {ri: np.asarray(rec.prediction.scores, np.float64) for ri, rec in enumerate(records)}
+    apw = _ev_per_window(gtv, lambda ri, v: records[ri].prediction.labels[v], loc_scores, eval_voxel,
+                         pool=fpool.get("per_window"))
     m2 = _mask2d(sv, sv.pred_local, [loc_scores[ri] for ri in sv.rec_idx])
     dep = _depth(sv)
     pose_w, pose_m = _pose(records, sv, gt)
+    from .map_metrics import score_replay_map
+
+    mp = score_replay_map(records, gt, voxel=eval_voxel, ap=fpool.get("map_cloud"), keep_points=keep_points)
     methods["fast3dis"] = {
         "AP": ap["AP"], "AP50": ap["AP50"], "AP25": ap["AP25"],
         "ap_per_threshold": ap["ap_per_threshold"], "n_gt": ap["n_gt"], "n_pred": ap["n_pred"],
         "n_points": ap["n_points"],
-        "AP_per_window": {k: apw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred")},
+        "AP_per_window": {k: apw[k] for k in ("AP", "AP50", "AP25", "n_gt", "n_pred", "n_views")},
+        "map_cloud": mp,
+        "linking": mp["linking"] if mp else None,
         "mask2d": m2,
         "depth": {k: v for k, v in dep.items() if k != "abs_rel_errors"},
         "pose": pose_w, "pose_map": pose_m,
         "timing": timing,
     }
     curves["fast3dis"] = {"pr": ap["curves"], "depth_abs_rel": dep.get("abs_rel_errors", [])}
+    if mp is not None and "points" in mp:  # arrays: not for metrics.json
+        curves["fast3dis"]["map_points"] = mp.pop("points")
     base_out = None
     if baseline == "hdbscan":
         methods["hdbscan"], curves["hdbscan"], base_out = baseline_metrics(
             records, sv, eval_voxel=eval_voxel, params=baseline_params, pool=(pool or {}).get("hdbscan"),
-            depth=methods["fast3dis"]["depth"], pose=pose_w)
+            depth=methods["fast3dis"]["depth"], pose=pose_w, gt=gt)
     metrics = {"methods": methods,
                "meta": {**(meta or {}), "scored_views": len(sv), "eval_voxel_m": eval_voxel,
-                        "protocol": "3D AP on the GT surface (pixel-to-voxel common point set), map ids via "
-                                    "FusionResult.id_map; latest window per view; see eval/evaluate.py"}}
+                        "protocol": "AP/AP50/AP25 = LIFTED AP: each view's map ids (latest window, "
+                                    "FusionResult.id_map) lifted with GT depth and poses onto the GT surface "
+                                    "(scores labels, not the map's geometry); map_cloud = the published map "
+                                    "cloud scored against the GT surface after one Sim(3) (eval/map_metrics.py); "
+                                    "AP_per_window = each window on all of its views; see eval/evaluate.py"}}
     return metrics, curves, sv, base_out
 
 
-def _ev_per_window(sv, labels, scores_by_rec, voxel, pool=None) -> dict:
+def window_gt_views(records, gt) -> dict[int, list[tuple]]:
+    """Per record index: (view index, GT depth, GT instances, K, T_world_cam) of **every** view of that
+    window with GT (a view shared by several windows appears in each of them)."""
+    out: dict[int, list[tuple]] = {}
+    for ri, rec in enumerate(records):
+        p = rec.prediction
+        for v, (cam, st) in enumerate(zip(p.cameras, p.view_stamps_ns)):
+            st = int(st)
+            dep = (gt.depth.get(cam) or {}).get(st)
+            ins = (gt.instance.get(cam) or {}).get(st)
+            K = gt.K.get(cam)
+            T = _gt_pose(gt, cam, st)
+            if dep is None or ins is None or K is None or T is None:
+                continue
+            out.setdefault(ri, []).append((v, np.asarray(dep, np.float32), np.asarray(ins, np.int64),
+                                           np.asarray(K, np.float64), np.asarray(T, np.float64)))
+    return out
+
+
+def _ev_per_window(gt_views: dict, label_of, scores_by_rec: dict, voxel: float, pool=None) -> dict:
+    """Per-window AP: each window is one scene, scored on all of its views with GT (``window_gt_views``),
+    with its window-local labels ``label_of(record index, view index)`` and scores ``scores_by_rec``."""
     from .metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
-    for sc in _per_window_scenes(sv):
-        ri = sv.rec_idx[sc[0]]
-        for grp in _group_by_shape(sc, [g.shape for g in sv.gt_depth]):
-            cps = build_common_point_set(np.stack([sv.gt_depth[i] for i in grp]),
-                                         np.stack([sv.gt_instance[i] for i in grp]),
-                                         np.stack([sv.gt_K[i] for i in grp]), np.stack([labels[i] for i in grp]),
-                                         T_world_cam=np.stack([sv.gt_T_world_cam[i] for i in grp]), voxel_size=voxel)
+    for ri, views in gt_views.items():
+        for grp in _group_by_shape(list(range(len(views))), [vw[1].shape for vw in views]):
+            sel = [views[i] for i in grp]
+            cps = build_common_point_set(np.stack([x[1] for x in sel]), np.stack([x[2] for x in sel]),
+                                         np.stack([x[3] for x in sel]),
+                                         np.stack([np.asarray(label_of(ri, x[0])) for x in sel]),
+                                         T_world_cam=np.stack([x[4] for x in sel]), voxel_size=voxel)
             ev.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
             if pool is not None:
                 pool.add_scene(cps.pred_labels, scores_by_rec[ri], cps.gt_labels)
-    return ev.compute()
+    res = ev.compute()
+    res["n_views"] = int(sum(len(v) for v in gt_views.values()))
+    return res
 
 
 def has_ground_truth(gt) -> bool:
@@ -416,12 +462,31 @@ def has_ground_truth(gt) -> bool:
 # ----------------------------------------------------------------------------------------------------
 def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
-                 title: str = "FAST3DIS evaluation", baseline_params: dict | None = None) -> dict:
-    """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths."""
+                 title: str = "FAST3DIS evaluation", baseline_params: dict | None = None,
+                 oracle: tuple = (), oracle_table: list | None = None, keep_points: bool = False) -> dict:
+    """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths.
+
+    ``oracle``: parts of every window's prediction replaced by GT (``eval/oracle.py``); ``oracle_table``:
+    oracle configurations to replay as well (network run once per window), written to the report as the
+    error-budget table (``eval/oracle_table.py``). Both need GT in the bag."""
     from ..data.bags import read_ground_truth
     from .replay import ReplayConfig, replay_bag
     from .report import write_report
 
+    base_predictor = predictor
+    if oracle or oracle_table:
+        gt_oracle = read_ground_truth(gt_bag or bag)
+        if not has_ground_truth(gt_oracle):
+            raise ValueError("--oracle / --oracle-table need ground truth (depth_gt, instance_gt, GT poses) in "
+                             "the bag")
+    if oracle_table:
+        from .oracle import CachedPredictor
+
+        base_predictor = predictor = CachedPredictor(predictor)
+    if oracle:
+        from .oracle import OraclePredictor
+
+        predictor = OraclePredictor(base_predictor, gt_oracle, oracle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_bag = out / "output_bag"
@@ -459,6 +524,11 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
     meta = {"bag": str(Path(bag).resolve()), "gt_bag": str(Path(gt_bag or bag).resolve()),
             "cameras": res.cameras, "windows": len(res.records),
             "window_size": cfg.window_size, "stride": cfg.stride}
+    if oracle:
+        from .oracle import oracle_name
+
+        meta["oracle"] = oracle_name(oracle)
+        meta["oracle_stats"] = dict(predictor.stats)
     if weights_info:
         meta["weights"] = weights_info.get("weights")
         meta["checkpoint"] = weights_info.get("checkpoint")
@@ -466,11 +536,16 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
             meta["WARNING"] = "WEIGHTS ARE RANDOM (no checkpoint found): metrics are not meaningful"
     t0 = time.perf_counter()
     metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta,
-                                                baseline_params=baseline_params)
+                                                baseline_params=baseline_params, keep_points=keep_points)
     metrics["meta"]["metrics_s"] = time.perf_counter() - t0
+    if oracle_table and len(sv):
+        from .oracle_table import scene_rows
+
+        metrics["oracle_table"] = scene_rows(bag, gt, base_predictor, replay_cfg or ReplayConfig(), oracle_table,
+                                             eval_voxel=eval_voxel)
     files = write_report(metrics, out, curves=curves, title=title)
     paths["report"] = files
-    result.update(metrics=metrics, scored=sv, baseline=base, gt=gt)
+    result.update(metrics=metrics, scored=sv, baseline=base, gt=gt, curves=curves)
     return finish(gt, sv)
 
 
@@ -527,6 +602,15 @@ def _parse(argv):
                     help="known poses also condition the network (the node's use_known_poses)")
     ap.add_argument("--known-pose-frame", default="map", help="fixed TF frame of --known-geometry poses")
     ap.add_argument("--baseline", choices=["hdbscan"], default=None, help="also run a clustering baseline")
+    ap.add_argument("--oracle", default=None, metavar="PARTS",
+                    help="replace these parts of every window's prediction with ground truth: any of "
+                         "masks,depth,poses (comma separated; 'all'); GT masks get window-local shuffled ids")
+    ap.add_argument("--oracle-table", choices=["issue", "all"], default=None,
+                    help="also replay the oracle configurations (issue: masks x depth+poses; all: every subset) "
+                         "and put the error-budget table in the report")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="a bag without ground truth is fine (replay + accounting, exit 0); otherwise a run that "
+                         "scores nothing exits 3")
     add_baseline_args(ap)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -562,21 +646,31 @@ def print_table(metrics: dict, file=None) -> None:
             return "n/a"
         return f"{100 * v:5.1f}" if pct else f"{v:.3f}"
 
-    hdr = f"{'method':<10} {'AP':>6} {'AP50':>6} {'AP25':>6} {'AP/win':>6} {'2D AP':>6} {'AbsRel':>7} " \
-          f"{'d1':>6} {'AUC@3':>6} {'AUC@30':>6} {'ms/win':>8}"
+    hdr = f"{'method':<10} {'liftAP':>6} {'lift50':>6} {'lift25':>6} {'AP/win':>6} {'map AP':>6} {'map50':>6} " \
+          f"{'link%':>6} {'2D AP':>6} {'AbsRel':>7} {'d1':>6} {'AUC@3':>6} {'AUC@30':>6} {'ms/win':>8}"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for m, d in metrics.get("methods", {}).items():
+        mc = d.get("map_cloud") or {}
         print(f"{m:<10} {f(d.get('AP')):>6} {f(d.get('AP50')):>6} {f(d.get('AP25')):>6} "
-              f"{f(d.get('AP_per_window', {}).get('AP')):>6} {f(d.get('mask2d', {}).get('AP')):>6} "
+              f"{f(d.get('AP_per_window', {}).get('AP')):>6} {f(mc.get('AP')):>6} {f(mc.get('AP50')):>6} "
+              f"{f((d.get('linking') or {}).get('rate')):>6} {f(d.get('mask2d', {}).get('AP')):>6} "
               f"{f(d.get('depth', {}).get('abs_rel'), False):>7} {f(d.get('depth', {}).get('delta1')):>6} "
               f"{f(d.get('pose', {}).get('auc3')):>6} {f(d.get('pose', {}).get('auc30')):>6} "
               f"{d.get('timing', {}).get('ms_per_window_mean', float('nan')):8.1f}", file=file)
+    print("liftAP: labels lifted with GT depth+poses; map AP: the published map cloud vs the GT surface; "
+          "link%: window instances linked to an existing map id", file=file)
+    if metrics.get("oracle_table"):
+        from .oracle_table import table_lines
+
+        print("\nerror budget (oracle table, %):", file=file)
+        print("\n".join(table_lines(metrics["oracle_table"])), file=file)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry: exits 0 on success, 1 when the accounting does not add up, 2 on unreadable input or bad
-    arguments, 3 when nothing was processed or ground truth was present but no view could be scored."""
+    arguments, 3 when nothing was processed or scored (no window, no ground truth without ``--replay-only``,
+    ground truth present but no view matching it)."""
     raise SystemExit(run(argv))
 
 
@@ -600,6 +694,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
+    from .oracle import all_oracle_configs, ISSUE_TABLE_CONFIGS, parse_oracle
+
+    try:
+        oracle = parse_oracle(args.oracle)
+    except ValueError as e:
+        print(f"fast3dis-eval: error: --oracle: {e}", file=sys.stderr)
+        return 2
+    table = {"issue": ISSUE_TABLE_CONFIGS, "all": all_oracle_configs(), None: None}[args.oracle_table]
     t0 = time.perf_counter()
     try:  # fail fast on an unreadable bag or cameras that match no stream, before loading the model
         from ..data.bags import bag_topics
@@ -622,9 +724,13 @@ def run(argv: list[str] | None = None) -> int:
     try:
         r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
                          replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,
-                         progress=not args.no_progress, baseline_params=baseline_params_from_args(args))
+                         progress=not args.no_progress, baseline_params=baseline_params_from_args(args),
+                         oracle=oracle, oracle_table=table)
     except BagReadError as e:
         print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"fast3dis-eval: error: {e}", file=sys.stderr)
         return 2
     acc = r["replay"].accounting
     fs = acc["frame_sets"]
@@ -655,7 +761,27 @@ def run(argv: list[str] | None = None) -> int:
     print("\n" + format_summary(summary))
     if summary["exit"]["code"]:
         print(f"fast3dis-eval: {summary['exit']['reason']}", file=sys.stderr)
-    return summary["exit"]["code"]
+        return summary["exit"]["code"]
+    why = _scored_nothing(r, args.replay_only)
+    if why:
+        print(f"fast3dis-eval: error: nothing was scored: {why}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _scored_nothing(r: dict, replay_only: bool) -> str | None:
+    """Why the run scored nothing (None when it scored something, or had nothing to score and
+    ``replay_only`` allows that)."""
+    if not r["replay"].records:
+        return "no window was processed (see accounting.json: frames rejected / dropped by sync)"
+    m = r["metrics"]
+    if m is None:
+        return None if replay_only else ("the bag has no ground truth (/<cam>/depth_gt, /<cam>/instance_gt, GT poses "
+                                         "on /tf); give --gt, or --replay-only for replay + accounting alone")
+    if not m.get("methods"):
+        return ("no processed view matched the ground truth by (camera, stamp): "
+                f"{m.get('meta', {}).get('note', 'check camera names and stamps of --gt')}")
+    return None
 
 
 if __name__ == "__main__":

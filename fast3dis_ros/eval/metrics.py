@@ -400,15 +400,27 @@ def resize_nearest(labels: np.ndarray, H: int, W: int) -> np.ndarray:
 
 
 def _voxel_majority(voxel: np.ndarray, labels: np.ndarray, n_voxels: int) -> np.ndarray:
-    """Majority label per voxel; ties -> the smallest label."""
-    labels = labels.astype(np.int64)
-    order = np.lexsort((labels, voxel))
-    v, lab = voxel[order], labels[order]
-    new = np.ones(len(v), dtype=bool)
-    new[1:] = (v[1:] != v[:-1]) | (lab[1:] != lab[:-1])
-    starts = np.nonzero(new)[0]
-    counts = np.diff(np.append(starts, len(v)))
-    pv, pl = v[starts], lab[starts]
+    """Majority label per voxel; ties -> the smallest label.
+
+    The (voxel, label) pairs are counted through one packed int64 key (labels made dense first): one 1-D
+    sort instead of a two-key lexsort over every pixel, which dominated the scoring time."""
+    labels = np.asarray(labels).astype(np.int64)
+    voxel = np.asarray(voxel, np.int64)
+    if len(voxel) == 0:
+        return np.zeros(n_voxels, dtype=np.int64)
+    ulab, dense = np.unique(labels, return_inverse=True)
+    L = len(ulab)
+    if n_voxels * L < 2**62:
+        key, counts = np.unique(voxel * L + dense.ravel(), return_counts=True)
+        pv, pl = key // L, ulab[key % L]
+    else:  # pragma: no cover - astronomically many voxels x labels
+        order = np.lexsort((labels, voxel))
+        v, lab = voxel[order], labels[order]
+        new = np.ones(len(v), dtype=bool)
+        new[1:] = (v[1:] != v[:-1]) | (lab[1:] != lab[:-1])
+        starts = np.nonzero(new)[0]
+        counts = np.diff(np.append(starts, len(v)))
+        pv, pl = v[starts], lab[starts]
     # per voxel: max count, then smallest label (pairs are sorted by label within a voxel)
     o2 = np.lexsort((pl, -counts, pv))
     first = np.ones(len(o2), dtype=bool)

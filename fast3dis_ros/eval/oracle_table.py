@@ -1,0 +1,252 @@
+"""The error-budget table: one bag or many scenes replayed with each oracle configuration (``eval/oracle.py``).
+
+Per configuration (which parts of every window's prediction are ground truth) it reports the lifted AP50
+(labels lifted with GT geometry, ``eval/evaluate.py``), the per-window AP50, the map-cloud AP / AP50 / AP25,
+geometry and instance errors of the published map, and the linking rate (``eval/map_metrics.py``). The
+network runs once per window (``CachedPredictor``); only fusion and scoring repeat per configuration.
+
+Usage (held-out synthetic scenes, plus scenes from the independent generator ``eval/independent_scene.py``)::
+
+    python -m fast3dis_ros.eval.oracle_table --seeds 7000-7007 --independent 0-1 --out /tmp/oracle
+        [--configs all|issue] [--checkpoint DIR] [--window-size 4 --stride 2]
+
+Pooling over scenes: AP as ScanNet (one evaluator per configuration over all scenes), linking counts
+summed, geometry means over scenes, instance counts summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .oracle import ISSUE_TABLE_CONFIGS, CachedPredictor, OraclePredictor, all_oracle_configs, oracle_name
+
+__all__ = ["scene_rows", "OracleTable", "table_lines", "main"]
+
+_GEOM = ("accuracy_median_m", "pct_points_within_5cm", "pct_points_within_10cm", "pct_gt_surface_covered",
+         "chamfer_m")
+_INST = ("gt_objects", "map_ids", "splits", "merges", "id_switches")
+
+
+def _row(parts, metrics: dict) -> dict:
+    f = metrics["methods"]["fast3dis"]
+    mc = f.get("map_cloud") or {}
+    return {"oracle": oracle_name(parts), "lifted_AP50": f["AP50"], "per_window_AP50": f["AP_per_window"]["AP50"],
+            "map_AP": mc.get("AP"), "map_AP50": mc.get("AP50"), "map_AP25": mc.get("AP25"),
+            "linking": mc.get("linking"), "geometry": mc.get("geometry"), "instances": mc.get("instances"),
+            "sim3": mc.get("sim3"), "checkpoints": mc.get("checkpoints")}
+
+
+def scene_rows(bag, gt, predictor, cfg, configs, *, eval_voxel: float = 0.05, pools: dict | None = None,
+               seed: int = 0) -> list[dict]:
+    """Replay ``bag`` once per oracle configuration and score it; ``pools`` {config name: {"whole",
+    "per_window", "map_cloud": InstanceAPEvaluator}} receive the scenes. Rows of unscored replays are
+    skipped (a bag whose views never meet GT)."""
+    from .evaluate import compute_metrics
+    from .replay import replay_bag
+
+    cached = predictor if isinstance(predictor, CachedPredictor) else CachedPredictor(predictor)
+    rows = []
+    for parts in configs:
+        name = oracle_name(parts)
+        res = replay_bag(bag, OraclePredictor(cached, gt, parts, seed), cfg, out_bag=None, progress=False)
+        m, *_ = compute_metrics(res.records, gt, eval_voxel=eval_voxel,
+                                pool={"fast3dis": (pools or {}).get(name, {})})
+        if m["methods"]:
+            rows.append(_row(parts, m))
+    return rows
+
+
+class OracleTable:
+    """Pools ``scene_rows`` of several scenes into one table (module doc)."""
+
+    def __init__(self, configs) -> None:
+        from .metrics import InstanceAPEvaluator
+
+        self.configs = [tuple(c) for c in configs]
+        self.pools = {oracle_name(c): {k: InstanceAPEvaluator() for k in ("whole", "per_window", "map_cloud")}
+                      for c in self.configs}
+        self.scenes: list[dict] = []
+
+    def add(self, name: str, bag, gt, predictor, cfg, eval_voxel: float = 0.05) -> list[dict]:
+        rows = scene_rows(bag, gt, predictor, cfg, self.configs, eval_voxel=eval_voxel, pools=self.pools)
+        self.scenes.append({"scene": name, "rows": rows})
+        return rows
+
+    def merge(self, other: "OracleTable") -> None:
+        """Add the scenes of ``other`` (same configurations), e.g. from parallel runs (``--save`` / ``--merge``)."""
+        if other.configs != self.configs:
+            raise ValueError("oracle tables with different configurations cannot be merged")
+        self.scenes += other.scenes
+        for name, pools in other.pools.items():
+            for k, ev in pools.items():
+                self.pools[name][k].scenes += ev.scenes
+
+    def pooled(self) -> list[dict]:
+        out = []
+        for c in self.configs:
+            name = oracle_name(c)
+            rows = [r for s in self.scenes for r in s["rows"] if r["oracle"] == name]
+            if not rows:
+                continue
+            p = self.pools[name]
+            w, pw, mc = p["whole"].compute(), p["per_window"].compute(), p["map_cloud"].compute()
+            linked = sum(r["linking"]["linked"] for r in rows if r["linking"])
+            total = sum(r["linking"]["window_instances"] for r in rows if r["linking"])
+            geo = {k: float(np.nanmean([np.nan if r["geometry"] is None else r["geometry"][k] for r in rows]))
+                   for k in _GEOM}
+            inst = {k: int(sum(r["instances"][k] for r in rows if r["instances"])) for k in _INST}
+            inst["unassigned_frac"] = float(np.nanmean([r["instances"]["unassigned_frac"] for r in rows
+                                                        if r["instances"]]))
+            out.append({"oracle": name, "scenes": len(rows), "lifted_AP50": w["AP50"], "per_window_AP50": pw["AP50"],
+                        "map_AP": mc["AP"], "map_AP50": mc["AP50"], "map_AP25": mc["AP25"],
+                        "linking": {"linked": linked, "window_instances": total,
+                                    "rate": linked / total if total else float("nan")},
+                        "geometry": geo, "instances": inst,
+                        "sim3_scale_mean": float(np.nanmean([r["sim3"]["scale"] for r in rows if r["sim3"]])),
+                        "sim3_residual_m_mean": float(np.nanmean([r["sim3"]["residual_m"] for r in rows if r["sim3"]]))})
+        return out
+
+
+def _f(v, pct=True, nd=1) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return f"{100 * v:.{nd}f}" if pct else f"{v:.{2 if nd == 1 else nd}f}"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """Markdown table of pooled (or one scene's) rows; AP and fractions in %."""
+    lines = ["| masks | depth | poses | lifted AP50 (GT geometry) | per-window AP50 | map-cloud AP / AP50 / AP25 | "
+             "linked / window inst. | map pts within 10 cm | GT surface covered | median dist. (m) | Chamfer (m) | "
+             "splits / merges / id sw. | GT-object unassigned | Sim(3) scale / resid. (m) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts = set(r["oracle"].split("+"))
+        g, i, lk = r["geometry"] or {}, r["instances"] or {}, r["linking"] or {}
+        src = {p: ("GT" if p in parts else "net") for p in ("masks", "depth", "poses")}
+        scale = r.get("sim3_scale_mean", (r.get("sim3") or {}).get("scale"))
+        resid = r.get("sim3_residual_m_mean", (r.get("sim3") or {}).get("residual_m"))
+        lines.append(
+            f"| {src['masks']} | {src['depth']} | {src['poses']} | {_f(r['lifted_AP50'])} | {_f(r['per_window_AP50'])} | "
+            f"{_f(r['map_AP'])} / {_f(r['map_AP50'])} / {_f(r['map_AP25'])} | "
+            f"{lk.get('linked', 'n/a')}/{lk.get('window_instances', 'n/a')} ({_f(lk.get('rate'), nd=0)} %) | "
+            f"{_f(g.get('pct_points_within_10cm'))} | {_f(g.get('pct_gt_surface_covered'))} | "
+            f"{_f(g.get('accuracy_median_m'), False)} | {_f(g.get('chamfer_m'), False)} | "
+            f"{i.get('splits', 'n/a')} / {i.get('merges', 'n/a')} / {i.get('id_switches', 'n/a')} | "
+            f"{_f(i.get('unassigned_frac'))} | {_f(scale, False, 3)} / {_f(resid, False, 3)} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.oracle_table", description=(
+        "Error budget on held-out synthetic scenes: replay each scene with every oracle configuration "
+        "(GT masks / depth / poses) and score the lifted labels, the published map cloud and linking."))
+    ap.add_argument("--seeds", default="7000-7007", help="synthetic scene seeds (data.synthetic); none = only --independent")
+    ap.add_argument("--independent", default=None,
+                    help="seeds of scenes from the independent generator (eval/independent_scene.py), e.g. 0-1")
+    ap.add_argument("--configs", choices=["all", "issue"], default="all",
+                    help="all 8 subsets of masks/depth/poses, or the issue's 4 (masks x depth+poses)")
+    ap.add_argument("--out", required=True, help="output folder (oracle_table.json, oracle_table.md)")
+    ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--window-size", type=int, default=4)
+    ap.add_argument("--stride", type=int, default=2)
+    ap.add_argument("--eval-voxel", type=float, default=0.05)
+    ap.add_argument("--cameras", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--save", default=None, help="also pickle the tables here (for --merge)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="pool tables pickled by parallel runs (--save) instead of replaying scenes")
+    return ap.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    import torch
+
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    from ..data.bags import read_ground_truth, write_scene_bag
+    from ..data.synthetic import SceneConfig, generate_scene
+    from .heldout import parse_seeds
+    from .independent_scene import IndependentSceneConfig, generate_independent_scene
+    from .replay import ReplayConfig, load_predictor
+    from .report import to_jsonable
+
+    import pickle
+
+    t_start = time.perf_counter()
+    configs = all_oracle_configs() if args.configs == "all" else ISSUE_TABLE_CONFIGS
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"synthetic": OracleTable(configs), "independent": OracleTable(configs)}
+    jobs = [("synthetic", s) for s in parse_seeds(args.seeds)] if not args.merge and args.seeds != "none" else []
+    if args.independent and not args.merge:
+        jobs += [("independent", s) for s in parse_seeds(args.independent)]
+    winfo: dict = {}
+    for p in args.merge or []:
+        part = pickle.loads(Path(p).read_bytes())
+        winfo = part["weights"]
+        for k, t in part["tables"].items():
+            tables[k].merge(t)
+    if jobs:
+        predictor, winfo = load_predictor(args.checkpoint, args.device)
+    cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
+    tmp = Path(tempfile.mkdtemp(prefix="oracle_table_"))
+    try:
+        for kind, seed in jobs:
+            t0 = time.perf_counter()
+            if kind == "synthetic":
+                scene = generate_scene(SceneConfig(n_cameras=args.cameras, n_frames=args.frames, seed=seed))
+            else:
+                scene = generate_independent_scene(IndependentSceneConfig(n_cameras=args.cameras,
+                                                                          n_frames=args.frames, seed=seed))
+            bag = tmp / f"{kind}_{seed}"
+            write_scene_bag(scene, bag)
+            rows = tables[kind].add(f"{kind} {seed}", bag, read_ground_truth(bag), CachedPredictor(predictor), cfg,
+                                    args.eval_voxel)
+            shutil.rmtree(bag, ignore_errors=True)
+            if args.save:  # after every scene: a killed run keeps what it finished
+                Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {
+                    k: winfo.get(k) for k in ("weights", "checkpoint")}}))
+            summ = ", ".join(f"{r['oracle']} {_f(r['map_AP50'])}" for r in rows)
+            print(f"{kind} {seed}: map-cloud AP50 {summ} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.save:
+        Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {k: winfo.get(k) for k in
+                                                                                ("weights", "checkpoint")}}))
+    command = "python -m fast3dis_ros.eval.oracle_table " + shlex.join(argv)
+    result = {"command": command, "weights": {k: winfo.get(k) for k in ("weights", "checkpoint")},
+              "window_size": args.window_size, "stride": args.stride, "device": args.device,
+              "cpu_count": os.cpu_count(), "runtime_s": time.perf_counter() - t_start,
+              "pooled": {k: t.pooled() for k, t in tables.items() if t.scenes},
+              "per_scene": {k: t.scenes for k, t in tables.items() if t.scenes}}
+    (out / "oracle_table.json").write_text(json.dumps(to_jsonable(result), indent=2))
+    md = ["# Oracle table (error budget)", "", "```", command, "```", "",
+          f"model {winfo.get('weights')}, device {args.device}, window {args.window_size} stride {args.stride}, "
+          f"{os.cpu_count()} CPU cores, runtime {result['runtime_s']:.0f} s", ""]
+    for k, rows in result["pooled"].items():
+        md += [f"## {k} scenes, pooled ({len(tables[k].scenes)} scenes)", "", *table_lines(rows), ""]
+    (out / "oracle_table.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
