@@ -169,11 +169,13 @@ def test_two_ranks_half_batch_equal_one_rank_full_batch(scenes, tmp_path):
     two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
     w0 = _trainer(scenes, tmp_path / "init", steps=1, bs=1, accum=1)
     init = _weights(w0)
-    moved = sum(float((one["w"][n] - init[n]).norm()) for n in init)
-    assert moved > 1e-2  # training changed the weights, so equality below is not trivial
-    for n in one["w"]:
-        assert torch.allclose(one["w"][n], two["w"][n], atol=2e-5, rtol=1e-4), \
-            (n, float((one["w"][n] - two["w"][n]).abs().max()))
+    # relative to how far training moved the weights: Adam divides by sqrt(v), so float-rounding noise in a
+    # near-zero gradient (summation order differs between a batch and its all-reduced halves) becomes a
+    # visible per-element difference; a wrong gradient (no averaging, local normaliser) moves everything
+    moved = sum(float((one["w"][n] - init[n]).norm() ** 2) for n in init) ** 0.5
+    diff = sum(float((one["w"][n] - two["w"][n]).norm() ** 2) for n in init) ** 0.5
+    assert moved > 0.1, moved  # training changed the weights, so the equality below is not trivial
+    assert diff / moved < 1e-3, (diff, moved)
     # the logged losses are the means over ranks = the single-process losses
     l1 = [r["loss"] for r in one["history"]]
     l2 = [r["loss"] for r in two["history"]]

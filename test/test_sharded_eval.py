@@ -44,7 +44,7 @@ def bags(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fleet")
     for seed in (3, 4, 5):
-        sc = generate_scene(SceneConfig(n_cameras=2, n_frames=3, width=112, height=84, n_objects=5, seed=seed))
+        sc = generate_scene(SceneConfig(n_cameras=2, n_frames=2, width=84, height=56, n_objects=4, seed=seed))
         write_scene_bag(sc, root / f"scene_{seed}")
     bad = root / "scene_9_broken"
     bad.mkdir()
