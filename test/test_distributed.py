@@ -213,7 +213,7 @@ def test_sharded_sampler_partitions_and_reshuffles():
     from fast3dis_ros.distributed import global_batch
     from fast3dis_ros.train.sharded_sampler import ShardedSceneSampler
 
-    n, b, world = 10, 2, 2
+    n, b, world = 12, 2, 2
     single = [k for k, _ in zip(ResumableSampler(n, seed=3), range(3 * n))]
     shards = [list(ShardedSceneSampler(n, rank=r, world=world, block=b, seed=3, length=3 * n // world))
               for r in range(world)]
@@ -227,7 +227,10 @@ def test_sharded_sampler_partitions_and_reshuffles():
     assert not set(e0[0]) & set(e0[1]) and sorted([*e0[0], *e0[1]]) == list(range(n))
     s = ShardedSceneSampler(n, rank=0, world=world, block=b, seed=3)
     s.set_epoch(1)
-    assert s.start == 12  # first multiple of block x world at or after position 10
+    assert s.start == 12 and s.epoch_positions(1).size == n // world  # epoch 1 = positions 12..23
+    s10 = ShardedSceneSampler(10, rank=1, world=world, block=b, seed=3)
+    s10.set_epoch(1)
+    assert s10.start == 12  # the first block x world boundary at or after position 10
     assert [k for k, _ in single[:n]] != [k for k, _ in single[n:2 * n]]  # a new permutation per epoch
     assert global_batch(2, 4, 8) == 64
     with pytest.raises(ValueError):
