@@ -14,9 +14,8 @@ in fp16 still resumes exactly). Data order and augmentation are pure functions o
 
 Distributed (``torchrun``; fast3dis_ros/distributed.py, train/sharded_sampler.py): the model is wrapped in
 DDP (gradients of the trainable parameters averaged over ranks, no all-reduce on non-final micro-steps
-via ``no_sync``); each rank reads
-its shard of the same global sample stream (``ShardedSceneSampler``), so a step on N ranks with batch b
-sees the samples of one rank with batch N x b; the set losses divide by the GT-mask count of the whole
+via ``no_sync``); each rank reads its shard of the same global sample stream (``ShardedSceneSampler``),
+so a step on N ranks with batch b sees the samples of one rank with batch N x b; the set losses divide by the GT-mask count of the whole
 global step (all ranks, all micro-steps), so the averaged gradient is the large-batch one. Rank 0 alone
 writes logs, checkpoints and plots; ``train_state.pt`` keeps every rank's RNG state.
 
@@ -352,8 +351,8 @@ class Trainer:
     def _loader(self, start_pos: int, n_micro: int) -> Iterable[dict]:
         t = self.tcfg
         sampler = ShardedSceneSampler(len(self.train_set), rank=self.dist.rank, world=self.dist.world,
-                                        block=t.batch_size, seed=t.seed, start=start_pos,
-                                        length=n_micro * t.batch_size)
+                                      block=t.batch_size, seed=t.seed, start=start_pos,
+                                      length=n_micro * t.batch_size)
         mhw = self.mask_hw()
         cf = TargetCollate(mhw, self.num_queries()) if mhw is not None else collate
         # one loader per fit(): its workers live for the whole run (persistent_workers only matters
