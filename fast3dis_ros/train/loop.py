@@ -15,9 +15,10 @@ in fp16 still resumes exactly). Data order and augmentation are pure functions o
 Distributed (``torchrun``; fast3dis_ros/distributed.py, train/sharded_sampler.py): the model is wrapped in
 DDP (gradients of the trainable parameters averaged over ranks, no all-reduce on non-final micro-steps
 via ``no_sync``); each rank reads its shard of the same global sample stream (``ShardedSceneSampler``),
-so a step on N ranks with batch b sees the samples of one rank with batch N x b; the set losses divide by the GT-mask count of the whole
-global step (all ranks, all micro-steps), so the averaged gradient is the large-batch one. Rank 0 alone
-writes logs, checkpoints and plots; ``train_state.pt`` keeps every rank's RNG state.
+so a step on N ranks with batch b sees the samples of one rank with batch N x b; the set losses divide by
+the GT-mask count of the whole global step (all ranks, all micro-steps), so the averaged gradient is the
+large-batch one. Rank 0 alone writes logs, checkpoints and plots; ``train_state.pt`` keeps every rank's
+RNG state.
 
 Logs: ``out/train_log.jsonl`` (one line per optimizer step), ``out/val_log.jsonl`` (one line per
 validation), ``out/loss_curve.png`` at the end (matplotlib, optional).
