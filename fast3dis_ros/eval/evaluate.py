@@ -3,6 +3,8 @@
 Usage::
 
     fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
+    fast3dis-eval --bags DIR|BAG... --out report/ [...]     # many bags, one pooled report (eval/sharded.py)
+    torchrun --nproc-per-node N -m fast3dis_ros.eval.evaluate --bags DIR --out report/   # the same, N ranks
                   [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
                   [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
                   [--oracle masks,depth,poses] [--oracle-table issue|all] [--replay-only]
@@ -463,12 +465,14 @@ def has_ground_truth(gt) -> bool:
 def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
                  title: str = "FAST3DIS evaluation", baseline_params: dict | None = None,
-                 oracle: tuple = (), oracle_table: list | None = None, keep_points: bool = False) -> dict:
+                 oracle: tuple = (), oracle_table: list | None = None, keep_points: bool = False,
+                 pool: dict | None = None) -> dict:
     """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths.
 
     ``oracle``: parts of every window's prediction replaced by GT (``eval/oracle.py``); ``oracle_table``:
     oracle configurations to replay as well (network run once per window), written to the report as the
-    error-budget table (``eval/oracle_table.py``). Both need GT in the bag."""
+    error-budget table (``eval/oracle_table.py``). Both need GT in the bag. ``pool``: as in
+    ``compute_metrics`` (pooling over bags, ``eval/sharded.py``)."""
     from ..data.bags import read_ground_truth
     from .replay import ReplayConfig, replay_bag
     from .report import write_report
@@ -536,7 +540,8 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
             meta["WARNING"] = "WEIGHTS ARE RANDOM (no checkpoint found): metrics are not meaningful"
     t0 = time.perf_counter()
     metrics, curves, sv, base = compute_metrics(res.records, gt, eval_voxel=eval_voxel, baseline=baseline, meta=meta,
-                                                baseline_params=baseline_params, keep_points=keep_points)
+                                                baseline_params=baseline_params, keep_points=keep_points,
+                                                pool=pool)
     metrics["meta"]["metrics_s"] = time.perf_counter() - t0
     if oracle_table and len(sv):
         from .oracle_table import scene_rows
@@ -675,6 +680,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bags" in argv:  # a folder / list of bags, sharded over torchrun ranks, one pooled report
+        from .sharded import run_many
+
+        return run_many(argv)
     args = _parse(argv)
     from ..data.bags import BagReadError
     from ..data.camera_identity import parse_camera_map

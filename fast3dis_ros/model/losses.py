@@ -316,7 +316,10 @@ class SetCriterion(nn.Module):
             a = out["anchors_norm"][bi, qi]
             g = targets["centroids_norm"][bi, gi].to(a.dtype)
             v = targets["centroid_valid"][bi, gi].to(a.dtype)
-            losses["loss_anchor"] = ((a - g).abs().sum(-1) * v).sum() / v.sum().clamp_min(1.0)
+            # with a caller's global normaliser (targets["num_masks"]) the anchors share it: a per-batch
+            # count would differ between a batch and its shards over ranks / micro-steps
+            den = float(targets["num_masks"]) if "num_masks" in targets else v.sum().clamp_min(1.0)
+            losses["loss_anchor"] = ((a - g).abs().sum(-1) * v).sum() / den
         # overlap
         if with_overlap:
             qw = logits.sigmoid() if c.overlap_objectness_weighted else None
@@ -348,7 +351,8 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict] | dict, step: int = 0) -> dict:
         c = self.cfg
         tgt = self.prepare_targets(outputs, targets)
-        num_masks = max(float(sum(tgt["counts"])), 1.0)
+        # a caller may pass the normaliser of a larger batch (train/loop.py: a step split over ranks/micro-steps)
+        num_masks = float(tgt["num_masks"]) if "num_masks" in tgt else max(float(sum(tgt["counts"])), 1.0)
         w_ov = self.overlap_weight(step)
         weights = {
             "loss_obj": c.weight_obj,

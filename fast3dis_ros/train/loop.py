@@ -12,6 +12,14 @@ GradScaler, RNG states and an fp32 copy of the trainable parameters and buffers 
 in fp16 still resumes exactly). Data order and augmentation are pure functions of (seed, step)
 (train/data.py ``ResumableSampler``), so a resumed run reproduces an uninterrupted one.
 
+Distributed (``torchrun``; fast3dis_ros/distributed.py, train/sharded_sampler.py): the model is wrapped in
+DDP (gradients of the trainable parameters averaged over ranks, no all-reduce on non-final micro-steps
+via ``no_sync``); each rank reads its shard of the same global sample stream (``ShardedSceneSampler``),
+so a step on N ranks with batch b sees the samples of one rank with batch N x b; the set losses divide by
+the GT-mask count of the whole global step (all ranks, all micro-steps), so the averaged gradient is the
+large-batch one. Rank 0 alone writes logs, checkpoints and plots; ``train_state.pt`` keeps every rank's
+RNG state.
+
 Logs: ``out/train_log.jsonl`` (one line per optimizer step), ``out/val_log.jsonl`` (one line per
 validation), ``out/loss_curve.png`` at the end (matplotlib, optional).
 """
@@ -31,8 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fast3dis_ros.train.data import ResumableSampler, TargetCollate, TrainSampleDataset, collate
+from fast3dis_ros import distributed as D
+from fast3dis_ros.train.data import TargetCollate, TrainSampleDataset, collate
 from fast3dis_ros.train.geometry_losses import GeometryLoss
+from fast3dis_ros.train.sharded_sampler import ShardedSceneSampler
 from fast3dis_ros.train.targets import build_targets
 
 __all__ = ["TrainConfig", "Trainer", "autocast_ctx", "cosine_warmup_lambda", "resolve_amp"]
@@ -279,6 +289,11 @@ class Trainer:
         self.named_trainable = select_trainable(self.model, tcfg.full_finetune)
         if not self.named_trainable:
             raise RuntimeError("no trainable parameters")
+        self.dist = D.env()
+        self.forward_model = self._wrap_ddp()
+        if self.dist.rank > 0:  # own random stream per rank (rank 0 keeps the single-process one)
+            torch.manual_seed(tcfg.seed + 7919 * self.dist.rank)
+        self._num_masks: float | None = None
         self.criterion = criterion if criterion is not None else build_criterion(model_cfg, tcfg.steps)
         if isinstance(self.criterion, torch.nn.Module):
             self.criterion.to(self.device)
@@ -295,6 +310,23 @@ class Trainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
+    def _wrap_ddp(self) -> torch.nn.Module:
+        """DDP over the trainable parameters (frozen ones are skipped by DDP itself); the bare model for
+        one process. ``find_unused_parameters``: heads whose loss is off (e.g. geometry without
+        --full-finetune) get no gradient, which plain DDP would wait for forever."""
+        if not self.dist.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index if self.device.index is not None else self.dist.local_rank] \
+            if self.device.type == "cuda" else None
+        return DDP(self.model, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: per-rank batch x world size x accumulation steps."""
+        return D.global_batch(self.tcfg.batch_size, self.tcfg.accum_steps, self.dist.world)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.tcfg
         groups: dict[tuple[bool, bool], list] = {}
@@ -319,7 +351,9 @@ class Trainer:
 
     def _loader(self, start_pos: int, n_micro: int) -> Iterable[dict]:
         t = self.tcfg
-        sampler = ResumableSampler(len(self.train_set), seed=t.seed, start=start_pos, length=n_micro * t.batch_size)
+        sampler = ShardedSceneSampler(len(self.train_set), rank=self.dist.rank, world=self.dist.world,
+                                      block=t.batch_size, seed=t.seed, start=start_pos,
+                                      length=n_micro * t.batch_size)
         mhw = self.mask_hw()
         cf = TargetCollate(mhw, self.num_queries()) if mhw is not None else collate
         # one loader per fit(): its workers live for the whole run (persistent_workers only matters
@@ -352,7 +386,7 @@ class Trainer:
     def compute_losses(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         images = batch["images"].to(self.device, non_blocking=True)
         with autocast_ctx(self.device, self.amp_dtype):
-            outputs = self.model(images)
+            outputs = self.forward_model(images)
         outputs = _to_float(outputs)
         hm, wm = outputs["pred_masks"].shape[-2:]
         if "tgt_masks" in batch and tuple(batch["tgt_masks"].shape[-2:]) == (hm, wm):
@@ -360,6 +394,8 @@ class Trainer:
             targets = {"masks": batch["tgt_masks"].to(self.device, non_blocking=True),
                        "valid": batch["tgt_valid"].to(self.device, non_blocking=True),
                        "counts": [int(x) for x in batch["tgt_count"].tolist()]}
+            if self._num_masks is not None:  # normaliser of the whole global step (see _step_num_masks)
+                targets["num_masks"] = self._num_masks
         else:
             targets = build_targets(batch["instance"], (hm, wm), max_instances=outputs["pred_masks"].shape[1])
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
@@ -387,13 +423,32 @@ class Trainer:
         self.model.train()
         accum = len(micro_batches)
         sums: dict[str, torch.Tensor] = {}
-        for mb in micro_batches:
-            loss, parts, _ = self.compute_losses(mb, self.step)
-            self.scaler.scale(loss / accum).backward()
+        self._num_masks = self._step_num_masks(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            # DDP: all-reduce the gradients once, on the last micro-step
+            sync = i == accum - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+                loss, parts, _ = self.compute_losses(mb, self.step)
+                self.scaler.scale(loss / accum).backward()
             for k, v in (("loss", loss), *parts.items()):
                 v = v.detach().float() / accum
                 sums[k] = sums[k] + v if k in sums else v
+        self._num_masks = None
         return sums
+
+    def _step_num_masks(self, micro_batches: list[dict]) -> float | None:
+        """Per-micro-batch normaliser of the set losses so that the gradient of a step equals that of one
+        batch holding every sample of the step: (GT masks of all micro-batches of all ranks) / (world x
+        accum), since the loss of each micro-batch is divided by ``accum`` and DDP averages over ranks.
+        One small all-reduce per step; None (each micro-batch normalises itself) without ``tgt_count``."""
+        if not all("tgt_count" in mb for mb in micro_batches):
+            return None
+        local = sum(int(mb["tgt_count"].sum()) for mb in micro_batches)
+        if self.dist.enabled:
+            dev = self.device if self.dist.backend == "nccl" else torch.device("cpu")
+            t = D.all_reduce_sum_(torch.tensor([float(local)], dtype=torch.float64, device=dev))
+            local = float(t.item())
+        return max(float(local), 1.0) / (self.dist.world * len(micro_batches))
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step; returns python floats (one host sync)."""
@@ -433,7 +488,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint / resume
     def save(self, folder: Path | None = None) -> Path:
+        """Checkpoint + train_state.pt. Collective under torchrun (every rank's RNG state is gathered);
+        rank 0 writes, the others wait for it."""
         folder = Path(folder or self.out)
+        rng_ranks = D.all_gather_objects(_rng_state())
+        if not self.dist.is_main:
+            D.barrier()
+            return folder
+        try:
+            self._write_state(folder, rng_ranks)
+        finally:
+            D.barrier()
+        return folder
+
+    def _write_state(self, folder: Path, rng_ranks: list[dict]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_model_checkpoint(self.model, self.cfg, folder, _DTYPES[self.tcfg.save_dtype])
         trainable = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.named_trainable}
@@ -445,6 +513,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_ranks": rng_ranks,
+            "world_size": self.dist.world,
+            "global_batch": self.global_batch,
             "trainable": trainable,
             "buffers": buffers,
             "train_config": asdict(self.tcfg),
@@ -452,7 +523,6 @@ class Trainer:
         tmp = folder / (TRAIN_STATE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, folder / TRAIN_STATE)
-        return folder
 
     def load(self, folder: Path) -> None:
         """Exact resume from ``folder`` (model weights + train_state.pt)."""
@@ -475,9 +545,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state.get("rng_cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.dist.world:
+            _set_rng_state(ranks[self.dist.rank])
+        else:
+            if ranks is not None and self.dist.is_main:
+                print(f"[fast3dis-train] resuming a {len(ranks)}-process run on {self.dist.world}: data order "
+                      "and weights carry over (per-step global batch permitting), RNG streams restart per rank")
+            torch.set_rng_state(state["rng_cpu"])
+            if state.get("rng_cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            if self.dist.rank > 0:
+                torch.manual_seed(self.tcfg.seed + 7919 * self.dist.rank + int(state["step"]))
         self.step = int(state["step"])
 
     # ------------------------------------------------------------------ validation
@@ -517,14 +596,18 @@ class Trainer:
         """Train until ``tcfg.steps`` (or ``stop_at``, to simulate an interruption), save, validate."""
         t = self.tcfg
         end = t.steps if stop_at is None else min(int(stop_at), t.steps)
+        main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / TRAIN_LOG
-        _truncate_log(log_path, self.step)
-        _truncate_log(self.out / VAL_LOG, self.step)
+        if main:
+            _truncate_log(log_path, self.step)
+            _truncate_log(self.out / VAL_LOG, self.step)
+            print(f"[fast3dis-train] global batch {self.global_batch} = per-rank batch {t.batch_size} x "
+                  f"{self.dist.world} process(es) x {t.accum_steps} accumulation step(s)", flush=True)
         remaining = max(t.steps - self.step, 0)
-        loader = self._loader(self.step * t.accum_steps * t.batch_size, remaining * t.accum_steps)
+        loader = self._loader(self.step * self.global_batch, remaining * t.accum_steps)
         bar = None
-        if t.progress:
+        if t.progress and main:
             try:
                 from tqdm.auto import tqdm
 
@@ -554,13 +637,16 @@ class Trainer:
             if keys:
                 nan = torch.tensor(float("nan"), device=dev)
                 mat = torch.stack([torch.stack([st[k].detach().float().reshape(()).to(dev) if k in st else nan
-                                                for k in keys]) for _, st, _ in pending]).cpu().tolist()
+                                                for k in keys]) for _, st, _ in pending])
+                if self.dist.enabled:  # the logged losses are the means over ranks (one all-reduce per flush)
+                    mat = D.all_reduce_mean_(mat if self.dist.backend == "nccl" else mat.cpu())
+                mat = mat.cpu().tolist()
             for j, (step, st, dt) in enumerate(pending):
                 stats = {k: (v if not isinstance(v, torch.Tensor) else None) for k, v in st.items()}
                 if keys:
                     stats.update({k: mat[j][i] for i, k in enumerate(keys) if k in st})
                 stats["time_s"] = dt
-                stats["samples_per_s"] = t.batch_size * t.accum_steps / max(dt, 1e-9)
+                stats["samples_per_s"] = self.global_batch / max(dt, 1e-9)
                 rec = {"step": step, **{k: _round(v) for k, v in stats.items()}}
                 logf.write(json.dumps(rec) + "\n")
                 self.history.append(rec)
@@ -575,7 +661,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", avg=f"{ema:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
             pending.clear()
 
-        with open(log_path, "a") as logf:
+        with open(log_path if main else os.devnull, "a") as logf:
             while self.step < end:
                 ts = time.perf_counter()
                 mbs = [next(it) for _ in range(t.accum_steps)]
@@ -604,7 +690,7 @@ class Trainer:
             bar.close()
         self.save()
         val = self._run_val(None) if stop_at is None else {}
-        if t.plot:
+        if t.plot and main:
             plot_losses(log_path, self.out / "loss_curve.png")
         return {"step": self.step, "train": last, "val": val, "wall_s": time.perf_counter() - t0}
 
@@ -620,6 +706,8 @@ class Trainer:
         if not hasattr(self, "_requested_steps"):
             self._requested_steps = t.steps
         per_step = per_step if per_step is not None else elapsed / max(self.step, 1)
+        # every rank must pick the same new end: rank 0's timing decides
+        per_step, elapsed = D.broadcast_object((per_step, elapsed))
         n_eval_left = ((self._requested_steps - self.step) // t.eval_every) if t.eval_every else 0
         usable = t.time_budget_s * 0.97 - elapsed - 15.0 - 2.0 * n_eval_left
         new_total = int(self.step + max(usable, 0.0) / max(per_step, 1e-6))
@@ -640,7 +728,14 @@ class Trainer:
             sched.warmup = min(sched.warmup, max(1, new_total // 10))
 
     def _run_val(self, bar) -> dict[str, float]:
-        val = self.validate()
+        """Validate on rank 0 (the other ranks wait at a barrier; the set is small)."""
+        if not self.dist.is_main:
+            D.barrier()
+            return {}
+        try:
+            val = self.validate()
+        finally:
+            D.barrier()
         if val:
             with open(self.out / VAL_LOG, "a") as f:
                 f.write(json.dumps({"step": self.step, **{k: _round(v) for k, v in val.items()}}) + "\n")
@@ -650,6 +745,18 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU and, when present, every CUDA device)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["cpu"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def _to_float(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.float() if x.is_floating_point() else x

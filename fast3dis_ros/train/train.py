@@ -11,6 +11,8 @@ Examples::
     fast3dis-train ... --out ckpt/ --resume
     # continue from a checkpoint's weights on varied rigs (60 %) with the geometry losses x4 (run 3)
     fast3dis-train ... --init fast3dis_ros/assets/fast3dis_tiny --rig-variety 0.6 --geometry-loss-weight 4
+    # the same on 8 GPUs of one host (global batch = 8 x --batch-size x --accum-steps; README "Issue 21")
+    torchrun --standalone --nproc-per-node 8 -m fast3dis_ros.train.train ... --device cuda
 
 Outputs in ``--out``: ``config.json`` + ``model.safetensors`` (model/checkpoint.py), ``train_state.pt``
 (exact resume), ``train_log.jsonl``, ``val_log.jsonl``, ``loss_curve.png``, ``train_args.json``.
@@ -30,7 +32,9 @@ from typing import Any, Sequence
 
 import torch
 
+from fast3dis_ros import distributed as D
 from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset, eval_windows
+from fast3dis_ros.distributed import DEFAULT_TIMEOUT_S
 from fast3dis_ros.train.loop import TrainConfig, Trainer, resolve_device
 
 __all__ = ["main", "build_parser", "make_synthetic_scenes", "build_datasets", "build_model_config"]
@@ -102,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: a collective that waits longer (a rank died or hangs) fails the job")
+    p.add_argument("--dist-backend", type=str, default=None, choices=["nccl", "gloo"],
+                   help="under torchrun: process-group backend (default: nccl on CUDA, gloo on CPU)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="wall-time budget of the training loop: after 20 steps --steps is reduced to fit "
                         "(LR/overlap schedules refitted); 0 = off")
@@ -430,7 +438,36 @@ def build_datasets(args: argparse.Namespace) -> tuple[TrainSampleDataset, TrainS
 
 # ---------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Train; under ``torchrun`` every rank runs this (rank 0 alone prints and writes files)."""
     args = build_parser().parse_args(argv)
+    denv, args.device = D.init_distributed(args.device, args.dist_backend, args.dist_timeout)
+    stdout = sys.stdout
+    if not denv.is_main:  # logs from rank 0 only; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return _main(args)
+    except (D.dist.DistError, RuntimeError) as e:
+        if not denv.enabled or not _is_collective_error(e):
+            raise
+        print(D.collective_failure_message(e, args.dist_timeout), file=sys.stderr, flush=True)
+        raise SystemExit(1) from e
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        D.shutdown_distributed()
+
+
+def _is_collective_error(e: BaseException) -> bool:
+    """A failure of the process group (peer gone, timeout), not a bug of this rank."""
+    if isinstance(e, D.dist.DistError):
+        return True
+    msg = str(e).lower()
+    return any(w in msg for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+
+
+def _main(args: argparse.Namespace) -> dict:
+    denv = D.env()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.height % 14 or args.width % 14:
@@ -464,8 +501,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         deterministic=args.deterministic, progress=not args.no_progress, plot=not args.no_plot, out=str(out),
         time_budget_s=args.time_budget,
     )
-    (out / "train_args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
-    train_set, val_set = build_datasets(args)
+    if denv.is_main:
+        (out / "train_args.json").write_text(json.dumps(
+            {**vars(args), "world_size": denv.world,
+             "global_batch": D.global_batch(args.batch_size, args.accum_steps, denv.world)},
+            indent=2, sort_keys=True) + "\n")
+    if args.cache and denv.enabled:  # rank 0 fills the scene cache, the others then read it (no write races)
+        if denv.is_main:
+            train_set, val_set = build_datasets(args)
+        D.barrier()
+        if not denv.is_main:
+            train_set, val_set = build_datasets(args)
+    else:
+        train_set, val_set = build_datasets(args)
     model = None
     if args.init_da3 and resume_dir is None:
         from fast3dis_ros.train.loop import build_model_split_invariant
@@ -490,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             print(f"[fast3dis-train] nothing to resume in {resume_dir}; starting fresh", flush=True)
     summary = trainer.fit()
+    if not denv.is_main:
+        return summary
     if args.export:
         from fast3dis_ros.train.loop import _DTYPES, save_model_checkpoint
 
