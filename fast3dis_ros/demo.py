@@ -59,8 +59,8 @@ def ensure_sample_bag(out: Path, n_cameras: int, n_frames: int, width: int, heig
                       regenerate: bool = False, progress: bool = True) -> tuple[Path, bool, float]:
     """``out/sample_bag`` (mcap) for these settings; reused when its ``sample_bag.json`` matches.
     Returns (bag path, generated?, seconds)."""
-    from .data.bags import write_scene_bag
-    from .data.synthetic import SceneConfig, generate_scene
+    from fast3dis_ros.data.bags import write_scene_bag
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
 
     bag = out / "sample_bag"
     stamp = out / "sample_bag.json"
@@ -90,13 +90,13 @@ def ensure_sample_bag(out: Path, n_cameras: int, n_frames: int, width: int, heig
 
 def _input_images(bag: Path, cameras: list[str]) -> dict:
     """(camera, stamp) -> RGB image of the input bag (for the PNG panels)."""
-    from .eval.replay import frames_from_bag
+    from fast3dis_ros.eval.replay import frames_from_bag
 
     return {(f.camera, f.stamp_ns): f.image for f in frames_from_bag(bag, cameras, use_known_intrinsics=False)}
 
 
 def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str]) -> list[str]:
-    from . import viz
+    from fast3dis_ros.eval import viz
 
     files = []
     png = out / "png"
@@ -110,7 +110,7 @@ def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str]) -> list[st
         # predicted depth | GT depth per view (each coloured with its own range: prediction is up to scale)
         rows = []
         for i in range(len(sv)):
-            from .eval.metrics import resize_nearest
+            from fast3dis_ros.eval.metrics import resize_nearest
 
             g = sv.gt_depth[i]
             rows += [full[i], viz.depth_to_color(resize_nearest(sv.pred_depth[i], *g.shape)), viz.depth_to_color(g)]
@@ -146,9 +146,9 @@ def run_demo(argv: list[str] | None = None) -> dict:
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    from . import viz
-    from .eval.evaluate import evaluate_bag, print_table
-    from .eval.replay import ReplayConfig, load_predictor
+    from fast3dis_ros.eval import viz
+    from fast3dis_ros.eval.evaluate import evaluate_bag, print_table
+    from fast3dis_ros.eval.replay import ReplayConfig, load_predictor
 
     timings = {}
     bag, generated, t_gen = ensure_sample_bag(out, args.cameras, args.frames, args.width, args.height, args.seed,
@@ -221,7 +221,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .data.bags import BagReadError
+    from fast3dis_ros.data.bags import BagReadError
 
     try:
         run_demo(argv)

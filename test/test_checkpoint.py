@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.da3.backbone import DA3Backbone
 from fast3dis_ros.model.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,

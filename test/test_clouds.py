@@ -8,7 +8,7 @@ from fast3dis_ros.geometry.clouds import (
     POINT_DTYPE, POINT_FIELDS, POINT_STEP, bench_pack, confidence_mask, lift_view, pack_rgb, pointcloud_structured,
     structured_to_cloud, unpack_rgb, voxel_downsample,
 )
-from fast3dis_ros.pipeline.frames import InstanceCloud
+from fast3dis_ros.core.frames import InstanceCloud
 
 
 def cloud(xyz, rgb=None, inst=None, score=None):
@@ -145,7 +145,7 @@ def _two_view_window():
     """Two 3x4 views with hand-checkable geometry: K with f = 2, c = (1.5, 1); view 0 is the world camera at
     depth 2 everywhere; view 1 sits at world z = -1 (T_cam_world translates by +1 in z) at depth 4. Pixel
     (u, v) of a view at depth d is the camera point ((u - 1.5) d / 2, (v - 1) d / 2, d)."""
-    from fast3dis_ros.pipeline.frames import WindowPrediction
+    from fast3dis_ros.core.frames import WindowPrediction
 
     V, H, W = 2, 3, 4
     K = np.array([[2.0, 0, 1.5], [0, 2.0, 1.0], [0, 0, 1]])

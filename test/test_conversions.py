@@ -9,7 +9,7 @@ pytest.importorskip("rclpy")
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 
-from fast3dis_ros.pipeline.frames import InstanceCloud, InstanceSummary  # noqa: E402
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary  # noqa: E402
 from fast3dis_ros.ros import conversions as cv  # noqa: E402
 from fast3dis_ros.ros import tf as rtf  # noqa: E402
 
@@ -237,7 +237,7 @@ class _FakeMessageFilters:
 
 
 def test_sync_adapter_backends():
-    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.core.frames import CameraFrame
     from fast3dis_ros.ros import sync_adapter as sa
 
     img = np.zeros((2, 2, 3), np.uint8)
@@ -258,7 +258,7 @@ def test_sync_adapter_backends():
 def test_runner_accepts_message_filters_backend_and_accounts_frames():
     """The node's sync_backend=message_filters path: PipelineRunner driven by the adapter (here over the
     message_filters stand-in) processes every matched frame set and its frame accounting adds up."""
-    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.core.frames import CameraFrame
     from fast3dis_ros.pipeline.runner import PipelineRunner
     from fast3dis_ros.ros import sync_adapter as sa
 

@@ -8,7 +8,7 @@ import pytest
 
 from fast3dis_ros.eval.output_bag import (TOPIC_INSTANCES, TOPIC_MAP_CLOUD, TOPIC_MARKERS, TOPIC_TF,
                                           TOPIC_WINDOW_CLOUD, cloud_from_msg, instances_from_msg, read_output_bag)
-from fast3dis_ros.viz import read_ply
+from fast3dis_ros.eval.viz import read_ply
 
 CAMS, FRAMES, WS, STRIDE = 2, 4, 2, 1
 

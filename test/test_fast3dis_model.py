@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fast3dis_ros.model.backbone import build_da3_net
+from fast3dis_ros.model.da3.backbone import build_da3_net
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS, normalize_extrinsics, unproject_depth
 

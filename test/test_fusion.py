@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from fast3dis_ros.geometry.align import sim3_decompose, sim3_inverse, sim3_matrix
 from fast3dis_ros.geometry.cameras import invert_se3, transform_points
-from fast3dis_ros.pipeline.frames import CameraFrame, WindowPrediction
+from fast3dis_ros.core.frames import CameraFrame, WindowPrediction
 from fast3dis_ros.pipeline.fusion import MapFusion
 from fast3dis_ros.pipeline.runner import PipelineRunner
 

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from fast3dis_ros.model.head_config import InstanceHeadConfig
-from fast3dis_ros.model.heads import InstanceHead
-from fast3dis_ros.model.losses import (
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.instance_head import InstanceHead
+from fast3dis_ros.train.losses import (
     CriterionConfig,
     SetCriterion,
     dice_loss,
@@ -15,8 +15,8 @@ from fast3dis_ros.model.losses import (
     supcon_loss,
     targets_from_instance_maps,
 )
-from fast3dis_ros.model.matching import HungarianMatcher
-from fast3dis_ros.model.schedule import WarmupDecaySchedule
+from fast3dis_ros.train.matching import HungarianMatcher
+from fast3dis_ros.train.schedule import WarmupDecaySchedule
 
 from test_instance_head import H, W, make_scene
 

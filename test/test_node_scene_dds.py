@@ -197,7 +197,7 @@ def _gt(scene):
 def test_scene_estimated_poses_over_dds(scene):
     from fast3dis_ros.geometry.align import umeyama
     from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
-    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
     from fast3dis_ros.data.synthetic import scene_frame_sets
     from fast3dis_ros.pipeline.fusion import MapFusion
     from fast3dis_ros.pipeline.runner import PipelineRunner

@@ -72,7 +72,7 @@ def test_replay_accounting_with_bad_frame_and_baseline(scene, tmp_path, capsys):
 def test_replay_without_gt_and_sqlite(scene, tmp_path):
     """A sqlite3 bag without ground truth: replay + accounting only, no metrics."""
     from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
-    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
 
     bag = tmp_path / "nogt"
     write_scene_bag(scene, bag, storage="sqlite3", ground_truth=False)

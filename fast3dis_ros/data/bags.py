@@ -33,8 +33,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
-from .image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
+from fast3dis_ros.data.image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
 
 __all__ = [
     "BagReadError",

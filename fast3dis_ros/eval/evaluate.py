@@ -160,7 +160,7 @@ def _group_by_shape(idx: list[int], shapes: list[tuple]) -> list[list[int]]:
 def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes: list[list[int]],
           voxel: float, pool=None) -> dict:
     """``pool``: an extra ``InstanceAPEvaluator`` that receives the same scenes (multi-bag pooling)."""
-    from .metrics import InstanceAPEvaluator, build_common_point_set
+    from fast3dis_ros.eval.metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
     n_pts = 0
@@ -200,7 +200,7 @@ def _offset_window_labels(sv: ScoredViews, local_labels: list[np.ndarray], local
 
 
 def _mask2d(sv: ScoredViews, labels: list[np.ndarray], scores_of_view: list[np.ndarray]) -> dict:
-    from .metrics import coco_mask_ap, resize_nearest
+    from fast3dis_ros.eval.metrics import coco_mask_ap, resize_nearest
 
     images = []
     for i in range(len(sv)):
@@ -218,7 +218,7 @@ def _mask2d(sv: ScoredViews, labels: list[np.ndarray], scores_of_view: list[np.n
 
 
 def _depth(sv: ScoredViews) -> dict:
-    from .metrics import depth_metrics, resize_nearest
+    from fast3dis_ros.eval.metrics import depth_metrics, resize_nearest
 
     preds, gts = [], []
     for i in range(len(sv)):
@@ -238,7 +238,7 @@ def _depth(sv: ScoredViews) -> dict:
 
 
 def _pose(records, sv: ScoredViews, gt) -> tuple[dict, dict]:
-    from .metrics import pose_auc, pose_metrics, relative_pose_errors
+    from fast3dis_ros.eval.metrics import pose_auc, pose_metrics, relative_pose_errors
 
     rs, ts, ates = [], [], []
     for rec in records:
@@ -272,7 +272,7 @@ def _pose(records, sv: ScoredViews, gt) -> tuple[dict, dict]:
 
 def run_baseline(records, sv: ScoredViews, **params) -> dict:
     """HDBSCAN on every window (see module doc). Returns per-record labels/scores and timings."""
-    from .baseline import cluster_window
+    from fast3dis_ros.eval.baseline import cluster_window
 
     out = {"labels": {}, "scores": {}, "ms": [], "features": None}
     for ri, rec in enumerate(records):
@@ -388,7 +388,7 @@ def compute_metrics(records, gt, *, eval_voxel: float = 0.05, baseline: str | No
 
 
 def _ev_per_window(sv, labels, scores_by_rec, voxel, pool=None) -> dict:
-    from .metrics import InstanceAPEvaluator, build_common_point_set
+    from fast3dis_ros.eval.metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
     for sc in _per_window_scenes(sv):
@@ -413,9 +413,9 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
                  title: str = "FAST3DIS evaluation", baseline_params: dict | None = None) -> dict:
     """Replay + accounting + (GT) metrics report. Returns a dict of results and written paths."""
-    from ..data.bags import read_ground_truth
-    from .replay import ReplayConfig, replay_bag
-    from .report import write_report
+    from fast3dis_ros.data.bags import read_ground_truth
+    from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
+    from fast3dis_ros.eval.report import write_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,7 +426,7 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
         shutil.rmtree(out_bag)
     res = replay_bag(bag, predictor, replay_cfg or ReplayConfig(), out_bag=out_bag, progress=progress)
     acc_path = out / "accounting.json"
-    from .report import to_jsonable
+    from fast3dis_ros.eval.report import to_jsonable
 
     acc_path.write_text(json.dumps(to_jsonable({**res.accounting, "replay_wall_s": res.wall_s,
                                                 "output_topics": res.output_counts}), indent=2))
@@ -527,8 +527,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    from ..data.bags import BagReadError
-    from .replay import ReplayConfig, load_predictor
+    from fast3dis_ros.data.bags import BagReadError
+    from fast3dis_ros.eval.replay import ReplayConfig, load_predictor
 
     cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
                        image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
@@ -539,7 +539,7 @@ def run(argv: list[str] | None = None) -> int:
         cfg.score_threshold = args.score_threshold
     t0 = time.perf_counter()
     try:  # fail fast on an unreadable bag, before loading the model
-        from ..data.bags import bag_topics
+        from fast3dis_ros.data.bags import bag_topics
 
         bag_topics(args.bag)
         if args.gt:

@@ -90,7 +90,7 @@ def _floats(spec: str) -> list[float]:
 
 
 def _parse(argv):
-    from .evaluate import add_baseline_args
+    from fast3dis_ros.eval.evaluate import add_baseline_args
 
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.heldout", description=(
         "FAST3DIS vs HDBSCAN on held-out synthetic scenes: generate bags with GT, replay them through the "
@@ -122,7 +122,7 @@ def _parse(argv):
 
 
 def _pools(methods=("fast3dis", "hdbscan")) -> dict:
-    from .metrics import InstanceAPEvaluator
+    from fast3dis_ros.eval.metrics import InstanceAPEvaluator
 
     return {m: {"whole": InstanceAPEvaluator(), "per_window": InstanceAPEvaluator()} for m in methods}
 
@@ -144,9 +144,9 @@ class _Scenes:
         self.args, self.predictor, self.bag_root, self.progress = args, predictor, bag_root, progress
 
     def replay(self, seed: int):
-        from ..data.bags import read_ground_truth, write_scene_bag
-        from ..data.synthetic import SceneConfig, generate_scene
-        from .replay import ReplayConfig, replay_bag
+        from fast3dis_ros.data.bags import read_ground_truth, write_scene_bag
+        from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
+        from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
 
         a = self.args
         t0 = time.perf_counter()
@@ -168,7 +168,7 @@ class _Scenes:
 
 
 def _sweep(scenes: _Scenes, seeds: list[int], grid: list[dict], eval_voxel: float, log) -> dict:
-    from .evaluate import baseline_metrics, compute_metrics
+    from fast3dis_ros.eval.evaluate import baseline_metrics, compute_metrics
 
     pools = [_pools(("hdbscan",))["hdbscan"] for _ in grid]
     fpool = _pools(("fast3dis",))
@@ -279,9 +279,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    from .evaluate import baseline_params_from_args, compute_metrics
-    from .replay import load_predictor
-    from .report import to_jsonable, write_report
+    from fast3dis_ros.eval.evaluate import baseline_params_from_args, compute_metrics
+    from fast3dis_ros.eval.replay import load_predictor
+    from fast3dis_ros.eval.report import to_jsonable, write_report
 
     seeds = parse_seeds(args.seeds)
     tune_seeds = [] if args.no_sweep else parse_seeds(args.tune_seeds)
@@ -457,7 +457,7 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..data.bags import BagReadError
+    from fast3dis_ros.data.bags import BagReadError
 
     try:
         run_heldout(argv)

@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..pipeline.frames import CameraFrame, Window, WindowPrediction
+from fast3dis_ros.core.frames import CameraFrame, Window, WindowPrediction
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ __all__ = [
     "replay_bag",
 ]
 
-from ..model.checkpoint import BUNDLED_CHECKPOINT  # noqa: E402  (one definition, in model/checkpoint.py)
+from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT  # noqa: E402  (one definition, in model/checkpoint.py)
 RANDOM_WEIGHTS_WARNING = (
     "WEIGHTS ARE RANDOM: no FAST3DIS checkpoint found (bundled one expected at {path}); using "
     "Predictor.random_tiny(0). Depth, poses and instances below are NOT meaningful."
@@ -67,7 +67,7 @@ def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu", *,
     ``with_features``: capture the pixel decoder's mask features of every forward (model output
     ``mask_features``) into ``WindowPrediction.extras['mask_features']`` (V, C, h, w) float32 through a
     forward hook (the Predictor does not put them in extras itself); used by the HDBSCAN baseline."""
-    from ..model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
 
     if device == "auto":
         import torch
@@ -167,13 +167,13 @@ class ReplayResult:
 
 # ----------------------------------------------------------------------------------------------------
 def _discover_cameras(path, image_topics) -> list[str]:
-    from ..data.bags import bag_topics
+    from fast3dis_ros.data.bags import bag_topics
 
     topics = bag_topics(path)
     if image_topics:
         missing = [t for t in image_topics if t not in topics]
         if missing:
-            from ..data.bags import BagReadError
+            from fast3dis_ros.data.bags import BagReadError
 
             raise BagReadError(f"{path}: image topics not in bag: {missing} (bag has {sorted(topics)})")
         return [camera_of_topic(t) for t in image_topics]
@@ -194,7 +194,7 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
     """Yield CameraFrames in bag order (an image is held until its CameraInfo of the same stamp arrives
     or the camera's next image does). ``counts['read']`` counts image messages of the cameras;
     ``rejected`` counts frames refused by the checks in the module doc."""
-    from ..data.bags import read_camera_streams
+    from fast3dis_ros.data.bags import read_camera_streams
 
     counts = Counter() if counts is None else counts
     rejected = Counter() if rejected is None else rejected
@@ -207,7 +207,7 @@ def frames_from_bag(path, cameras: list[str], image_topics: list[str] | None = N
         topics = list(image_topics) + [t.rsplit("/", 1)[0] + "/camera_info" for t in image_topics
                                        if not t.endswith("/compressed")]
         topics = [t for t in dict.fromkeys(topics)]
-        from ..data.bags import bag_topics
+        from fast3dis_ros.data.bags import bag_topics
 
         have = bag_topics(path)
         topics = [t for t in topics if t in have]
@@ -288,9 +288,9 @@ def replay_bag(
     keep_predictions: bool = True,
 ) -> ReplayResult:
     """Replay ``bag`` through a synchronous PipelineRunner; write outputs to ``out_bag`` (new folder)."""
-    from ..pipeline.fusion import MapFusion
-    from ..pipeline.runner import PipelineRunner
-    from .output_bag import OutputBagWriter
+    from fast3dis_ros.pipeline.fusion import MapFusion
+    from fast3dis_ros.pipeline.runner import PipelineRunner
+    from fast3dis_ros.eval.output_bag import OutputBagWriter
 
     cfg = cfg or ReplayConfig()
     t0 = time.perf_counter()
@@ -298,7 +298,7 @@ def replay_bag(
     if cfg.image_topics and not cfg.cameras:
         cameras = [camera_of_topic(t) for t in cfg.image_topics]
     if not cameras:
-        from ..data.bags import BagReadError
+        from fast3dis_ros.data.bags import BagReadError
 
         raise BagReadError(f"{bag}: no image topics found (give --cameras or --image-topics)")
     records: list[WindowRecord] = []

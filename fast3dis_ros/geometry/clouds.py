@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..pipeline.frames import InstanceCloud, WindowPrediction
-from .cameras import invert_se3, pixel_grid, transform_points, unproject
+from fast3dis_ros.core.frames import InstanceCloud, WindowPrediction
+from fast3dis_ros.geometry.cameras import invert_se3, pixel_grid, transform_points, unproject
 
 __all__ = [
     "POINT_FIELDS",

@@ -131,7 +131,7 @@ class LossWeights:
 
 
 def _head_config_cls():
-    from fast3dis_ros.model.head_config import InstanceHeadConfig
+    from fast3dis_ros.model.head.config import InstanceHeadConfig
 
     return InstanceHeadConfig
 

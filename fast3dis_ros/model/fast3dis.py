@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fast3dis_ros.model.backbone import DA3Backbone, stage
+from fast3dis_ros.model.da3.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.model.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
-from fast3dis_ros.model.weight_dtype import store_weights_in
+from fast3dis_ros.model.head.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
+from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 
 
 def rigid_inverse(T: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class Fast3DIS(nn.Module):
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else DA3Backbone(cfg.backbone)
         if head is None:
-            from fast3dis_ros.model.heads import InstanceHead
+            from fast3dis_ros.model.head.instance_head import InstanceHead
 
             head = InstanceHead(cfg.head)
         self.head = head

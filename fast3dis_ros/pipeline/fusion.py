@@ -31,12 +31,12 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..geometry.align import align_cameras, sim3_decompose
-from ..geometry.cameras import invert_se3
-from ..geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
-from .frames import InstanceCloud, InstanceSummary, WindowPrediction
-from .stats import DropCounter
-from .tracker import InstanceTracker
+from fast3dis_ros.geometry.align import align_cameras, sim3_decompose
+from fast3dis_ros.geometry.cameras import invert_se3
+from fast3dis_ros.geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary, WindowPrediction
+from fast3dis_ros.core.stats import DropCounter
+from fast3dis_ros.pipeline.tracker import InstanceTracker
 
 __all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelMap", "lift_window"]
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 
-from .frames import CameraFrame, FrameSet
-from .stats import DropCounter
+from fast3dis_ros.core.frames import CameraFrame, FrameSet
+from fast3dis_ros.core.stats import DropCounter
 
 __all__ = ["ApproximateTimeSync"]
 

@@ -46,9 +46,9 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
-from ..pipeline.frames import CameraFrame
-from . import params as P
-from .conversions import (
+from fast3dis_ros.core.frames import CameraFrame
+from fast3dis_ros.ros import params as P
+from fast3dis_ros.ros.conversions import (
     ImageConversionError,
     camera_info_to_K,
     cloud_to_pointcloud2,
@@ -58,10 +58,10 @@ from .conversions import (
     instances_to_msg,
     stamp_to_ns,
 )
-from .diagnostics import DiagnosticsBuilder
-from .qos import camera_info_qos, output_qos, sensor_qos
-from .tf import TFBroadcaster, matrix_to_transform
-from .tf_buffer import TfLookup, TfLookupError
+from fast3dis_ros.ros.diagnostics import DiagnosticsBuilder
+from fast3dis_ros.ros.qos import camera_info_qos, output_qos, sensor_qos
+from fast3dis_ros.ros.tf import TFBroadcaster, matrix_to_transform
+from fast3dis_ros.ros.tf_buffer import TfLookup, TfLookupError
 
 __all__ = ["Fast3disNode", "main", "make_predictor"]
 
@@ -82,7 +82,7 @@ def resolve_device(device: str) -> str:
 def make_predictor(p: dict):
     """Predictor from the parameters: checkpoint ('bundled' = the packaged tiny one) > random tiny model
     (model_size 'tiny', empty checkpoint)."""
-    from ..model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
 
     device = resolve_device(p["device"])
     kw = {"score_threshold": p["score_threshold"], "cuda_graphs": p["cuda_graphs"], "compile": p["compile"]}
@@ -94,7 +94,7 @@ def make_predictor(p: dict):
             f"model_size '{p['model_size']}' needs a FAST3DIS checkpoint (parameter 'checkpoint'): the bundled "
             "one is the tiny configuration")
     if checkpoint == "bundled":
-        from ..model.checkpoint import BUNDLED_CHECKPOINT
+        from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
 
         checkpoint = str(BUNDLED_CHECKPOINT)
     if checkpoint:
@@ -132,14 +132,14 @@ class Fast3disNode(Node):
             what = type(predictor).__name__
         self.predictor = predictor
         self.get_logger().info(f"model: {what}")
-        from ..pipeline.fusion import MapFusion
-        from ..pipeline.runner import PipelineRunner
+        from fast3dis_ros.pipeline.fusion import MapFusion
+        from fast3dis_ros.pipeline.runner import PipelineRunner
 
         fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
                            use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
                            max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"])
-        from .sync_adapter import make_synchronizer
+        from fast3dis_ros.ros.sync_adapter import make_synchronizer
 
         sync = None  # the runner's own ApproximateTimeSync (with time-jump reset)
         if self.p["sync_backend"] == "message_filters":
@@ -434,7 +434,7 @@ class Fast3disNode(Node):
                     f"{self.known_pose_frame} -> {self.map_frame} (set map_frame to a new name to get it)")
         if not self._publish_known_to_map:
             return
-        from ..geometry.align import sim3_inverse
+        from fast3dis_ros.geometry.align import sim3_inverse
 
         T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
         self.tf.send([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame, result.stamp_ns)])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 
-from ..pipeline.frames import CameraFrame, FrameSet
+from fast3dis_ros.core.frames import CameraFrame, FrameSet
 
 __all__ = ["make_synchronizer", "MessageFiltersSync", "HAVE_MESSAGE_FILTERS"]
 
@@ -47,7 +47,7 @@ class _Stamped:
     def __init__(self, frame: CameraFrame):
         from std_msgs.msg import Header
 
-        from .conversions import ns_to_stamp
+        from fast3dis_ros.ros.conversions import ns_to_stamp
 
         self.header = Header(stamp=ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
         self.frame = frame
@@ -107,7 +107,7 @@ def make_synchronizer(cameras: list[str], slop_ns: int, queue_size: int = 10, ba
         raise ValueError(f"unknown sync backend '{backend}'")
     if backend == "message_filters" or (backend == "auto" and HAVE_MESSAGE_FILTERS):
         return MessageFiltersSync(cameras, slop_ns, queue_size)
-    from ..pipeline.sync import ApproximateTimeSync
+    from fast3dis_ros.pipeline.sync import ApproximateTimeSync
 
     s = ApproximateTimeSync(cameras, int(slop_ns), int(queue_size))
     s.backend = "project"

@@ -13,8 +13,8 @@ import threading
 import numpy as np
 from geometry_msgs.msg import TransformStamped
 
-from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
-from .conversions import ns_to_stamp
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
+from fast3dis_ros.ros.conversions import ns_to_stamp
 
 try:  # pragma: no cover - exercised on a real ROS install only
     import tf2_ros as _tf2_ros

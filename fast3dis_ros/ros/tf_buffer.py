@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..geometry.rotations import matrix_from_quat_xyzw
-from .tf import HAVE_TF2_ROS
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw
+from fast3dis_ros.ros.tf import HAVE_TF2_ROS
 
 __all__ = ["TfLookupError", "TfBuffer", "TfListener", "TfLookup", "make_tf_lookup", "slerp"]
 
@@ -163,7 +163,7 @@ class TfBuffer:
         return True
 
     def set_matrix(self, T: np.ndarray, parent: str, child: str, stamp_ns: int, static: bool = False) -> bool:
-        from .tf import matrix_to_transform
+        from fast3dis_ros.ros.tf import matrix_to_transform
 
         return self.set_transform(matrix_to_transform(T, parent, child, stamp_ns), static)
 
@@ -269,7 +269,7 @@ class TfLookup:
             return self.buffer.lookup(target_frame, source_frame, stamp_ns, tolerance_ns)
         from rclpy.time import Time  # pragma: no cover
 
-        from .tf import transform_to_matrix  # pragma: no cover
+        from fast3dis_ros.ros.tf import transform_to_matrix  # pragma: no cover
 
         try:  # pragma: no cover - tf2 has no extrapolation tolerance: exact stamp, else latest if close
             return transform_to_matrix(self.buffer.lookup_transform(target_frame, source_frame,

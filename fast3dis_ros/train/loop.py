@@ -136,9 +136,9 @@ def build_model_split_invariant(cfg: Any, seed: int) -> torch.nn.Module:
     head's starting point. Re-seeding before the head keeps a split comparison about the split alone.
     (LoRA ``B`` starts at zero, so every split's feature pass starts equal to the geometry pass.)
     """
-    from fast3dis_ros.model.backbone import DA3Backbone
+    from fast3dis_ros.model.da3.backbone import DA3Backbone
     from fast3dis_ros.model.fast3dis import Fast3DIS
-    from fast3dis_ros.model.heads import InstanceHead
+    from fast3dis_ros.model.head.instance_head import InstanceHead
 
     torch.manual_seed(seed)
     backbone = DA3Backbone(cfg.backbone)
@@ -221,8 +221,8 @@ def build_criterion(cfg: Any, total_steps: int) -> Any:
     """model/losses.py ``SetCriterion`` with the weights of ``cfg.loss`` and an overlap schedule fitted to
     the run length (warm-up over the first 10% of the steps, cosine decay to 10% at the end)."""
     try:
-        from fast3dis_ros.model.losses import CriterionConfig, SetCriterion
-        from fast3dis_ros.model.schedule import WarmupDecaySchedule
+        from fast3dis_ros.train.losses import CriterionConfig, SetCriterion
+        from fast3dis_ros.train.schedule import WarmupDecaySchedule
     except ImportError:
         return None
     lw = getattr(cfg, "loss", None)
@@ -742,7 +742,7 @@ def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
     """
     try:
         from fast3dis_ros.eval import metrics
-        from fast3dis_ros.model.postprocess import instances_from_queries
+        from fast3dis_ros.inference.postprocess import instances_from_queries
     except ImportError:
         return None
     logits = outputs["pred_logits"][0].float()

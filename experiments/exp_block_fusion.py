@@ -19,7 +19,7 @@ Variants (each a fresh model through ``Fast3DIS.compile_for_inference``):
           = what ``compile_for_inference(weight_dtype=bf16)`` does now)
   chain   + each block's last residual add done by the next block (``compile_for_inference(chain=True)``)
 
-    python scripts/exp_block_fusion.py --views 8 --variants new s3 --json out.json
+    python experiments/exp_block_fusion.py --views 8 --variants new s3 --json out.json
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 def _time_ms(fn, iters: int = 50) -> float:
     """Mean ms per call on the GPU (CUDA events after a warm-up; ``bench_profile._rate`` with 1 "FLOP")."""
-    from fast3dis_ros.bench_profile import _rate
+    from fast3dis_ros.bench.profile import _rate
 
     return 1e3 / _rate(fn, 1e12, iters, torch.device("cuda"))
 
@@ -91,8 +91,8 @@ VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "dptpe", "nhwc", "chai
 
 def apply_variant(model, variant: str) -> None:
     """Cumulative: each variant adds one change to the one before it in ``VARIANTS``."""
-    from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
-    from fast3dis_ros.model.fused_mlp import fuse_block_mlps
+    from fast3dis_ros.model.fastpath.fast_attention import FusedNormRopeAttention
+    from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
 
     if variant in ("heads", "new", "dptpe", "nhwc", "chain"):
         model.compile_for_inference(weight_dtype=torch.bfloat16, chain=variant == "chain",
@@ -116,8 +116,8 @@ def apply_variant(model, variant: str) -> None:
 
 def measured_floor(model, x) -> dict:
     """The bench's measured-rate floor at this window, with cuDNN's conv benchmark mode off and on."""
-    from fast3dis_ros.bench import vit_flops_parts, window_rates
-    from fast3dis_ros.bench_profile import flop_count, measured_floor_ms
+    from fast3dis_ros.bench.suite import vit_flops_parts, window_rates
+    from fast3dis_ros.bench.profile import flop_count, measured_floor_ms
 
     V, H, W = x.shape[1], x.shape[-2], x.shape[-1]
 
@@ -148,9 +148,9 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the FLOP count and measured-rate floor")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from fast3dis_ros.bench import build, measure, output_deviation
-    from fast3dis_ros.bench_profile import format_profile, stage_profile
-    from fast3dis_ros.model.cuda_graph import GraphedForward
+    from fast3dis_ros.bench.suite import build, measure, output_deviation
+    from fast3dis_ros.bench.profile import format_profile, stage_profile
+    from fast3dis_ros.model.fastpath.cuda_graph import GraphedForward
 
     device = torch.device("cuda")
     V, H, W = args.views, 378, 504

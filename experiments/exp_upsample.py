@@ -9,7 +9,7 @@ per shape, with and without the 3x3 conv that follows:
                split into a bf16 high and low part (so the weights are exact to ~2^-17)
 and the largest deviation of each from fp32 ``F.interpolate``.
 
-    python scripts/exp_upsample.py --json out.json
+    python experiments/exp_upsample.py --json out.json
 """
 
 from __future__ import annotations

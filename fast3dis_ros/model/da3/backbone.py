@@ -40,11 +40,11 @@ from depth_anything_3.registry import MODEL_REGISTRY
 from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
 from omegaconf import OmegaConf
 
-from fast3dis_ros.model.camera_encoding import encode_cameras
-from fast3dis_ros.model.chained_blocks import ChainedBlock, run_chained, tokens_of
+from fast3dis_ros.model.fastpath.camera_encoding import encode_cameras
+from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
-from fast3dis_ros.model.layout import channels_last_copy
-from fast3dis_ros.model.grid_rope import install_grid_rope, rope_table_len
+from fast3dis_ros.model.fastpath.layout import channels_last_copy
+from fast3dis_ros.model.fastpath.grid_rope import install_grid_rope, rope_table_len
 
 PATCH_SIZE = 14
 from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
@@ -111,7 +111,7 @@ def tiny_da3_config(cfg: BackboneConfig) -> dict[str, Any]:
     return {
         "__object__": {"path": "depth_anything_3.model.da3", "name": "DepthAnything3Net", "args": "as_params"},
         "net": {
-            "__object__": {"path": "fast3dis_ros.model.backbone", "name": "TinyDinoV2", "args": "as_params"},
+            "__object__": {"path": "fast3dis_ros.model.da3.backbone", "name": "TinyDinoV2", "args": "as_params"},
             "embed_dim": d,
             "depth": spec["depth"],
             "num_heads": spec["num_heads"],
@@ -203,7 +203,7 @@ def _fusion_block_nhwc(block: nn.Module, *xs: torch.Tensor, size=None) -> torch.
     """DA3's ``FeatureFusionBlock.forward`` with its upsampling input realised channels-last
     (``layout.channels_last_copy``, opaque to Inductor). Why: Inductor's bilinear upsampling kernel is
     2-2.5x faster on a realised channels-last map at the DPT head's shapes than with its producer fused
-    in (``scripts/exp_upsample.py``, docs/BENCHMARKS.md 17). Same ops, same order, same values."""
+    in (``experiments/exp_upsample.py``, docs/BENCHMARKS.md 17). Same ops, same order, same values."""
     y = xs[0]
     if block.has_residual and len(xs) > 1 and block.resConfUnit1 is not None:
         y = block.skip_add.add(y, block.resConfUnit1(xs[1]))
@@ -563,8 +563,8 @@ class DA3Backbone(nn.Module):
         """
         import torch._dynamo
 
-        from fast3dis_ros.model.fast_attention import fuse_block_attention
-        from fast3dis_ros.model.fused_mlp import fuse_block_mlps
+        from fast3dis_ros.model.fastpath.fast_attention import fuse_block_attention
+        from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -607,7 +607,7 @@ class DA3Backbone(nn.Module):
         Inference only (the fast path): under autocast the GEMMs already run in ``dtype``, so this only
         removes the per-forward weight casts; norms, layer scales and the residual stream keep fp32.
         """
-        from fast3dis_ros.model.weight_dtype import store_weights_in
+        from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 
         return store_weights_in(self.vit.blocks, dtype, extra_types=(MergedLoraLinear,))
 
@@ -615,7 +615,7 @@ class DA3Backbone(nn.Module):
         """Store DA3's DPT head and camera decoder weights in ``dtype`` (only with ``head_autocast``: they
         run under the caller's autocast then; DA3's own fp32 heads would meet bf16 weights). The camera
         encoder always runs in fp32 and is left alone."""
-        from fast3dis_ros.model.weight_dtype import store_weights_in
+        from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 
         if not self.head_autocast:
             raise RuntimeError("cast_head_weights needs head_autocast=True (DA3 runs its heads in fp32)")

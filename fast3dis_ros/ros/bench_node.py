@@ -1,4 +1,4 @@
-"""Node-side CPU figures of fast3dis_ros, each a row with its target (``python -m fast3dis_ros.bench_node``).
+"""Node-side CPU figures of fast3dis_ros, each a row with its target (``python -m fast3dis_ros.ros.bench_node``).
 
 Rows (all on CPU, median over repeats unless said otherwise):
 
@@ -88,7 +88,7 @@ def _median_ms(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
 # ------------------------------------------------------------------------------------------- pack
 def bench_pack(n: int = 1_000_000, repeats: int = 7, seed: int = 0) -> list[dict]:
     from fast3dis_ros.geometry.clouds import POINT_STEP, pointcloud_structured
-    from fast3dis_ros.pipeline.frames import InstanceCloud
+    from fast3dis_ros.core.frames import InstanceCloud
 
     rng = np.random.default_rng(seed)
     cloud = InstanceCloud("map", 123, rng.standard_normal((n, 3)).astype(np.float32),
@@ -144,7 +144,7 @@ def bench_images(cams: int = 3, height: int = 480, width: int = 640, repeats: in
 
 # -------------------------------------------------------------------------------------------- sync
 def bench_sync(cams: int = 3, n_sets: int = 2000, repeats: int = 5, seed: int = 0) -> list[dict]:
-    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.core.frames import CameraFrame
     from fast3dis_ros.pipeline.sync import ApproximateTimeSync
 
     rng = np.random.default_rng(seed)
@@ -188,7 +188,7 @@ def _gt_windows(scene, frames_per_window: int, stride: int, score: float = 0.9):
 
 def _gt_prediction(views, window_index: int, stamps: list[int], score: float = 0.9):
     """WindowPrediction of rendered views (ground truth), world = camera of view 0."""
-    from fast3dis_ros.pipeline.frames import WindowPrediction
+    from fast3dis_ros.core.frames import WindowPrediction
 
     T0 = views[0].T_world_cam
     T_cam_world = np.stack([np.linalg.inv(v.T_world_cam) @ T0 for v in views])
@@ -361,14 +361,14 @@ def _start_listener(domain_id: int, out_path: str, expect: int):
     env.pop("ROS_LOCALHOST_ONLY", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.Popen([sys.executable, "-m", "fast3dis_ros.bench_node", "--listen", out_path,
+    return subprocess.Popen([sys.executable, "-m", "fast3dis_ros.ros.bench_node", "--listen", out_path,
                              "--listen-expect", str(expect)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
 def _e2e_scene_and_predictor(cams, window_size, stride, n_windows, width, height, process_size, seed, predictor):
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
-    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
 
     n_frames = window_size + stride * (n_windows - 1)
     scene = generate_scene(SceneConfig(n_cameras=cams, n_frames=n_frames, width=width, height=height, seed=seed))
@@ -632,7 +632,7 @@ def _e2e_stamp_of(msg) -> int:
 
 def _e2e_runner(scene, n_frames, predict_fn, window_size, stride, prefill, seed) -> dict:
     """Fallback without rclpy: the runner alone (async, as in the node), callbacks without messages."""
-    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.core.frames import CameraFrame
     from fast3dis_ros.pipeline.runner import PipelineRunner
 
     t_win: dict[int, int] = {}
@@ -794,7 +794,7 @@ def kwargs_from_args(args, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.bench_node", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.ros.bench_node", description=__doc__.split("\n")[0])
     add_args(ap)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (2: keep the machine usable)")
     ap.add_argument("--json", default=None, help="write the rows here")

@@ -26,9 +26,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .anchors import MLP
-from .head_config import InstanceHeadConfig
-from .projection import masked_softmax, pixel_to_grid, project, sample_views
+from fast3dis_ros.model.head.anchors import MLP
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.projection import masked_softmax, pixel_to_grid, project, sample_views
 
 
 def sample_multiview(

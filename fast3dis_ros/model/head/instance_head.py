@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .anchors import MLP, AnchorQueryGenerator, FourierPositionEncoding3D
-from .decoder import AnchoredDecoder
-from .head_config import InstanceHeadConfig
-from .pixel_decoder import GeometryPixelDecoder, scene_normalization
+from fast3dis_ros.model.head.anchors import MLP, AnchorQueryGenerator, FourierPositionEncoding3D
+from fast3dis_ros.model.head.decoder import AnchoredDecoder
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.pixel_decoder import GeometryPixelDecoder, scene_normalization
 
 
 class InstanceHead(nn.Module):

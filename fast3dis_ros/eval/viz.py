@@ -62,7 +62,7 @@ def colorize_labels(labels: np.ndarray) -> np.ndarray:
 def overlay_labels(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """Blend label colours over an RGB image (label 0 leaves the image unchanged). Labels are
     nearest-resized to the image size."""
-    from .eval.metrics import resize_nearest
+    from fast3dis_ros.eval.metrics import resize_nearest
 
     img = np.asarray(image, dtype=np.float32)
     lab = resize_nearest(np.asarray(labels), img.shape[0], img.shape[1])
@@ -109,7 +109,7 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
 
 def _grid(tiles: list[list[np.ndarray]], pad: int = 4, bg=255) -> np.ndarray:
     """Compose rows of tiles (each HxWx3 uint8; resized by nearest to the first tile's size)."""
-    from .eval.metrics import resize_nearest
+    from fast3dis_ros.eval.metrics import resize_nearest
 
     H, W = tiles[0][0].shape[:2]
     R, C = len(tiles), max(len(r) for r in tiles)

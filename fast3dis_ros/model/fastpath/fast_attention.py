@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fast3dis_ros.model.block_patch import replace_in_blocks
-from fast3dis_ros.model.grid_rope import GridRope
+from fast3dis_ros.model.fastpath.block_patch import replace_in_blocks
+from fast3dis_ros.model.fastpath.grid_rope import GridRope
 
 
 def partner_perm(t: torch.Tensor) -> torch.Tensor:

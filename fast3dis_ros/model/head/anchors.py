@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .head_config import InstanceHeadConfig
-from .pixel_decoder import fourier_features
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.pixel_decoder import fourier_features
 
 
 class MLP(nn.Module):

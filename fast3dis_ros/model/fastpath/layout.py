@@ -5,7 +5,7 @@ conv unit's add, the conv bias) into the upsampling kernel, which then recompute
 four taps it gathers and writes the 128-256-channel result at 3-6x its bandwidth time (0.75 ms and
 0.42 ms at 8 views, docs/BENCHMARKS.md 17). A plain ``.contiguous(memory_format=channels_last)`` does
 not stop that (measured: same kernels). An opaque custom op does: the producer is written once, copied
-channels-last, and the upsampling reads a realised channels-last map, the case ``scripts/exp_upsample.py``
+channels-last, and the upsampling reads a realised channels-last map, the case ``experiments/exp_upsample.py``
 times at 2-2.5x faster.
 """
 

@@ -2,7 +2,7 @@
 
 Cost (no training needed): which ViT blocks carry LoRA, how many run once and are shared by both passes,
 trainable parameters (LoRA + instance head), and the FLOPs of the DA3 ViT trunk per window for both
-passes (``fast3dis_ros.bench.vit_flops``: blocks ``>= first_lora_block`` run twice; LoRA's own rank-r
+passes (``fast3dis_ros.bench.suite.vit_flops``: blocks ``>= first_lora_block`` run twice; LoRA's own rank-r
 GEMMs are left out, < 1% at rank 4).
 
 Accuracy: each test window (one synthetic scene: cameras x frames views) is one "scene" of a pooled
@@ -45,7 +45,7 @@ class SplitCost:
 
 def split_cost(cfg: Any, split: int, views: int, height: int, width: int) -> SplitCost:
     """Cost figures of ``cfg`` with ``first_lora_block = split`` (random weights: only shapes matter)."""
-    from fast3dis_ros.bench import vit_flops
+    from fast3dis_ros.bench.suite import vit_flops
     from fast3dis_ros.model.fast3dis import Fast3DIS
 
     cfg = copy.deepcopy(cfg)
@@ -117,7 +117,7 @@ def score_checkpoint(ckpt_dir: str | Path, windows, device: torch.device, amp: t
                      score_threshold: float = 0.05, batch_size: int = 8) -> tuple[PooledAP, dict[str, Any]]:
     """Run the checkpoint on every test window; returns the pooled AP and the loaded model's info."""
     from fast3dis_ros.model.checkpoint import load_checkpoint
-    from fast3dis_ros.model.postprocess import instances_from_queries
+    from fast3dis_ros.inference.postprocess import instances_from_queries
     from fast3dis_ros.train.data import collate
     from fast3dis_ros.train.loop import autocast_ctx
 
@@ -139,8 +139,8 @@ def score_checkpoint(ckpt_dir: str | Path, windows, device: torch.device, amp: t
 
 def time_forward(model: torch.nn.Module, window: dict, device: torch.device, amp: torch.dtype | None,
                  warmup: int = 3, iters: int = 10) -> float:
-    """Median ms of one eager forward (one window, B=1) with ``fast3dis_ros.bench.measure``."""
-    from fast3dis_ros.bench import measure
+    """Median ms of one eager forward (one window, B=1) with ``fast3dis_ros.bench.suite.measure``."""
+    from fast3dis_ros.bench.suite import measure
     from fast3dis_ros.train.loop import autocast_ctx
 
     images = window["images"][None].to(device)

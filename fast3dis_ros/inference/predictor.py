@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from fast3dis_ros.geometry.cameras import scale_K
-from fast3dis_ros.model.backbone import PATCH_SIZE, normalize_images
+from fast3dis_ros.model.da3.backbone import PATCH_SIZE, normalize_images
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.model.postprocess import instances_from_queries
-from fast3dis_ros.pipeline.frames import Window, WindowPrediction
+from fast3dis_ros.inference.postprocess import instances_from_queries
+from fast3dis_ros.core.frames import Window, WindowPrediction
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 
@@ -80,7 +80,7 @@ class Predictor:
         # windows the eager forward is bound by kernel launches, not arithmetic.
         self.graphed = None
         if cuda_graphs and self.device.type == "cuda":
-            from fast3dis_ros.model.cuda_graph import GraphedForward
+            from fast3dis_ros.model.fastpath.cuda_graph import GraphedForward
 
             self.graphed = GraphedForward(self._forward_no_aux, amp_dtype=self.dtype)
 

@@ -5,7 +5,7 @@ bench prints it as a table; this draws it (log-log: the interesting part is how 
 between 8 and 350 views): FAST3DIS, plain DA3 and the DA3+LoRA backbone per mode, with the two
 arithmetic floors (spec peak, measured kernel rates) where the run computed them.
 
-    python -m fast3dis_ros.bench_plot docs/bench/bench_gpu_s4.json docs/bench/curve_gpu_s4.png
+    python -m fast3dis_ros.bench.plot docs/bench/bench_gpu_s4.json docs/bench/curve_gpu_s4.png
     fast3dis-bench --suite cpu --json out.json --plot out.png
 """
 

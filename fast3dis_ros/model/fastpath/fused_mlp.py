@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fast3dis_ros.model.backbone import MergedLoraLinear
-from fast3dis_ros.model.block_patch import replace_in_blocks
+from fast3dis_ros.model.da3.backbone import MergedLoraLinear
+from fast3dis_ros.model.fastpath.block_patch import replace_in_blocks
 
 
 @torch.library.custom_op("fast3dis::linear_gelu_tanh", mutates_args=())

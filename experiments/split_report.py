@@ -88,7 +88,7 @@ def markdown(res: dict) -> str:
           "test scenes, not the training seed",
           f"- val: the training loop's quick AP on {cfg['val_seeds']} (mean over windows)",
           f"- trunk GFLOPs: DA3 ViT blocks for both passes, one window of {cfg['cameras'] * cfg['frames']} views "
-          "(fast3dis_ros.bench.vit_flops; LoRA GEMMs excluded)",
+          "(fast3dis_ros.bench.suite.vit_flops; LoRA GEMMs excluded)",
           f"- device: {res['host']['device']}; parallel trainings: {cfg['parallel']}; study wall time "
           f"{res['wall_s']:.0f} s", ""]
     rd = res.get("render")

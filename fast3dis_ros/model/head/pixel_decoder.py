@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head_config import InstanceHeadConfig
+from fast3dis_ros.model.head.config import InstanceHeadConfig
 
 
 def fourier_features(x: Tensor, bands: int, dim: int = -1) -> Tensor:

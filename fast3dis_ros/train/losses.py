@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .matching import HungarianMatcher, pad_targets
-from .schedule import WarmupDecaySchedule
+from fast3dis_ros.train.matching import HungarianMatcher, pad_targets
+from fast3dis_ros.train.schedule import WarmupDecaySchedule
 
 
 @dataclass

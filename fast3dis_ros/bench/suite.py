@@ -20,7 +20,7 @@ split into the network forward (the FAST3DIS forward timed above) + clustering o
 after the device->host copy, which is reported too); memory is the forward's peak GPU memory and the peak
 host RSS while clustering (psutil, sampled every 5 ms).
 
-``--node``: also the node-side CPU figures of ``fast3dis_ros.bench_node`` (PointCloud2 packing, Image
+``--node``: also the node-side CPU figures of ``fast3dis_ros.ros.bench_node`` (PointCloud2 packing, Image
 conversion, sync, fusion, end-to-end overhead), with their targets.
 
 ``--suite gpu|cpu``: everything in one command with fixed sizes, then one "target vs measured" table:
@@ -50,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fast3dis_ros.bench_profile import flop_count, floor_ms, measured_floor_ms, measured_rates
+from fast3dis_ros.bench.profile import flop_count, floor_ms, measured_floor_ms, measured_rates
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -87,7 +87,7 @@ def vit_flops_parts(backbone, views: int, height: int, width: int, shared_split:
     (all views' tokens in one sequence) and ``attn_local`` (one sequence per view). The kinds run at
     different kernel rates, which the measured-rate floor needs. ``shared_split``: blocks >= it run twice."""
     vit = backbone.vit
-    from fast3dis_ros.model.backbone import block_kind
+    from fast3dis_ros.model.da3.backbone import block_kind
 
     D = vit.embed_dim
     N = tokens_per_view(vit, height, width)
@@ -155,7 +155,7 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
 
 
 def build(args) -> tuple[Any, Any, Any]:
-    from fast3dis_ros.model.backbone import build_da3_net
+    from fast3dis_ros.model.da3.backbone import build_da3_net
     from fast3dis_ros.model.config import Fast3disConfig
     from fast3dis_ros.model.fast3dis import Fast3DIS
 
@@ -291,7 +291,7 @@ def _row_at(rows: list[dict], V: int) -> dict | None:
 
 def targets(result: dict) -> list[dict]:
     """The 'target vs measured' rows of a suite (bench_node.row format)."""
-    from fast3dis_ros.bench_node import row
+    from fast3dis_ros.ros.bench_node import row
 
     rows, out = result["rows"], []
     gpu = result["device"].startswith("cuda")
@@ -349,7 +349,7 @@ def targets(result: dict) -> list[dict]:
 
 
 def print_targets(trows: list[dict], notes: list[str]) -> None:
-    from fast3dis_ros.bench_node import format_rows
+    from fast3dis_ros.ros.bench_node import format_rows
 
     print("#\n# ===== target vs measured =====")
     print(format_rows(trows))
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="points HDBSCAN clusters (the rest by nearest neighbour); as eval.evaluate")
     ap.add_argument("--big-views", type=int, nargs="*", default=[],
                     help="extra view counts run with warmup 1 / iters 1, without plain DA3 and backbone-only")
-    ap.add_argument("--node", action="store_true", help="also the node-side CPU figures (fast3dis_ros.bench_node)")
+    ap.add_argument("--node", action="store_true", help="also the node-side CPU figures (fast3dis_ros.ros.bench_node)")
     ap.add_argument("--no-node", action="store_true", help="with --suite: skip the node figures")
     ap.add_argument("--suite", choices=sorted(SUITES), default=None,
                     help="every figure with fixed sizes + a target vs measured table (overrides size/views/...)")
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda_graphs and device.type == "cuda":
         from dataclasses import replace as dc_replace
 
-        from fast3dis_ros.model.backbone import DA3Backbone
+        from fast3dis_ros.model.da3.backbone import DA3Backbone
 
         # stock DepthAnything3Net.forward synchronises with the host (its RoPE, its camera encoder) and
         # cannot be captured; the backbone's transcription of it is bit-identical (test_backbone) and
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     def runner(fn, x, graphs: bool) -> Callable[[], Any]:
         """A no-argument timed call: eager under autocast, or replaying a captured CUDA graph."""
         if graphs:
-            from fast3dis_ros.model.cuda_graph import GraphedForward
+            from fast3dis_ros.model.fastpath.cuda_graph import GraphedForward
 
             g = GraphedForward(fn, amp_dtype=dtype if amp else None, max_graphs=1)
             run = lambda: g(x)  # noqa: E731
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         plain_back_on_device()
     for V in args.profile:
-        from fast3dis_ros.bench_profile import format_profile, stage_profile
+        from fast3dis_ros.bench.profile import format_profile, stage_profile
 
         g = torch.Generator().manual_seed(V)
         x = torch.randn(1, V, 3, args.height, args.width, generator=g).to(device)
@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if args.node:
-        from fast3dis_ros.bench_node import format_rows, run_node_bench
+        from fast3dis_ros.ros.bench_node import format_rows, run_node_bench
 
         print("# node-side figures (CPU)")
         print(format_rows([], header=True), flush=True)
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2, default=_json_default)
     if args.plot:
-        from fast3dis_ros.bench_plot import plot_curves
+        from fast3dis_ros.bench.plot import plot_curves
 
         print(f"# time and memory against views: {plot_curves(result, args.plot)}")
     return 0

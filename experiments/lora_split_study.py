@@ -10,7 +10,7 @@ then scores every run on the same held-out synthetic windows and writes the comp
 
 Usage (GPU, one H100, ~6-7 min for the defaults; see docs/training/lora_split.md)::
 
-    python -m fast3dis_ros.train.lora_split_study --parallel --out OUT [--work /tmp/lora_split]
+    python -m experiments.lora_split_study --parallel --out OUT [--work /tmp/lora_split]
         [--splits 0,3,5] [--steps 1000] [--scenes 512] [--train-seeds 0] [--deadline-s 540]
 
 Steps:
@@ -63,7 +63,7 @@ START_RESERVE_S = 40.0
 def build_parser() -> argparse.ArgumentParser:
     from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
 
-    p = argparse.ArgumentParser(prog="python -m fast3dis_ros.train.lora_split_study",
+    p = argparse.ArgumentParser(prog="python -m experiments.lora_split_study",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="reports (json, md, 2 png, runs tar.gz)")
@@ -397,7 +397,7 @@ def score_runs(args: argparse.Namespace, runs: list[Run], cache: Path, t0: float
 
     from fast3dis_ros.train.loop import resolve_amp, resolve_device
     from fast3dis_ros.train.data import eval_windows
-    from fast3dis_ros.train.split_metrics import score_checkpoint, time_forward
+    from experiments.split_metrics import score_checkpoint, time_forward
     from fast3dis_ros.train.train import make_synthetic_scenes
 
     device = resolve_device(args.device)
@@ -466,7 +466,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # cost figures first: they also validate the splits against the DA3 size before anything runs
     from fast3dis_ros.train.loop import read_model_config
-    from fast3dis_ros.train.split_metrics import split_cost
+    from experiments.split_metrics import split_cost
 
     base_cfg = read_model_config(Path(args.init_da3))
     check_first_lora_block(splits, base_cfg.backbone, "--splits")
@@ -493,7 +493,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     res: dict[str, Any] = {
-        "command": "python -m fast3dis_ros.train.lora_split_study " + shlex.join(argv),
+        "command": "python -m experiments.lora_split_study " + shlex.join(argv),
         "config": {**{k: v for k, v in vars(args).items()}, "splits": splits, "train_seeds": seeds,
                    "size": base_cfg.backbone.name, "init_da3": str(args.init_da3),
                    "test_seeds": args.test_seeds},
@@ -531,7 +531,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["train_wall_s"] = train_wall
     res["wall_s"] = time.perf_counter() - t0
     files = write_reports(res, out)
-    from fast3dis_ros.train.split_report import console_table
+    from experiments.split_report import console_table
 
     print("\n" + console_table(res), flush=True)
     for w in res["warnings"]:
@@ -542,7 +542,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def write_reports(res: dict[str, Any], out: Path) -> list[Path]:
-    from fast3dis_ros.train import split_report as R
+    from experiments import split_report as R
 
     files = [R.write_json(res, out / "lora_split.json")]
     (out / "lora_split.md").write_text(R.markdown(res))
