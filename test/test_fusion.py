@@ -365,7 +365,7 @@ def _reference_window(ref, tracker, pred, res, fusion, tick):
 @pytest.mark.parametrize("max_points,voxel", [(10**6, 0.25), (300, 0.25), (1500, 0.1)])
 def test_optimised_map_matches_reference(max_points, voxel):
     from fast3dis_ros.geometry.clouds import packed_voxel_keys
-    from fast3dis_ros.pipeline.fusion import random_prediction
+    from fast3dis_ros.bench.integrate import random_prediction
     from fast3dis_ros.pipeline.tracker import InstanceTracker
 
     rng = np.random.default_rng(3)
@@ -412,7 +412,7 @@ def test_optimised_map_matches_reference(max_points, voxel):
 
 
 def test_bench_integrate_runs(capsys):
-    from fast3dis_ros.pipeline.fusion import bench_integrate
+    from fast3dis_ros.bench.integrate import bench_integrate
 
     out = bench_integrate(2, 24, 32, max_points=2000, windows=2)
     assert out["map_voxels"] == 2000 and "bench_integrate" in capsys.readouterr().out
