@@ -10,7 +10,8 @@ import torch._dynamo
 import torch.nn.functional as F
 from depth_anything_3.model.dinov2.layers.mlp import Mlp
 
-from fast3dis_ros.model.da3.backbone import DA3Backbone, MergedLoraLinear, finish_tap
+from fast3dis_ros.model.da3.backbone import DA3Backbone, finish_tap
+from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
 from fast3dis_ros.model.config import BackboneConfig
 from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp, active_weight, fuse_block_mlps, linear_gelu_tanh
 

@@ -45,6 +45,8 @@ from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, run_chained
 from fast3dis_ros.model.config import BackboneConfig
 from fast3dis_ros.model.fastpath.layout import channels_last_copy
 from fast3dis_ros.model.fastpath.grid_rope import install_grid_rope, rope_table_len
+from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
+from fast3dis_ros.model.da3.weights import load_da3_weights, plain_da3_names
 
 PATCH_SIZE = 14
 from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
@@ -296,30 +298,6 @@ def to_homogeneous(T: torch.Tensor) -> torch.Tensor:
     return torch.cat([T, bottom], dim=-2)
 
 
-class MergedLoraLinear(nn.Module):
-    """A peft LoRA ``Linear`` with its adapter folded in: ``W + scale * B @ A`` kept beside ``W``.
-
-    ``_disable_adapters`` (peft's flag, flipped by ``DA3Backbone.set_adapters``) picks the frozen
-    weight (pass 1, geometry) or the merged one (pass 2, features): one GEMM either way.
-    """
-
-    def __init__(self, lora_layer: nn.Module) -> None:
-        super().__init__()
-        base = lora_layer.get_base_layer()
-        self.weight = base.weight
-        self.bias = base.bias
-        delta = lora_layer.get_delta_weight(lora_layer.active_adapters[0]).to(base.weight.dtype)
-        self.register_buffer("merged_weight", (base.weight + delta).detach(), persistent=False)
-        self._disable_adapters = bool(lora_layer._disable_adapters)
-
-    def active_weight(self) -> torch.Tensor:
-        """The frozen weight in pass 1 (adapters off), the merged one in pass 2."""
-        return self.weight if self._disable_adapters else self.merged_weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.active_weight(), self.bias)
-
-
 class ShapeCache:
     """A small LRU of tensors that depend only on the input shape (position embeddings and the like).
 
@@ -442,8 +420,6 @@ class DA3Backbone(nn.Module):
         self.cfg = cfg
         self.net = net if net is not None else build_da3_net(cfg)
         if cfg.pretrained and net is None:
-            from fast3dis_ros.model.checkpoint import load_da3_weights
-
             load_da3_weights(self.net, cfg.pretrained, expected_model_name=cfg.registry_name)
         self.net.requires_grad_(False)
         self.net.eval()
@@ -536,8 +512,6 @@ class DA3Backbone(nn.Module):
 
     def da3_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in plain ``DepthAnything3Net`` naming (LoRA removed, ``base_layer`` unwrapped)."""
-        from fast3dis_ros.model.checkpoint import plain_da3_names
-
         return plain_da3_names(self.net.state_dict())
 
     # ------------------------------------------------------------------ speed options

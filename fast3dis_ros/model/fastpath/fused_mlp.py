@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fast3dis_ros.model.da3.backbone import MergedLoraLinear
+from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
 from fast3dis_ros.model.fastpath.block_patch import replace_in_blocks
 
 
