@@ -35,51 +35,12 @@ sum; ``overlap_weight`` is reported (detached) too.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fast3dis_ros.train.matching import HungarianMatcher, pad_targets
-from fast3dis_ros.train.schedule import WarmupDecaySchedule
-
-
-@dataclass
-class CriterionConfig:
-    weight_obj: float = 2.0
-    weight_mask: float = 5.0
-    weight_dice: float = 5.0
-    weight_anchor: float = 1.0
-    weight_contrastive: float = 1.0
-    overlap: WarmupDecaySchedule = field(default_factory=WarmupDecaySchedule)
-    overlap_on_aux: bool = True
-    overlap_objectness_weighted: bool = False  # sum_q sigmoid(obj_q) * sigmoid(m_qp) instead of sum_q sigmoid(m_qp)
-    # focal alpha 0.5 (= balanced): with ~10 instances for 16 queries positives are not rare, and RetinaNet's
-    # 0.25 pushed objectness scores of matched queries below the 0.3-0.5 thresholds of validation/postprocess
-    focal_alpha: float = 0.5
-    focal_gamma: float = 2.0
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    contrastive_points: int = 1024
-    contrastive_temperature: float = 0.1
-    deep_supervision: bool = True
-    # matcher costs
-    cost_score: float = 2.0
-    cost_mask: float = 5.0
-    cost_dice: float = 5.0
-    cost_anchor: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CriterionConfig":
-        d = dict(d)
-        if isinstance(d.get("overlap"), dict):
-            d["overlap"] = WarmupDecaySchedule.from_dict(d["overlap"])
-        return cls(**d)
+from fast3dis_ros.model.config import LossConfig
 
 
 # ----------------------------------------------------------------------------- elementary losses
@@ -217,9 +178,9 @@ def supcon_loss_batched(emb: Tensor, labels: Tensor, valid: Tensor, temperature:
 class SetCriterion(nn.Module):
     """forward(outputs, targets, step=0) -> dict of named losses + ``total`` (see module docstring)."""
 
-    def __init__(self, cfg: CriterionConfig | None = None) -> None:
+    def __init__(self, cfg: LossConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg or CriterionConfig()
+        self.cfg = cfg or LossConfig()
         c = self.cfg
         self.matcher = HungarianMatcher(c.cost_score, c.cost_mask, c.cost_dice, c.cost_anchor, c.num_points, c.focal_alpha, c.focal_gamma)
 
