@@ -395,7 +395,8 @@ def score_runs(args: argparse.Namespace, runs: list[Run], cache: Path, t0: float
     """Pooled test AP (+ bootstrap), forward time of every finished run; paired deltas to the reference."""
     import torch
 
-    from fast3dis_ros.train.loop import resolve_amp, resolve_device
+    from fast3dis_ros.inference.factory import resolve_device
+    from fast3dis_ros.train.loop import resolve_amp
     from fast3dis_ros.train.data import eval_windows
     from experiments.split_metrics import score_checkpoint, time_forward
     from fast3dis_ros.train.train import make_synthetic_scenes
@@ -489,7 +490,7 @@ def run_study(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from fast3dis_ros.train.loop import resolve_device
+    from fast3dis_ros.inference.factory import resolve_device
 
     device = resolve_device(args.device)
     res: dict[str, Any] = {

@@ -148,7 +148,8 @@ def run_demo(argv: list[str] | None = None) -> dict:
 
     from fast3dis_ros.eval import viz
     from fast3dis_ros.eval.evaluate import evaluate_bag, print_table
-    from fast3dis_ros.eval.replay import ReplayConfig, load_predictor
+    from fast3dis_ros.eval.replay import ReplayConfig
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
 
     timings = {}
     bag, generated, t_gen = ensure_sample_bag(out, args.cameras, args.frames, args.width, args.height, args.seed,
@@ -157,17 +158,14 @@ def run_demo(argv: list[str] | None = None) -> dict:
     print(f"sample bag: {bag} ({'generated' if generated else 'reused'})")
 
     t0 = time.perf_counter()
-    kw = {}
     cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
     if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
-    predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+    predictor, info = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=args.baseline == "hdbscan"))
     timings["load_model_s"] = time.perf_counter() - t0
-    if info.get("random_weights"):
-        print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)
-    else:
-        print(f"model: {info['weights']} checkpoint {info['checkpoint']}")
+    print(f"model: {info['weights']} checkpoint {info['checkpoint']}")
 
     t0 = time.perf_counter()
     r = evaluate_bag(bag, out, predictor=predictor, weights_info=info, replay_cfg=cfg, baseline=args.baseline,
@@ -200,8 +198,6 @@ def run_demo(argv: list[str] | None = None) -> dict:
     acc = res.accounting
     fs = acc["frame_sets"]
     print("\n=== FAST3DIS demo summary ===")
-    if info.get("random_weights"):
-        print("!! WEIGHTS ARE RANDOM: the numbers below only show that the pipeline runs end to end.")
     print(f"cameras {res.cameras}, frame sets received {fs['received']}, processed {fs['processed']}, dropped "
           f"{fs['dropped'] or 0}; windows fused {len(res.records)}; accounting balanced: {acc['balanced']}")
     if m is not None:

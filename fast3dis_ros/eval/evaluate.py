@@ -39,8 +39,8 @@ aligned in 3D for the instance metrics: they are scored on the **GT surface**.
 
 Baseline (``--baseline hdbscan``, ``eval/baseline.py``): on every window, HDBSCAN clusters the window's
 predicted points (FAST3DIS depth + cameras, so geometry is identical) with features = the pixel
-decoder's ``mask_features`` of the same forward (captured with a forward hook, see
-``replay.load_predictor(with_features=True)``; if absent, the RGB image is used and ``meta`` says so).
+decoder's ``mask_features`` of the same forward (the predictor returns them with ``keep_mask_features``, see
+``PredictorSpec(keep_mask_features=True)``; if absent, the RGB image is used and ``meta`` says so).
 Its timing is the clustering alone and clustering + the network forward it needs.
 """
 
@@ -279,7 +279,7 @@ def run_baseline(records, sv: ScoredViews, **params) -> dict:
         p = rec.prediction
         feats = p.extras.get("mask_features")
         if feats is not None:
-            out["features"] = "pixel decoder mask_features (forward hook)"
+            out["features"] = "pixel decoder mask_features"
         else:
             feats = np.moveaxis(p.images.astype(np.float32) / 255.0, -1, 1)
             out["features"] = "RGB (mask_features not available)"
@@ -528,14 +528,13 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from fast3dis_ros.data.bags import BagReadError
-    from fast3dis_ros.eval.replay import ReplayConfig, load_predictor
+    from fast3dis_ros.eval.replay import ReplayConfig
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
 
     cfg = ReplayConfig(cameras=[c.strip() for c in args.cameras.split(",") if c.strip()] if args.cameras else None,
                        image_topics=args.image_topics, window_size=args.window_size, stride=args.stride,
                        slop_ms=args.slop_ms, voxel_size=args.voxel_size)
-    kw = {}
     if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
     t0 = time.perf_counter()
     try:  # fail fast on an unreadable bag, before loading the model
@@ -548,12 +547,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"fast3dis-eval: error: cannot read bag: {e}", file=sys.stderr)
         return 2
     try:
-        predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+        predictor, info = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=args.baseline == "hdbscan"))
     except FileNotFoundError as e:
         print(f"fast3dis-eval: error: {e}", file=sys.stderr)
         return 2
-    if info.get("random_weights"):
-        print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)
     try:
         r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
                          replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,

@@ -280,7 +280,7 @@ def run_heldout(argv: list[str] | None = None) -> dict:
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     from fast3dis_ros.eval.evaluate import baseline_params_from_args, compute_metrics
-    from fast3dis_ros.eval.replay import load_predictor
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
     from fast3dis_ros.eval.report import to_jsonable, write_report
 
     seeds = parse_seeds(args.seeds)
@@ -300,13 +300,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = {}
-    if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
-    predictor, winfo = load_predictor(args.checkpoint, args.device, with_features=True, **kw)
-    if winfo.get("random_weights"):
-        warnings_.append(winfo["warning"])
-        print("!" * 100 + f"\n!! {winfo['warning']}\n" + "!" * 100, file=sys.stderr)
+    predictor, winfo = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=True))
     log(f"model: {winfo['weights']} ({winfo.get('checkpoint')}), device {args.device}")
 
     tmp = None

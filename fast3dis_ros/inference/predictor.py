@@ -62,7 +62,10 @@ class Predictor:
         mask_threshold: float | None = None,
         cuda_graphs: bool = True,
         compile: bool = False,
+        keep_mask_features: bool = False,
     ) -> None:
+        """``keep_mask_features``: also return the pixel decoder's per-view mask features of each window
+        as ``extras['mask_features']`` (V, C, h, w) float32 (the HDBSCAN baseline clusters them)."""
         self.device = torch.device(device)
         if isinstance(dtype, str) or dtype is None:
             dtype = _DTYPES[dtype] if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -72,6 +75,7 @@ class Predictor:
         self.process_size = int(process_size or cfg.backbone.process_res)
         self.score_threshold = cfg.score_threshold if score_threshold is None else float(score_threshold)
         self.mask_threshold = cfg.mask_threshold if mask_threshold is None else float(mask_threshold)
+        self.keep_mask_features = bool(keep_mask_features)
         if compile:  # fused kernels; compiled at the first window of each shape (model/fast3dis.py)
             from fast3dis_ros.model.fast3dis import fast_path_weight_dtype
 
@@ -175,5 +179,7 @@ class Predictor:
             extras={"query_index": qidx.cpu().numpy(), "process_hw": hw},
             **meta,
         )
+        if self.keep_mask_features:  # read from the (possibly graph-static) outputs before the next window
+            pred.extras["mask_features"] = out["mask_features"][0].float().cpu().numpy()
         pred.engine_ms = (time.perf_counter() - t0) * 1000.0
         return pred

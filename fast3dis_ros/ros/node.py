@@ -68,44 +68,18 @@ __all__ = ["Fast3disNode", "main", "make_predictor"]
 THROTTLE_S = 5.0
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        return "cpu"
-
-
 def make_predictor(p: dict):
-    """Predictor from the parameters: checkpoint ('bundled' = the packaged tiny one) > random tiny model
-    (model_size 'tiny', empty checkpoint)."""
-    from fast3dis_ros.inference.predictor import Predictor
+    """Predictor from the node's parameters through the one factory (``inference/factory.py``); returns
+    ``(predictor, description)``. 'bundled' = the packaged tiny checkpoint; an empty checkpoint = a
+    random tiny network (plumbing only)."""
+    from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
 
-    device = resolve_device(p["device"])
-    kw = {"score_threshold": p["score_threshold"], "cuda_graphs": p["cuda_graphs"], "compile": p["compile"]}
-    if p["process_long_edge"]:
-        kw["process_size"] = p["process_long_edge"]
-    checkpoint = p["checkpoint"]
-    if checkpoint == "bundled" and p["model_size"] != "tiny":
-        raise ValueError(
-            f"model_size '{p['model_size']}' needs a FAST3DIS checkpoint (parameter 'checkpoint'): the bundled "
-            "one is the tiny configuration")
-    if checkpoint == "bundled":
-        from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
-
-        checkpoint = str(BUNDLED_CHECKPOINT)
-    if checkpoint:
-        return Predictor.from_checkpoint(checkpoint, device=device, da3_weights=p["weights"] or None, **kw), \
-            f"checkpoint {checkpoint}"
-    if p["model_size"] == "tiny" and not p["weights"]:
-        return Predictor.random_tiny(seed=p["seed"], device=device, **kw), \
-            f"RANDOM tiny model (seed {p['seed']}): outputs are meaningless, for plumbing/tests only"
-    raise ValueError(
-        f"model_size '{p['model_size']}'{' with weights ' + p['weights'] if p['weights'] else ''} needs a "
-        "FAST3DIS checkpoint (parameter 'checkpoint'): DA3 weights alone have no instance head")
+    spec = PredictorSpec(checkpoint=p["checkpoint"], weights=p["weights"], model_size=p["model_size"],
+                         seed=p["seed"], device=p["device"], score_threshold=p["score_threshold"],
+                         process_size=p["process_long_edge"] or None, cuda_graphs=p["cuda_graphs"],
+                         compile=p["compile"])
+    pred, info = build_predictor(spec)
+    return pred, info["description"]
 
 
 class Fast3disNode(Node):

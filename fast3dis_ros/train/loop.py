@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fast3dis_ros.eval import metrics
+from fast3dis_ros.inference.factory import resolve_device
 from fast3dis_ros.inference.postprocess import instances_from_queries
 from fast3dis_ros.model.checkpoint import read_checkpoint_config, save_checkpoint
 from fast3dis_ros.model.config import Fast3disConfig
@@ -97,14 +98,6 @@ def cosine_warmup_lambda(total: int, warmup: int, min_ratio: float) -> Callable[
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * prog))
 
     return f
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
-    return torch.device(name)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
