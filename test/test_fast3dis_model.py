@@ -89,6 +89,25 @@ def test_known_cameras(model):
         model(x, T_cam_world=T)
 
 
+def test_known_pose_depth_follows_the_pose_units(model):
+    """Known poses in other units (the same rig, translations x 2.5) give depth x 2.5: the network sees the
+    same normalised cameras (median camera distance 1), and ``Fast3DIS.forward`` maps its depth back to the
+    poses' units (``* med``). Without that rescaling both depths would be equal."""
+    V = 3
+    x = images(V, seed=4)
+    K = torch.tensor([[40.0, 0, 27.5], [0, 40, 20.5], [0, 0, 1]]).expand(1, V, 3, 3).clone()
+    T = torch.eye(4).repeat(1, V, 1, 1)
+    T[0, :, :3, 3] = torch.tensor([[0.0, 0.0, 0.0], [0.8, 0.1, 0.0], [-0.3, 0.6, 0.2]])
+    T_big = T.clone()
+    T_big[..., :3, 3] *= 2.5
+    assert normalize_extrinsics(T_big)[1].item() == pytest.approx(2.5 * normalize_extrinsics(T)[1].item())
+    with torch.no_grad():
+        out, big = model(x, K=K, T_cam_world=T), model(x, K=K, T_cam_world=T_big)
+    torch.testing.assert_close(big["depth"], 2.5 * out["depth"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(big["points_world"], 2.5 * out["points_world"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(big["extrinsics"], T_big)
+
+
 def test_view_permutation(model):
     """>= 3 views: depth/conf permute with the views (DA3 picks its reference by content). Masks do not
     simply permute: the head's world frame is view 0's camera, which changes with the order."""

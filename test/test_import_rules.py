@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "fast3dis_ros.model.config": 2,  # the one network config
     "fast3dis_ros.model.head.config": 2,
     "fast3dis_ros.model.weights_io": 2,
+    "fast3dis_ros.model.schedule": 2,  # the overlap-loss schedule, part of LossConfig
     "fast3dis_ros.model.fastpath": 3,  # accelerators: know DA3's modules, never the backbone class
     "fast3dis_ros.model.da3": 4,  # DA3 transcription, its weights and LoRA
     "fast3dis_ros.model.head": 4,  # the FAST3DIS head

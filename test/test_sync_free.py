@@ -122,8 +122,9 @@ def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
 
 # Host-to-device copies (``new_tensor``, ``torch.tensor(..., device=...)``) pass on ``meta`` and are
 # invisible to dispatch modes, so they are caught at the source: none in the modules of the forward.
-FORWARD_MODULES = ["anchors", "backbone", "camera_encoding", "chained_blocks", "decoder", "fast3dis",
-                   "fast_attention", "fused_mlp", "grid_rope", "heads", "pixel_decoder", "projection"]
+FORWARD_MODULES = ["head.anchors", "da3.backbone", "fastpath.camera_encoding", "fastpath.chained_blocks",
+                   "head.decoder", "fast3dis", "fastpath.fast_attention", "fastpath.fused_mlp", "fastpath.grid_rope",
+                   "head.instance_head", "head.pixel_decoder", "head.projection"]
 HOST_PATTERNS = [r"\.new_tensor\(", r"torch\.tensor\(", r"torch\.as_tensor\(", r"\.item\(\)", r"\.tolist\(\)",
                  r"\.cpu\(\)", r"\.numpy\(\)", r"torch\.quantile\(", r"torch\.linalg\.inv\("]
 
