@@ -160,7 +160,7 @@ class Fast3DIS(nn.Module):
             points = unproject_depth(depth.float(), intrinsics.float(), extrinsics.float())
         if not self.cfg.train_backbone:
             points = points.detach()
-        with stage("f3d.instance_head"):
+        with stage("f3d.instance_head"), self.backbone.compile_scope():  # the head compiles with the blocks
             head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W), return_aux=return_aux)
         out = {
             "depth": depth,

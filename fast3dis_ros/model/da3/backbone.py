@@ -26,6 +26,10 @@ import torch
 import torch.nn as nn
 from addict import Dict as ADict
 
+from fast3dis_ros.model.da3.version import check_da3_version
+
+check_da3_version()  # before reading DA3's internals: they are transcribed from the pinned version
+
 from depth_anything_3.cfg import create_object, load_config
 from depth_anything_3.model.dinov2.dinov2 import DinoV2
 from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
@@ -39,6 +43,8 @@ from depth_anything_3.model.reference_view_selector import (
 from depth_anything_3.registry import MODEL_REGISTRY
 from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
 from omegaconf import OmegaConf
+
+from fast3dis_ros.model.da3 import internals
 
 from fast3dis_ros.model.fastpath.camera_encoding import encode_cameras
 from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, run_chained, tokens_of
@@ -241,7 +247,7 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
         x = x.permute(0, 2, 1).reshape(B, C, ph, pw)
         x = head.projects[stage_idx](x)
         if head.pos_embed:
-            x = head._add_pos_embed(x, W, H) if pos_embeds is None else x + pos_embeds[stage_idx]
+            x = internals.dpt_add_pos_embed(head, x, W, H) if pos_embeds is None else x + pos_embeds[stage_idx]
         x = head.resize_layers[stage_idx](x)
         resized.append(x)
     sc = head.scratch
@@ -261,10 +267,10 @@ def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
         fmap = sc.output_conv2[1:](sc.output_conv2[0](fused) + pe_conv).permute(0, 2, 3, 1)
     else:
         if head.pos_embed:
-            fused = head._add_pos_embed(fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
+            fused = internals.dpt_add_pos_embed(head, fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
         fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
-    pred = head._apply_activation_single(fmap[..., :-1], head.activation)
-    conf = head._apply_activation_single(fmap[..., -1], head.conf_activation)
+    pred = internals.dpt_activation(head, fmap[..., :-1], head.activation)
+    conf = internals.dpt_activation(head, fmap[..., -1], head.conf_activation)
     return {head.head_main: pred.squeeze(-1), f"{head.head_main}_conf": conf}
 
 
@@ -445,6 +451,7 @@ class DA3Backbone(nn.Module):
         self.dpt_nhwc = False  # compile_for_inference: channels-last upsampling inputs (_fusion_block_nhwc)
         self._dpt_pe_conv_cache = ShapeCache()  # _dpt_pe_conv
         self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
+        self._compiled = False  # compile_blocks ran: forwards raise dynamo's recompile limits (compile_scope)
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
@@ -493,17 +500,17 @@ class DA3Backbone(nn.Module):
     def set_adapters(self, enabled: bool) -> None:
         # Flip peft's flag directly: BaseTunerLayer.enable_adapters() would also toggle requires_grad.
         for m in self._lora_layers:
-            m._disable_adapters = not enabled
+            internals.set_adapter_disabled(m, not enabled)
 
     @contextlib.contextmanager
     def adapters(self, enabled: bool):
-        prev = [m._disable_adapters for m in self._lora_layers]
+        prev = [internals.adapter_disabled(m) for m in self._lora_layers]
         self.set_adapters(enabled)
         try:
             yield
         finally:
             for m, p in zip(self._lora_layers, prev):
-                m._disable_adapters = p
+                internals.set_adapter_disabled(m, p)
 
     def train(self, mode: bool = True):  # DA3 layers have no train-time behaviour we want
         super().train(mode)
@@ -535,14 +542,10 @@ class DA3Backbone(nn.Module):
         add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``;
         ``Fast3DIS.compile_for_inference`` turns it on).
         """
-        import torch._dynamo
-
         from fast3dis_ros.model.fastpath.fast_attention import fuse_block_attention
         from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled = True  # forwards now run under compile_scope() (dynamo's limits, scoped)
         if weight_dtype is not None:
             self.cast_block_linears(weight_dtype)
         if fuse if fuse is not None else weight_dtype is not None:
@@ -794,9 +797,9 @@ class DA3Backbone(nn.Module):
                 output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe,
                                             pe_conv=self._dpt_pe_conv(net.head, H, W, pe), nhwc=self.dpt_nhwc)
             else:
-                output = net._process_depth_head(feats, H, W)
-            output = net._process_camera_estimation(feats, H, W, output)
-        output = net._process_mono_sky_estimation(output)
+                output = internals.process_depth_head(net, feats, H, W)
+            output = internals.process_camera_estimation(net, feats, H, W, output)
+        output = internals.process_mono_sky_estimation(net, output)
         return output
 
     def _geometry_outputs(self, st: _TrunkState, H: int, W: int, device_type: str) -> dict[str, torch.Tensor]:
@@ -816,10 +819,22 @@ class DA3Backbone(nn.Module):
         return max(self.out_layers) + 1
 
     # ------------------------------------------------------------------ public passes
+    def compile_scope(self):
+        """Dynamo's recompile limits raised to 64 while this backbone's compiled parts run (there is one
+        graph per block structure and window shape, more than dynamo's default of 8), set only for the
+        duration of the forward: nothing global changes at import, construction or compile time."""
+        if not self._compiled:
+            return contextlib.nullcontext()
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        limits = {k: max(getattr(cfg, k), 64) for k in ("cache_size_limit", "recompile_limit") if hasattr(cfg, k)}
+        return cfg.patch(**limits)
+
     def forward_geometry(self, images, K=None, T_cam_world=None) -> dict[str, torch.Tensor]:
         """Pass 1, adapters off: depth (B,V,H,W), depth_conf, intrinsics (B,V,3,3), extrinsics (B,V,4,4)."""
         H, W = images.shape[-2:]
-        with self.adapters(False):
+        with self.adapters(False), self.compile_scope():
             st = self._stem(images, K, T_cam_world)
             st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
             return self._geometry_outputs(st, H, W, images.device.type)
@@ -827,7 +842,7 @@ class DA3Backbone(nn.Module):
     def forward_features(self, images, K=None, T_cam_world=None) -> list[torch.Tensor]:
         """Pass 2, adapters on: the 4 tapped token maps as (B, V, 2*D, H/14, W/14)."""
         H, W = images.shape[-2:]
-        with self.adapters(True):
+        with self.adapters(True), self.compile_scope():
             st = self._stem(images, K, T_cam_world)
             st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
             return self._feature_outputs(st, H, W)
@@ -843,6 +858,10 @@ class DA3Backbone(nn.Module):
         H, W = images.shape[-2:]
         grad_geo = torch.is_grad_enabled() and geometry_grad
         split = min(self.lora_start, self._last_block)
+        with self.compile_scope():
+            return self._forward_both(images, K, T_cam_world, H, W, split, grad_geo)
+
+    def _forward_both(self, images, K, T_cam_world, H: int, W: int, split: int, grad_geo: bool):
         with torch.set_grad_enabled(grad_geo):
             with self.adapters(False):
                 with stage("f3d.stem+shared_blocks"):

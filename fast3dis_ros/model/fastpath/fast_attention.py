@@ -49,7 +49,7 @@ def rope_signs(head_dim: int, device: torch.device) -> torch.Tensor:
 def rope_tables(rope: GridRope, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(cos, sin)`` of shape ``(B, N, 1, head_dim)`` in fp32: DA3's vertical table for the
     first half of the head dim (position y), horizontal for the second (position x)."""
-    cos_c, sin_c = rope._compute_frequency_components(head_dim // 2, rope.table_len, positions.device, torch.float32)
+    cos_c, sin_c = rope.frequency_tables(head_dim // 2, rope.table_len, positions.device, torch.float32)
     y, x = positions[..., 0], positions[..., 1]
     cos = torch.cat((F.embedding(y, cos_c), F.embedding(x, cos_c)), dim=-1)
     sin = torch.cat((F.embedding(y, sin_c), F.embedding(x, sin_c)), dim=-1)

@@ -24,11 +24,16 @@ class GridRope(RotaryPositionEmbedding2D):
 
     table_len: int | None = None
 
+    def frequency_tables(self, dim: int, length: int, device: torch.device, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(cos, sin)`` tables of ``length`` rows for a ``dim``-wide half (DA3's computation)."""
+        return self._compute_frequency_components(dim, length, device, dtype)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.table_len is None:  # unknown grid: DA3's own (synchronising) path
             return super().forward(tokens, positions)
         feature_dim = tokens.size(-1) // 2
-        cos_comp, sin_comp = self._compute_frequency_components(feature_dim, self.table_len, tokens.device, tokens.dtype)
+        cos_comp, sin_comp = self.frequency_tables(feature_dim, self.table_len, tokens.device, tokens.dtype)
         vertical, horizontal = tokens.chunk(2, dim=-1)
         vertical = self._apply_1d_rope(vertical, positions[..., 0], cos_comp, sin_comp)
         horizontal = self._apply_1d_rope(horizontal, positions[..., 1], cos_comp, sin_comp)
@@ -48,10 +53,14 @@ def rope_table_len(grid_h: int, grid_w: int, patch_start_idx: int) -> int:
 
 
 def install_grid_rope(vit: nn.Module) -> GridRope | None:
-    """Turn the ViT's shared RoPE module into a :class:`GridRope` in place (no parameters change)."""
+    """Replace the ViT's shared RoPE module with a :class:`GridRope` of the same frequency and scaling,
+    everywhere it is referenced (the ViT and each attention that uses it). RoPE has no parameters or
+    buffers, so the state dict does not change; returns the module in use."""
     rope = getattr(vit, "rope", None)
-    if rope is None:
-        return None
-    if not isinstance(rope, GridRope):
-        rope.__class__ = GridRope
-    return rope
+    if rope is None or isinstance(rope, GridRope):
+        return rope
+    grid = GridRope(frequency=rope.base_frequency, scaling_factor=rope.scaling_factor)
+    holders = [m for m in vit.modules() if getattr(m, "rope", None) is rope]
+    for m in holders:
+        setattr(m, "rope", grid)
+    return grid

@@ -20,7 +20,12 @@ class MergedLoraLinear(nn.Module):
         self.bias = base.bias
         delta = lora_layer.get_delta_weight(lora_layer.active_adapters[0]).to(base.weight.dtype)
         self.register_buffer("merged_weight", (base.weight + delta).detach(), persistent=False)
-        self._disable_adapters = bool(lora_layer._disable_adapters)
+        self._disable_adapters = bool(lora_layer.disable_adapters)  # peft's flag name: set_adapters flips both
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Read like peft's ``BaseTunerLayer.disable_adapters``."""
+        return self._disable_adapters
 
     def active_weight(self) -> torch.Tensor:
         """The frozen weight in pass 1 (adapters off), the merged one in pass 2."""
