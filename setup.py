@@ -9,7 +9,7 @@ PACKAGE = "fast3dis_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(exclude=["test", "test.*"]),
+    packages=find_packages(exclude=["test", "test.*", "experiments", "experiments.*"]),
     package_data={PACKAGE: ["assets/*", "assets/**/*"]},
     include_package_data=True,
     data_files=[

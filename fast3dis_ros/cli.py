@@ -23,7 +23,7 @@ def eval_main() -> None:
 
 
 def bench_main() -> None:
-    from fast3dis_ros.bench import main
+    from fast3dis_ros.bench.suite import main
 
     main()
 

@@ -63,8 +63,8 @@ def ensure_sample_bag(out: Path, n_cameras: int, n_frames: int, width: int, heig
                       regenerate: bool = False, progress: bool = True) -> tuple[Path, bool, float]:
     """``out/sample_bag`` (mcap) for these settings; reused when its ``sample_bag.json`` matches.
     Returns (bag path, generated?, seconds)."""
-    from .data.bags import write_scene_bag
-    from .data.synthetic import SceneConfig, generate_scene
+    from fast3dis_ros.data.bags import write_scene_bag
+    from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
 
     bag = out / "sample_bag"
     stamp = out / "sample_bag.json"
@@ -94,13 +94,13 @@ def ensure_sample_bag(out: Path, n_cameras: int, n_frames: int, width: int, heig
 
 def _input_images(bag: Path, cameras: list[str]) -> dict:
     """(camera, stamp) -> RGB image of the input bag (for the PNG panels)."""
-    from .eval.replay import frames_from_bag
+    from fast3dis_ros.eval.replay import frames_from_bag
 
     return {(f.camera, f.stamp_ns): f.image for f in frames_from_bag(bag, cameras, use_known_intrinsics=False)}
 
 
 def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str], map_points: dict | None = None) -> list[str]:
-    from . import viz
+    from fast3dis_ros.eval import viz
 
     files = []
     if map_points is not None and len(map_points["xyz_gt"]):  # the published map, its ids and its errors
@@ -119,7 +119,7 @@ def _write_pngs(out: Path, res, sv, inputs: dict, cameras: list[str], map_points
         # predicted depth | GT depth per view (each coloured with its own range: prediction is up to scale)
         rows = []
         for i in range(len(sv)):
-            from .eval.metrics import resize_nearest
+            from fast3dis_ros.eval.metrics import resize_nearest
 
             g = sv.gt_depth[i]
             rows += [full[i], viz.depth_to_color(resize_nearest(sv.pred_depth[i], *g.shape)), viz.depth_to_color(g)]
@@ -155,9 +155,10 @@ def run_demo(argv: list[str] | None = None) -> dict:
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    from . import viz
-    from .eval.evaluate import evaluate_bag, print_table
-    from .eval.replay import ReplayConfig, load_predictor
+    from fast3dis_ros.eval import viz
+    from fast3dis_ros.eval.evaluate import evaluate_bag, print_table
+    from fast3dis_ros.eval.replay import ReplayConfig
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
 
     timings = {}
     bag, generated, t_gen = ensure_sample_bag(out, args.cameras, args.frames, args.width, args.height, args.seed,
@@ -166,17 +167,14 @@ def run_demo(argv: list[str] | None = None) -> dict:
     print(f"sample bag: {bag} ({'generated' if generated else 'reused'})")
 
     t0 = time.perf_counter()
-    kw = {}
     cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
     if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
-    predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+    predictor, info = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=args.baseline == "hdbscan"))
     timings["load_model_s"] = time.perf_counter() - t0
-    if info.get("random_weights"):
-        print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)
-    else:
-        print(f"model: {info['weights']} checkpoint {info['checkpoint']}")
+    print(f"model: {info['weights']} checkpoint {info['checkpoint']}")
 
     t0 = time.perf_counter()
     r = evaluate_bag(bag, out, predictor=predictor, weights_info=info, replay_cfg=cfg, baseline=args.baseline,
@@ -214,8 +212,6 @@ def run_demo(argv: list[str] | None = None) -> dict:
     acc = res.accounting
     fs = acc["frame_sets"]
     print("\n=== FAST3DIS demo summary ===")
-    if info.get("random_weights"):
-        print("!! WEIGHTS ARE RANDOM: the numbers below only show that the pipeline runs end to end.")
     print(f"cameras {res.cameras}, frame sets received {fs['received']}, processed {fs['processed']}, dropped "
           f"{fs['dropped'] or 0}; windows fused {len(res.records)}; accounting balanced: {acc['balanced']}")
     if m is not None:
@@ -246,7 +242,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .data.bags import BagReadError
+    from fast3dis_ros.data.bags import BagReadError
 
     try:
         out = run_demo(argv)

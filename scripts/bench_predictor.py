@@ -13,7 +13,7 @@ import torch
 
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS
-from fast3dis_ros.model.predictor import Predictor
+from fast3dis_ros.inference.predictor import Predictor
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     from sensor_msgs.msg import CameraInfo, PointCloud2
 
     from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
-    from fast3dis_ros.eval.replay import BUNDLED_CHECKPOINT, _checkpoint_ok
+    from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
     from fast3dis_ros.ros.conversions import ns_to_stamp, numpy_to_image
 
     t_gen = time.monotonic()
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     print(f"soak: scene {a.loop_frames} frames x {cams} {a.width}x{a.height} in {time.monotonic() - t_gen:.1f} s; "
           f"domain {os.environ['ROS_DOMAIN_ID']}", flush=True)
 
-    use_ck = not a.random_weights and _checkpoint_ok(BUNDLED_CHECKPOINT)
+    use_ck = not a.random_weights
     node_cmd = [sys.executable, "-m", "fast3dis_ros.ros.node", "--ros-args",
                 "-p", f"cameras:=[{','.join(cams)}]", "-p", f"window_size:={a.window_size}",
                 "-p", f"stride:={a.stride}", "-p", f"queue_depth:={a.queue_depth}", "-p", "device:=cpu",

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from fast3dis_ros.pipeline.frames import WindowPrediction
+from fast3dis_ros.core.frames import WindowPrediction
 from ros_helpers import RosContext
 
 CAMS = ["left", "right"]

@@ -8,7 +8,7 @@ equivariant; for 1-2 views view 0 is the reference and it is not.
 import pytest
 import torch
 
-from fast3dis_ros.model.backbone import DA3Backbone, build_da3_net
+from fast3dis_ros.model.da3.backbone import DA3Backbone, build_da3_net
 from fast3dis_ros.model.config import BackboneConfig
 
 H, W = 42, 56
@@ -168,7 +168,7 @@ def test_fresh_tiny_net_has_live_fov_branch():
     """A from-scratch net must predict finite focal lengths with a gradient (DA3's FoV ReLU is dead at 0)."""
     import torch
 
-    from fast3dis_ros.model.backbone import build_da3_net
+    from fast3dis_ros.model.da3.backbone import build_da3_net
     from fast3dis_ros.model.config import Fast3disConfig
 
     cfg = Fast3disConfig.tiny()
@@ -184,7 +184,7 @@ def test_fresh_tiny_net_has_live_fov_branch():
 @pytest.mark.parametrize("bf16", [False, True])
 def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
     """The DPT head's UV embeddings, computed once per image size, give DA3's sums to the bit."""
-    from fast3dis_ros.model.backbone import dualdpt_depth_only
+    from fast3dis_ros.model.da3.backbone import dualdpt_depth_only
 
     bb, _ = pair
     x = images(3)
@@ -209,7 +209,7 @@ def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
 def test_dpt_embedding_folded_through_the_first_output_conv(pair):
     """``fold_dpt_pe`` (fast path): conv(up + pe) computed as conv(up) + conv_nobias(pe); in fp32 the two
     agree to rounding, and the folded term is recomputed when the conv weight changes, never reused."""
-    from fast3dis_ros.model.backbone import dualdpt_depth_only
+    from fast3dis_ros.model.da3.backbone import dualdpt_depth_only
 
     bb, _ = pair
     x = images(3)
@@ -232,7 +232,7 @@ def test_dpt_embedding_folded_through_the_first_output_conv(pair):
                 rel = ((out[key] - ref[key]).abs() / ref[key].abs().clamp(min=1e-6)).max()
                 assert rel < 1e-4, (key, float(rel))
             # the fast path runs it compiled: one graph, no break, same values
-            from fast3dis_ros.model.backbone import _dualdpt_main_impl
+            from fast3dis_ros.model.da3.backbone import _dualdpt_main_impl
 
             compiled = torch.compile(_dualdpt_main_impl, backend="aot_eager", fullgraph=True, dynamic=False)
             flat = [f[0].reshape(-1, *f[0].shape[2:]) for f in feats]
@@ -248,7 +248,7 @@ def test_dpt_embedding_folded_through_the_first_output_conv(pair):
 
 def test_dpt_head_with_channels_last_upsampling_inputs_is_the_same_head(pair):
     """``dpt_nhwc`` (fast path) only changes memory layouts: same values, eager and traced in one graph."""
-    from fast3dis_ros.model.backbone import _dualdpt_main_impl, dualdpt_depth_only
+    from fast3dis_ros.model.da3.backbone import _dualdpt_main_impl, dualdpt_depth_only
 
     bb, _ = pair
     x = images(3)
@@ -269,7 +269,7 @@ def test_dpt_head_with_channels_last_upsampling_inputs_is_the_same_head(pair):
 
 def test_shape_cache_keeps_the_recent_shapes():
     """Alternating window sizes must not free a tensor an older captured graph still reads."""
-    from fast3dis_ros.model.backbone import ShapeCache
+    from fast3dis_ros.model.da3.backbone import ShapeCache
 
     c = ShapeCache(size=3)
     tensors = {k: torch.zeros(1) for k in "abcd"}

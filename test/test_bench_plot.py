@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fast3dis_ros.bench_plot import curve_series, main, plot_curves
+from fast3dis_ros.bench.plot import curve_series, main, plot_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 

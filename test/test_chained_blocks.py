@@ -7,8 +7,8 @@ adds and multiplies in the same order); traced by ``torch.compile`` it must not 
 import torch
 import torch._dynamo
 
-from fast3dis_ros.model.backbone import DA3Backbone, block_kind, output_observed
-from fast3dis_ros.model.chained_blocks import ChainedBlock, PendingTokens, run_chained, tokens_of
+from fast3dis_ros.model.da3.backbone import DA3Backbone, block_kind, output_observed
+from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, PendingTokens, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.da3.backbone import DA3Backbone
 from fast3dis_ros.model.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,
-    load_da3_weights,
     save_checkpoint,
 )
+from fast3dis_ros.model.da3.weights import load_da3_weights
 from fast3dis_ros.model.config import BackboneConfig, Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS
 

@@ -8,7 +8,7 @@ import pytest
 from fast3dis_ros.data.bags import GroundTruth
 from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
 from fast3dis_ros.eval.checkpoint_compare import _named_checkpoints, table_lines, window_geometry_errors
-from fast3dis_ros.pipeline.frames import WindowPrediction
+from fast3dis_ros.core.frames import WindowPrediction
 
 
 @pytest.fixture(scope="module")

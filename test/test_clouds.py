@@ -5,10 +5,10 @@ import pytest
 
 from fast3dis_ros.geometry.cameras import project
 from fast3dis_ros.geometry.clouds import (
-    POINT_DTYPE, POINT_FIELDS, POINT_STEP, bench_pack, confidence_mask, lift_view, pack_rgb, pointcloud_structured,
+    POINT_DTYPE, POINT_FIELDS, POINT_STEP, confidence_mask, lift_view, pack_rgb, pointcloud_structured,
     structured_to_cloud, unpack_rgb, voxel_downsample,
 )
-from fast3dis_ros.pipeline.frames import InstanceCloud
+from fast3dis_ros.core.frames import InstanceCloud
 
 
 def cloud(xyz, rgb=None, inst=None, score=None):
@@ -94,6 +94,8 @@ def test_packing_layout_and_bytes():
 
 
 def test_bench_pack_runs(capsys):
+    from fast3dis_ros.bench.pack import bench_pack
+
     ms = bench_pack(10_000, repeats=2)
     assert ms > 0 and "bench_pack" in capsys.readouterr().out
 
@@ -112,7 +114,7 @@ def test_packing_into_reused_buffer():
 def test_lift_prediction_matches_lift_view_per_view():
     from fast3dis_ros.geometry.cameras import invert_se3
     from fast3dis_ros.geometry.clouds import lift_prediction, packed_voxel_keys, pack_voxel_keys, voxel_keys
-    from fast3dis_ros.pipeline.fusion import random_prediction
+    from fast3dis_ros.bench.integrate import random_prediction
 
     rng = np.random.default_rng(2)
     p = random_prediction(rng, 3, 25, 33, 0, n_instances=5)
@@ -145,7 +147,7 @@ def _two_view_window():
     """Two 3x4 views with hand-checkable geometry: K with f = 2, c = (1.5, 1); view 0 is the world camera at
     depth 2 everywhere; view 1 sits at world z = -1 (T_cam_world translates by +1 in z) at depth 4. Pixel
     (u, v) of a view at depth d is the camera point ((u - 1.5) d / 2, (v - 1) d / 2, d)."""
-    from fast3dis_ros.pipeline.frames import WindowPrediction
+    from fast3dis_ros.core.frames import WindowPrediction
 
     V, H, W = 2, 3, 4
     K = np.array([[2.0, 0, 1.5], [0, 2.0, 1.0], [0, 0, 1]])
@@ -282,7 +284,7 @@ def test_lift_arrays_rows_layout_voxel_keys_and_threads():
 
     from fast3dis_ros.geometry import clouds
     from fast3dis_ros.geometry.clouds import lift_prediction_arrays, packed_voxel_keys
-    from fast3dis_ros.pipeline.fusion import random_prediction
+    from fast3dis_ros.bench.integrate import random_prediction
 
     p = random_prediction(np.random.default_rng(4), 5, 30, 41, n_instances=6)
     p.depth[2, 4:9, :] = np.nan

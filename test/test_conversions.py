@@ -9,7 +9,7 @@ pytest.importorskip("rclpy")
 
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 
-from fast3dis_ros.pipeline.frames import InstanceCloud, InstanceSummary  # noqa: E402
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary  # noqa: E402
 from fast3dis_ros.ros import conversions as cv  # noqa: E402
 from fast3dis_ros.ros import tf as rtf  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.model.cuda_graph import GraphedForward
+from fast3dis_ros.model.fastpath.cuda_graph import GraphedForward
 from fast3dis_ros.model.fast3dis import Fast3DIS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (hardware)")
@@ -87,8 +87,8 @@ def test_fast_path_bf16_close_to_eager(chain):
     """What ``Predictor(compile=True)`` runs on a GPU: bf16 weights, fc1 + GELU in one cuBLASLt GEMM (tanh
     GELU), q/k norm + RoPE in one pass, compiled taps, graphed; ``chain``: also the opt-in chained
     residuals. Against the eager bf16 forward."""
-    from fast3dis_ros.model.fast_attention import FusedNormRopeAttention
-    from fast3dis_ros.model.fused_mlp import FusedGeluMlp
+    from fast3dis_ros.model.fastpath.fast_attention import FusedNormRopeAttention
+    from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp
 
     dev = torch.device("cuda")
     model = _model(dev)

@@ -78,7 +78,7 @@ def _run(target, world: int, args: tuple, timeout: float = 240.0) -> list[int]:
 # ---------------------------------------------------------------------------------- workers (spawned)
 def _w_train(rank, world, port, scenes, out, bs, accum, steps):
     torch.set_num_threads(1)
-    from fast3dis_ros import distributed as D
+    from fast3dis_ros.core import distributed as D
 
     _join_env(rank, world, port)
     D.init_distributed("cpu", timeout_s=60)
@@ -106,7 +106,7 @@ def _w_train(rank, world, port, scenes, out, bs, accum, steps):
 
 def _w_resume(rank, world, port, scenes, out):
     torch.set_num_threads(1)
-    from fast3dis_ros import distributed as D
+    from fast3dis_ros.core import distributed as D
 
     _join_env(rank, world, port)
     D.init_distributed("cpu", timeout_s=60)
@@ -210,7 +210,7 @@ def test_dead_rank_fails_job_with_clear_message(tmp_path):
 
 def test_sharded_sampler_partitions_and_reshuffles():
     from fast3dis_ros.train.data import ResumableSampler
-    from fast3dis_ros.distributed import global_batch
+    from fast3dis_ros.core.distributed import global_batch
     from fast3dis_ros.train.sharded_sampler import ShardedSceneSampler
 
     n, b, world = 12, 2, 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fast3dis_ros.pipeline.engine import InferenceEngine, is_oom_error, subsample_window
-from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet, Window
+from fast3dis_ros.core.frames import CameraFrame, FrameSet, Window
 
 IMG = np.zeros((2, 2, 3), np.uint8)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fast3dis_ros.model.backbone import build_da3_net
+from fast3dis_ros.model.da3.backbone import build_da3_net
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS, normalize_extrinsics, unproject_depth
 
@@ -87,6 +87,25 @@ def test_known_cameras(model):
     assert out["points_world"].shape == (1, V, 3, H, W)
     with pytest.raises(ValueError):
         model(x, T_cam_world=T)
+
+
+def test_known_pose_depth_follows_the_pose_units(model):
+    """Known poses in other units (the same rig, translations x 2.5) give depth x 2.5: the network sees the
+    same normalised cameras (median camera distance 1), and ``Fast3DIS.forward`` maps its depth back to the
+    poses' units (``* med``). Without that rescaling both depths would be equal."""
+    V = 3
+    x = images(V, seed=4)
+    K = torch.tensor([[40.0, 0, 27.5], [0, 40, 20.5], [0, 0, 1]]).expand(1, V, 3, 3).clone()
+    T = torch.eye(4).repeat(1, V, 1, 1)
+    T[0, :, :3, 3] = torch.tensor([[0.0, 0.0, 0.0], [0.8, 0.1, 0.0], [-0.3, 0.6, 0.2]])
+    T_big = T.clone()
+    T_big[..., :3, 3] *= 2.5
+    assert normalize_extrinsics(T_big)[1].item() == pytest.approx(2.5 * normalize_extrinsics(T)[1].item())
+    with torch.no_grad():
+        out, big = model(x, K=K, T_cam_world=T), model(x, K=K, T_cam_world=T_big)
+    torch.testing.assert_close(big["depth"], 2.5 * out["depth"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(big["points_world"], 2.5 * out["points_world"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(big["extrinsics"], T_big)
 
 
 def test_view_permutation(model):

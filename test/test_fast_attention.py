@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from fast3dis_ros.model.backbone import DA3Backbone
+from fast3dis_ros.model.da3.backbone import DA3Backbone
 from fast3dis_ros.model.config import BackboneConfig
-from fast3dis_ros.model.fast_attention import (
+from fast3dis_ros.model.fastpath.fast_attention import (
     FusedNormRopeAttention,
     fuse_block_attention,
     is_fusable_attention,

@@ -10,9 +10,10 @@ import torch._dynamo
 import torch.nn.functional as F
 from depth_anything_3.model.dinov2.layers.mlp import Mlp
 
-from fast3dis_ros.model.backbone import DA3Backbone, MergedLoraLinear, finish_tap
+from fast3dis_ros.model.da3.backbone import DA3Backbone, finish_tap
+from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
 from fast3dis_ros.model.config import BackboneConfig
-from fast3dis_ros.model.fused_mlp import FusedGeluMlp, active_weight, fuse_block_mlps, linear_gelu_tanh
+from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp, active_weight, fuse_block_mlps, linear_gelu_tanh
 
 # max |gelu_erf(x) - gelu_tanh(x)| over the reals (4.73e-4 at x = +-2.70)
 GELU_TANH_MAX_ERR = 4.8e-4
@@ -167,7 +168,7 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
     """compile_for_inference's casts (blocks, both heads) change nothing autocast did not already do."""
     from fast3dis_ros.model.config import Fast3disConfig
     from fast3dis_ros.model.fast3dis import Fast3DIS
-    from fast3dis_ros.model.weight_dtype import store_weights_in
+    from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 
     torch.manual_seed(5)
     model = Fast3DIS(Fast3disConfig.tiny()).eval()

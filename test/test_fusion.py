@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from fast3dis_ros.geometry.align import sim3_decompose, sim3_inverse, sim3_matrix
 from fast3dis_ros.geometry.cameras import invert_se3, transform_points
-from fast3dis_ros.pipeline.frames import CameraFrame, WindowPrediction
+from fast3dis_ros.core.frames import CameraFrame, WindowPrediction
 from fast3dis_ros.pipeline.fusion import MapFusion
 from fast3dis_ros.pipeline.runner import PipelineRunner
 
@@ -373,7 +373,7 @@ def _reference_window(ref, tracker, pred, res, fusion, tick):
 @pytest.mark.parametrize("max_points,voxel", [(10**6, 0.25), (300, 0.25), (1500, 0.1)])
 def test_optimised_map_matches_reference(max_points, voxel):
     from fast3dis_ros.geometry.clouds import packed_voxel_keys
-    from fast3dis_ros.pipeline.fusion import random_prediction
+    from fast3dis_ros.bench.integrate import random_prediction
     from fast3dis_ros.pipeline.tracker import InstanceTracker
 
     rng = np.random.default_rng(3)
@@ -420,7 +420,7 @@ def test_optimised_map_matches_reference(max_points, voxel):
 
 
 def test_bench_integrate_runs(capsys):
-    from fast3dis_ros.pipeline.fusion import bench_integrate
+    from fast3dis_ros.bench.integrate import bench_integrate
 
     out = bench_integrate(2, 24, 32, max_points=2000, windows=2)
     assert out["map_voxels"] == 2000 and "bench_integrate" in capsys.readouterr().out
@@ -437,3 +437,41 @@ def test_stride_caps_points_per_view():
     s = f.stride_for((h, w))
     assert ((h + s - 1) // s) * ((w + s - 1) // s) <= 20_000 * 1.2
     assert MapFusion(pixel_stride=3, max_points_per_view=0).stride_for((1000, 1000)) == 3
+
+
+# ---------------------------------------------------------------------------------- mutations (issue 15)
+def _shared_pair(metric: bool, depth_factor: float):
+    """Two windows of the same views (all shared); the second's depth is ``depth_factor`` x the first's."""
+    import copy
+
+    from fast3dis_ros.bench.integrate import random_prediction
+
+    p1 = random_prediction(np.random.default_rng(5), 4, 30, 40, 0, n_instances=6, depth_range=(1.0, 3.0))
+    p2 = copy.deepcopy(p1)
+    p2.window_index = 1
+    p2.depth = p2.depth * depth_factor
+    p1.depth_scale_metric = p2.depth_scale_metric = metric
+    f = MapFusion(voxel_size=0.05, min_score=0.0)
+    f.integrate(p1)
+    return f.integrate(p2)
+
+
+def test_two_metric_windows_are_aligned_at_scale_one_whatever_their_depth_ratio():
+    """Metric (pose-conditioned) windows share units: the shared-view alignment must not estimate a
+    depth-ratio scale (issue: 0.56 / 0.38 from noisy depth moved known cameras by up to 0.49 m)."""
+    r = _shared_pair(metric=True, depth_factor=1.5)
+    assert r.align_method == "shared_views" and r.info["depth_scale"] == 1.0
+    r = _shared_pair(metric=False, depth_factor=1.5)  # DA3 units: the depth ratio (map / window) is the scale
+    assert r.info["depth_scale"] == pytest.approx(1 / 1.5, rel=1e-6)
+
+
+def test_instances_below_min_score_stay_unlabelled():
+    from fast3dis_ros.bench.integrate import random_prediction
+
+    p = random_prediction(np.random.default_rng(6), 3, 30, 40, 0, n_instances=4, depth_range=(1.0, 3.0))
+    p.scores = np.array([0.9, 0.3, 0.8, 0.45], np.float32)
+    r = MapFusion(voxel_size=0.05, min_score=0.5).integrate(p)
+    kept = {r.id_map[k] for k in (1, 3) if k in r.id_map}
+    assert sorted(r.id_map) == [1, 3] and len(kept) == 2
+    assert set(np.unique(r.map_cloud.instance)) == {0} | kept
+    assert sorted(s.id for s in r.instances) == sorted(kept)

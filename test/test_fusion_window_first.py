@@ -9,8 +9,9 @@ import pytest
 
 from fast3dis_ros.geometry.cameras import invert_se3
 from fast3dis_ros.geometry.clouds import lift_view, pack_voxel_keys, packed_voxel_keys, voxel_keys
-from fast3dis_ros.pipeline.frames import CameraFrame
-from fast3dis_ros.pipeline.fusion import MapFusion, lift_window, random_prediction
+from fast3dis_ros.core.frames import CameraFrame
+from fast3dis_ros.bench.integrate import random_prediction
+from fast3dis_ros.pipeline.fusion import MapFusion, lift_window
 from fast3dis_ros.pipeline.runner import PipelineRunner, count_nonfinite
 
 import test_fusion as tf  # noqa: E402  (the synthetic sphere scene of test_fusion)

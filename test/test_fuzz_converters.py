@@ -11,7 +11,7 @@ pytest.importorskip("rclpy")
 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet  # noqa: E402
+from fast3dis_ros.core.frames import CameraFrame, FrameSet  # noqa: E402
 from fast3dis_ros.pipeline.sync import ApproximateTimeSync  # noqa: E402
 from fast3dis_ros.pipeline.window import SlidingWindow  # noqa: E402
 from fast3dis_ros.ros import conversions as cv  # noqa: E402
@@ -104,7 +104,7 @@ def test_garbage_compressed_raise_image_conversion_error_only(fmt, payload, keep
 @FAST
 @given(n=st.integers(0, 300), seed=st.integers(0, 2**32 - 1), nonfinite=st.booleans())
 def test_pointcloud2_roundtrip(n, seed, nonfinite):
-    from fast3dis_ros.pipeline.frames import InstanceCloud
+    from fast3dis_ros.core.frames import InstanceCloud
 
     rng = np.random.default_rng(seed)
     xyz = (rng.normal(size=(n, 3)) * rng.choice([1e-3, 1.0, 1e4])).astype(np.float32)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fast3dis_ros.model.head_config import InstanceHeadConfig
-from fast3dis_ros.model.heads import InstanceHead
-from fast3dis_ros.model.projection import unproject_depth
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.instance_head import InstanceHead
+from fast3dis_ros.model.head.projection import unproject_depth
 
 H, W = 56, 70  # 4 x 5 patches of 14
 

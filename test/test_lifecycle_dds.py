@@ -429,7 +429,7 @@ def test_result_fused_before_a_reset_is_not_published_after_it():
 
     from sensor_msgs.msg import PointCloud2
 
-    from fast3dis_ros.pipeline.frames import InstanceSummary
+    from fast3dis_ros.core.frames import InstanceSummary
     from test_map_io import make_cloud
 
     dom = unique_domain_id()
@@ -458,7 +458,7 @@ def test_result_fused_before_a_reset_is_not_published_after_it():
 def test_a_failing_handler_answers_internal_error_and_the_node_goes_on():
     """A bug inside a service handler (here: a snapshot without a cloud) becomes an error response; the
     executor keeps running and the next call is answered."""
-    from fast3dis_ros.pipeline.frames import InstanceSummary
+    from fast3dis_ros.core.frames import InstanceSummary
 
     dom = unique_domain_id()
     with LifecycleNodeThread(dom, ScriptedPredictor()) as nt, RosContext(dom) as ctx:

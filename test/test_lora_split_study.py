@@ -69,7 +69,7 @@ def test_first_lora_block_range_and_split_mismatch_are_errors(tmp_path):
 
 
 def test_study_rejects_out_of_range_splits(tmp_path):
-    from fast3dis_ros.train.lora_split_study import run_study
+    from experiments.lora_split_study import run_study
 
     for bad in ("0,6", "-1,3"):
         with pytest.raises(SystemExit, match=r"^--splits \[(6|-1)\] out of range: DA3-tiny has 6 blocks \(0\.\.5\)$"):
@@ -139,7 +139,7 @@ def _toy_window(rng, n=400, k=5):
 
 def test_pooled_ap_matches_evaluator_and_bootstrap_is_a_repooling():
     from fast3dis_ros.eval.metrics import InstanceAPEvaluator
-    from fast3dis_ros.train.split_metrics import PooledAP
+    from experiments.split_metrics import PooledAP
 
     rng = np.random.default_rng(0)
     windows = [_toy_window(rng) for _ in range(12)]
@@ -163,7 +163,7 @@ def test_pooled_ap_matches_evaluator_and_bootstrap_is_a_repooling():
 
 # ---------------------------------------------------------------------------------- scene rendering
 def test_render_device_auto_is_the_gpu_only_when_training_on_cuda(monkeypatch):
-    from fast3dis_ros.train.lora_split_study import build_parser, resolve_render_device
+    from experiments.lora_split_study import build_parser, resolve_render_device
 
     assert build_parser().parse_args(["--out", "x"]).render_device == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -176,7 +176,7 @@ def test_render_device_auto_is_the_gpu_only_when_training_on_cuda(monkeypatch):
 
 
 def test_prepare_cache_renders_on_the_gpu_and_falls_back_to_cpu_processes(monkeypatch, tmp_path):
-    from fast3dis_ros.train import lora_split_study as S
+    from experiments import lora_split_study as S
     from fast3dis_ros.train import train as T
 
     calls = []
@@ -214,7 +214,7 @@ def test_prepare_cache_writes_what_the_trainings_render(tmp_path, capsys):
     """``prepare_cache`` (here rendering in this process on the CPU, as on a GPU, with one write thread)
     caches the very scenes the trainings render, and a second call renders nothing again."""
     from fast3dis_ros.data.synthetic import load_dataset
-    from fast3dis_ros.train import lora_split_study as S
+    from experiments import lora_split_study as S
     from fast3dis_ros.train.train import make_synthetic_scenes
 
     argv = ["--out", "x", "--scenes", "2", "--scene-seed", "7", "--scene-frames", "2", "--val-seeds", "900000",
@@ -245,7 +245,7 @@ def test_a_rerun_in_the_same_folder_starts_without_the_previous_outputs(tmp_path
     """Run B reused run A's --work: its progress lines showed run A's last step until the loop started."""
     import sys
 
-    from fast3dis_ros.train.lora_split_study import RUN_OUTPUTS, Run, _launch, _progress
+    from experiments.lora_split_study import RUN_OUTPUTS, Run, _launch, _progress
 
     run = Run(split=0, seed=0, dir=tmp_path, argv=[sys.executable, "-c", "pass"])
     (tmp_path / "train_log.jsonl").write_text('{"step": 646, "loss": 7.7, "time_s": 0.15}\n')
@@ -262,7 +262,7 @@ def test_a_rerun_in_the_same_folder_starts_without_the_previous_outputs(tmp_path
 # ---------------------------------------------------------------------------------- the study
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from fast3dis_ros.train.lora_split_study import run_study
+    from experiments.lora_split_study import run_study
 
     out = tmp_path_factory.mktemp("study")
     res = run_study(["--out", str(out / "out"), "--work", str(out / "work"), "--device", "cpu", "--amp", "none",

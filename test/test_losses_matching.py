@@ -3,19 +3,20 @@
 import math
 import time
 
+import pytest
 import torch
 
-from fast3dis_ros.model.head_config import InstanceHeadConfig
-from fast3dis_ros.model.heads import InstanceHead
-from fast3dis_ros.model.losses import (
-    CriterionConfig,
+from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.head.instance_head import InstanceHead
+from fast3dis_ros.model.config import Fast3disConfig, LossConfig
+from fast3dis_ros.train.losses import (
     SetCriterion,
     dice_loss,
     overlap_penalty,
     supcon_loss,
     targets_from_instance_maps,
 )
-from fast3dis_ros.model.matching import HungarianMatcher
+from fast3dis_ros.train.matching import HungarianMatcher
 from fast3dis_ros.model.schedule import WarmupDecaySchedule
 
 from test_instance_head import H, W, make_scene
@@ -46,7 +47,7 @@ def test_perfect_predictions_give_zero_mask_losses_and_recover_permutation():
     (pi, gi), = matcher(out, [{"masks": gt}])
     mapping = dict(zip(gi.tolist(), pi.tolist()))
     assert mapping == {0: 4, 1: 0, 2: 2}
-    crit = SetCriterion(CriterionConfig(weight_contrastive=0.0))
+    crit = SetCriterion(LossConfig(weight_contrastive=0.0))
     losses = crit(out, [{"masks": gt}], step=0)
     assert losses["loss_mask"] < 1e-6
     assert losses["loss_dice"] < 1e-6
@@ -117,7 +118,7 @@ def test_overlap_penalty_zero_when_disjoint_and_monotonic():
 
 def test_overlap_weight_schedule():
     s = WarmupDecaySchedule(max_weight=2.0, floor=0.2, warmup=100, total=1100, decay="cosine")
-    crit = SetCriterion(CriterionConfig(overlap=s))
+    crit = SetCriterion(LossConfig(overlap=s))
     assert crit.overlap_weight(0) == 0.0
     assert math.isclose(crit.overlap_weight(50), 1.0)
     assert math.isclose(crit.overlap_weight(100), 2.0)
@@ -127,7 +128,7 @@ def test_overlap_weight_schedule():
     lin = WarmupDecaySchedule(max_weight=2.0, floor=0.2, warmup=100, total=1100, decay="linear")
     assert math.isclose(lin(350), 2.0 - 1.8 * 0.25)
     assert WarmupDecaySchedule.from_dict(lin.to_dict()) == lin
-    assert CriterionConfig.from_dict(CriterionConfig(overlap=lin).to_dict()).overlap == lin
+    assert LossConfig.from_dict(LossConfig(overlap=lin).to_dict()).overlap == lin
 
 
 def test_contrastive_lower_for_separated_embeddings():
@@ -176,7 +177,7 @@ def test_gradients_flow_to_all_head_parameters():
     feats, pts, conf, K, T = make_scene(1, 3)
     out = head(feats, pts, conf, K, T, (H, W))
     targets = _synthetic_targets(out)
-    crit = SetCriterion(CriterionConfig(overlap=WarmupDecaySchedule(1.0, 0.1, 10, 100)))
+    crit = SetCriterion(LossConfig(overlap=WarmupDecaySchedule(1.0, 0.1, 10, 100)))
     losses = crit(out, targets, step=10)
     for k in ("loss_obj", "loss_mask", "loss_dice", "loss_anchor", "loss_overlap", "loss_contrastive", "loss_obj_0", "total"):
         assert k in losses and torch.isfinite(losses[k]), k
@@ -193,7 +194,7 @@ def test_overfit_one_sample():
     feats, pts, conf, K, T = make_scene(1, 2, seed=3)
     with torch.no_grad():
         targets = _synthetic_targets(head(feats, pts, conf, K, T, (H, W)))
-    crit = SetCriterion(CriterionConfig(num_points=4096, overlap=WarmupDecaySchedule(0.5, 0.5, 0, 0)))
+    crit = SetCriterion(LossConfig(num_points=4096, overlap=WarmupDecaySchedule(0.5, 0.5, 0, 0)))
     opt = torch.optim.Adam(head.parameters(), lr=2e-3)
     hist = []
     for _ in range(30):
@@ -207,3 +208,37 @@ def test_overfit_one_sample():
     print("overfit total loss:", [round(v, 3) for v in hist])
     assert min(hist[-5:]) < 0.5 * hist[0], (hist[0], hist[-5:])
     assert time.time() - t0 < 120
+
+
+# ---------------------------------------------------------------------------------- one loss config
+def test_loss_config_round_trips_and_unknown_keys_raise():
+    cfg = LossConfig(weight_mask=3.0, cost_dice=4.0, overlap=WarmupDecaySchedule(0.5, 0.05, 3, 30, "linear"))
+    assert LossConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="weight_msk"):
+        LossConfig.from_dict({"weight_msk": 3.0})
+    with pytest.raises(ValueError, match="no fields"):
+        Fast3disConfig.from_dict({**Fast3disConfig.tiny().to_dict(), "loss": {"mask_bec": 5.0}})
+
+
+def test_legacy_loss_keys_of_old_checkpoints_set_the_same_weights():
+    """The bundled checkpoint's config.json was written with the old ``LossWeights`` names."""
+    old = {"objectness": 3.0, "mask_bce": 6.0, "mask_dice": 7.0, "contrastive": 0.5, "overlap": 2.0, "depth": 0.0}
+    cfg = LossConfig.from_dict(old)
+    assert (cfg.weight_obj, cfg.weight_mask, cfg.weight_dice, cfg.weight_contrastive) == (3.0, 6.0, 7.0, 0.5)
+    assert (cfg.overlap.max_weight, cfg.overlap.floor) == (2.0, pytest.approx(0.2))
+    with pytest.raises(ValueError, match="both"):
+        LossConfig.from_dict({"objectness": 1.0, "weight_obj": 2.0})
+    with pytest.raises(ValueError, match="geometry_loss_weight"):
+        LossConfig.from_dict({"depth": 1.0})
+
+
+def test_build_criterion_uses_the_config_weights_and_fits_the_schedule_to_the_run():
+    from fast3dis_ros.train.loop import build_criterion
+
+    cfg = Fast3disConfig.tiny()
+    cfg.loss = LossConfig(weight_dice=1.5, overlap=WarmupDecaySchedule(2.0, 0.4, 5000, 90000, "linear"))
+    crit = build_criterion(cfg, total_steps=200)
+    assert isinstance(crit, SetCriterion) and crit.cfg.weight_dice == 1.5
+    assert (crit.cfg.overlap.max_weight, crit.cfg.overlap.floor, crit.cfg.overlap.decay) == (2.0, 0.4, "linear")
+    assert (crit.cfg.overlap.warmup, crit.cfg.overlap.total) == (20, 200)
+    assert crit.overlap_weight(20) == 2.0 and crit.overlap_weight(200) == pytest.approx(0.4)

@@ -14,7 +14,7 @@ import pytest
 
 from fast3dis_ros.geometry.map_io import MapSaveError, instance_path, pcd_bytes, save_cloud
 from fast3dis_ros.geometry.map_query import InstanceQuery, InstanceQueryError, points_of, query_instances
-from fast3dis_ros.pipeline.frames import InstanceCloud, InstanceSummary
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary
 
 PLY_TYPES = {"float": "<f4", "uchar": "u1", "uint": "<u4"}
 

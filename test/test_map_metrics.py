@@ -11,7 +11,7 @@ from fast3dis_ros.eval.map_metrics import GTSurface, fit_map_sim3, id_switches, 
 from fast3dis_ros.eval.oracle import (ISSUE_TABLE_CONFIGS, OraclePredictor, all_oracle_configs, apply_oracle,
                                       parse_oracle)
 from fast3dis_ros.geometry.align import sim3_matrix
-from fast3dis_ros.pipeline.frames import InstanceCloud, WindowPrediction
+from fast3dis_ros.core.frames import InstanceCloud, WindowPrediction
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

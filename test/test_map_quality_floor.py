@@ -17,7 +17,9 @@ from fast3dis_ros.data.bags import read_ground_truth, write_scene_bag
 from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
 from fast3dis_ros.eval.oracle import CachedPredictor
 from fast3dis_ros.eval.oracle_table import OracleTable
-from fast3dis_ros.eval.replay import BUNDLED_CHECKPOINT, ReplayConfig, load_predictor
+from fast3dis_ros.eval.replay import ReplayConfig
+from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
+from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
 
 SEEDS = (7010, 7011)  # not among the bundled checkpoint's training / validation seeds (eval/heldout.py)
 NET, ALL_GT, GT_GEOMETRY = (), ("masks", "depth", "poses"), ("depth", "poses")
@@ -39,7 +41,7 @@ FLOORS = {
 @pytest.fixture(scope="module")
 def pooled(tmp_path_factory):
     assert (BUNDLED_CHECKPOINT / "model.safetensors").is_file(), "the bundled checkpoint is part of the package"
-    predictor, info = load_predictor(None, "cpu")
+    predictor, info = build_predictor(PredictorSpec(device="cpu"))
     assert info["weights"] == "bundled"
     table = OracleTable([NET, GT_GEOMETRY, ALL_GT])
     root = tmp_path_factory.mktemp("floor")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fast3dis_ros.pipeline import markers as mk
-from fast3dis_ros.pipeline.frames import InstanceSummary
+from fast3dis_ros.core.frames import InstanceSummary
 
 
 def _instances():

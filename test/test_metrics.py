@@ -38,6 +38,17 @@ def _mask(idx, n=30):
     return m
 
 
+def test_one_prediction_matches_one_gt_and_iou_must_exceed_the_threshold():
+    """p = A u B (20 points, score 0.9): IoU 10/20 = 0.5 with each of A and B, exactly.
+    IoU 0.5: strict ``>`` (ScanNet) -> no match: AP50 = 0.
+    IoU 0.25: p matches A (TP); B cannot take the same prediction -> 1 hard FN: precision 1 up to
+      recall 1/2 -> AP25 = 1/2 (a prediction matching both would give AP25 = 1)."""
+    gt = _toy_scene()
+    res = instance_ap([([_mask(range(0, 20))], np.array([0.9]), gt)])
+    assert res["AP50"] == 0.0
+    assert res["AP25"] == pytest.approx(0.5, abs=1e-12)
+
+
 def test_perfect_prediction_ap_is_one():
     gt = _toy_scene()
     res = instance_ap([(gt.copy(), np.array([0.9, 0.3]), gt)])

@@ -146,9 +146,18 @@ def test_node_end_to_end_over_dds(backend):
     for i in ia.instances:
         assert i.id > 0 and 0.0 <= i.score <= 1.0 and i.num_points > 0
         assert i.bbox_min.x <= i.centroid.x <= i.bbox_max.x
-    ma = h.got["markers"][-1]
-    assert ma.markers[0].action == Marker.DELETEALL
-    assert len(ma.markers) == 1 + 2 * len(h.got["inst"][-1].instances) or len(h.got["markers"]) != len(h.got["inst"])
+    # markers: DELETEALL + box + label per instance, checked against the InstanceArray of the same window
+    # (paired by stamp: the two topics' latest messages may belong to different windows)
+    n_inst_at = {stamp_to_ns(m.header.stamp): len(m.instances) for m in h.got["inst"]}
+    paired = 0
+    for ma in h.got["markers"]:
+        assert ma.markers[0].action == Marker.DELETEALL
+        stamp = stamp_to_ns(ma.markers[0].header.stamp)
+        assert {stamp_to_ns(m.header.stamp) for m in ma.markers} == {stamp}
+        if stamp in n_inst_at:
+            assert len(ma.markers) == 1 + 2 * n_inst_at[stamp], (stamp, len(ma.markers), n_inst_at[stamp])
+            paired += 1
+    assert paired >= 1, (sorted(n_inst_at), [stamp_to_ns(m.markers[0].header.stamp) for m in h.got["markers"]])
     # TF: map -> <cam>_optical_frame, stamped with each view's stamp
     children = {}
     for m in h.got["tf"]:

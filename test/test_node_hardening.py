@@ -7,7 +7,7 @@ import pytest
 
 from fast3dis_ros.geometry.calibration import check_intrinsics, distortion_shift_px
 from fast3dis_ros.pipeline.frame_guard import FrameGeometryGuard
-from fast3dis_ros.pipeline.frames import CameraFrame
+from fast3dis_ros.core.frames import CameraFrame
 from fast3dis_ros.pipeline.sync import ApproximateTimeSync
 
 MS = 1_000_000

@@ -6,10 +6,10 @@ TF that come back against the scene's ground truth.
 Measured with the bundled checkpoint, scene seed 0 (CPU, 2 cores), estimated poses: camera-centre ATE
 after a Sim(3) (Umeyama) = 0.65 m RMSE, i.e. 0.32 of the GT camera-trajectory extent (2.0 m) and 0.09 of
 the room extent (7.0 m). The tiny model's poses are weak: collapsing every camera onto one point would
-give 0.33 of the trajectory extent, and relative rotations are no better than all-identity; so the bound
-(< 0.5 of the trajectory extent) is a sanity check of the whole path (network -> fusion -> TF -> DDS),
-while the exact check is that the published TF equals an in-process replay of the same frame sets
-through the same pipeline.
+give 0.33 of the trajectory extent (ATE 0.657 m, 1.7% worse), and relative rotations are no better than
+all-identity; so the test bounds the measured relative ATE (0.30-0.33) and requires it below 0.995 x the
+collapse ATE, while the exact check is that the published TF equals an in-process replay of the same frame
+sets through the same pipeline.
 
 Known poses (use_known_poses, GT on /tf as world -> <cam>_optical_frame, camera_frame {camera}_fused):
 the first window's published poses equal GT to 1e-9 m; later windows are aligned by MapFusion on their
@@ -197,7 +197,7 @@ def _gt(scene):
 def test_scene_estimated_poses_over_dds(scene):
     from fast3dis_ros.geometry.align import umeyama
     from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT
-    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
     from fast3dis_ros.data.synthetic import scene_frame_sets
     from fast3dis_ros.pipeline.fusion import MapFusion
     from fast3dis_ros.pipeline.runner import PipelineRunner
@@ -244,8 +244,13 @@ def test_scene_estimated_poses_over_dds(scene):
     s, R, t = umeyama(A, B)
     ate = float(np.sqrt(np.mean(np.sum(((s * (R @ A.T)).T + t - B) ** 2, axis=1))))
     extent = float(np.linalg.norm(B.max(0) - B.min(0)))
+    # every camera collapsed onto one point (the best Sim(3) then puts it at the GT centroid)
+    collapse = float(np.sqrt(np.mean(np.sum((B - B.mean(0)) ** 2, axis=1))))
     assert np.isfinite(s) and s > 0
-    assert ate / extent < 0.5, f"relative ATE {ate / extent:.3f} (ATE {ate:.3f} m, trajectory extent {extent:.2f} m)"
+    # measured: ATE 0.646 m = 0.321 of the extent, 0.983 of the collapse ATE (0.657 m). The tiny model's
+    # poses are weak, so the margin is small, but identical or scrambled poses fail these bounds.
+    assert 0.30 <= ate / extent <= 0.33, f"relative ATE {ate / extent:.3f} (ATE {ate:.3f} m, extent {extent:.2f} m)"
+    assert ate < 0.995 * collapse, (ate, collapse)
     print(f"estimated poses over DDS: {len(keys)} views, Sim(3) ATE {ate:.3f} m = {ate / extent:.3f} of the "
           f"trajectory extent {extent:.2f} m (scale {s:.3f}); ids {sorted(ids)}; {elapsed:.1f} s")
 

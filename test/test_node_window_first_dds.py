@@ -35,7 +35,7 @@ class GtPredictor:
     score_threshold = 0.5
 
     def __init__(self, scene):
-        from fast3dis_ros.bench_node import _gt_prediction
+        from fast3dis_ros.ros.bench_node import _gt_prediction
 
         self._gt = _gt_prediction
         self.lookup = {(v.camera, _stamp(f, c)): v for f, fr in enumerate(scene.frames) for c, v in enumerate(fr)}
@@ -49,7 +49,7 @@ def _offline(scene):
     """The same predictions through a MapFusion with the node's defaults (what the node must publish)."""
     from fast3dis_ros.pipeline.fusion import MapFusion
     from fast3dis_ros.pipeline.runner import PipelineRunner
-    from fast3dis_ros.pipeline.frames import CameraFrame
+    from fast3dis_ros.core.frames import CameraFrame
 
     out = []
     fusion = MapFusion(voxel_size=0.02, max_points=1_000_000, min_score=0.5, max_points_per_view=20_000)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fast3dis_ros.model.postprocess import instances_from_queries
-from fast3dis_ros.model.predictor import Predictor, processing_hw
-from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet, Window, WindowPrediction
+from fast3dis_ros.inference.postprocess import instances_from_queries
+from fast3dis_ros.inference.predictor import Predictor, processing_hw
+from fast3dis_ros.core.frames import CameraFrame, FrameSet, Window, WindowPrediction
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_postprocess_known_masks():
 
 
 def test_bench_cpu_tiny(capsys, tmp_path):
-    from fast3dis_ros.bench import main
+    from fast3dis_ros.bench.suite import main
 
     out = tmp_path / "b.json"
     assert main(["--size", "tiny", "--device", "cpu", "--views", "1", "3", "--height", "42", "--width", "56",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fast3dis_ros.model.predictor import Predictor
+from fast3dis_ros.inference.predictor import Predictor
 from fast3dis_ros.ros.lifecycle import warmup_window
 
 

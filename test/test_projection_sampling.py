@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from fast3dis_ros.model.decoder import AnchorSamplingAttention, aggregate_views, sample_multiview
-from fast3dis_ros.model.projection import (
+from fast3dis_ros.model.head.decoder import AnchorSamplingAttention, aggregate_views, sample_multiview
+from fast3dis_ros.model.head.projection import (
     grid_to_pixel,
     masked_softmax,
     pixel_to_grid,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fast3dis_ros.pipeline.frames import CameraFrame
+from fast3dis_ros.core.frames import CameraFrame
 from fast3dis_ros.pipeline.fusion import MapFusion
 from fast3dis_ros.pipeline.runner import PipelineRunner
 
@@ -84,7 +84,7 @@ def test_node_diagnostics_report_oom():
     rclpy = pytest.importorskip("rclpy")
     from ros_helpers import unique_domain_id
 
-    from fast3dis_ros.pipeline.frames import Window
+    from fast3dis_ros.core.frames import Window
     from fast3dis_ros.ros.node import Fast3disNode
 
     class _OOM:
@@ -98,7 +98,7 @@ def test_node_diagnostics_report_oom():
     n = Fast3disNode(predictor=_OOM(), context=ctx)
     try:
         fs = [CameraFrame(c, 5, np.zeros((4, 4, 3), np.uint8)) for c in n.cameras]
-        from fast3dis_ros.pipeline.frames import FrameSet
+        from fast3dis_ros.core.frames import FrameSet
 
         n.runner.engine.submit(Window(0, [FrameSet(0, 5, fs), FrameSet(1, 6, fs)]))
         assert n.runner.engine.wait_idle(5)

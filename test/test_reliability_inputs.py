@@ -18,7 +18,7 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from fast3dis_ros.data.bags import (CAMERA_INFO, IMAGE, BagReadError, BagWriter, camera_info_dict,  # noqa: E402
                                     image_dict, read_camera_streams)
 from fast3dis_ros.pipeline.engine import InferenceEngine  # noqa: E402
-from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet, Window  # noqa: E402
+from fast3dis_ros.core.frames import CameraFrame, FrameSet, Window  # noqa: E402
 from fast3dis_ros.pipeline.fusion import MapFusion  # noqa: E402
 from fast3dis_ros.pipeline.runner import PipelineRunner, sanitize_prediction  # noqa: E402
 from fast3dis_ros.ros import conversions as cv  # noqa: E402
@@ -141,7 +141,7 @@ def test_wrong_parameter_values_rejected_with_reason(node):
 # ----------------------------------------------------------------------- different sizes across cameras
 def test_cameras_of_different_sizes_in_one_frame_set():
     """Views are resized to one processing resolution, each K scaled by its own image size."""
-    from fast3dis_ros.model.predictor import Predictor, processing_hw
+    from fast3dis_ros.inference.predictor import Predictor, processing_hw
 
     rng = np.random.default_rng(0)
     sizes = {"a": (48, 64), "b": (84, 112), "c": (60, 60)}
@@ -351,7 +351,7 @@ def test_replay_counts_undecodable_images_and_goes_on(tmp_path):
     bag = tmp_path / "bad"
     _bag_with_bad_messages(bag, n=8)
 
-    from fast3dis_ros.model.predictor import Predictor
+    from fast3dis_ros.inference.predictor import Predictor
 
     res = replay_bag(bag, Predictor.random_tiny(0, score_threshold=0.0), ReplayConfig(window_size=2, stride=1),
                      progress=False)

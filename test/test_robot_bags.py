@@ -32,10 +32,10 @@ def scene():
 
 @pytest.fixture(scope="module")
 def loaded():
-    """(predictor, info) as ``load_predictor`` returns them: the bundled checkpoint at 56 px."""
-    from fast3dis_ros.eval.replay import load_predictor
+    """(predictor, info) as ``build_predictor`` returns them: the bundled checkpoint at 56 px."""
+    from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
 
-    return load_predictor(None, "cpu", process_size=56)
+    return build_predictor(PredictorSpec(device="cpu", process_size=56))
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,10 @@ def predictor(loaded):
 @pytest.fixture
 def eval_cli(loaded, monkeypatch):
     """``fast3dis-eval`` (``evaluate.run``) with the module's predictor instead of loading one per call."""
-    import fast3dis_ros.eval.replay as replay
+    import fast3dis_ros.inference.factory as factory
     from fast3dis_ros.eval.evaluate import run
 
-    monkeypatch.setattr(replay, "load_predictor", lambda *a, **k: loaded)
+    monkeypatch.setattr(factory, "build_predictor", lambda *a, **k: loaded)
     return lambda *args: run([str(a) for a in args] + WIN + ["--no-progress"])
 
 
@@ -332,7 +332,7 @@ def test_library_noise_silenced_and_kept_at_debug():
     code = ("import logging, sys\n"
             "if sys.argv[1] == 'debug': logging.basicConfig(level=logging.DEBUG, format='%(levelname)s %(name)s "
             "%(message)s')\n"
-            "from fast3dis_ros.model.predictor import Predictor\nPredictor.random_tiny(0)\n")
+            "from fast3dis_ros.inference.predictor import Predictor\nPredictor.random_tiny(0)\n")
     quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
     assert "using MLP layer" not in quiet.stdout + quiet.stderr

@@ -9,7 +9,7 @@ from ros_helpers import require_ros_tools
 
 require_ros_tools("message_filters")
 
-from fast3dis_ros.pipeline.frames import CameraFrame  # noqa: E402
+from fast3dis_ros.core.frames import CameraFrame  # noqa: E402
 from fast3dis_ros.pipeline.runner import PipelineRunner  # noqa: E402
 from fast3dis_ros.ros import sync_adapter as sa  # noqa: E402
 

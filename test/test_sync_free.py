@@ -13,11 +13,11 @@ import pytest
 import torch
 from depth_anything_3.model.dinov2.layers.rope import RotaryPositionEmbedding2D
 
-from fast3dis_ros.model.camera_encoding import mat_to_quat
+from fast3dis_ros.model.fastpath.camera_encoding import mat_to_quat
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS
-from fast3dis_ros.model.grid_rope import GridRope, rope_table_len
-from fast3dis_ros.model.pixel_decoder import scene_normalization
+from fast3dis_ros.model.fastpath.grid_rope import GridRope, rope_table_len
+from fast3dis_ros.model.head.pixel_decoder import scene_normalization
 
 
 def _rotations(n: int, seed: int = 0) -> torch.Tensor:
@@ -95,8 +95,8 @@ def test_scene_normalization_ignores_invalid_points_like_boolean_indexing():
 def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
     """``fast_blocks``: the fast path's block changes (chained residuals, fused q/k norm + RoPE, fused
     fc1 + GELU) without compilation, so they run here eagerly on ``meta`` too."""
-    from fast3dis_ros.model.fast_attention import fuse_block_attention
-    from fast3dis_ros.model.fused_mlp import fuse_block_mlps
+    from fast3dis_ros.model.fastpath.fast_attention import fuse_block_attention
+    from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
 
     torch.manual_seed(0)
     model = Fast3DIS(Fast3disConfig.tiny()).eval()
@@ -122,8 +122,9 @@ def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
 
 # Host-to-device copies (``new_tensor``, ``torch.tensor(..., device=...)``) pass on ``meta`` and are
 # invisible to dispatch modes, so they are caught at the source: none in the modules of the forward.
-FORWARD_MODULES = ["anchors", "backbone", "camera_encoding", "chained_blocks", "decoder", "fast3dis",
-                   "fast_attention", "fused_mlp", "grid_rope", "heads", "pixel_decoder", "projection"]
+FORWARD_MODULES = ["head.anchors", "da3.backbone", "fastpath.camera_encoding", "fastpath.chained_blocks",
+                   "head.decoder", "fast3dis", "fastpath.fast_attention", "fastpath.fused_mlp", "fastpath.grid_rope",
+                   "head.instance_head", "head.pixel_decoder", "head.projection"]
 HOST_PATTERNS = [r"\.new_tensor\(", r"torch\.tensor\(", r"torch\.as_tensor\(", r"\.item\(\)", r"\.tolist\(\)",
                  r"\.cpu\(\)", r"\.numpy\(\)", r"torch\.quantile\(", r"torch\.linalg\.inv\("]
 

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet
+from fast3dis_ros.core.frames import CameraFrame, FrameSet
 from fast3dis_ros.pipeline.sync import ApproximateTimeSync
 from fast3dis_ros.pipeline.window import SlidingWindow, SyncWatchdog
 

@@ -1,4 +1,4 @@
-"""Renders, PNG panels, PLY io (fast3dis_ros.viz) and the report writer (fast3dis_ros.eval.report)."""
+"""Renders, PNG panels, PLY io (fast3dis_ros.eval.viz) and the report writer (fast3dis_ros.eval.report)."""
 
 import json
 import time
@@ -9,7 +9,7 @@ from PIL import Image
 
 from fast3dis_ros.eval.metrics import depth_metrics, instance_ap
 from fast3dis_ros.eval.report import curves_from_results, write_report
-from fast3dis_ros.viz import (
+from fast3dis_ros.eval.viz import (
     BACKGROUND_COLOR,
     colorize_labels,
     depth_to_color,

@@ -36,8 +36,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
-from .image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
+from fast3dis_ros.data.image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, lookup_encoding, to_rgb
 
 __all__ = [
     "BagReadError",
@@ -561,7 +561,7 @@ def read_ground_truth(path: str | Path, world_frame: str = "map", identity=None)
     ``world_frame`` at every GT stamp (``map -> base_link -> front_optical_frame`` or a direct
     ``map -> front_optical_frame``). K: the camera's CameraInfo, else the GT JSON's ``"K"``
     (``{camera: 3x3 | 9 values | {fx, fy, cx, cy}}``). What matches no camera is listed in ``unmatched``."""
-    from ..geometry.tf_tree import TransformLookupError, TransformTree
+    from fast3dis_ros.geometry.tf_tree import TransformLookupError, TransformTree
     from .camera_identity import CameraIdentity, plan_streams
 
     gt = GroundTruth()

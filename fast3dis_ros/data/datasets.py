@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..geometry.rotations import matrix_from_quat_xyzw
-from .synthetic import read_view_npz
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw
+from fast3dis_ros.data.synthetic import read_view_npz
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -77,7 +77,7 @@ __all__ = [
     "find_scene_dirs",
 ]
 
-from ..model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
+from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # flips camera y and z: OpenGL/nerfstudio <-> OpenCV
 
 

@@ -1166,7 +1166,7 @@ def load_datasets(folders, load_views: bool = True, threads: int | None = None) 
 def scene_frame_sets(scene: SyntheticScene, start_ns: int = 1_700_000_000_000_000_000, rate_hz: float = 10.0,
                      known_poses: bool = False) -> list:
     """The scene as ``pipeline.frames.FrameSet`` objects (stamps as :func:`bags.write_scene_bag` writes them)."""
-    from fast3dis_ros.pipeline.frames import CameraFrame, FrameSet
+    from fast3dis_ros.core.frames import CameraFrame, FrameSet
 
     period = int(round(1e9 / rate_hz))
     out = []

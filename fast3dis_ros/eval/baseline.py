@@ -184,7 +184,7 @@ def cluster_instances(
 def cluster_window(depth: np.ndarray, K: np.ndarray, T_cam_world: np.ndarray, features: np.ndarray | None, valid: np.ndarray | None = None, **params):
     """Convenience for a ``WindowPrediction``: lift (V, H, W) depth with K (V, 3, 3) and
     T_cam_world (V, 4, 4), then ``cluster_instances``. ``valid`` defaults to depth > 0."""
-    from .metrics import backproject_depth
+    from fast3dis_ros.eval.metrics import backproject_depth
 
     depth = np.asarray(depth)
     pts = backproject_depth(depth, K, np.linalg.inv(np.asarray(T_cam_world, dtype=np.float64)))

@@ -84,7 +84,7 @@ def window_geometry_errors(pred, gt) -> GeometryError | None:
     """Sim(3)-aligned point and camera-centre error of one ``WindowPrediction`` against ``GroundTruth``.
 
     None when fewer than 100 pixels have both GT and predicted depth (nothing to align)."""
-    from ..geometry.align import umeyama
+    from fast3dis_ros.geometry.align import umeyama
     from .evaluate import _gt_pose
     from .metrics import resize_nearest
 
@@ -178,9 +178,11 @@ def _score_checkpoint(name: str, ckpt: Path, bags: list[tuple[int, Path]], args,
     from ..data.bags import read_ground_truth
     from .evaluate import compute_metrics
     from .heldout import _ap_summary, _pools
-    from .replay import ReplayConfig, load_predictor, replay_bag
+    from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
 
-    predictor, _info = load_predictor(str(ckpt), args.device)
+    from .replay import ReplayConfig, replay_bag
+
+    predictor, _info = build_predictor(PredictorSpec(checkpoint=str(ckpt), device=args.device))
     pools = _pools(("fast3dis",))
     per_scene, geo_point, geo_centre = [], [], []
     t0 = time.perf_counter()

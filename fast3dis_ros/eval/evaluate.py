@@ -55,8 +55,8 @@ report. Exit codes: 0 ok, 1 accounting unbalanced, 2 unreadable input / bad opti
 
 Baseline (``--baseline hdbscan``, ``eval/baseline.py``): on every window, HDBSCAN clusters the window's
 predicted points (FAST3DIS depth + cameras, so geometry is identical) with features = the pixel
-decoder's ``mask_features`` of the same forward (captured with a forward hook, see
-``replay.load_predictor(with_features=True)``; if absent, the RGB image is used and ``meta`` says so).
+decoder's ``mask_features`` of the same forward (the predictor returns them with ``keep_mask_features``, see
+``PredictorSpec(keep_mask_features=True)``; if absent, the RGB image is used and ``meta`` says so).
 Its timing is the clustering alone and clustering + the network forward it needs.
 """
 
@@ -181,7 +181,7 @@ def _group_by_shape(idx: list[int], shapes: list[tuple]) -> list[list[int]]:
 def _ap3d(sv: ScoredViews, labels: list[np.ndarray], scores: np.ndarray, scenes: list[list[int]],
           voxel: float, pool=None) -> dict:
     """``pool``: an extra ``InstanceAPEvaluator`` that receives the same scenes (multi-bag pooling)."""
-    from .metrics import InstanceAPEvaluator, build_common_point_set
+    from fast3dis_ros.eval.metrics import InstanceAPEvaluator, build_common_point_set
 
     ev = InstanceAPEvaluator()
     n_pts = 0
@@ -214,7 +214,7 @@ def _offset_window_labels(sv: ScoredViews, local_labels: list[np.ndarray], local
 
 
 def _mask2d(sv: ScoredViews, labels: list[np.ndarray], scores_of_view: list[np.ndarray]) -> dict:
-    from .metrics import coco_mask_ap, resize_nearest
+    from fast3dis_ros.eval.metrics import coco_mask_ap, resize_nearest
 
     images = []
     for i in range(len(sv)):
@@ -232,7 +232,7 @@ def _mask2d(sv: ScoredViews, labels: list[np.ndarray], scores_of_view: list[np.n
 
 
 def _depth(sv: ScoredViews) -> dict:
-    from .metrics import depth_metrics, resize_nearest
+    from fast3dis_ros.eval.metrics import depth_metrics, resize_nearest
 
     preds, gts = [], []
     for i in range(len(sv)):
@@ -252,7 +252,7 @@ def _depth(sv: ScoredViews) -> dict:
 
 
 def _pose(records, sv: ScoredViews, gt) -> tuple[dict, dict]:
-    from .metrics import pose_auc, pose_metrics, relative_pose_errors
+    from fast3dis_ros.eval.metrics import pose_auc, pose_metrics, relative_pose_errors
 
     rs, ts, ates = [], [], []
     for rec in records:
@@ -286,14 +286,14 @@ def _pose(records, sv: ScoredViews, gt) -> tuple[dict, dict]:
 
 def run_baseline(records, sv: ScoredViews, **params) -> dict:
     """HDBSCAN on every window (see module doc). Returns per-record labels/scores and timings."""
-    from .baseline import cluster_window
+    from fast3dis_ros.eval.baseline import cluster_window
 
     out = {"labels": {}, "scores": {}, "ms": [], "features": None}
     for ri, rec in enumerate(records):
         p = rec.prediction
         feats = p.extras.get("mask_features")
         if feats is not None:
-            out["features"] = "pixel decoder mask_features (forward hook)"
+            out["features"] = "pixel decoder mask_features"
         else:
             feats = np.moveaxis(p.images.astype(np.float32) / 255.0, -1, 1)
             out["features"] = "RGB (mask_features not available)"
@@ -686,9 +686,10 @@ def run(argv: list[str] | None = None) -> int:
 
         return run_many(argv)
     args = _parse(argv)
-    from ..data.bags import BagReadError
-    from ..data.camera_identity import parse_camera_map
-    from .replay import ReplayConfig, load_predictor
+    from fast3dis_ros.data.bags import BagReadError
+    from fast3dis_ros.data.camera_identity import parse_camera_map
+    from fast3dis_ros.eval.replay import ReplayConfig
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
 
     try:
         camera_map = parse_camera_map(args.camera_map)
@@ -700,11 +701,9 @@ def run(argv: list[str] | None = None) -> int:
                        slop_ms=args.slop_ms, voxel_size=args.voxel_size, camera_map=camera_map,
                        image_transport=args.image_transport, known_geometry=args.known_geometry,
                        known_pose_frame=args.known_pose_frame, pose_conditioning=args.pose_conditioning)
-    kw = {}
     if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
-    from .oracle import all_oracle_configs, ISSUE_TABLE_CONFIGS, parse_oracle
+    from fast3dis_ros.eval.oracle import all_oracle_configs, ISSUE_TABLE_CONFIGS, parse_oracle
 
     try:
         oracle = parse_oracle(args.oracle)
@@ -725,12 +724,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"fast3dis-eval: error: {what}{e}", file=sys.stderr)
         return 2
     try:
-        predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+        predictor, info = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=args.baseline == "hdbscan"))
     except FileNotFoundError as e:
         print(f"fast3dis-eval: error: {e}", file=sys.stderr)
         return 2
-    if info.get("random_weights"):
-        print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)
     try:
         r = evaluate_bag(args.bag, args.out, gt_bag=args.gt, predictor=predictor, weights_info=info,
                          replay_cfg=cfg, baseline=args.baseline, eval_voxel=args.eval_voxel,

@@ -92,7 +92,7 @@ def _floats(spec: str) -> list[float]:
 
 
 def _parse(argv):
-    from .evaluate import add_baseline_args
+    from fast3dis_ros.eval.evaluate import add_baseline_args
 
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.heldout", description=(
         "FAST3DIS vs HDBSCAN on held-out synthetic scenes: generate bags with GT, replay them through the "
@@ -124,7 +124,7 @@ def _parse(argv):
 
 
 def _pools(methods=("fast3dis", "hdbscan")) -> dict:
-    from .metrics import InstanceAPEvaluator
+    from fast3dis_ros.eval.metrics import InstanceAPEvaluator
 
     return {m: {"whole": InstanceAPEvaluator(), "per_window": InstanceAPEvaluator()} for m in methods}
 
@@ -146,9 +146,9 @@ class _Scenes:
         self.args, self.predictor, self.bag_root, self.progress = args, predictor, bag_root, progress
 
     def replay(self, seed: int):
-        from ..data.bags import read_ground_truth, write_scene_bag
-        from ..data.synthetic import SceneConfig, generate_scene
-        from .replay import ReplayConfig, replay_bag
+        from fast3dis_ros.data.bags import read_ground_truth, write_scene_bag
+        from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
+        from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
 
         a = self.args
         t0 = time.perf_counter()
@@ -170,7 +170,7 @@ class _Scenes:
 
 
 def _sweep(scenes: _Scenes, seeds: list[int], grid: list[dict], eval_voxel: float, log) -> dict:
-    from .evaluate import baseline_metrics, compute_metrics
+    from fast3dis_ros.eval.evaluate import baseline_metrics, compute_metrics
 
     pools = [_pools(("hdbscan",))["hdbscan"] for _ in grid]
     fpool = _pools(("fast3dis",))
@@ -281,9 +281,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    from .evaluate import baseline_params_from_args, compute_metrics
-    from .replay import load_predictor
-    from .report import to_jsonable, write_report
+    from fast3dis_ros.eval.evaluate import baseline_params_from_args, compute_metrics
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
+    from fast3dis_ros.eval.report import to_jsonable, write_report
 
     seeds = parse_seeds(args.seeds)
     tune_seeds = [] if args.no_sweep else parse_seeds(args.tune_seeds)
@@ -302,13 +302,9 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = {}
-    if args.score_threshold is not None:
-        kw["score_threshold"] = args.score_threshold
-    predictor, winfo = load_predictor(args.checkpoint, args.device, with_features=True, **kw)
-    if winfo.get("random_weights"):
-        warnings_.append(winfo["warning"])
-        print("!" * 100 + f"\n!! {winfo['warning']}\n" + "!" * 100, file=sys.stderr)
+    predictor, winfo = build_predictor(PredictorSpec(
+        checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
+        keep_mask_features=True))
     log(f"model: {winfo['weights']} ({winfo.get('checkpoint')}), device {args.device}")
 
     tmp = None
@@ -459,7 +455,7 @@ def run_heldout(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..data.bags import BagReadError
+    from fast3dis_ros.data.bags import BagReadError
 
     try:
         run_heldout(argv)

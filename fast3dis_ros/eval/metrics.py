@@ -375,7 +375,7 @@ def backproject_depth(depth: np.ndarray, K: np.ndarray, T_world_cam: np.ndarray)
     Same pixel convention as the rest of the project (``geometry.cameras``: integer pixel centres, the
     convention of the synthetic renderer's K and of OpenCV), so GT and predictions lift alike.
     """
-    from ..geometry.cameras import transform_points, unproject_depth
+    from fast3dis_ros.geometry.cameras import transform_points, unproject_depth
 
     depth = np.asarray(depth, dtype=np.float64)
     single = depth.ndim == 2
@@ -727,7 +727,7 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = N
 
 def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
     """Least-squares (s, R, t) with dst ~ s R src + t (Umeyama 1991); the project's one implementation."""
-    from ..geometry.align import umeyama as _umeyama
+    from fast3dis_ros.geometry.align import umeyama as _umeyama
 
     return _umeyama(src, dst, with_scale=with_scale)
 
@@ -765,7 +765,7 @@ def align_camera_centers(pred_T_cam_world: np.ndarray, gt_T_cam_world: np.ndarra
         sv = np.linalg.svd(cp - cp.mean(0), compute_uv=False)
         if sv[0] > 0 and sv[1] > 1e-6 * sv[0]:
             return umeyama(cp, cg, with_scale=True)
-    from ..geometry.align import rotation_mean
+    from fast3dis_ros.geometry.align import rotation_mean
 
     # per view: R_gtworld_predworld = R_gt_cw^T @ R_pred_cw; their chordal mean
     R = rotation_mean(np.swapaxes(G[:, :3, :3], 1, 2) @ P[:, :3, :3])

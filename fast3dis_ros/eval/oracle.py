@@ -26,8 +26,8 @@ from itertools import combinations
 
 import numpy as np
 
-from ..geometry.cameras import scale_K
-from ..pipeline.frames import Window, WindowPrediction
+from fast3dis_ros.geometry.cameras import scale_K
+from fast3dis_ros.core.frames import Window, WindowPrediction
 from .metrics import resize_nearest
 
 __all__ = ["ORACLE_PARTS", "ISSUE_TABLE_CONFIGS", "parse_oracle", "all_oracle_configs", "oracle_name",

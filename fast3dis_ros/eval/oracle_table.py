@@ -181,7 +181,9 @@ def run(argv: list[str] | None = None) -> dict:
     from ..data.synthetic import SceneConfig, generate_scene
     from .heldout import parse_seeds
     from .independent_scene import IndependentSceneConfig, generate_independent_scene
-    from .replay import ReplayConfig, load_predictor
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
+
+    from .replay import ReplayConfig
     from .report import to_jsonable
 
     import pickle
@@ -201,7 +203,7 @@ def run(argv: list[str] | None = None) -> dict:
         for k, t in part["tables"].items():
             tables[k].merge(t)
     if jobs:
-        predictor, winfo = load_predictor(args.checkpoint, args.device)
+        predictor, winfo = build_predictor(PredictorSpec(checkpoint=args.checkpoint or BUNDLED, device=args.device))
     cfg = ReplayConfig(window_size=args.window_size, stride=args.stride)
     tmp = Path(tempfile.mkdtemp(prefix="oracle_table_"))
     try:

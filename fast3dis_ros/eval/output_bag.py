@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry.clouds import POINT_DTYPE, POINT_FIELDS, POINT_STEP, pointcloud_structured, structured_to_cloud
-from ..geometry.rotations import nearest_rotation, quat_xyzw_from_matrix
-from ..pipeline.frames import InstanceCloud, InstanceSummary
-from ..pipeline.markers import instance_markers
+from fast3dis_ros.geometry.clouds import POINT_DTYPE, POINT_FIELDS, POINT_STEP, pointcloud_structured, structured_to_cloud
+from fast3dis_ros.geometry.rotations import nearest_rotation, quat_xyzw_from_matrix
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary
+from fast3dis_ros.pipeline.markers import instance_markers
 
 __all__ = [
     "TOPIC_WINDOW_CLOUD",

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,91 +47,20 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..data.bags import BagReadError
-from ..pipeline.frames import CameraFrame, Window, WindowPrediction
+from fast3dis_ros.core.frames import CameraFrame, Window, WindowPrediction
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BUNDLED_CHECKPOINT",
-    "RANDOM_WEIGHTS_WARNING",
     "ReplayConfig",
     "ReplayResult",
     "WindowRecord",
-    "load_predictor",
     "camera_of_topic",
     "plan_bag_streams",
     "StreamPlanError",
     "frames_from_bag",
     "replay_bag",
 ]
-
-from ..model.checkpoint import BUNDLED_CHECKPOINT  # noqa: E402  (one definition, in model/checkpoint.py)
-RANDOM_WEIGHTS_WARNING = (
-    "WEIGHTS ARE RANDOM: no FAST3DIS checkpoint found (bundled one expected at {path}); using "
-    "Predictor.random_tiny(0). Depth, poses and instances below are NOT meaningful."
-)
-
-
-def _checkpoint_ok(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
-
-
-def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu", *, with_features: bool = False,
-                   **kw):
-    """(predictor, info). ``checkpoint`` None -> the bundled tiny checkpoint, or random tiny weights with a
-    loud warning when it is absent. An explicit path that is not a checkpoint raises FileNotFoundError.
-
-    ``with_features``: capture the pixel decoder's mask features of every forward (model output
-    ``mask_features``) into ``WindowPrediction.extras['mask_features']`` (V, C, h, w) float32 through a
-    forward hook (the Predictor does not put them in extras itself); used by the HDBSCAN baseline."""
-    from ..model.predictor import Predictor
-
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    info: dict = {"device": device}
-    if checkpoint is not None:
-        p = Path(checkpoint)
-        if not _checkpoint_ok(p):
-            raise FileNotFoundError(f"{p}: not a FAST3DIS checkpoint folder (needs config.json + model.safetensors)")
-        pred = Predictor.from_checkpoint(str(p), device=device, **kw)
-        info.update(weights="checkpoint", checkpoint=str(p.resolve()), random_weights=False)
-    elif _checkpoint_ok(BUNDLED_CHECKPOINT):
-        pred = Predictor.from_checkpoint(str(BUNDLED_CHECKPOINT), device=device, **kw)
-        info.update(weights="bundled", checkpoint=str(BUNDLED_CHECKPOINT), random_weights=False)
-    else:
-        msg = RANDOM_WEIGHTS_WARNING.format(path=BUNDLED_CHECKPOINT)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
-        pred = Predictor.random_tiny(0, device=device, **kw)
-        info.update(weights="random", checkpoint=None, random_weights=True, warning=msg)
-    info["config"] = getattr(getattr(pred, "cfg", None), "backbone", None).__dict__ if hasattr(
-        getattr(pred, "cfg", None), "backbone") else None
-    if with_features:
-        _attach_feature_hook(pred)
-    return pred, info
-
-
-def _attach_feature_hook(pred) -> None:
-    store: dict = {}
-
-    def hook(_m, _inp, out):
-        if isinstance(out, dict) and "mask_features" in out:
-            store["mask_features"] = out["mask_features"][0].detach().float().cpu().numpy()
-
-    pred.model.register_forward_hook(hook)
-    orig = pred.predict
-
-    def predict(window: Window) -> WindowPrediction:
-        store.clear()
-        wp = orig(window)
-        if "mask_features" in store and "mask_features" not in wp.extras:
-            wp.extras["mask_features"] = store["mask_features"]
-        return wp
-
-    pred.predict = predict
-
 
 def camera_of_topic(topic: str) -> str:
     """``/front/image_raw`` -> ``front``; ``/robot/cam_a/image_raw/compressed`` -> ``robot/cam_a`` (the stream
@@ -353,7 +281,7 @@ class KnownGeometry:
 
     def __init__(self, bag, cfg: ReplayConfig) -> None:
         from ..data.bags import read_camera_streams
-        from ..geometry.tf_tree import TransformTree
+        from fast3dis_ros.geometry.tf_tree import TransformTree
 
         self.mode = cfg.known_geometry
         self.frame = cfg.known_pose_frame
@@ -372,7 +300,7 @@ class KnownGeometry:
                     self.counts["bad_transform"] += 1
 
     def attach(self, frame: CameraFrame) -> CameraFrame:
-        from ..geometry.tf_tree import TransformLookupError
+        from fast3dis_ros.geometry.tf_tree import TransformLookupError
 
         fid = frame.frame_id
         if "rig" in self.mode:
@@ -409,9 +337,9 @@ def replay_bag(
     keep_predictions: bool = True,
 ) -> ReplayResult:
     """Replay ``bag`` through a synchronous PipelineRunner; write outputs to ``out_bag`` (new folder)."""
-    from ..pipeline.fusion import MapFusion
-    from ..pipeline.runner import PipelineRunner
-    from .output_bag import OutputBagWriter
+    from fast3dis_ros.pipeline.fusion import MapFusion
+    from fast3dis_ros.pipeline.runner import PipelineRunner
+    from fast3dis_ros.eval.output_bag import OutputBagWriter
 
     cfg = cfg or ReplayConfig()
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import distributed as D
+from fast3dis_ros.core import distributed as D
 
 __all__ = ["find_bags", "shard", "pool_results", "run_many"]
 
@@ -127,10 +127,13 @@ def evaluate_shard(args: argparse.Namespace, bags: Sequence[Path], rank: int, wo
     """Evaluate this rank's bags (a failing bag is recorded with its error, the others go on)."""
     from ..data.bags import BagReadError
     from .evaluate import baseline_params_from_args, evaluate_bag
-    from .replay import ReplayConfig, load_predictor
+    from fast3dis_ros.inference.factory import BUNDLED, PredictorSpec, build_predictor
 
-    kw = {"score_threshold": args.score_threshold} if args.score_threshold is not None else {}
-    predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+    from .replay import ReplayConfig
+
+    predictor, info = build_predictor(PredictorSpec(checkpoint=args.checkpoint or BUNDLED, device=args.device,
+                                                    score_threshold=args.score_threshold,
+                                                    keep_mask_features=args.baseline == "hdbscan"))
     methods = ("fast3dis", "hdbscan") if args.baseline == "hdbscan" else ("fast3dis",)
     rows = []
     for i, bag in shard(bags, rank, world):

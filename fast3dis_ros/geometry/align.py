@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cameras import camera_center
-from .rotations import nearest_rotation
+from fast3dis_ros.geometry.cameras import camera_center
+from fast3dis_ros.geometry.rotations import nearest_rotation
 
 __all__ = [
     "umeyama",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipeline.frames import InstanceCloud
+from fast3dis_ros.core.frames import InstanceCloud
 from .clouds import POINT_FIELDS, pointcloud_structured, select
 
 __all__ = ["MapSaveError", "FORMATS", "check_output_path", "ply_bytes", "pcd_bytes", "save_cloud",

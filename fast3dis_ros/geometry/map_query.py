@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..pipeline.frames import InstanceCloud, InstanceSummary
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary
 from .clouds import select
 
 __all__ = ["InstanceQueryError", "InstanceQuery", "query_instances", "points_of"]

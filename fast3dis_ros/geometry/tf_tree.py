@@ -1,7 +1,7 @@
 """A plain-numpy transform tree for offline replay (no ROS): static and stamped edges, chain lookups.
 
 Why: ``fast3dis-eval`` reads ``/tf`` and ``/tf_static`` from a bag to give the pipeline the geometry the
-robot already has (known camera poses, rig extrinsics) without rclpy; the node uses tf2 / ``ros/tf_buffer``
+robot already has (known camera poses, rig extrinsics) without rclpy; the node uses tf2_ros (``ros/tf.py``)
 for the same lookups. Each child has one parent (as in tf2). Stamped edges are looked up at the nearest
 stamp within ``tolerance_ns`` (bag transforms are written at the image stamps; no interpolation needed).
 ``T_a_b`` maps points of frame b to frame a.

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fast3dis_ros.model.schedule import WarmupDecaySchedule
+
 #: DA3's input normalisation (ImageNet mean/std, RGB in [0, 1]); the one definition for the model,
 #: the dataset readers and the training transforms.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -118,20 +120,79 @@ class BackboneConfig:
         return int(self.first_lora_block)
 
 
-@dataclass
-class LossWeights:
-    """Weights of the set criterion (model/losses.py); names follow Mask2Former + the FAST3DIS terms."""
+#: Key names of the loss section in checkpoints written before the two loss configs became one
+#: (``LossWeights``), and the ``LossConfig`` field each one sets. Read explicitly, so a misspelt or
+#: unknown key is an error rather than a silently dropped weight.
+LEGACY_LOSS_KEYS = {"objectness": "weight_obj", "mask_bce": "weight_mask", "mask_dice": "weight_dice",
+                    "contrastive": "weight_contrastive"}
 
-    objectness: float = 2.0
-    mask_bce: float = 5.0
-    mask_dice: float = 5.0
-    contrastive: float = 1.0
-    overlap: float = 1.0
-    depth: float = 0.0  # optional geometry distillation (0 = geometry pass is frozen)
+
+@dataclass
+class LossConfig:
+    """The one configuration of the set criterion (``train/losses.py``) and its matcher.
+
+    Names follow Mask2Former (``weight_*``: loss weights, ``cost_*``: matcher costs) + the FAST3DIS
+    terms (anchor L1, multi-view contrastive, confidence-weighted overlap penalty with its schedule).
+    Stored in every checkpoint's ``config.json`` (``Fast3disConfig.loss``).
+    """
+
+    weight_obj: float = 2.0
+    weight_mask: float = 5.0
+    weight_dice: float = 5.0
+    weight_anchor: float = 1.0
+    weight_contrastive: float = 1.0
+    #: overlap-penalty weight over the steps; the training loop fits warm-up and length to the run
+    #: (``train.loop.build_criterion``) and keeps ``max_weight``, ``floor`` and ``decay``.
+    overlap: WarmupDecaySchedule = field(default_factory=WarmupDecaySchedule)
+    overlap_on_aux: bool = True
+    overlap_objectness_weighted: bool = False  # sum_q sigmoid(obj_q) * sigmoid(m_qp) instead of sum_q sigmoid(m_qp)
+    # focal alpha 0.5 (= balanced): with ~10 instances for 16 queries positives are not rare, and RetinaNet's
+    # 0.25 pushed objectness scores of matched queries below the 0.3-0.5 thresholds of validation/postprocess
+    focal_alpha: float = 0.5
+    focal_gamma: float = 2.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    contrastive_points: int = 1024
+    contrastive_temperature: float = 0.1
+    deep_supervision: bool = True
+    # matcher costs
+    cost_score: float = 2.0
+    cost_mask: float = 5.0
+    cost_dice: float = 5.0
+    cost_anchor: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LossConfig":
+        """Inverse of ``to_dict``; also reads the legacy ``LossWeights`` keys (``LEGACY_LOSS_KEYS``, a
+        number for ``overlap`` = its peak weight with floor 10%, ``depth`` = 0). Unknown keys raise."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - set(LEGACY_LOSS_KEYS) - {"depth"})
+        if unknown:
+            raise ValueError(f"LossConfig has no fields {unknown} (known: {sorted(known)})")
+        depth = d.pop("depth", 0.0)
+        if depth:
+            raise ValueError(f"loss.depth={depth}: depth distillation is TrainConfig.geometry_loss_weight, not a "
+                             "loss config field")
+        for old, new in LEGACY_LOSS_KEYS.items():
+            if old in d:
+                if new in d:
+                    raise ValueError(f"loss config sets both {old!r} (legacy) and {new!r}")
+                d[new] = d.pop(old)
+        ov = d.get("overlap")
+        if isinstance(ov, dict):
+            d["overlap"] = WarmupDecaySchedule.from_dict(ov)
+        elif isinstance(ov, (int, float)):
+            d["overlap"] = WarmupDecaySchedule(max_weight=float(ov), floor=0.1 * float(ov))
+        return cls(**d)
 
 
 def _head_config_cls():
-    from fast3dis_ros.model.head_config import InstanceHeadConfig
+    from fast3dis_ros.model.head.config import InstanceHeadConfig
 
     return InstanceHeadConfig
 
@@ -172,7 +233,7 @@ class Fast3disConfig:
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: Any = field(default_factory=_default_head)
-    loss: LossWeights = field(default_factory=LossWeights)
+    loss: LossConfig = field(default_factory=LossConfig)
     train_backbone: bool = False  # True: every parameter trains (tiny end-to-end); False: LoRA + head
     score_threshold: float = 0.5  # postprocess: keep queries with score above this
     mask_threshold: float = 0.5  # postprocess: mask probability threshold
@@ -206,7 +267,7 @@ class Fast3disConfig:
         return {
             "backbone": bb,
             "head": _head_to_dict(self.head),
-            "loss": dataclasses.asdict(self.loss),
+            "loss": self.loss.to_dict(),
             "train_backbone": self.train_backbone,
             "score_threshold": self.score_threshold,
             "mask_threshold": self.mask_threshold,
@@ -222,7 +283,7 @@ class Fast3disConfig:
         bb = BackboneConfig(**d.get("backbone", {}))
         kwargs["backbone"] = bb
         kwargs["head"] = head_config_from_dict(d["head"]) if "head" in d else make_head_config(bb.feature_channels)
-        kwargs["loss"] = LossWeights(**d.get("loss", {}))
+        kwargs["loss"] = LossConfig.from_dict(d.get("loss", {}))
         return cls(**kwargs)
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fast3dis_ros.model.backbone import DA3Backbone, stage
+from fast3dis_ros.model.da3.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.model.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
-from fast3dis_ros.model.weight_dtype import store_weights_in
+from fast3dis_ros.model.head.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
+from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 
 
 def rigid_inverse(T: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class Fast3DIS(nn.Module):
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else DA3Backbone(cfg.backbone)
         if head is None:
-            from fast3dis_ros.model.heads import InstanceHead
+            from fast3dis_ros.model.head.instance_head import InstanceHead
 
             head = InstanceHead(cfg.head)
         self.head = head
@@ -164,7 +164,7 @@ class Fast3DIS(nn.Module):
             points = unproject_depth(depth.float(), intrinsics.float(), extrinsics.float())
         if not self.cfg.train_backbone:
             points = points.detach()
-        with stage("f3d.instance_head"):
+        with stage("f3d.instance_head"), self.backbone.compile_scope():  # the head compiles with the blocks
             head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W), return_aux=return_aux)
         out = {
             "depth": depth,

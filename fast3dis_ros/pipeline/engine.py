@@ -28,8 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .frames import FrameSet, Window, WindowPrediction
-from .stats import DropCounter, LatencyStats
+from fast3dis_ros.core.frames import FrameSet, Window, WindowPrediction
+from fast3dis_ros.core.stats import DropCounter, LatencyStats
 
 __all__ = ["InferenceEngine", "is_oom_error", "subsample_window"]
 

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .frames import InstanceSummary
+from fast3dis_ros.core.frames import InstanceSummary
 
 __all__ = ["ARROW", "CUBE", "TEXT_VIEW_FACING", "ADD", "DELETEALL", "BOX_ALPHA", "LABEL_ALPHA",
            "instance_color", "instance_markers"]

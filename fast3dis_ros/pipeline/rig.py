@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry.cameras import invert_se3
+from fast3dis_ros.geometry.cameras import invert_se3
 
 __all__ = ["frame_set_groups", "known_rig_views", "rig_extrinsics_of", "rig_scale", "rigidify"]
 

@@ -32,12 +32,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from .engine import InferenceEngine
-from .frames import CameraFrame, FrameSet, Window, WindowPrediction
-from .fusion import FusionResult, MapFusion, WindowResult
-from .stats import DropCounter, LatencyStats
-from .sync import ApproximateTimeSync
-from .window import SlidingWindow, SyncWatchdog
+from fast3dis_ros.pipeline.engine import InferenceEngine
+from fast3dis_ros.core.frames import CameraFrame, FrameSet, Window, WindowPrediction
+from fast3dis_ros.pipeline.fusion import FusionResult, MapFusion, WindowResult
+from fast3dis_ros.core.stats import DropCounter, LatencyStats
+from fast3dis_ros.pipeline.sync import ApproximateTimeSync
+from fast3dis_ros.pipeline.window import SlidingWindow, SyncWatchdog
 
 __all__ = ["PipelineRunner", "sanitize_prediction", "count_nonfinite"]
 

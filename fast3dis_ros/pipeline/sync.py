@@ -41,8 +41,8 @@ import bisect
 import time
 from collections.abc import Callable
 
-from .frames import CameraFrame, FrameSet
-from .stats import DropCounter
+from fast3dis_ros.core.frames import CameraFrame, FrameSet
+from fast3dis_ros.core.stats import DropCounter
 
 __all__ = ["ApproximateTimeSync"]
 

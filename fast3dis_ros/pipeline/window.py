@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .frames import FrameSet, Window
+from fast3dis_ros.core.frames import FrameSet, Window
 
 __all__ = ["SlidingWindow", "SyncWatchdog"]
 

@@ -26,10 +26,10 @@ from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
-from ..data.image_codec import ENCODINGS as _CODEC_ENCODINGS
-from ..data.image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, to_rgb
-from ..pipeline.frames import InstanceCloud, InstanceSummary
-from ..pipeline.markers import instance_color, instance_markers  # noqa: F401 - instance_color re-exported
+from fast3dis_ros.data.image_codec import ENCODINGS as _CODEC_ENCODINGS
+from fast3dis_ros.data.image_codec import ImageDecodeError, decode_compressed, decode_raw, encode_raw, to_rgb
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary
+from fast3dis_ros.pipeline.markers import instance_color, instance_markers  # noqa: F401 - instance_color re-exported
 
 __all__ = [
     "ImageConversionError",
@@ -138,7 +138,7 @@ def camera_info_to_K(msg, image_size: tuple[int, int] | None = None,
     reason = ""
     if image_size is None:
         return K, reason
-    from ..geometry.calibration import check_intrinsics, distortion_shift_px
+    from fast3dis_ros.geometry.calibration import check_intrinsics, distortion_shift_px
 
     w, h = image_size
     if msg.width <= 0 or msg.height <= 0:
@@ -173,7 +173,7 @@ _PF_NP = {
 
 
 def _point_fields() -> tuple[list[PointField], int]:
-    from ..geometry.clouds import POINT_FIELDS, POINT_STEP
+    from fast3dis_ros.geometry.clouds import POINT_FIELDS, POINT_STEP
 
     return [PointField(name=n, offset=o, datatype=d, count=c) for n, o, d, c in POINT_FIELDS], POINT_STEP
 
@@ -184,7 +184,7 @@ def cloud_to_pointcloud2(cloud: InstanceCloud, frame_id: str | None = None, stam
 
     ``data`` is the structured array's buffer copied once into the message (1M points: a few ms).
     """
-    from ..geometry.clouds import pointcloud_structured
+    from fast3dis_ros.geometry.clouds import pointcloud_structured
 
     arr = pointcloud_structured(cloud)
     fields, step = _point_fields()

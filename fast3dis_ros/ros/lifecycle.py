@@ -33,7 +33,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from ..pipeline.frames import CameraFrame, FrameSet, Window
+from fast3dis_ros.core.frames import CameraFrame, FrameSet, Window
 from . import params as P
 from .diagnostics import gpu_memory
 from .cli_params import with_command_line

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from rclpy.callback_groups import ReentrantCallbackGroup
 
-from ..geometry.clouds import empty_cloud, transform_cloud
-from ..geometry.map_io import MapSaveError, save_cloud
-from ..geometry.map_query import InstanceQuery, InstanceQueryError, points_of, query_instances
-from ..pipeline.frames import InstanceCloud, InstanceSummary
+from fast3dis_ros.geometry.clouds import empty_cloud, transform_cloud
+from fast3dis_ros.geometry.map_io import MapSaveError, save_cloud
+from fast3dis_ros.geometry.map_query import InstanceQuery, InstanceQueryError, points_of, query_instances
+from fast3dis_ros.core.frames import InstanceCloud, InstanceSummary
 from .conversions import cloud_to_pointcloud2, instances_to_msg
 
 __all__ = ["MapSnapshot", "ServiceCall", "MapServices"]

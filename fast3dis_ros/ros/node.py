@@ -53,13 +53,13 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
-from ..data.camera_identity import camera_streams
-from ..geometry.clouds import empty_cloud
-from ..pipeline.frame_guard import FrameGeometryGuard
-from ..pipeline.frames import CameraFrame
-from . import params as P
-from .cli_params import with_command_line
-from .conversions import (
+from fast3dis_ros.core.frames import CameraFrame
+from fast3dis_ros.data.camera_identity import camera_streams
+from fast3dis_ros.geometry.clouds import empty_cloud
+from fast3dis_ros.pipeline.frame_guard import FrameGeometryGuard
+from fast3dis_ros.ros import params as P
+from fast3dis_ros.ros.cli_params import with_command_line
+from fast3dis_ros.ros.conversions import (
     ImageConversionError,
     camera_info_to_K,
     cloud_to_pointcloud2,
@@ -69,56 +69,29 @@ from .conversions import (
     instances_to_msg,
     stamp_to_ns,
 )
-from .diagnostics import DiagnosticsBuilder, interface_status
-from .map_services import MapServices
-from .qos import camera_info_qos, map_qos, output_qos, overridable, sensor_qos
-from .runtime_params import START_UP_REASON, refusal
-from .tf import TfLookup, TfLookupError, matrix_to_transform
+from fast3dis_ros.ros.diagnostics import DiagnosticsBuilder, interface_status
+from fast3dis_ros.ros.map_services import MapServices
+from fast3dis_ros.ros.qos import camera_info_qos, map_qos, output_qos, overridable, sensor_qos
+from fast3dis_ros.ros.runtime_params import START_UP_REASON, refusal
+from fast3dis_ros.ros.tf import TfLookup, TfLookupError, matrix_to_transform
 
 __all__ = ["Fast3disNode", "main", "make_predictor"]
 
 THROTTLE_S = 5.0
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda if available else cpu; 'cuda' without a usable CUDA device is a start-up error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device:=cuda but no CUDA device is usable here (torch.cuda.is_available() is False); "
-                         "use device:=cpu or auto")
-    return device
-
-
 def make_predictor(p: dict):
-    """Predictor from the parameters: checkpoint ('bundled' = the packaged tiny one) > random tiny model
-    (model_size 'tiny', empty checkpoint)."""
-    from ..model.predictor import Predictor
+    """Predictor from the node's parameters through the one factory (``inference/factory.py``); returns
+    ``(predictor, description)``. 'bundled' = the packaged tiny checkpoint; an empty checkpoint = a
+    random tiny network (plumbing only)."""
+    from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
 
-    device = resolve_device(p["device"])
-    kw = {"score_threshold": p["score_threshold"], "cuda_graphs": p["cuda_graphs"], "compile": p["compile"]}
-    if p["process_long_edge"]:
-        kw["process_size"] = p["process_long_edge"]
-    checkpoint = p["checkpoint"]
-    if checkpoint == "bundled" and p["model_size"] != "tiny":
-        raise ValueError(
-            f"model_size '{p['model_size']}' needs a FAST3DIS checkpoint (parameter 'checkpoint'): the bundled "
-            "one is the tiny configuration")
-    if checkpoint == "bundled":
-        from ..model.checkpoint import BUNDLED_CHECKPOINT
-
-        checkpoint = str(BUNDLED_CHECKPOINT)
-    if checkpoint:
-        return Predictor.from_checkpoint(checkpoint, device=device, da3_weights=p["weights"] or None, **kw), \
-            f"checkpoint {checkpoint}"
-    if p["model_size"] == "tiny" and not p["weights"]:
-        return Predictor.random_tiny(seed=p["seed"], device=device, **kw), \
-            f"RANDOM tiny model (seed {p['seed']}): outputs are meaningless, for plumbing/tests only"
-    raise ValueError(
-        f"model_size '{p['model_size']}'{' with weights ' + p['weights'] if p['weights'] else ''} needs a "
-        "FAST3DIS checkpoint (parameter 'checkpoint'): DA3 weights alone have no instance head")
+    spec = PredictorSpec(checkpoint=p["checkpoint"], weights=p["weights"], model_size=p["model_size"],
+                         seed=p["seed"], device=p["device"], score_threshold=p["score_threshold"],
+                         process_size=p["process_long_edge"] or None, cuda_graphs=p["cuda_graphs"],
+                         compile=p["compile"])
+    pred, info = build_predictor(spec)
+    return pred, info["description"]
 
 
 class Fast3disNode(Node):
@@ -166,8 +139,8 @@ class Fast3disNode(Node):
             what = type(predictor).__name__
         self.predictor = predictor
         self.get_logger().info(f"model: {what}")
-        from ..pipeline.fusion import MapFusion
-        from ..pipeline.runner import PipelineRunner
+        from fast3dis_ros.pipeline.fusion import MapFusion
+        from fast3dis_ros.pipeline.runner import PipelineRunner
 
         fusion = MapFusion(voxel_size=self.p["voxel_size"], max_points=self.p["max_map_points"],
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
@@ -176,7 +149,7 @@ class Fast3disNode(Node):
                            use_rig=self.p["use_rig_extrinsics"], link_2d=self.p["link_2d"])
         if hasattr(predictor, "condition_on_poses"):
             predictor.condition_on_poses = bool(self.p["condition_on_known_poses"])
-        from .sync_adapter import make_synchronizer
+        from fast3dis_ros.ros.sync_adapter import make_synchronizer
 
         # 'fast3dis': None = the runner's own ApproximateTimeSync (drop reasons, time-jump reset)
         sync = make_synchronizer(self.cameras, int(self.p["sync_slop"] * 1e9), self.p["sync_queue_size"],
@@ -595,7 +568,7 @@ class Fast3disNode(Node):
                     f"{self.known_pose_frame} -> {self.map_frame} (set map_frame to a new name to get it)")
         if not self._publish_known_to_map:
             return
-        from ..geometry.align import sim3_inverse
+        from fast3dis_ros.geometry.align import sim3_inverse
 
         T_known_map = sim3_inverse(np.asarray(result.T_map_window, np.float64))
         self.tf.sendTransform([matrix_to_transform(T_known_map, self.known_pose_frame, self.map_frame,

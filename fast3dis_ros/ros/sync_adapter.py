@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 
-from ..pipeline.frames import CameraFrame, FrameSet
+from fast3dis_ros.core.frames import CameraFrame, FrameSet
 
 __all__ = ["SYNC_BACKENDS", "make_synchronizer", "MessageFiltersSync"]
 
@@ -43,7 +43,7 @@ class _Stamped:
     def __init__(self, frame: CameraFrame):
         from std_msgs.msg import Header
 
-        from .conversions import ns_to_stamp
+        from fast3dis_ros.ros.conversions import ns_to_stamp
 
         self.header = Header(stamp=ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
         self.frame = frame

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from geometry_msgs.msg import TransformStamped
 
-from ..geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
-from .conversions import ns_to_stamp, stamp_to_ns
+from fast3dis_ros.geometry.rotations import matrix_from_quat_xyzw, quat_xyzw_from_matrix
+from fast3dis_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 
 __all__ = ["TfLookupError", "TfLookup", "matrix_to_transform", "transform_to_matrix"]
 

@@ -40,7 +40,7 @@ __all__ = [
     "TargetCollate",
 ]
 
-from ..model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
+from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition)
 
 
 def _t(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:

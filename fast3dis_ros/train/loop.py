@@ -12,7 +12,7 @@ GradScaler, RNG states and an fp32 copy of the trainable parameters and buffers 
 in fp16 still resumes exactly). Data order and augmentation are pure functions of (seed, step)
 (train/data.py ``ResumableSampler``), so a resumed run reproduces an uninterrupted one.
 
-Distributed (``torchrun``; fast3dis_ros/distributed.py, train/sharded_sampler.py): the model is wrapped in
+Distributed (``torchrun``; fast3dis_ros/core/distributed.py, train/sharded_sampler.py): the model is wrapped in
 DDP (gradients of the trainable parameters averaged over ranks, no all-reduce on non-final micro-steps
 via ``no_sync``); each rank reads its shard of the same global sample stream (``ShardedSceneSampler``),
 so a step on N ranks with batch b sees the samples of one rank with batch N x b; the set losses divide by
@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,9 +39,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fast3dis_ros import distributed as D
+from fast3dis_ros.core import distributed as D
+from fast3dis_ros.eval import metrics
+from fast3dis_ros.inference.factory import resolve_device
+from fast3dis_ros.inference.postprocess import instances_from_queries
+from fast3dis_ros.model.checkpoint import read_checkpoint_config, save_checkpoint
+from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.train.data import TargetCollate, TrainSampleDataset, collate
 from fast3dis_ros.train.geometry_losses import GeometryLoss
+from fast3dis_ros.train.losses import SetCriterion
 from fast3dis_ros.train.sharded_sampler import ShardedSceneSampler
 from fast3dis_ros.train.targets import build_targets
 
@@ -104,14 +110,6 @@ def cosine_warmup_lambda(total: int, warmup: int, min_ratio: float) -> Callable[
     return f
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     amp = (amp or "none").lower()
     if amp == "auto":
@@ -146,9 +144,9 @@ def build_model_split_invariant(cfg: Any, seed: int) -> torch.nn.Module:
     head's starting point. Re-seeding before the head keeps a split comparison about the split alone.
     (LoRA ``B`` starts at zero, so every split's feature pass starts equal to the geometry pass.)
     """
-    from fast3dis_ros.model.backbone import DA3Backbone
+    from fast3dis_ros.model.da3.backbone import DA3Backbone
     from fast3dis_ros.model.fast3dis import Fast3DIS
-    from fast3dis_ros.model.heads import InstanceHead
+    from fast3dis_ros.model.head.instance_head import InstanceHead
 
     torch.manual_seed(seed)
     backbone = DA3Backbone(cfg.backbone)
@@ -171,47 +169,24 @@ def select_trainable(model: torch.nn.Module, full: bool) -> list[tuple[str, torc
 
 
 def save_model_checkpoint(model: torch.nn.Module, cfg: Any, folder: Path, dtype: torch.dtype) -> None:
-    """config.json + model.safetensors via model/checkpoint.py, floating tensors cast to ``dtype``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """config.json + model.safetensors (``model/checkpoint.py``), floating tensors cast to ``dtype``."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    try:
-        from fast3dis_ros.model.checkpoint import save_checkpoint
-    except ImportError:
-        save_checkpoint = None
-    if save_checkpoint is not None:
-        save_checkpoint(model, folder)
-        if dtype == torch.float32:
-            return
-        path = folder / "model.safetensors"
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        sd = load_file(str(path))
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-        save_file(sd, str(path), metadata=meta)
+    save_checkpoint(model, folder)
+    if dtype == torch.float32:
         return
-    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-          for k, v in model.state_dict().items()}
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    path = Path(folder) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    save_file(sd, str(path), metadata=meta)
 
 
-def read_model_config(folder: Path) -> Any:
-    """Fast3disConfig of a checkpoint folder (model/checkpoint.py's reader; plain JSON fallback)."""
-    try:
-        from fast3dis_ros.model.checkpoint import read_checkpoint_config
-
-        return read_checkpoint_config(folder)[0]
-    except ImportError:
-        from fast3dis_ros.model.config import Fast3disConfig
-
-        d = json.loads((Path(folder) / "config.json").read_text())
-        for k in ("format", "contents", "extra"):
-            d.pop(k, None)
-        return Fast3disConfig.from_dict(d)
+def read_model_config(folder: Path) -> Fast3disConfig:
+    """Fast3disConfig of a checkpoint folder (``model/checkpoint.py``'s reader)."""
+    return read_checkpoint_config(folder)[0]
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -227,38 +202,20 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- criterion adapter
-def build_criterion(cfg: Any, total_steps: int) -> Any:
-    """model/losses.py ``SetCriterion`` with the weights of ``cfg.loss`` and an overlap schedule fitted to
-    the run length (warm-up over the first 10% of the steps, cosine decay to 10% at the end)."""
-    try:
-        from fast3dis_ros.model.losses import CriterionConfig, SetCriterion
-        from fast3dis_ros.model.schedule import WarmupDecaySchedule
-    except ImportError:
-        return None
-    lw = getattr(cfg, "loss", None)
-    kw: dict[str, Any] = {}
-    if lw is not None:
-        kw = dict(weight_obj=lw.objectness, weight_mask=lw.mask_bce, weight_dice=lw.mask_dice,
-                  weight_contrastive=lw.contrastive)
-        kw = {k: v for k, v in kw.items() if k in CriterionConfig.__dataclass_fields__}
-    w_ov = float(getattr(lw, "overlap", 1.0)) if lw is not None else 1.0
+def build_criterion(cfg: Fast3disConfig, total_steps: int) -> SetCriterion:
+    """``SetCriterion`` with ``cfg.loss``, its overlap schedule fitted to the run length: warm-up over the
+    first 10% of the steps, decay until the last (peak, floor and decay shape as configured)."""
     total = max(int(total_steps), 2)
-    kw["overlap"] = WarmupDecaySchedule(max_weight=w_ov, floor=0.1 * w_ov, warmup=max(1, total // 10), total=total)
-    return SetCriterion(CriterionConfig(**kw))
+    overlap = replace(cfg.loss.overlap, warmup=max(1, total // 10), total=total)
+    return SetCriterion(replace(cfg.loss, overlap=overlap))
 
 
-def instance_losses(criterion: Any, outputs: dict, targets: list[dict], step: int) -> tuple[torch.Tensor, dict]:
+def instance_losses(criterion: SetCriterion, outputs: dict, targets: list[dict], step: int) -> tuple[torch.Tensor, dict]:
     """Run the set criterion; returns (weighted total, {final-layer loss name: unweighted value})."""
-    try:
-        ld = criterion(outputs, targets, step=step)
-    except TypeError:
-        ld = criterion(outputs, targets)
-    total = ld.get("total", ld.get("loss"))
-    parts = {k: v for k, v in ld.items() if k not in ("total", "loss") and isinstance(v, torch.Tensor)
+    ld = criterion(outputs, targets, step=step)
+    parts = {k: v for k, v in ld.items() if k != "total" and isinstance(v, torch.Tensor)
              and v.dim() == 0 and not k.rsplit("_", 1)[-1].isdigit()}
-    if total is None:
-        total = sum(parts.values())
-    return total, parts
+    return ld["total"], parts
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -271,7 +228,7 @@ class Trainer:
         val_set: TrainSampleDataset | None = None,
         *,
         model: torch.nn.Module | None = None,
-        criterion: Any = None,
+        criterion: SetCriterion | None = None,
     ) -> None:
         self.cfg = model_cfg
         self.tcfg = tcfg
@@ -832,10 +789,10 @@ def plot_losses(log_path: Path, png: Path) -> Path | None:
 
 
 def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
-             deploy_threshold: float | None = None, mask_threshold: float = 0.5) -> dict[str, float] | None:
-    """Cheap validation metrics of the first sample with fast3dis_ros.eval.metrics (None if missing).
+             deploy_threshold: float | None = None, mask_threshold: float = 0.5) -> dict[str, float]:
+    """Cheap validation metrics of the first sample with fast3dis_ros.eval.metrics.
 
-    Predictions come from the deployed postprocess (`model.postprocess.instances_from_queries`: score =
+    Predictions come from the deployed postprocess (`inference.postprocess.instances_from_queries`: score =
     sigmoid(objectness) x mean mask probability inside the mask, queries with score > ``score_threshold``,
     per-pixel argmax of mask probability > ``mask_threshold``). AP ranks by score, so the low default
     threshold only drops hopeless queries; ``n_pred`` counts the kept instances and ``n_pred_deploy``
@@ -847,11 +804,6 @@ def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
     (Before: objectness > 0.3 alone, argmax of objectness x mask probability -- with focal-alpha 0.25
     objectness rarely passed 0.3, which zeroed the AP.)
     """
-    try:
-        from fast3dis_ros.eval import metrics
-        from fast3dis_ros.model.postprocess import instances_from_queries
-    except ImportError:
-        return None
     logits = outputs["pred_logits"][0].float()
     masks = outputs["pred_masks"][0].float()  # Q,V,Hm,Wm
     gt = batch["instance"][0].cpu().numpy()
@@ -863,17 +815,15 @@ def quick_ap(outputs: dict, batch: dict, score_threshold: float = 0.05,
     if deploy_threshold is not None:
         res["n_pred_deploy"] = float((sc > deploy_threshold).sum())
     try:
-        if hasattr(metrics, "mask_ap_2d"):
-            r = metrics.mask_ap_2d(labels_np, sc, gt)
-            res["ap2d"] = float(r.get("AP", r.get("ap", float("nan"))))
-        if hasattr(metrics, "InstanceAPEvaluator"):
-            ev = metrics.InstanceAPEvaluator()
-            ev.add_scene(labels_np.ravel(), sc, gt.ravel())
-            r = ev.compute()
-            res["mv_AP"] = float(r["AP"])
-            res["mv_AP50"] = float(r["AP50"])
-            res["mv_AP25"] = float(r["AP25"])
-        if hasattr(metrics, "depth_metrics") and "depth" in batch:
+        r = metrics.mask_ap_2d(labels_np, sc, gt)
+        res["ap2d"] = float(r["AP"])
+        ev = metrics.InstanceAPEvaluator()
+        ev.add_scene(labels_np.ravel(), sc, gt.ravel())
+        r = ev.compute()
+        res["mv_AP"] = float(r["AP"])
+        res["mv_AP50"] = float(r["AP50"])
+        res["mv_AP25"] = float(r["AP25"])
+        if "depth" in batch:
             d = outputs["depth"][0].float()
             if tuple(d.shape[-2:]) != (H, W):
                 d = torch.nn.functional.interpolate(d[None], size=(H, W), mode="bilinear", align_corners=False)[0]

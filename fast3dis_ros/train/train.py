@@ -32,10 +32,11 @@ from typing import Any, Sequence
 
 import torch
 
-from fast3dis_ros import distributed as D
+from fast3dis_ros.core import distributed as D
 from fast3dis_ros.train.data import SceneWindowDataset, TrainSampleDataset, eval_windows
-from fast3dis_ros.distributed import DEFAULT_TIMEOUT_S
-from fast3dis_ros.train.loop import TrainConfig, Trainer, resolve_device
+from fast3dis_ros.core.distributed import DEFAULT_TIMEOUT_S
+from fast3dis_ros.inference.factory import resolve_device
+from fast3dis_ros.train.loop import TrainConfig, Trainer
 
 __all__ = ["main", "build_parser", "make_synthetic_scenes", "build_datasets", "build_model_config"]
 

@@ -1,0 +1,1 @@
+"""The adapter between the network and the pipeline: Window -> WindowPrediction."""
