@@ -3,6 +3,8 @@ optional part (e.g. ROS for the node) never breaks the others."""
 
 from __future__ import annotations
 
+import sys
+
 
 def demo_main() -> None:
     from fast3dis_ros.demo import main
@@ -17,6 +19,12 @@ def train_main() -> None:
 
 
 def eval_main() -> None:
+    """``fast3dis-eval``: one bag (``eval/evaluate.py``), or with ``--bags`` a folder / list of bags sharded
+    over torchrun ranks into one pooled report (``eval/sharded.py``)."""
+    if "--bags" in sys.argv[1:]:
+        from fast3dis_ros.eval.sharded import run_many
+
+        raise SystemExit(run_many(sys.argv[1:]))
     from fast3dis_ros.eval.evaluate import main
 
     main()

@@ -10,7 +10,7 @@ from fast3dis_ros.geometry.cameras import invert_se3
 from fast3dis_ros.geometry.tf_tree import TransformLookupError, TransformTree
 from fast3dis_ros.pipeline.fusion import MapFusion
 from fast3dis_ros.pipeline.linking import LinkParams, ViewLabelMemory, associate, overlap_2d, overlap_3d
-from fast3dis_ros.pipeline.rig import frame_set_groups, rig_scale, rigidify
+from fast3dis_ros.geometry.rig import frame_set_groups, rig_scale, rigidify
 
 NO_3D = (np.zeros((0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 

@@ -11,7 +11,7 @@ from fast3dis_ros.data.synthetic import SceneConfig, generate_scene
 from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
 from fast3dis_ros.geometry.cameras import invert_se3
 from fast3dis_ros.core.frames import WindowPrediction
-from fast3dis_ros.pipeline.rig import rig_extrinsics_of
+from fast3dis_ros.geometry.rig import rig_extrinsics_of
 
 
 @pytest.fixture(scope="module")

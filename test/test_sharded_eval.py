@@ -31,9 +31,9 @@ def _w_eval(rank: int, world: int, port: int, bags: list[str], out: str) -> None
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from fast3dis_ros.eval.evaluate import run
+    from fast3dis_ros.eval.sharded import run_many
 
-    rc = run(["--bags", *bags, "--out", out, *ARGS])
+    rc = run_many(["--bags", *bags, "--out", out, *ARGS])
     Path(out, f"rc_rank{rank}").write_text(str(rc))
 
 
@@ -53,12 +53,11 @@ def bags(tmp_path_factory):
 
 
 def test_sharded_eval_equals_single_process(bags, tmp_path):
-    from fast3dis_ros.eval.evaluate import run
-    from fast3dis_ros.eval.sharded import find_bags
+    from fast3dis_ros.eval.sharded import find_bags, run_many
 
     assert [b.name for b in find_bags([str(bags)])] == ["scene_3", "scene_4", "scene_5", "scene_9_broken"]
     one = tmp_path / "one"
-    rc1 = run(["--bags", str(bags), "--out", str(one), *ARGS])
+    rc1 = run_many(["--bags", str(bags), "--out", str(one), *ARGS])
     two = tmp_path / "two"
     ctx = mp.get_context("spawn")
     port = _free_port()

@@ -77,7 +77,7 @@ class CachedPredictor:
             (self.folder / "predictions.pkl").write_bytes(pickle.dumps(self._cache))
 
     def predict(self, window):
-        from fast3dis_ros.pipeline.rig import rig_extrinsics_of
+        from fast3dis_ros.geometry.rig import rig_extrinsics_of
 
         # the network's output depends on the images and on poses it is conditioned on; rig extrinsics and
         # unconditioned poses only travel with the prediction (as Predictor.predict passes them on)

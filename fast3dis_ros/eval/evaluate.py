@@ -4,7 +4,7 @@ Usage::
 
     fast3dis-eval --bag run.mcap [--gt gt.mcap] --out report/ [--checkpoint DIR] [--device cpu]
     fast3dis-eval --bags DIR|BAG... --out report/ [...]     # many bags, one pooled report (eval/sharded.py)
-    torchrun --nproc-per-node N -m fast3dis_ros.eval.evaluate --bags DIR --out report/   # the same, N ranks
+    torchrun --nproc-per-node N -m fast3dis_ros.eval.sharded --bags DIR --out report/    # the same, N ranks
                   [--cameras front,left,right | --image-topics /a/image_raw /b/image_raw]
                   [--window-size 4 --stride 2 --slop-ms 50] [--baseline hdbscan]
                   [--oracle masks,depth,poses] [--oracle-table issue|all] [--replay-only]
@@ -461,6 +461,38 @@ def has_ground_truth(gt) -> bool:
     return bool(gt.depth and gt.instance and gt.T_world_cam)
 
 
+# ---------------------------------------------------------------------------------- oracle error budget
+def _row(parts, metrics: dict) -> dict:
+    from .oracle import oracle_name
+
+    f = metrics["methods"]["fast3dis"]
+    mc = f.get("map_cloud") or {}
+    return {"oracle": oracle_name(parts), "lifted_AP50": f["AP50"], "per_window_AP50": f["AP_per_window"]["AP50"],
+            "map_AP": mc.get("AP"), "map_AP50": mc.get("AP50"), "map_AP25": mc.get("AP25"),
+            "linking": mc.get("linking"), "geometry": mc.get("geometry"), "instances": mc.get("instances"),
+            "sim3": mc.get("sim3"), "checkpoints": mc.get("checkpoints")}
+
+
+def scene_rows(bag, gt, predictor, cfg, configs, *, eval_voxel: float = 0.05, pools: dict | None = None,
+               seed: int = 0) -> list[dict]:
+    """Replay ``bag`` once per oracle configuration and score it; ``pools`` {config name: {"whole",
+    "per_window", "map_cloud": InstanceAPEvaluator}} receive the scenes. Rows of unscored replays are
+    skipped (a bag whose views never meet GT)."""
+    from .oracle import CachedPredictor, OraclePredictor
+    from .replay import replay_bag
+
+    cached = predictor if isinstance(predictor, CachedPredictor) else CachedPredictor(predictor)
+    rows = []
+    for parts in configs:
+        name = oracle_name(parts)
+        res = replay_bag(bag, OraclePredictor(cached, gt, parts, seed), cfg, out_bag=None, progress=False)
+        m, *_ = compute_metrics(res.records, gt, eval_voxel=eval_voxel,
+                                pool={"fast3dis": (pools or {}).get(name, {})})
+        if m["methods"]:
+            rows.append(_row(parts, m))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None, replay_cfg=None,
                  baseline: str | None = None, eval_voxel: float = 0.05, progress: bool = True,
@@ -544,7 +576,6 @@ def evaluate_bag(bag, out_dir, *, gt_bag=None, predictor=None, weights_info=None
                                                 pool=pool)
     metrics["meta"]["metrics_s"] = time.perf_counter() - t0
     if oracle_table and len(sv):
-        from .oracle_table import scene_rows
 
         metrics["oracle_table"] = scene_rows(bag, gt, base_predictor, replay_cfg or ReplayConfig(), oracle_table,
                                              eval_voxel=eval_voxel)
@@ -666,7 +697,7 @@ def print_table(metrics: dict, file=None) -> None:
     print("liftAP: labels lifted with GT depth+poses; map AP: the published map cloud vs the GT surface; "
           "link%: window instances linked to an existing map id", file=file)
     if metrics.get("oracle_table"):
-        from .oracle_table import table_lines
+        from .report import table_lines
 
         print("\nerror budget (oracle table, %):", file=file)
         print("\n".join(table_lines(metrics["oracle_table"])), file=file)
@@ -681,10 +712,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--bags" in argv:  # a folder / list of bags, sharded over torchrun ranks, one pooled report
-        from .sharded import run_many
-
-        return run_many(argv)
     args = _parse(argv)
     from fast3dis_ros.data.bags import BagReadError
     from fast3dis_ros.data.camera_identity import parse_camera_map

@@ -28,42 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate import scene_rows
 from .oracle import ISSUE_TABLE_CONFIGS, CachedPredictor, OraclePredictor, all_oracle_configs, oracle_name
+from .report import table_lines
 
 __all__ = ["scene_rows", "OracleTable", "table_lines", "main"]
 
 _GEOM = ("accuracy_median_m", "pct_points_within_5cm", "pct_points_within_10cm", "pct_gt_surface_covered",
          "chamfer_m")
 _INST = ("gt_objects", "map_ids", "splits", "merges", "id_switches")
-
-
-def _row(parts, metrics: dict) -> dict:
-    f = metrics["methods"]["fast3dis"]
-    mc = f.get("map_cloud") or {}
-    return {"oracle": oracle_name(parts), "lifted_AP50": f["AP50"], "per_window_AP50": f["AP_per_window"]["AP50"],
-            "map_AP": mc.get("AP"), "map_AP50": mc.get("AP50"), "map_AP25": mc.get("AP25"),
-            "linking": mc.get("linking"), "geometry": mc.get("geometry"), "instances": mc.get("instances"),
-            "sim3": mc.get("sim3"), "checkpoints": mc.get("checkpoints")}
-
-
-def scene_rows(bag, gt, predictor, cfg, configs, *, eval_voxel: float = 0.05, pools: dict | None = None,
-               seed: int = 0) -> list[dict]:
-    """Replay ``bag`` once per oracle configuration and score it; ``pools`` {config name: {"whole",
-    "per_window", "map_cloud": InstanceAPEvaluator}} receive the scenes. Rows of unscored replays are
-    skipped (a bag whose views never meet GT)."""
-    from .evaluate import compute_metrics
-    from .replay import replay_bag
-
-    cached = predictor if isinstance(predictor, CachedPredictor) else CachedPredictor(predictor)
-    rows = []
-    for parts in configs:
-        name = oracle_name(parts)
-        res = replay_bag(bag, OraclePredictor(cached, gt, parts, seed), cfg, out_bag=None, progress=False)
-        m, *_ = compute_metrics(res.records, gt, eval_voxel=eval_voxel,
-                                pool={"fast3dis": (pools or {}).get(name, {})})
-        if m["methods"]:
-            rows.append(_row(parts, m))
-    return rows
 
 
 class OracleTable:
@@ -115,35 +88,6 @@ class OracleTable:
                         "sim3_scale_mean": float(np.nanmean([r["sim3"]["scale"] for r in rows if r["sim3"]])),
                         "sim3_residual_m_mean": float(np.nanmean([r["sim3"]["residual_m"] for r in rows if r["sim3"]]))})
         return out
-
-
-def _f(v, pct=True, nd=1) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "n/a"
-    return f"{100 * v:.{nd}f}" if pct else f"{v:.{2 if nd == 1 else nd}f}"
-
-
-def table_lines(rows: list[dict]) -> list[str]:
-    """Markdown table of pooled (or one scene's) rows; AP and fractions in %."""
-    lines = ["| masks | depth | poses | lifted AP50 (GT geometry) | per-window AP50 | map-cloud AP / AP50 / AP25 | "
-             "linked / window inst. | map pts within 10 cm | GT surface covered | median dist. (m) | Chamfer (m) | "
-             "splits / merges / id sw. | GT-object unassigned | Sim(3) scale / resid. (m) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        parts = set(r["oracle"].split("+"))
-        g, i, lk = r["geometry"] or {}, r["instances"] or {}, r["linking"] or {}
-        src = {p: ("GT" if p in parts else "net") for p in ("masks", "depth", "poses")}
-        scale = r.get("sim3_scale_mean", (r.get("sim3") or {}).get("scale"))
-        resid = r.get("sim3_residual_m_mean", (r.get("sim3") or {}).get("residual_m"))
-        lines.append(
-            f"| {src['masks']} | {src['depth']} | {src['poses']} | {_f(r['lifted_AP50'])} | {_f(r['per_window_AP50'])} | "
-            f"{_f(r['map_AP'])} / {_f(r['map_AP50'])} / {_f(r['map_AP25'])} | "
-            f"{lk.get('linked', 'n/a')}/{lk.get('window_instances', 'n/a')} ({_f(lk.get('rate'), nd=0)} %) | "
-            f"{_f(g.get('pct_points_within_10cm'))} | {_f(g.get('pct_gt_surface_covered'))} | "
-            f"{_f(g.get('accuracy_median_m'), False)} | {_f(g.get('chamfer_m'), False)} | "
-            f"{i.get('splits', 'n/a')} / {i.get('merges', 'n/a')} / {i.get('id_switches', 'n/a')} | "
-            f"{_f(i.get('unassigned_frac'))} | {_f(scale, False, 3)} / {_f(resid, False, 3)} |")
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------- CLI

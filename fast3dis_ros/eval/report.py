@@ -184,7 +184,6 @@ def write_report(metrics: dict, out_dir, curves: dict | None = None, title: str 
         ]
         lines += _map_lines(methods)
     if metrics.get("oracle_table"):
-        from .oracle_table import table_lines
 
         lines += ["## Error budget (oracle table, %)", "",
                   "Each row replays the bag with the named parts of every window's prediction replaced by ground "
@@ -194,3 +193,32 @@ def write_report(metrics: dict, out_dir, curves: dict | None = None, title: str 
     p.write_text("\n".join(lines) + "\n")
     files.insert(1, str(p))
     return [os.fspath(f) for f in files]
+
+
+def _f(v, pct=True, nd=1) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return f"{100 * v:.{nd}f}" if pct else f"{v:.{2 if nd == 1 else nd}f}"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """Markdown table of pooled (or one scene's) rows; AP and fractions in %."""
+    lines = ["| masks | depth | poses | lifted AP50 (GT geometry) | per-window AP50 | map-cloud AP / AP50 / AP25 | "
+             "linked / window inst. | map pts within 10 cm | GT surface covered | median dist. (m) | Chamfer (m) | "
+             "splits / merges / id sw. | GT-object unassigned | Sim(3) scale / resid. (m) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts = set(r["oracle"].split("+"))
+        g, i, lk = r["geometry"] or {}, r["instances"] or {}, r["linking"] or {}
+        src = {p: ("GT" if p in parts else "net") for p in ("masks", "depth", "poses")}
+        scale = r.get("sim3_scale_mean", (r.get("sim3") or {}).get("scale"))
+        resid = r.get("sim3_residual_m_mean", (r.get("sim3") or {}).get("residual_m"))
+        lines.append(
+            f"| {src['masks']} | {src['depth']} | {src['poses']} | {_f(r['lifted_AP50'])} | {_f(r['per_window_AP50'])} | "
+            f"{_f(r['map_AP'])} / {_f(r['map_AP50'])} / {_f(r['map_AP25'])} | "
+            f"{lk.get('linked', 'n/a')}/{lk.get('window_instances', 'n/a')} ({_f(lk.get('rate'), nd=0)} %) | "
+            f"{_f(g.get('pct_points_within_10cm'))} | {_f(g.get('pct_gt_surface_covered'))} | "
+            f"{_f(g.get('accuracy_median_m'), False)} | {_f(g.get('chamfer_m'), False)} | "
+            f"{i.get('splits', 'n/a')} / {i.get('merges', 'n/a')} / {i.get('id_switches', 'n/a')} | "
+            f"{_f(i.get('unassigned_frac'))} | {_f(scale, False, 3)} / {_f(resid, False, 3)} |")
+    return lines

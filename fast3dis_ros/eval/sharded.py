@@ -2,7 +2,7 @@
 pooled report.
 
     fast3dis-eval --bags fleet/ --out report/ --device cuda                       # one process
-    torchrun --nproc-per-node 8 -m fast3dis_ros.eval.evaluate --bags fleet/ --out report/ --device cuda
+    torchrun --nproc-per-node 8 -m fast3dis_ros.eval.sharded --bags fleet/ --out report/ --device cuda
 
 Bag ``i`` of the sorted list goes to rank ``i % world``. Each rank replays and scores its bags with the
 single-bag code (``evaluate.evaluate_bag``: per-bag report in ``report/bags/<i>_<name>/``) and keeps each
@@ -246,7 +246,7 @@ def _report(args: argparse.Namespace, rows: list[dict], world: int, wall_s: floa
           f"{report['n_unbalanced']} unbalanced ({world} rank(s), {wall_s:.1f} s) -> {out / 'pooled.json'}")
     if report["n_scored"] == 0:
         print("fast3dis-eval: error: no bag could be scored against ground truth", file=sys.stderr)
-        return 2
+        return 3
     return 1 if report["n_failed"] or report["n_unbalanced"] else 0
 
 if __name__ == "__main__":  # pragma: no cover

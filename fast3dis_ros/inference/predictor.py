@@ -24,7 +24,7 @@ from fast3dis_ros.model.da3.backbone import PATCH_SIZE, normalize_images
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.core.frames import Window, WindowPrediction
 from fast3dis_ros.inference.postprocess import instances_from_queries
-from fast3dis_ros.pipeline.rig import rig_extrinsics_of
+from fast3dis_ros.geometry.rig import rig_extrinsics_of
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 

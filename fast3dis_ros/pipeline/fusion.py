@@ -17,7 +17,7 @@ order of preference:
    alignment that raises counts ``align_failed`` and falls through the same way).
 
 Known geometry: a window with rig extrinsics (``T_rig_cam_known``) gets its metric scale from them and its
-frame sets put back on the rig (``pipeline/rig.py``): the first makes the map metric, later ones are aligned
+frame sets put back on the rig (``geometry/rig.py``): the first makes the map metric, later ones are aligned
 with their own rig scale. With ``use_known_poses``, a window whose network did not use the poses is placed
 on them (map = the known world, metres).
 
@@ -52,7 +52,7 @@ from fast3dis_ros.geometry.align import align_cameras, sim3_decompose
 from fast3dis_ros.geometry.cameras import invert_se3
 from fast3dis_ros.geometry.clouds import Runner, empty_cloud, label_scores, lift_prediction_arrays
 from fast3dis_ros.pipeline.linking import Association, LinkParams, ViewLabelMemory, associate, overlap_2d, overlap_3d
-from fast3dis_ros.pipeline.rig import rig_scale, rigidify
+from fast3dis_ros.geometry.rig import rig_scale, rigidify
 from fast3dis_ros.pipeline.tracker import InstanceTracker
 
 __all__ = ["MapFusion", "FusionResult", "WindowResult", "PendingWindow", "VoxelMap", "lift_window"]
@@ -654,7 +654,7 @@ class MapFusion:
         decisions (``match_iou`` overrides its ``match_iou``).
 
         ``use_rig``: windows that carry known rig extrinsics (``WindowPrediction.T_rig_cam_known``) get
-        their metric scale from them (``pipeline/rig.py``): the first one makes the map metric and every
+        their metric scale from them (``geometry/rig.py``): the first one makes the map metric and every
         later one is aligned with its own rig scale instead of the chained depth ratio, so the map keeps
         metres; ``rig_rigidify``: their cameras are also put back on the known rig per frame set."""
         if voxel_size <= 0 or max_points < 1:
