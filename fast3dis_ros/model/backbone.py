@@ -682,7 +682,7 @@ class DA3Backbone(nn.Module):
         cls_token = vit.prepare_cls_token(B, S)
         x = torch.cat((cls_token, x), dim=1)
         pe = vit.pos_embed
-        if torch.is_grad_enabled() and pe.requires_grad:
+        if (torch.is_grad_enabled() and pe.requires_grad) or torch.compiler.is_exporting():  # export: no storage
             pos_embed = vit.interpolate_pos_encoding(x, h, w)
         else:
             key = (h, w, x.dtype, str(x.device), pe._version, pe.data_ptr())
