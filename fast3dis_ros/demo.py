@@ -43,6 +43,9 @@ def _parse(argv):
     ap.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                    help="engine of the network: torch (checkpoint) or an exported --engine (docs: Issue 25)")
+    ap.add_argument("--engine", default=None, help="fast3dis-export .onnx (onnxruntime) or TensorRT engine file")
     ap.add_argument("--cameras", type=int, default=3, help="cameras in the synthetic rig")
     ap.add_argument("--frames", type=int, default=8, help="frame sets (time steps) in the sample bag")
     ap.add_argument("--width", type=int, default=224)
@@ -165,7 +168,8 @@ def run_demo(argv: list[str] | None = None) -> dict:
     if args.score_threshold is not None:
         kw["score_threshold"] = args.score_threshold
         cfg.score_threshold = args.score_threshold
-    predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan", **kw)
+    predictor, info = load_predictor(args.checkpoint, args.device, with_features=args.baseline == "hdbscan",
+                                     backend=args.backend, engine=args.engine, **kw)
     timings["load_model_s"] = time.perf_counter() - t0
     if info.get("random_weights"):
         print("!" * 100 + f"\n!! {info['warning']}\n" + "!" * 100, file=sys.stderr)

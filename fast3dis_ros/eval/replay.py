@@ -71,14 +71,24 @@ def _checkpoint_ok(p: Path) -> bool:
 
 
 def load_predictor(checkpoint: str | Path | None = None, device: str = "cpu", *, with_features: bool = False,
-                   **kw):
+                   backend: str = "torch", engine: str | None = None, **kw):
     """(predictor, info). ``checkpoint`` None -> the bundled tiny checkpoint, or random tiny weights with a
     loud warning when it is absent. An explicit path that is not a checkpoint raises FileNotFoundError.
 
     ``with_features``: capture the pixel decoder's mask features of every forward (model output
     ``mask_features``) into ``WindowPrediction.extras['mask_features']`` (V, C, h, w) float32 through a
-    forward hook (the Predictor does not put them in extras itself); used by the HDBSCAN baseline."""
+    forward hook (the Predictor does not put them in extras itself); used by the HDBSCAN baseline.
+    ``backend`` 'onnxruntime' / 'tensorrt': the network runs from ``engine`` (deploy/backends.py) instead."""
     from ..model.predictor import Predictor
+
+    if backend != "torch":
+        from ..deploy.backends import engine_predictor
+
+        if with_features:
+            raise ValueError(f"backend '{backend}' has no mask-feature output: the HDBSCAN baseline needs 'torch'")
+        pred = engine_predictor(backend, engine or "", **kw)
+        return pred, {"device": str(pred.device), "weights": backend, "checkpoint": None, "engine": str(engine),
+                      "random_weights": False, "config": pred.cfg.backbone.__dict__}
 
     if device == "auto":
         import torch

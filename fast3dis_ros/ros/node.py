@@ -91,6 +91,11 @@ def make_predictor(p: dict):
     kw = {"score_threshold": p["score_threshold"], "cuda_graphs": p["cuda_graphs"], "compile": p["compile"]}
     if p["process_long_edge"]:
         kw["process_size"] = p["process_long_edge"]
+    if p["backend"] != "torch":  # the same Predictor pre/post-processing around an exported engine
+        from ..deploy.backends import engine_predictor
+
+        kw = {k: kw[k] for k in ("score_threshold", "process_size") if k in kw}
+        return engine_predictor(p["backend"], p["engine"], **kw), f"{p['backend']} engine {p['engine']}"
     checkpoint = p["checkpoint"]
     if checkpoint == "bundled" and p["model_size"] != "tiny":
         raise ValueError(
