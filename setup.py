@@ -35,6 +35,7 @@ setup(
             "fast3dis-eval = fast3dis_ros.cli:eval_main",
             "fast3dis-bench = fast3dis_ros.cli:bench_main",
             "fast3dis-synth = fast3dis_ros.cli:synth_main",
+            "fast3dis-export = fast3dis_ros.cli:export_main",
         ],
     },
 )

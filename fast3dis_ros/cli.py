@@ -32,3 +32,9 @@ def synth_main() -> None:
     from fast3dis_ros.data.synthetic import main
 
     main()
+
+
+def export_main() -> None:
+    from fast3dis_ros.deploy.export import main
+
+    raise SystemExit(main())

@@ -112,7 +112,7 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = InferenceGraph(model.eval(), conditioning)
+    graph = InferenceGraph(model.eval(), conditioning).eval()
     device = next(model.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(shape, conditioning))
     input_names = ["images"] if conditioning == "none" else ["images", "K"]
