@@ -112,3 +112,16 @@ def test_tensorrt_build_checks_onnx_then_stops_clearly_without_gpu(exported, tmp
     assert not (tmp_path / "m.engine").exists()
     with pytest.raises(TensorRTUnavailable, match="CUDA GPU"):
         engine_predictor("tensorrt", str(tmp_path / "m.engine"))
+
+
+def test_tensorrt_topk_limit_is_reported_before_the_build(exported, tmp_path, monkeypatch):
+    """The scene-normalisation sort is a TopK over all patch points (12 x 11 x 14 = 1848 here); a window
+    above TensorRT's k limit must be refused with the reason, on any machine (limit lowered to hit it)."""
+    from fast3dis_ros.deploy import tensorrt_engine as te
+
+    assert te.tensorrt_blockers(exported) == []
+    monkeypatch.setattr(te, "TOPK_MAX_K", 1000)
+    blockers = te.tensorrt_blockers(exported)
+    assert len(blockers) == 2 and all("k=1848 > 1000" in b for b in blockers)
+    with pytest.raises(RuntimeError, match="cannot become a TensorRT engine.*k=1848"):
+        te.build_engine(exported, tmp_path / "m.engine", "fp16")

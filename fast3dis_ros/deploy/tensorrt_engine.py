@@ -43,6 +43,32 @@ def require_tensorrt():
     return trt
 
 
+TOPK_MAX_K = 3840  # TensorRT's TopK layer: k <= 3840 (operator docs, TensorRT 10)
+
+
+def tensorrt_blockers(onnx_path: str | Path) -> list[str]:
+    """Graph features TensorRT's parser is known to reject, found without TensorRT (CPU-checkable).
+
+    Today: ``TopK`` with a constant k above `TOPK_MAX_K`. The scene-normalisation medians sort all
+    patch points of a window (``model/median.py``), k = views x (H/14) x (W/14): fine for the tiny demo
+    window (1848), over the limit for DA3-Large at 504x378 from 4 views on (3888)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in consts:
+            k = int(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
+            if k > TOPK_MAX_K:
+                found.append(f"TopK {node.name or node.output[0]} with k={k} > {TOPK_MAX_K}")
+    return found
+
+
 def sidecar_path(engine_path: str | Path) -> Path:
     return Path(str(engine_path) + ".json")
 
@@ -58,6 +84,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
     onnx_path = Path(onnx_path)
     check_onnx(onnx_path)
     meta = read_export_metadata(onnx_path)
+    blockers = tensorrt_blockers(onnx_path)
+    if blockers:
+        raise RuntimeError(f"{onnx_path} cannot become a TensorRT engine as exported: {'; '.join(blockers)} "
+                           "(export fewer views / a smaller window, or see docs/BENCHMARKS.md 'Issue 25')")
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
