@@ -32,7 +32,7 @@ def check_window(meta: ExportMetadata, images: torch.Tensor, K, T_cam_world, bac
     if T_cam_world is not None:
         raise WindowShapeMismatch(
             f"{backend} engine has no known-pose input: use backend 'torch' for windows with poses "
-            "(or drop the poses, e.g. the node's use_tf_poses:=false)"
+            "(or drop the poses: the node's use_known_poses:=false)"
         )
 
 
