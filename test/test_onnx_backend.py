@@ -15,6 +15,8 @@ from fast3dis_ros.deploy.export import OUTPUTS, WindowShape, check_onnx, export_
 from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 from fast3dis_ros.model.predictor import Predictor
 
+pytestmark = pytest.mark.timeout(2400)  # one export + two demo-bag replays on a shared 2-core CPU
+
 DEMO_SHAPE = WindowShape(views=12, height=154, width=196)  # fast3dis-demo defaults: 3 cams, window 4, 224x168
 
 

@@ -709,7 +709,8 @@ class DA3Backbone(nn.Module):
         grid = self._grid_cache.get(key)
         if grid is None:  # DA3's PositionGetter caches per grid size only, not per device
             grid = torch.cartesian_prod(torch.arange(gh, device=device), torch.arange(gw, device=device))
-            self._grid_cache[key] = grid
+            if not torch.compiler.is_exporting():  # a traced (fake) tensor must not outlive the export
+                self._grid_cache[key] = grid
         pos = grid.view(1, 1, gh * gw, 2).expand(B, S, -1, -1).clone()
         pos_nodiff = torch.zeros_like(pos)
         if vit.patch_start_idx > 0:
