@@ -16,13 +16,16 @@ import numpy as np
 import torch
 
 
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (allocations, ORT graph optimisation)
-    out = []
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Alternate the backends window by window, so a busy shared machine slows both alike."""
+    for fn in fns.values():
+        fn()  # warm-up (allocations, ORT graph optimisation)
+    out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t0) * 1000.0)
     return out
 
 
@@ -42,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     s = read_export_metadata(args.onnx).shape
     images = np.random.default_rng(0).integers(0, 255, (s.views, s.height, s.width, 3), dtype=np.uint8)
-    rows = []
-    for name, pred in (("torch", Predictor.from_checkpoint(args.checkpoint, process_size=max(s.height, s.width))),
-                       ("onnxruntime", onnx_predictor(args.onnx, threads=args.threads))):
-        ms = _time(lambda: pred.predict_arrays(images), args.repeats)
-        rows.append({"backend": name, "views": s.views, "hw": f"{s.height}x{s.width}", "threads": args.threads,
-                     "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "n": len(ms)})
+    preds = {"torch": Predictor.from_checkpoint(args.checkpoint, process_size=max(s.height, s.width)),
+             "onnxruntime": onnx_predictor(args.onnx, threads=args.threads)}
+    times = _time_interleaved({k: (lambda p=p: p.predict_arrays(images)) for k, p in preds.items()}, args.repeats)
+    rows = [{"backend": k, "views": s.views, "hw": f"{s.height}x{s.width}", "threads": args.threads,
+             "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "n": len(ms)}
+            for k, ms in times.items()]
     base = rows[0]["median_ms"]
     print(f"{'backend':<12} {'views':>5} {'HxW':>8} {'thr':>3} {'median ms':>10} {'p90 ms':>8} {'vs torch':>8}")
     for r in rows:
