@@ -36,6 +36,7 @@ setup(
             "fast3dis-bench = fast3dis_ros.cli:bench_main",
             "fast3dis-synth = fast3dis_ros.cli:synth_main",
             "fast3dis-play = fast3dis_ros.cli:play_main",
+            "fast3dis-export = fast3dis_ros.cli:export_main",
         ],
     },
 )

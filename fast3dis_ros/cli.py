@@ -44,8 +44,13 @@ def synth_main() -> None:
 
 def play_main() -> None:
     """fast3dis-play: replay a rosbag2 over DDS without rosbag2 (ros/player.py)."""
-    import sys
-
     from fast3dis_ros.ros.player import main
 
     sys.exit(main())
+
+
+def export_main() -> None:
+    """fast3dis-export: the FAST3DIS forward as ONNX for a fixed window shape (deploy/export.py)."""
+    from fast3dis_ros.deploy.export import main
+
+    raise SystemExit(main())

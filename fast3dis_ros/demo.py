@@ -44,6 +44,9 @@ def _parse(argv):
     ap.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                    help="engine of the network: torch (checkpoint) or an exported --engine (docs: Issue 25)")
+    ap.add_argument("--engine", default=None, help="fast3dis-export .onnx (onnxruntime) or TensorRT engine file")
     ap.add_argument("--cameras", type=int, default=3, help="cameras in the synthetic rig")
     ap.add_argument("--frames", type=int, default=8, help="frame sets (time steps) in the sample bag")
     ap.add_argument("--width", type=int, default=224)
@@ -172,7 +175,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
         cfg.score_threshold = args.score_threshold
     predictor, info = build_predictor(PredictorSpec(
         checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
-        keep_mask_features=args.baseline == "hdbscan"))
+        keep_mask_features=args.baseline == "hdbscan", backend=args.backend, engine=args.engine or ""))
     timings["load_model_s"] = time.perf_counter() - t0
     print(f"model: {info['weights']} checkpoint {info['checkpoint']}")
 

@@ -24,12 +24,14 @@ LAYERS: dict[str, int] = {
     "fast3dis_ros.model.config": 2,  # the one network config
     "fast3dis_ros.model.head.config": 2,
     "fast3dis_ros.model.weights_io": 2,
+    "fast3dis_ros.model.median": 2,  # exportable medians (ONNX / TensorRT), used by the head and fast3dis.py
     "fast3dis_ros.model.schedule": 2,  # the overlap-loss schedule, part of LossConfig
     "fast3dis_ros.model.fastpath": 3,  # accelerators: know DA3's modules, never the backbone class
     "fast3dis_ros.model.da3": 4,  # DA3 transcription, its weights and LoRA
     "fast3dis_ros.model.head": 4,  # the FAST3DIS head
     "fast3dis_ros.model": 5,  # fast3dis.py (meta-architecture), checkpoint.py
     "fast3dis_ros.inference": 6,  # predictor: model -> pipeline types
+    "fast3dis_ros.deploy": 6,  # exported engines (ONNX, onnxruntime, TensorRT) behind the same Predictor
     "fast3dis_ros.pipeline": 7,  # torch-free runtime
     "fast3dis_ros.data": 7,
     "fast3dis_ros.train": 8,

@@ -614,6 +614,9 @@ def _parse(argv):
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                    help="engine of the network: torch (checkpoint) or an exported --engine (docs: Issue 25)")
+    ap.add_argument("--engine", default=None, help="fast3dis-export .onnx (onnxruntime) or TensorRT engine file")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--cameras", default=None, help="comma separated camera names, in view order (topics "
                    "[/<ns>]/<cam>/image_raw[/compressed]; default: every camera image stream in the bag)")
@@ -753,8 +756,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         predictor, info = build_predictor(PredictorSpec(
         checkpoint=args.checkpoint or BUNDLED, device=args.device, score_threshold=args.score_threshold,
-        keep_mask_features=args.baseline == "hdbscan"))
-    except FileNotFoundError as e:
+        keep_mask_features=args.baseline == "hdbscan", backend=args.backend, engine=args.engine or ""))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing checkpoint / engine / TensorRT
         print(f"fast3dis-eval: error: {e}", file=sys.stderr)
         return 2
     try:

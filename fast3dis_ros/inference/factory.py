@@ -45,6 +45,8 @@ class PredictorSpec:
     cuda_graphs: bool = True
     compile: bool = False
     keep_mask_features: bool = False  # WindowPrediction.extras['mask_features'] (HDBSCAN baseline)
+    backend: str = "torch"  # torch | onnxruntime | tensorrt (deploy/backends.py): the network from ``engine``
+    engine: str = ""  # a fast3dis-export .onnx (onnxruntime) or a built TensorRT engine
 
 
 def _is_checkpoint(p: Path) -> bool:
@@ -58,6 +60,19 @@ def build_predictor(spec: PredictorSpec) -> tuple[Predictor, dict]:
     Errors (clear, before anything runs): a local path that is not a checkpoint folder, the bundled
     (tiny) checkpoint for another model size, or no checkpoint for anything but the random tiny network.
     """
+    if spec.backend != "torch":  # the same Predictor pre/post-processing around an exported engine
+        from fast3dis_ros.deploy.backends import engine_predictor
+
+        if spec.keep_mask_features:
+            raise ValueError(f"backend '{spec.backend}' has no mask-feature output: the HDBSCAN baseline needs "
+                             "'torch'")
+        kw = {"score_threshold": spec.score_threshold} if spec.score_threshold is not None else {}
+        if spec.process_size:
+            kw["process_size"] = spec.process_size
+        pred = engine_predictor(spec.backend, spec.engine, **kw)
+        return pred, {"device": str(pred.device), "weights": spec.backend, "checkpoint": None,
+                      "engine": spec.engine, "random_weights": False,
+                      "description": f"{spec.backend} engine {spec.engine}"}
     device = resolve_device(spec.device)
     kw = {"score_threshold": spec.score_threshold, "process_size": spec.process_size,
           "cuda_graphs": spec.cuda_graphs, "compile": spec.compile, "keep_mask_features": spec.keep_mask_features}

@@ -28,16 +28,9 @@ from torch import Tensor
 
 from fast3dis_ros.model.da3.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.model.head.projection import unproject_depth  # noqa: F401 (re-exported; one lifting convention)
 from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
-
-
-def rigid_inverse(T: Tensor) -> Tensor:
-    R = T[..., :3, :3]
-    t = T[..., :3, 3:]
-    Rt = R.transpose(-1, -2)
-    top = torch.cat([Rt, -Rt @ t], dim=-1)
-    return torch.cat([top, T[..., 3:, :]], dim=-2)
+from fast3dis_ros.model.head.projection import rigid_inverse, unproject_depth  # noqa: F401 (re-exported; one lifting convention)
+from fast3dis_ros.model.median import lower_median
 
 
 def fast_path_weight_dtype(device: torch.device | str, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -56,7 +49,7 @@ def normalize_extrinsics(T_cam_world: Tensor) -> tuple[Tensor, Tensor]:
     T = T_cam_world.float()
     T_norm = T @ rigid_inverse(T[:, :1])
     centres = rigid_inverse(T_norm)[..., :3, 3]  # (B,V,3)
-    med = centres.norm(dim=-1).median(dim=1).values.clamp(min=1e-1)  # DA3 clamps at 0.1
+    med = lower_median(centres.norm(dim=-1), dim=1).clamp(min=1e-1)  # DA3 clamps at 0.1
     T_norm = T_norm.clone()
     T_norm[..., :3, 3] = T_norm[..., :3, 3] / med[:, None, None]
     return T_norm, med

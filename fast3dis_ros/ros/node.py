@@ -89,7 +89,7 @@ def make_predictor(p: dict):
     spec = PredictorSpec(checkpoint=p["checkpoint"], weights=p["weights"], model_size=p["model_size"],
                          seed=p["seed"], device=p["device"], score_threshold=p["score_threshold"],
                          process_size=p["process_long_edge"] or None, cuda_graphs=p["cuda_graphs"],
-                         compile=p["compile"])
+                         compile=p["compile"], backend=p["backend"], engine=p["engine"])
     pred, info = build_predictor(spec)
     return pred, info["description"]
 

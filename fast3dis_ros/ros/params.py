@@ -91,6 +91,11 @@ PARAMS: list[ParamSpec] = [
               "tiny checkpoint shipped in the package (trained on synthetic rooms only). Empty with model_size "
               "tiny: a random tiny model (outputs are meaningless; for tests and plumbing)."),
     ParamSpec("seed", 0, "Seed of the random tiny model (when no checkpoint is given).", (0, 2**31 - 1)),
+    ParamSpec("backend", "torch", "Engine of the network: torch (checkpoint, device, compile...), onnxruntime "
+              "(CPU) or tensorrt (CUDA) on `engine` (fast3dis-export; README 'Deploying on a Jetson').",
+              choices=("torch", "onnxruntime", "tensorrt")),
+    ParamSpec("engine", "", "Exported model for backend onnxruntime (.onnx) or tensorrt (engine file); its "
+              "window shape (views, processing size) is fixed at export."),
     ParamSpec("device", "auto", "Torch device: auto (cuda if available), cpu or cuda.", choices=DEVICES),
     ParamSpec("cuda_graphs", True, "On CUDA, capture the whole forward once per window shape and replay it "
               "(same outputs; 8-view DA3-Large 91 ms instead of 118 ms eager on an H100). Costs one graph's activation "

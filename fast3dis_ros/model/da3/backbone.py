@@ -659,7 +659,7 @@ class DA3Backbone(nn.Module):
         cls_token = vit.prepare_cls_token(B, S)
         x = torch.cat((cls_token, x), dim=1)
         pe = vit.pos_embed
-        if torch.is_grad_enabled() and pe.requires_grad:
+        if (torch.is_grad_enabled() and pe.requires_grad) or torch.compiler.is_exporting():  # export: no storage
             pos_embed = vit.interpolate_pos_encoding(x, h, w)
         else:
             key = (h, w, x.dtype, str(x.device), pe._version, pe.data_ptr())
@@ -686,7 +686,8 @@ class DA3Backbone(nn.Module):
         grid = self._grid_cache.get(key)
         if grid is None:  # DA3's PositionGetter caches per grid size only, not per device
             grid = torch.cartesian_prod(torch.arange(gh, device=device), torch.arange(gw, device=device))
-            self._grid_cache[key] = grid
+            if not torch.compiler.is_exporting():  # a traced (fake) tensor must not outlive the export
+                self._grid_cache[key] = grid
         pos = grid.view(1, 1, gh * gw, 2).expand(B, S, -1, -1).clone()
         pos_nodiff = torch.zeros_like(pos)
         if vit.patch_start_idx > 0:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fast3dis_ros.model.head.config import InstanceHeadConfig
+from fast3dis_ros.model.median import masked_lower_median
 
 
 def fourier_features(x: Tensor, bands: int, dim: int = -1) -> Tensor:
@@ -95,11 +96,10 @@ def scene_normalization(points_world: Tensor, patch_hw: tuple[int, int]) -> tupl
     p = F.interpolate(points_world.flatten(0, 1).float(), size=patch_hw, mode="nearest")  # (BV,3,h,w)
     p = p.view(B, V, 3, -1).permute(0, 1, 3, 2).reshape(B, -1, 3)  # (B, N, 3)
     finite = torch.isfinite(p).all(-1, keepdim=True)
-    # NaN-out the invalid points and use nanmedian: same (lower) medians as boolean indexing,
-    # without its data-dependent shape (a host sync, and no CUDA-graph capture).
-    p = torch.where(finite, p, torch.full_like(p, float("nan")))
-    c = torch.nanmedian(p, dim=1).values  # (B, 3); NaN when a scene has no finite point
-    s = torch.nanmedian((p - c[:, None]).norm(dim=-1), dim=1).values.clamp_min(1e-6)
+    # masked lower medians: the same values as boolean indexing (and as the former nanmedian), without
+    # a data-dependent shape (a host sync, no CUDA-graph capture) and exportable to ONNX (model/median.py)
+    c = masked_lower_median(p, finite.expand_as(p), dim=1)  # (B, 3); inf when a scene has no finite point
+    s = masked_lower_median((p - c[:, None]).norm(dim=-1), finite[..., 0], dim=1).clamp_min(1e-6)
     empty = ~finite.any(dim=1).squeeze(-1)  # (B,)
     c = torch.where(empty[:, None], torch.zeros_like(c), c)
     s = torch.where(empty, torch.ones_like(s), s)

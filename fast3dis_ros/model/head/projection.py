@@ -86,6 +86,37 @@ def pixel_grid(H: int, W: int, device=None, dtype=torch.float32) -> Tensor:
     return torch.stack([u, v], dim=-1)
 
 
+def rigid_inverse(T: Tensor) -> Tensor:
+    """Inverse of rigid ``(..., 4, 4)`` transforms as ``[R^T | -R^T t]``: exact for SE(3) up to fp rounding,
+    elementwise (no ``linalg.inv``: exportable to ONNX / TensorRT, no solver launch on the GPU)."""
+    R = T[..., :3, :3]
+    t = T[..., :3, 3:]
+    Rt = R.transpose(-1, -2)
+    top = torch.cat([Rt, -Rt @ t], dim=-1)
+    return torch.cat([top, T[..., 3:, :]], dim=-2)
+
+
+def inverse_3x3(M: Tensor) -> Tensor:
+    """Closed-form inverse of ``(..., 3, 3)`` matrices (adjugate / determinant), for camera intrinsics.
+
+    Valid for any invertible 3x3 (no assumption on K's zero pattern); matches ``torch.linalg.inv`` to
+    fp32 rounding on intrinsics (test/test_export_ops.py) and, unlike it, exports to ONNX opset 18."""
+    a, b, c = M[..., 0, 0], M[..., 0, 1], M[..., 0, 2]
+    d, e, f = M[..., 1, 0], M[..., 1, 1], M[..., 1, 2]
+    g, h, i = M[..., 2, 0], M[..., 2, 1], M[..., 2, 2]
+    co = [e * i - f * h, f * g - d * i, d * h - e * g]  # cofactors of the first row
+    det = a * co[0] + b * co[1] + c * co[2]
+    adj = torch.stack(
+        [
+            torch.stack([co[0], c * h - b * i, b * f - c * e], dim=-1),
+            torch.stack([co[1], a * i - c * g, c * d - a * f], dim=-1),
+            torch.stack([co[2], b * g - a * h, a * e - b * d], dim=-1),
+        ],
+        dim=-2,
+    )
+    return adj / det[..., None, None]
+
+
 def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
     """Lift per-view depth maps to world points.
 
@@ -98,9 +129,9 @@ def unproject_depth(depth: Tensor, K: Tensor, T_cam_world: Tensor) -> Tensor:
     B, V, H, W = depth.shape
     dtype = depth.dtype
     uv1 = torch.cat([pixel_grid(H, W, depth.device, dtype), depth.new_ones(H, W, 1)], dim=-1)  # (H,W,3)
-    rays = torch.einsum("bvij,hwj->bvhwi", torch.linalg.inv_ex(K.to(dtype)).inverse, uv1)
+    rays = torch.einsum("bvij,hwj->bvhwi", inverse_3x3(K.to(dtype)), uv1)
     p_cam = rays * depth[..., None]
-    T_world_cam = torch.linalg.inv_ex(T_cam_world.to(dtype)).inverse
+    T_world_cam = rigid_inverse(T_cam_world.to(dtype))  # extrinsics are rigid (DA3 poses, given TF)
     p_world = torch.einsum("bvij,bvhwj->bvhwi", T_world_cam[..., :3, :3], p_cam) + T_world_cam[:, :, None, None, :3, 3]
     return p_world.permute(0, 1, 4, 2, 3).contiguous()
 

@@ -1,0 +1,1 @@
+"""Deployment beyond PyTorch: ONNX export, onnxruntime and TensorRT engines (no ROS here)."""

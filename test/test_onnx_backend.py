@@ -1,0 +1,134 @@
+"""onnxruntime backend against PyTorch on the bundled tiny checkpoint (issue 25).
+
+One export per session, for the demo bag's window (3 cameras x 4 frame sets = 12 views at 154x196), then
+the demo bag replayed through both backends with the same Predictor and pipeline: raw outputs per window
+(depth relative error <= 1e-3, mask sign agreement >= 99.5 %), the same instance labels per window and
+the same instance ids in the fused map; plus the ONNX checker, the stated outputs, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fast3dis_ros.deploy.export import OUTPUTS, WindowShape, check_onnx, export_onnx, read_export_metadata
+from fast3dis_ros.model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+from fast3dis_ros.inference.predictor import Predictor
+
+pytestmark = pytest.mark.timeout(2400)  # one export + two demo-bag replays on a shared 2-core CPU
+
+DEMO_SHAPE = WindowShape(views=12, height=154, width=196)  # fast3dis-demo defaults: 3 cams, window 4, 224x168
+
+
+class Recorder(torch.nn.Module):
+    """Wraps an engine (torch model or OnnxForward) and keeps every window's raw outputs."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.outputs: list[dict] = []
+
+    def forward(self, images, K=None, T_cam_world=None, return_aux=False):
+        out = self.inner(images, K=K, T_cam_world=T_cam_world, return_aux=False)
+        self.outputs.append({k: out[k].detach().clone() for k in OUTPUTS})
+        return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, cfg = load_checkpoint(BUNDLED_CHECKPOINT)
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(model, cfg, DEMO_SHAPE, path, conditioning="intrinsics")
+    return path
+
+
+@pytest.fixture(scope="module")
+def replays(exported, tmp_path_factory):
+    """The demo bag through the torch and the onnxruntime backend: (ReplayResult, Recorder) each."""
+    from fast3dis_ros.demo import ensure_sample_bag
+    from fast3dis_ros.deploy.onnx_predictor import OnnxForward
+    from fast3dis_ros.eval.replay import ReplayConfig, replay_bag
+
+    bag, _, _ = ensure_sample_bag(tmp_path_factory.mktemp("demo"), 3, 8, 224, 168, 7, False, False)
+    model, cfg = load_checkpoint(BUNDLED_CHECKPOINT)
+    out = {}
+    for name, engine in (("torch", model), ("onnxruntime", OnnxForward(exported))):
+        rec = Recorder(engine)
+        res = replay_bag(bag, Predictor(rec, cfg), ReplayConfig(window_size=4, stride=2), progress=False)
+        out[name] = (res, rec)
+    return out
+
+
+def test_export_passes_checker_and_states_its_outputs(exported):
+    import onnxruntime as ort
+
+    check_onnx(exported)
+    meta = read_export_metadata(exported)
+    assert (meta.shape, meta.conditioning, meta.outputs) == (DEMO_SHAPE, "intrinsics", OUTPUTS)
+    sess = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    Q, V = meta.config.head.num_queries, DEMO_SHAPE.views
+    assert [i.name for i in sess.get_inputs()] == ["images", "K"]
+    assert shapes["depth"] == [1, V, 154, 196] and shapes["depth_conf"] == [1, V, 154, 196]
+    assert shapes["intrinsics"] == [1, V, 3, 3] and shapes["extrinsics"] == [1, V, 4, 4]
+    assert shapes["pred_logits"] == [1, Q] and shapes["pred_masks"][:3] == [1, Q, V]
+
+
+def test_raw_outputs_match_pytorch_on_demo_bag(replays):
+    ref, got = replays["torch"][1].outputs, replays["onnxruntime"][1].outputs
+    assert len(ref) == len(got) >= 2
+    for r, g in zip(ref, got):
+        rel = ((g["depth"] - r["depth"]).abs() / r["depth"].abs().clamp_min(1e-6)).max().item()
+        assert rel <= 1e-3, rel
+        agree = ((g["pred_masks"] > 0) == (r["pred_masks"] > 0)).float().mean().item()
+        assert agree >= 0.995, agree
+        assert (g["extrinsics"] - r["extrinsics"]).abs().max().item() < 1e-3
+        # the given K must reach the engine (a dropped K leaves depth and 99.97 % of mask signs unchanged)
+        assert torch.allclose(g["intrinsics"], r["intrinsics"], rtol=1e-5, atol=1e-3)
+
+
+def test_same_instance_ids_on_demo_bag(replays):
+    (res_t, _), (res_o, _) = replays["torch"], replays["onnxruntime"]
+    assert len(res_t.records) == len(res_o.records) >= 2
+    for a, b in zip(res_t.records, res_o.records):
+        la, lb = a.prediction.labels, b.prediction.labels
+        assert np.array_equal(np.unique(la), np.unique(lb))  # the same instances in every window
+        assert np.array_equal(a.prediction.extras["query_index"], b.prediction.extras["query_index"])
+        assert (la == lb).mean() >= 0.995  # pixels may flip at mask borders (logits within ~1e-2)
+    ids_t, ids_o = np.unique(res_t.final_map.instance), np.unique(res_o.final_map.instance)
+    assert ids_t.size >= 2 and np.array_equal(ids_t, ids_o)
+
+
+def test_wrong_window_shape_is_a_clear_error(exported):
+    from fast3dis_ros.deploy.onnx_predictor import WindowShapeMismatch, onnx_predictor
+
+    pred = onnx_predictor(exported)
+    imgs = np.zeros((4, 168, 224, 3), np.uint8)
+    with pytest.raises(WindowShapeMismatch, match="exported for 12 views at 154x196.*got 4 views"):
+        pred.predict_arrays(imgs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_tensorrt_build_checks_onnx_then_stops_clearly_without_gpu(exported, tmp_path, capsys):
+    from fast3dis_ros.deploy.backends import engine_predictor
+    from fast3dis_ros.deploy.tensorrt_engine import TensorRTUnavailable, main
+
+    assert main([str(exported), "-o", str(tmp_path / "m.engine"), "--precision", "bf16"]) == 2
+    msg = capsys.readouterr().out
+    assert "ONNX checked" in msg and "needs a CUDA GPU" in msg
+    assert not (tmp_path / "m.engine").exists()
+    with pytest.raises(TensorRTUnavailable, match="CUDA GPU"):
+        engine_predictor("tensorrt", str(tmp_path / "m.engine"))
+
+
+def test_tensorrt_topk_limit_is_reported_before_the_build(exported, tmp_path, monkeypatch):
+    """The scene-normalisation sort is a TopK over all patch points (12 x 11 x 14 = 1848 here); a window
+    above TensorRT's k limit must be refused with the reason, on any machine (limit lowered to hit it)."""
+    from fast3dis_ros.deploy import tensorrt_engine as te
+
+    assert te.tensorrt_blockers(exported) == []
+    monkeypatch.setattr(te, "TOPK_MAX_K", 1000)
+    blockers = te.tensorrt_blockers(exported)
+    assert len(blockers) == 2 and all("k=1848 > 1000" in b for b in blockers)
+    with pytest.raises(RuntimeError, match="cannot become a TensorRT engine.*k=1848"):
+        te.build_engine(exported, tmp_path / "m.engine", "fp16")
