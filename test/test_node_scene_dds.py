@@ -314,14 +314,16 @@ def test_scene_rig_extrinsics_over_dds(scene):
     before the node starts) and puts every frame set's cameras back on that rig, in metres: the fused
     poses it publishes have the rig's relative poses exactly (the network's own are off by centimetres
     and arbitrary units)."""
-    from fast3dis_ros.ros.tf import StaticTFBroadcaster, matrix_to_transform
+    from tf2_ros import StaticTransformBroadcaster
+
+    from fast3dis_ros.ros.tf import matrix_to_transform
 
     dom = unique_domain_id()
     args = _node_args(scene.camera_names, "-p", "use_rig_extrinsics:=true", "-p", "camera_frame:=\"{camera}_fused\"")
     with RosContext(dom) as ctx:
-        static = StaticTFBroadcaster(ctx.node, force_fallback=True)
-        static.send([matrix_to_transform(scene.T_rig_cam[c], "base_link", f"{c}_optical_frame", BASE_NS)
-                     for c in scene.camera_names])
+        static = StaticTransformBroadcaster(ctx.node)
+        static.sendTransform([matrix_to_transform(scene.T_rig_cam[c], "base_link", f"{c}_optical_frame", BASE_NS)
+                              for c in scene.camera_names])
         with RosProcess(args, dom, name="fast3dis_scene_rig") as node:
             h = _Harness(ctx, scene)
             h.run(ctx, node)

@@ -478,7 +478,7 @@ def scene_rows(bag, gt, predictor, cfg, configs, *, eval_voxel: float = 0.05, po
     """Replay ``bag`` once per oracle configuration and score it; ``pools`` {config name: {"whole",
     "per_window", "map_cloud": InstanceAPEvaluator}} receive the scenes. Rows of unscored replays are
     skipped (a bag whose views never meet GT)."""
-    from .oracle import CachedPredictor, OraclePredictor
+    from .oracle import CachedPredictor, OraclePredictor, oracle_name
     from .replay import replay_bag
 
     cached = predictor if isinstance(predictor, CachedPredictor) else CachedPredictor(predictor)
