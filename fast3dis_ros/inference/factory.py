@@ -27,7 +27,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
+        raise RuntimeError(f"device {name!r} requested but no CUDA device is usable here "
+                           "(torch.cuda.is_available() is False); use device 'cpu' or 'auto'")
     return torch.device(name)
 
 
