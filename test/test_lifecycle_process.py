@@ -65,4 +65,6 @@ def test_autostart_with_bad_parameters_exits_2_with_the_reason():
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
     assert "configure failed, staying unconfigured: invalid parameters: stride=3 > window_size=2" in out
-    assert "cannot start: configure failed" in out
+    # the process line carries the configure error itself (process_control.serve via lifecycle.start), not
+    # only "configure failed"
+    assert "cannot start: invalid parameters: stride=3 > window_size=2" in out

@@ -215,11 +215,13 @@ class Fast3disLifecycleNode(Fast3disNode, LifecycleNode):
 
 def start(node: Fast3disLifecycleNode) -> None:
     """``autostart``: configure + activate; a failed configure raises its cause (so the process exits 2 with
-    it, ``process_control.startup_failure``), a failed activate a RuntimeError."""
+    it, ``process_control.startup_failure``), a failed activate a RuntimeError; once active it logs the
+    plain node's ``ready: ...`` line."""
     if node.trigger_configure() != SUCCESS:
         raise node.configure_error or RuntimeError("configure failed (the error above says why)")
     if node.trigger_activate() != SUCCESS:
         raise RuntimeError("activate failed (the error above says why)")
+    node._log_ready()  # the same start-up line as the plain node
 
 
 def main(args=None, exit_process: bool = True) -> int:

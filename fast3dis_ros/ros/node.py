@@ -106,6 +106,10 @@ class Fast3disNode(Node):
         self._configure(predictor)
         self._create_inputs()
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._log_ready()
+
+    def _log_ready(self) -> None:
+        """The start-up line (plain node; lifecycle autostart once active): launch files and tests wait for it."""
         self.get_logger().info(
             f"ready: {len(self.cameras)} cameras, window {self.p['window_size']} sets / stride {self.p['stride']}, "
             f"outputs in '{self.map_frame}'")
@@ -675,7 +679,8 @@ class Fast3disNode(Node):
                 self.destroy_timer(self._diag_timer)
                 self._diag_timer = self.create_timer(float(prm.value), self._publish_diagnostics,
                                                      clock=Clock(clock_type=ClockType.STEADY_TIME))
-            # use_known_intrinsics and publish_window_cloud are read from self.p per image / window
+            # use_known_intrinsics and publish_window_cloud are read from self.p per image / window,
+            # shutdown_timeout from self.p at shutdown
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ shutdown

@@ -163,7 +163,8 @@ PARAMS: list[ParamSpec] = [
               "instances and markers are transient local (a late subscriber gets the newest at once).", (1, 100)),
     ParamSpec("diagnostics_period", 1.0, "Period of /diagnostics [s].", (0.05, 60.0), read_only=False),
     ParamSpec("shutdown_timeout", 5.0, "On SIGINT / SIGTERM: how long the node waits for a window in "
-              "inference to abort before it leaves anyway (exit 0 either way) [s].", (0.1, 600.0)),
+              "inference to abort before it leaves anyway (exit 0 either way) [s].", (0.1, 600.0),
+              read_only=False),
     # lifecycle (fast3dis_node is a managed node; ros/lifecycle.py)
     ParamSpec("autostart", True, "Lifecycle node: configure and activate at start (behaves like a plain node); "
               "false: wait in 'unconfigured' for a lifecycle manager or `ros2 lifecycle set`."),
@@ -275,7 +276,9 @@ def _frame_reason(frame: str) -> str | None:
 
 
 def validate_all(values: dict) -> list[str]:
-    return [r for n, v in values.items() if (r := validate(n, v, values))]
+    """Every reason the parameter set is refused, each once (a pair rule such as stride <= window_size is
+    found from both of its parameters)."""
+    return list(dict.fromkeys(r for n, v in values.items() if (r := validate(n, v, values))))
 
 
 def declare_parameters(node) -> None:
