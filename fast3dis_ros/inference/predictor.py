@@ -176,8 +176,8 @@ class Predictor:
         images = list(images)
         V = len(images)
         T_cam_world = None if poses is None else np.linalg.inv(np.asarray(poses, dtype=np.float64))
-        if T_cam_world is not None and K is None:
-            raise ValueError("poses need K as well")
+        if T_cam_world is not None and (K is None or not np.isfinite(np.asarray(K, dtype=np.float64)).all()):
+            raise ValueError("poses need K of every view as well")
         return self._predict(
             images, None if K is None else np.asarray(K, dtype=np.float64), T_cam_world,
             window_index=0, stamp_ns=0, cameras=[f"cam{i}" for i in range(V)], frame_ids=[""] * V,
