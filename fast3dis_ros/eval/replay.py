@@ -50,6 +50,10 @@ from ..data.bags import BagReadError
 from fast3dis_ros.core.frames import CameraFrame, Window, WindowPrediction
 
 log = logging.getLogger(__name__)
+# launch.logging (imported by launch_testing's pytest plugin, or by any process that imports launch) makes
+# LaunchLogger the logger class, whose instances do not propagate: this module's warnings would reach neither the
+# root handlers nor pytest's caplog. They are meant to propagate.
+log.propagate = True
 
 __all__ = [
     "ReplayConfig",
