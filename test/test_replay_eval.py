@@ -58,10 +58,12 @@ def test_replay_accounting_with_bad_frame_and_baseline(scene, tmp_path, capsys):
     assert acc["balanced"] is True
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["methods"]) == {"fast3dis", "hdbscan"}
-    # measured (bundled checkpoint, CPU): FAST3DIS AP50 0.13 / AP25 0.32, HDBSCAN on its mask features
-    # AP50 0.11 / AP25 0.78; bounds with a margin for CPU numerics
+    # measured (bundled checkpoint, CPU): FAST3DIS AP50 0.056 / AP25 0.31 with 2D mask-overlap linking (issue 16:
+    # every instance of the second window linked; 0.13 / 0.32 with voxel-only linking, whose unlinked copies
+    # happened to score better here), HDBSCAN on its mask features AP50 0.11 / AP25 0.78; bounds with a margin
+    # for CPU numerics
     f, b = m["methods"]["fast3dis"], m["methods"]["hdbscan"]
-    assert 0.08 <= f["AP50"] <= 0.18 and 0.24 <= f["AP25"] <= 0.40 and f["AP"] <= f["AP50"]
+    assert 0.04 <= f["AP50"] <= 0.10 and 0.24 <= f["AP25"] <= 0.40 and f["AP"] <= f["AP50"]
     assert 0.06 <= b["AP50"] <= 0.16 and 0.66 <= b["AP25"] <= 0.86 and b["AP"] <= b["AP50"]
     for meth in (f, b):
         assert meth["timing"]["ms_per_window_mean"] > 0

@@ -30,7 +30,7 @@ import numpy as np
 
 from .evaluate import scene_rows
 from .oracle import ISSUE_TABLE_CONFIGS, CachedPredictor, OraclePredictor, all_oracle_configs, oracle_name
-from .report import table_lines
+from .report import _f, table_lines
 
 __all__ = ["scene_rows", "OracleTable", "table_lines", "main"]
 
