@@ -122,6 +122,18 @@ def test_node_end_to_end_over_dds(backend):
         n_map = len(h.got["map"])
         ctx.spin_until(lambda: len(h.got["map"]) >= n_map + 2 and h.got["diag"], timeout=15, step=h.pump())
         elapsed = time.monotonic() - t0
+        # stop sending and wait for diagnostics that come after the last window (every emitted window processed
+        # or dropped, every processed window's InstanceArray here): one published just before the newest
+        # window's InstanceArray counts fewer frame sets than the windows received (the sync check below)
+        def settled():
+            e = [{kv.key: kv.value for kv in st.values} for st in h.got["diag"][-1].status
+                 if st.name == "fast3dis: engine"][0]
+            dropped = sum(int(v) for k, v in e.items() if k.startswith("drop_") and not k.startswith("drop_sets_"))
+            done = int(e["processed"]) + int(e["errors"]) + dropped
+            return done >= int(e["windows_emitted"]) and int(e["processed"]) <= len(h.got["inst"])
+
+        assert ctx.spin_until(settled, timeout=15), \
+            f"windows not all processed / received: {len(h.got['inst'])} InstanceArrays; {node.output()[-3000:]}"
         assert node.alive(), node.output()
 
     stamps = set(h.stamps)
