@@ -94,13 +94,15 @@ def test_metrics_json(demo):
     f = m["methods"]["fast3dis"]
     # measured with the bundled checkpoint (CPU): AP 0.029 / AP50 0.124 / AP25 0.49 on the fused map's lifted
     # labels with 2D mask-overlap linking (issue 16; without it, voxel-only linking: 0.004 / 0.014 / 0.60);
-    # per window 0.12 / 0.26 / 0.66; depth abs_rel 0.086, delta1 0.958; pose AUC@30 0.30; 2D mask AP 0.17.
+    # per window 0.053 / 0.154 / 0.52 (each window scored on all of its views since issue 16; on the views where
+    # it was the latest window only: 0.12 / 0.26 / 0.66); depth abs_rel 0.086, delta1 0.958; pose AUC@30 0.30;
+    # 2D mask AP 0.17.
     # The bounds keep a margin for CPU numerics and catch a broken mask, depth, pose or id path; AP50 above
     # 0.08 also catches losing the 2D linking (0.014 without it).
     assert r["weights"]["weights"] == "bundled" and r["weights"]["random_weights"] is False
     assert 0.40 <= f["AP25"] <= 0.60 and 0.08 <= f["AP50"] <= 0.18 and f["AP"] <= f["AP50"] <= f["AP25"]
     w = f["AP_per_window"]
-    assert 0.05 <= w["AP"] <= 0.20 and 0.18 <= w["AP50"] <= 0.34 and 0.55 <= w["AP25"] <= 0.76
+    assert 0.03 <= w["AP"] <= 0.10 and 0.10 <= w["AP50"] <= 0.22 and 0.40 <= w["AP25"] <= 0.65
     assert 0.04 <= f["depth"]["abs_rel"] <= 0.12 and f["depth"]["delta1"] >= 0.92
     assert 0.20 <= f["pose"]["auc30"] <= 0.40
     assert 0.12 <= f["mask2d"]["AP"] <= 0.24
