@@ -91,6 +91,7 @@ VARIANTS = ("s3", "cast", "gelu", "taps", "heads", "new", "dptpe", "nhwc", "chai
 
 def apply_variant(model, variant: str) -> None:
     """Cumulative: each variant adds one change to the one before it in ``VARIANTS``."""
+    from fast3dis_ros.model.fastpath.accelerate import cast_block_linears
     from fast3dis_ros.model.fastpath.fast_attention import FusedNormRopeAttention
     from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
 
@@ -107,11 +108,11 @@ def apply_variant(model, variant: str) -> None:
     bb = model.backbone
     rank = VARIANTS.index(variant)
     if rank >= 1:
-        bb.cast_block_linears(torch.bfloat16)
+        cast_block_linears(bb, torch.bfloat16)
     if rank >= 2:
         fuse_block_mlps(bb.vit.blocks)
     if rank < 3:
-        bb._tap_impl = None  # eager taps, as before
+        bb.runner.tap_fn = None  # eager taps, as before
 
 
 def measured_floor(model, x) -> dict:

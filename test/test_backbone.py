@@ -184,7 +184,7 @@ def test_fresh_tiny_net_has_live_fov_branch():
 @pytest.mark.parametrize("bf16", [False, True])
 def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
     """The DPT head's UV embeddings, computed once per image size, give DA3's sums to the bit."""
-    from fast3dis_ros.model.da3.backbone import dualdpt_depth_only
+    from fast3dis_ros.model.da3.dpt_head import dualdpt_depth_only
 
     bb, _ = pair
     x = images(3)
@@ -207,48 +207,48 @@ def test_dpt_position_embeddings_cached_and_identical(pair, bf16):
 
 
 def test_dpt_embedding_folded_through_the_first_output_conv(pair):
-    """``fold_dpt_pe`` (fast path): conv(up + pe) computed as conv(up) + conv_nobias(pe); in fp32 the two
+    """``fold_dpt_pe`` (fast runner): conv(up + pe) computed as conv(up) + conv_nobias(pe); in fp32 the two
     agree to rounding, and the folded term is recomputed when the conv weight changes, never reused."""
-    from fast3dis_ros.model.da3.backbone import dualdpt_depth_only
+    from fast3dis_ros.model.da3.dpt_head import dualdpt_depth_only
+    from fast3dis_ros.model.fastpath.accelerate import FastRunner
+    from fast3dis_ros.model.fastpath.dpt_head import fast_dualdpt_main
 
     bb, _ = pair
     x = images(3)
     head = bb.net.head
-    assert bb.fold_dpt_pe is False  # the exact path adds the embedding where DA3 does
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         st = bb._run_blocks(bb._stem(x, None, None), bb._last_block, bb.cfg.ref_view_strategy)
         feats = bb._finish_taps(st)
         pe = bb._dpt_pos_embeds(head, H, W, x.device)
-        assert bb._dpt_pe_conv(head, H, W, pe) is None  # off
-        bb.fold_dpt_pe = True
+        assert FastRunner().pe_conv(head, H, W, pe) is None  # off unless asked for
+        runner = FastRunner(fold_dpt_pe=True)
+        pe_conv = runner.pe_conv(head, H, W, pe)
+        assert pe_conv.shape == (1, head.scratch.output_conv2[0].out_channels, H, W)
+        assert pe_conv.dtype == torch.float32 and pe_conv.abs().max() > 1e-3  # a real term, not zeros
+        assert runner.pe_conv(head, H, W, pe) is pe_conv  # cached
+        ref = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe)
+        out = dualdpt_depth_only(head, feats, H, W, impl=runner.dpt_chunk, pos_embeds=pe)
+        for key in ("depth", "depth_conf"):
+            rel = ((out[key] - ref[key]).abs() / ref[key].abs().clamp(min=1e-6)).max()
+            assert 0 < rel < 1e-4, (key, float(rel))  # folded (rounds differently), and close
+        # the fast path runs it compiled: one graph, no break, same values
+        compiled = torch.compile(fast_dualdpt_main, backend="aot_eager", fullgraph=True, dynamic=False)
+        flat = [f[0].reshape(-1, *f[0].shape[2:]) for f in feats]
+        traced = compiled(head, flat, H, W, pe, pe_conv)
+        torch.testing.assert_close(traced["depth"].reshape(out["depth"].shape), out["depth"])
+        head.scratch.output_conv2[0].weight.mul_(2.0)  # new weights: a new folded term
         try:
-            pe_conv = bb._dpt_pe_conv(head, H, W, pe)
-            assert pe_conv.shape == (1, head.scratch.output_conv2[0].out_channels, H, W)
-            assert pe_conv.dtype == torch.float32 and pe_conv.abs().max() > 1e-3  # a real term, not zeros
-            assert bb._dpt_pe_conv(head, H, W, pe) is pe_conv  # cached
-            ref = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe)
-            out = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe, pe_conv=pe_conv)
-            for key in ("depth", "depth_conf"):
-                rel = ((out[key] - ref[key]).abs() / ref[key].abs().clamp(min=1e-6)).max()
-                assert rel < 1e-4, (key, float(rel))
-            # the fast path runs it compiled: one graph, no break, same values
-            from fast3dis_ros.model.da3.backbone import _dualdpt_main_impl
-
-            compiled = torch.compile(_dualdpt_main_impl, backend="aot_eager", fullgraph=True, dynamic=False)
-            flat = [f[0].reshape(-1, *f[0].shape[2:]) for f in feats]
-            traced = compiled(head, flat, H, W, pe, pe_conv)
-            torch.testing.assert_close(traced["depth"].reshape(out["depth"].shape), out["depth"])
-            head.scratch.output_conv2[0].weight.mul_(2.0)  # new weights: a new folded term
-            pe_conv2 = bb._dpt_pe_conv(head, H, W, pe)
+            pe_conv2 = runner.pe_conv(head, H, W, pe)
             assert pe_conv2 is not pe_conv and torch.allclose(pe_conv2, 2 * pe_conv, rtol=1e-5, atol=1e-6)
-            head.scratch.output_conv2[0].weight.div_(2.0)
         finally:
-            bb.fold_dpt_pe = False
+            head.scratch.output_conv2[0].weight.div_(2.0)
 
 
 def test_dpt_head_with_channels_last_upsampling_inputs_is_the_same_head(pair):
-    """``dpt_nhwc`` (fast path) only changes memory layouts: same values, eager and traced in one graph."""
-    from fast3dis_ros.model.da3.backbone import _dualdpt_main_impl, dualdpt_depth_only
+    """``dpt_nhwc`` (fast runner) only changes memory layouts: same values, eager and traced in one graph."""
+    from fast3dis_ros.model.da3.dpt_head import dualdpt_depth_only
+    from fast3dis_ros.model.fastpath.accelerate import FastRunner
+    from fast3dis_ros.model.fastpath.dpt_head import fast_dualdpt_main
 
     bb, _ = pair
     x = images(3)
@@ -258,9 +258,9 @@ def test_dpt_head_with_channels_last_upsampling_inputs_is_the_same_head(pair):
         feats = bb._finish_taps(st)
         pe = bb._dpt_pos_embeds(head, H, W, x.device)
         ref = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe)
-        out = dualdpt_depth_only(head, feats, H, W, pos_embeds=pe, nhwc=True)
+        out = dualdpt_depth_only(head, feats, H, W, impl=FastRunner(dpt_nhwc=True).dpt_chunk, pos_embeds=pe)
         flat = [f[0].reshape(-1, *f[0].shape[2:]) for f in feats]
-        compiled = torch.compile(_dualdpt_main_impl, backend="aot_eager", fullgraph=True, dynamic=False)
+        compiled = torch.compile(fast_dualdpt_main, backend="aot_eager", fullgraph=True, dynamic=False)
         traced = compiled(head, flat, H, W, pe, None, True)
     for key in ("depth", "depth_conf"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,8 @@ import torch
 import torch._dynamo
 
 from fast3dis_ros.model.da3.backbone import DA3Backbone, block_kind, output_observed
+from fast3dis_ros.model.da3.runner import ExactRunner
+from fast3dis_ros.model.fastpath.accelerate import FastPathOptions, FastRunner, accelerate, merge_lora
 from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, PendingTokens, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
 
@@ -37,7 +39,8 @@ def test_chained_trunk_is_bit_identical_in_both_passes():
     x = torch.randn(1, 5, 3, 42, 56)  # >= 3 views: the reorder and the camera token happen mid-trunk
     with torch.no_grad():
         geo_ref, feats_ref = bb.forward_both(x)
-        bb.chain_blocks()
+        runner = accelerate(bb, FastPathOptions(chain=True))
+        assert bb.runner is runner and runner.chained is not None
         geo, feats = bb.forward_both(x)
         feats_alone = bb.forward_features(x)
     for key in ("depth", "depth_conf", "extrinsics", "intrinsics"):
@@ -53,7 +56,7 @@ def test_chained_trunk_never_adds_up_outside_the_blocks(monkeypatch):
     x = torch.randn(1, 5, 3, 42, 56)
     with torch.no_grad():
         ref_geo, ref_feats = bb.forward_both(x)
-        bb.chain_blocks()
+        accelerate(bb, FastPathOptions(chain=True))
         eager_adds = []
         monkeypatch.setattr(PendingTokens, "tokens", lambda self: eager_adds.append(self) or 1 / 0)
         geo, feats = bb.forward_both(x)
@@ -111,15 +114,37 @@ def test_chained_block_traces_as_one_graph():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_chain_blocks_compiled_after_the_fact_matches_eager():
-    """Chaining an already compiled model afterwards (``chain_blocks(compile=True)``; Inductor, CPU)."""
+def test_compiled_chained_runner_matches_eager():
+    """The fast runner with merged LoRA, chained blocks compiled in place and compiled taps (Inductor,
+    CPU) against the exact runner. (The compiled DPT head is left to the GPU tests: about 70 s more here.)"""
     bb = _backbone(3)
-    bb.merge_lora_for_inference()
+    assert merge_lora(bb) > 0 and merge_lora(bb) == 0
     x = torch.randn(1, 3, 3, 42, 56)
     with torch.no_grad():
         geo_ref, feats_ref = bb.forward_both(x)
-        bb.chain_blocks(compile=True)
+        runner = accelerate(bb, FastPathOptions(chain=True, compile_blocks=True))
+        assert runner.compiled and runner.tap_fn is not None and runner.dpt_fn is None
         geo, feats = bb.forward_both(x)
     torch.testing.assert_close(geo["depth"], geo_ref["depth"], rtol=1e-4, atol=1e-5)
     for a, b in zip(feats, feats_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_runner_swap_is_the_only_switch():
+    """The backbone has one injection point: a fast runner with every option off computes the exact
+    path to the bit (its own DPT chunk included), a chained one too (eagerly), and putting the
+    ``ExactRunner`` back gives DA3's path again."""
+    bb = _backbone(4)
+    x = torch.randn(1, 5, 3, 42, 56)
+    with torch.no_grad():
+        geo_ref, feats_ref = bb.forward_both(x)
+        outputs = {}
+        for name, options in (("plain", FastPathOptions()), ("chained", FastPathOptions(chain=True))):
+            assert isinstance(accelerate(bb, options), FastRunner)
+            outputs[name] = bb.forward_both(x)
+        bb.runner = ExactRunner()
+        outputs["exact again"] = bb.forward_both(x)
+    for name, (geo, feats) in outputs.items():
+        for key in ("depth", "depth_conf", "extrinsics", "intrinsics"):
+            assert torch.equal(geo[key], geo_ref[key]), (name, key)
+        assert all(torch.equal(a, b) for a, b in zip(feats, feats_ref)), name

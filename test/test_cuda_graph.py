@@ -95,11 +95,12 @@ def test_fast_path_bf16_close_to_eager(chain):
     x = torch.randn(1, 4, 3, 70, 98, device=dev)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = model(x, return_aux=False)
-    model.compile_for_inference(weight_dtype=torch.bfloat16, chain=chain)
+    runner = model.compile_for_inference(weight_dtype=torch.bfloat16, chain=chain)
+    assert model.backbone.runner is runner
     blocks = model.backbone.vit.blocks
     assert all(isinstance(b.mlp, FusedGeluMlp) for b in blocks)
     assert any(isinstance(b.attn, FusedNormRopeAttention) for b in blocks)
-    assert (model.backbone._chained is not None) == chain
+    assert (runner.chained is not None) == chain
     assert all(b.mlp.fc1.weight.dtype == torch.bfloat16 for b in blocks)
     g = GraphedForward(_fwd(model), amp_dtype=torch.bfloat16)
     out = g(x)

@@ -12,7 +12,7 @@ import torch
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.da3.backbone import DA3Backbone
 from fast3dis_ros.model.da3.version import DA3_VERSION, DA3VersionError, check_da3_version
-from fast3dis_ros.model.fastpath.grid_rope import GridRope
+from fast3dis_ros.model.da3.grid_rope import GridRope
 
 ROOT = Path(__file__).resolve().parents[1] / "fast3dis_ros"
 
@@ -36,22 +36,20 @@ def test_rope_is_replaced_by_a_new_module_not_a_class_swap(backbone):
     assert type(vit.rope) is GridRope and backbone._rope is vit.rope
     users = [m for m in vit.modules() if isinstance(getattr(m, "rope", None), RotaryPositionEmbedding2D)]
     assert len(users) > 1 and all(m.rope is vit.rope for m in users)  # every attention shares the new one
-    assert "__class__" not in (ROOT / "model" / "fastpath" / "grid_rope.py").read_text()
+    assert "__class__" not in (ROOT / "model" / "da3" / "grid_rope.py").read_text()
 
 
 def test_compile_changes_no_global_dynamo_setting(backbone):
     import torch._dynamo
 
+    from fast3dis_ros.model.fastpath.accelerate import FastRunner
+
     before = torch._dynamo.config.cache_size_limit
-    with backbone.compile_scope():
-        assert torch._dynamo.config.cache_size_limit == before  # not compiled: nothing raised
-    backbone._compiled = True
-    try:
-        with backbone.compile_scope():
-            assert torch._dynamo.config.cache_size_limit == max(before, 64)
-        assert torch._dynamo.config.cache_size_limit == before
-    finally:
-        backbone._compiled = False
+    with backbone.runner.scope(), FastRunner().scope():
+        assert torch._dynamo.config.cache_size_limit == before  # exact, or not compiled: nothing raised
+    with FastRunner(compiled=True).scope():
+        assert torch._dynamo.config.cache_size_limit == max(before, 64)
+    assert torch._dynamo.config.cache_size_limit == before
     src = "\n".join(p.read_text() for p in ROOT.rglob("*.py"))
     assert not re.search(r"_dynamo\.config\.\w+\s*=", src)
 
@@ -60,7 +58,7 @@ def test_private_da3_and_peft_members_only_in_the_adapter_module():
     pattern = re.compile(r"\.(_process_depth_head|_process_camera_estimation|_process_mono_sky_estimation|"
                          r"_add_pos_embed|_apply_activation_single|_compute_frequency_components)\(|"
                          r"\w\._disable_adapters\b")
-    allowed = {ROOT / "model" / "da3" / "internals.py", ROOT / "model" / "fastpath" / "grid_rope.py",
+    allowed = {ROOT / "model" / "da3" / "internals.py", ROOT / "model" / "da3" / "grid_rope.py",
                ROOT / "model" / "fastpath" / "merged_lora.py"}  # a subclass's own / our own attribute
     bad = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in ROOT.rglob("*.py") if p not in allowed
            for m in pattern.finditer(p.read_text())]

@@ -11,6 +11,7 @@ import torch._dynamo
 
 from fast3dis_ros.model.da3.backbone import DA3Backbone
 from fast3dis_ros.model.config import BackboneConfig
+from fast3dis_ros.model.fastpath.accelerate import merge_lora
 from fast3dis_ros.model.fastpath.fast_attention import (
     FusedNormRopeAttention,
     fuse_block_attention,
@@ -90,7 +91,7 @@ def test_fused_backbone_matches_da3_in_both_passes():
     with torch.no_grad():
         for p in bb.lora_parameters():
             p.normal_(0, 0.05)
-    bb.merge_lora_for_inference()
+    merge_lora(bb)
     x = torch.randn(1, 5, 3, 42, 56)  # >= 3 views: DA3 reorders the views
     with torch.no_grad():
         geo_ref, feats_ref = bb.forward_both(x)

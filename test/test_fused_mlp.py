@@ -10,7 +10,15 @@ import torch._dynamo
 import torch.nn.functional as F
 from depth_anything_3.model.dinov2.layers.mlp import Mlp
 
-from fast3dis_ros.model.da3.backbone import DA3Backbone, finish_tap
+from fast3dis_ros.model.da3.backbone import DA3Backbone
+from fast3dis_ros.model.da3.runner import ExactRunner, finish_tap
+from fast3dis_ros.model.fastpath.accelerate import (
+    FastPathOptions,
+    accelerate,
+    cast_block_linears,
+    cast_head_weights,
+    merge_lora,
+)
 from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
 from fast3dis_ros.model.config import BackboneConfig
 from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp, active_weight, fuse_block_mlps, linear_gelu_tanh
@@ -80,7 +88,7 @@ def test_fused_backbone_close_to_unfused_in_both_passes():
     bb = _backbone()
     x = torch.randn(1, 4, 3, 42, 56, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        bb.merge_lora_for_inference()
+        merge_lora(bb)
         geo_ref, feats_ref = bb.forward_both(x)
         n = fuse_block_mlps(bb.vit.blocks)
         geo, feats = bb.forward_both(x)
@@ -110,7 +118,7 @@ def test_fused_backbone_close_to_unfused_in_both_passes():
 
 def test_active_weight_follows_the_adapter_flag():
     bb = _backbone(1)
-    bb.merge_lora_for_inference()
+    merge_lora(bb)
     merged = next(m for m in bb.modules() if isinstance(m, MergedLoraLinear))
     with bb.adapters(True):
         assert active_weight(merged) is merged.merged_weight
@@ -122,8 +130,8 @@ def test_active_weight_follows_the_adapter_flag():
 
 def test_cast_block_linears_leaves_norms_and_stream_in_fp32():
     bb = _backbone(2)
-    bb.merge_lora_for_inference()
-    n = bb.cast_block_linears(torch.bfloat16)
+    merge_lora(bb)
+    n = cast_block_linears(bb, torch.bfloat16)
     assert n == 4 * len(bb.vit.blocks)  # qkv, proj, fc1, fc2
     for name, p in bb.vit.blocks.named_parameters():
         expect = torch.float32 if ("norm" in name or ".ls" in name) else torch.bfloat16
@@ -172,7 +180,9 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
 
     torch.manual_seed(5)
     model = Fast3DIS(Fast3disConfig.tiny()).eval()
-    model.backbone.head_autocast = True
+    with pytest.raises(ValueError, match="head_autocast"):  # bf16 weights under DA3's fp32 heads
+        accelerate(model.backbone, FastPathOptions(head_dtype=torch.bfloat16))
+    accelerate(model.backbone, FastPathOptions(head_autocast=True))
     x = torch.randn(1, 3, 3, 70, 98)
     K = torch.tensor([[60.0, 0, 49], [0, 60, 35], [0, 0, 1]]).expand(1, 3, 3, 3)
     T = torch.eye(4).repeat(1, 3, 1, 1)
@@ -181,8 +191,8 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
         ref = model(x, return_aux=False)
         ref_posed = model(x, K=K, T_cam_world=T, return_aux=False)
         n_head = store_weights_in(model.head, torch.bfloat16)
-        n_dpt = model.backbone.cast_head_weights(torch.bfloat16)
-        n_blocks = model.backbone.cast_block_linears(torch.bfloat16)
+        n_dpt = cast_head_weights(model.backbone, torch.bfloat16)
+        n_blocks = cast_block_linears(model.backbone, torch.bfloat16)
         out = model(x, return_aux=False)
     assert n_head > 10 and n_dpt > 10 and n_blocks >= 4 * len(model.backbone.vit.blocks)  # + unmerged LoRA A/B
     assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Conv2d)
@@ -196,9 +206,9 @@ def test_weights_stored_in_bf16_run_under_autocast_like_fp32_weights():
         posed = model(x, K=K, T_cam_world=T, return_aux=False)
     for key in ("depth", "pred_masks"):
         torch.testing.assert_close(posed[key].float(), ref_posed[key].float(), rtol=2e-2, atol=2e-2)
-    model.backbone.head_autocast = False
+    model.backbone.runner = ExactRunner()  # DA3's fp32 heads again
     with pytest.raises(RuntimeError, match="head_autocast"):
-        model.backbone.cast_head_weights(torch.bfloat16)
+        cast_head_weights(model.backbone, torch.bfloat16)
 
 
 def test_unmerged_lora_blocks_are_not_fused():

@@ -26,8 +26,8 @@ LAYERS: dict[str, int] = {
     "fast3dis_ros.model.weights_io": 2,
     "fast3dis_ros.model.median": 2,  # exportable medians (ONNX / TensorRT), used by the head and fast3dis.py
     "fast3dis_ros.model.schedule": 2,  # the overlap-loss schedule, part of LossConfig
-    "fast3dis_ros.model.fastpath": 3,  # accelerators: know DA3's modules, never the backbone class
-    "fast3dis_ros.model.da3": 4,  # DA3 transcription, its weights and LoRA
+    "fast3dis_ros.model.da3": 3,  # DA3 transcription, its weights and LoRA, the exact block runner
+    "fast3dis_ros.model.fastpath": 4,  # accelerators: build the fast runner the backbone is given
     "fast3dis_ros.model.head": 4,  # the FAST3DIS head
     "fast3dis_ros.model": 5,  # fast3dis.py (meta-architecture), checkpoint.py
     "fast3dis_ros.inference": 6,  # predictor: model -> pipeline types
@@ -141,6 +141,14 @@ def test_layers_import_only_downward():
             if target in MODULES and rank(target) > rank(m):
                 bad.append(f"{p.relative_to(ROOT)}:{line} {m} (rank {rank(m)}) imports {target} (rank {rank(target)})")
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_da3_transcription_never_imports_the_fast_path():
+    """The backbone reaches the fast path only through its injected runner (``model/da3/runner.py``)."""
+    bad = [f"{m} imports {t}" for m, p in MODULES.items() if m.startswith("fast3dis_ros.model.da3")
+           for t, _ in imports_of(m, p) if t.startswith("fast3dis_ros.model.fastpath")]
+    assert not bad
+    assert "fast3dis_ros.model.da3.backbone" in package_graph()["fast3dis_ros.model.fastpath.accelerate"]
 
 
 def test_core_imports_nothing_of_the_package():

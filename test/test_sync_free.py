@@ -13,10 +13,11 @@ import pytest
 import torch
 from depth_anything_3.model.dinov2.layers.rope import RotaryPositionEmbedding2D
 
-from fast3dis_ros.model.fastpath.camera_encoding import mat_to_quat
+from fast3dis_ros.model.da3.camera_encoding import mat_to_quat
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.fast3dis import Fast3DIS
-from fast3dis_ros.model.fastpath.grid_rope import GridRope, rope_table_len
+from fast3dis_ros.model.fastpath.accelerate import merge_lora
+from fast3dis_ros.model.da3.grid_rope import GridRope, rope_table_len
 from fast3dis_ros.model.head.pixel_decoder import scene_normalization
 
 
@@ -95,15 +96,17 @@ def test_scene_normalization_ignores_invalid_points_like_boolean_indexing():
 def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
     """``fast_blocks``: the fast path's block changes (chained residuals, fused q/k norm + RoPE, fused
     fc1 + GELU) without compilation, so they run here eagerly on ``meta`` too."""
-    from fast3dis_ros.model.fastpath.fast_attention import fuse_block_attention
-    from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
+    from fast3dis_ros.model.fastpath.accelerate import FastPathOptions, accelerate
+    from fast3dis_ros.model.fastpath.fast_attention import FusedNormRopeAttention
+    from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp
 
     torch.manual_seed(0)
     model = Fast3DIS(Fast3disConfig.tiny()).eval()
     if fast_blocks:
-        model.backbone.merge_lora_for_inference()
-        model.backbone.chain_blocks()
-        assert fuse_block_attention(model.backbone.vit.blocks) > 0 and fuse_block_mlps(model.backbone.vit.blocks) > 0
+        runner = accelerate(model.backbone, FastPathOptions(merge_lora=True, chain=True, fuse=True))
+        blocks = model.backbone.vit.blocks
+        assert runner.chained is not None and all(isinstance(b.mlp, FusedGeluMlp) for b in blocks)
+        assert any(isinstance(b.attn, FusedNormRopeAttention) for b in blocks)
     V, H, W = 4, 70, 98
     x = torch.randn(1, V, 3, H, W)
     K = torch.tensor([[60.0, 0, 49], [0, 60, 35], [0, 0, 1]]).expand(1, V, 3, 3)
@@ -122,8 +125,9 @@ def test_forward_has_no_data_dependent_host_ops(known_pose, fast_blocks):
 
 # Host-to-device copies (``new_tensor``, ``torch.tensor(..., device=...)``) pass on ``meta`` and are
 # invisible to dispatch modes, so they are caught at the source: none in the modules of the forward.
-FORWARD_MODULES = ["head.anchors", "da3.backbone", "fastpath.camera_encoding", "fastpath.chained_blocks",
-                   "head.decoder", "fast3dis", "fastpath.fast_attention", "fastpath.fused_mlp", "fastpath.grid_rope",
+FORWARD_MODULES = ["head.anchors", "da3.backbone", "da3.camera_encoding", "da3.dpt_head", "da3.grid_rope", "da3.runner",
+                   "fastpath.accelerate", "fastpath.chained_blocks", "fastpath.dpt_head",
+                   "head.decoder", "fast3dis", "fastpath.fast_attention", "fastpath.fused_mlp",
                    "head.instance_head", "head.pixel_decoder", "head.projection"]
 HOST_PATTERNS = [r"\.new_tensor\(", r"torch\.tensor\(", r"torch\.as_tensor\(", r"\.item\(\)", r"\.tolist\(\)",
                  r"\.cpu\(\)", r"\.numpy\(\)", r"torch\.quantile\(", r"torch\.linalg\.inv\("]
@@ -183,7 +187,7 @@ def test_merged_lora_matches_adapters():
             p.normal_(0, 0.05)
         ref = model(x, return_aux=False)
         n_lora = len(model.backbone._lora_layers)
-        model.backbone.merge_lora_for_inference()
+        merge_lora(model.backbone)
         out = model(x, return_aux=False)
     assert not torch.allclose(ref["pred_masks"], zero_lora, atol=1e-3)  # the adapters matter here
     assert n_lora > 0 and len(model.backbone._lora_layers) == n_lora

@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay captured CUDA graphs (model.fastpath.cuda_graph.GraphedForward, what the node runs) up to "
                          "--graph-max-views; plain DA3 then runs as the backbone's sync-free transcription")
     ap.add_argument("--compile-blocks", action="store_true",
-                    help="torch.compile each DA3 ViT block and the DPT head (DA3Backbone.compile_blocks), both "
-                         "models; FAST3DIS's LoRA folded into its weights (merge_lora_for_inference)")
+                    help="torch.compile each DA3 ViT block and the DPT head (fastpath.accelerate), both "
+                         "models; FAST3DIS's LoRA folded into its weights (fastpath.accelerate.merge_lora)")
     ap.add_argument("--compile-head", action="store_true", help="torch.compile the instance head (one graph)")
     ap.add_argument("--head-autocast", action="store_true",
                     help="run DA3's DPT head / camera decoder under autocast (DA3 runs them in fp32)")
@@ -475,14 +475,15 @@ def main(argv: list[str] | None = None) -> int:
         from fast3dis_ros.model.fast3dis import fast_path_weight_dtype
 
         weight_dtype = fast_path_weight_dtype(device, dtype if amp else None)  # as Predictor(compile=True)
-        model.compile_for_inference(blocks=compile_blocks, head=compile_head, merge_lora=compile_blocks,
-                                    dpt_bf16=head_autocast, weight_dtype=weight_dtype)
-        if plain_bb is not None:
-            plain_bb.head_autocast = head_autocast
-            plain_bb.fold_dpt_pe = model.backbone.fold_dpt_pe
-            plain_bb.dpt_nhwc = model.backbone.dpt_nhwc
-            if compile_blocks:
-                plain_bb.compile_blocks(weight_dtype=weight_dtype, chain=model.backbone.chained)
+        from fast3dis_ros.model.fastpath.accelerate import FastPathOptions, accelerate
+
+        runner = model.compile_for_inference(blocks=compile_blocks, head=compile_head, merge_lora=compile_blocks,
+                                             dpt_bf16=head_autocast, weight_dtype=weight_dtype)
+        if plain_bb is not None:  # the same runner options; its heads keep fp32 weights
+            accelerate(plain_bb, FastPathOptions(
+                compile_blocks=compile_blocks, compile_dpt=compile_blocks,
+                block_dtype=weight_dtype if compile_blocks else None, chain=runner.chained is not None,
+                head_autocast=head_autocast, fold_dpt_pe=runner.fold_dpt_pe, dpt_nhwc=runner.dpt_nhwc))
 
     def deviation_from(x0, reference) -> dict:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
@@ -737,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         # --fast-unchained: the same fast path without chained residuals after it, same run, same floor
         for variant in [""] + (["-chain"] if args.fast_unchained else []):
             if variant == "-chain":
-                model.backbone.unchain_blocks()
+                model.backbone.runner.unchain()
             for V in args.fast_views:
                 t0 = time.perf_counter()
                 measure_row(len(plan), V, args.warmup + 1, args.iters, False,

@@ -16,7 +16,7 @@ Quaternions are in ROS order ``(x, y, z, w)`` (``geometry_msgs/Quaternion``, tf2
   the one with angle in [0, pi]); for exact 180-degree turns (``w == 0``) the largest of ``x, y, z``
   is positive. Non-finite input raises ``ValueError``.
 
-``fast3dis_ros/model/fastpath/camera_encoding.py`` keeps its own torch copy on purpose: it reproduces
+``fast3dis_ros/model/da3/camera_encoding.py`` keeps its own torch copy on purpose: it reproduces
 Depth Anything 3's arithmetic bit for bit.
 """
 

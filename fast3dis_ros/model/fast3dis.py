@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fast3dis_ros.model.da3.backbone import DA3Backbone, stage
 from fast3dis_ros.model.config import Fast3disConfig
+from fast3dis_ros.model.fastpath.accelerate import FastPathOptions, FastRunner, accelerate
 from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
 from fast3dis_ros.model.head.projection import rigid_inverse, unproject_depth  # noqa: F401 (re-exported; one lifting convention)
 from fast3dis_ros.model.median import lower_median
@@ -85,36 +86,28 @@ class Fast3DIS(nn.Module):
     # ------------------------------------------------------------------ speed
     def compile_for_inference(self, blocks: bool = True, head: bool = True, merge_lora: bool = True,
                               dpt_bf16: bool = True, weight_dtype: torch.dtype | None = None,
-                              chain: bool = True, fold_dpt_pe: bool = True, dpt_nhwc: bool = True) -> None:
-        """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md):
-        DA3's DPT head in the autocast dtype instead of fp32, LoRA folded into a second weight copy
-        (one GEMM per linear in pass 2), ``torch.compile`` of
-        the DA3 ViT blocks (one graph per block structure) and DPT head, and of the instance head (one
-        graph, no breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a
-        GPU); the GEMM and conv weights of the ViT blocks, of both heads (DA3's only with ``dpt_bf16``)
-        are stored in it (``weight_dtype.py``), fc1 + GELU become one GEMM and the q/k norm + RoPE one
-        pass (``DA3Backbone.compile_blocks``). ``chain``: blocks hand their last residual add to the next
-        block, which fuses it with its first LayerNorm (``chained_blocks.py``; 0.2-0.3 ms at 8 views). ``fold_dpt_pe``: DA3's DPT head adds its
-        full-resolution UV embedding after its first output conv, pushed through that conv once per
-        image size (``backbone.dpt_pe_conv``), instead of to the 128-channel map before it. ``dpt_nhwc``:
-        the DPT head's bilinear upsamplings read channels-last maps (``backbone._fusion_block_nhwc``).
-        Compilation happens at the first forward of each
-        window shape (about two minutes for DA3-Large on the lent 16-core host). Load weights first;
-        training afterwards is unsupported.
+                              chain: bool = True, fold_dpt_pe: bool = True, dpt_nhwc: bool = True) -> FastRunner:
+        """Inference speed-ups that change outputs at rounding level only (measured in BENCHMARKS.md),
+        installed in the backbone as its fast runner (``model/fastpath/accelerate.py``, which documents
+        each option) plus a compiled instance head: DA3's DPT head in the autocast dtype instead of fp32
+        (``dpt_bf16``), LoRA folded into a second weight copy (``merge_lora``), ``torch.compile`` of the
+        DA3 ViT blocks, taps and DPT head (``blocks``) and of the instance head (``head``; one graph, no
+        breaks). ``weight_dtype``: the autocast dtype the forward will run under (bf16 on a GPU); with
+        ``blocks`` the ViT blocks' GEMM weights are stored in it and fc1 + GELU / q/k norm + RoPE fused,
+        and both heads' weights too (DA3's only with ``dpt_bf16``). ``chain``: chained residual adds
+        between blocks. ``fold_dpt_pe`` / ``dpt_nhwc``: the DPT head's layout options. Compilation
+        happens at the first forward of each window shape (about two minutes for DA3-Large on the lent
+        16-core host). Load weights first; training afterwards is unsupported. Returns the runner.
         """
-        self.backbone.head_autocast = dpt_bf16  # DA3's DPT head + camera decoder under the caller's autocast
-        self.backbone.fold_dpt_pe = fold_dpt_pe
-        self.backbone.dpt_nhwc = dpt_nhwc
-        if merge_lora:
-            self.backbone.merge_lora_for_inference()
-        if weight_dtype is not None:  # both heads run under autocast(weight_dtype) from here on
+        runner = accelerate(self.backbone, FastPathOptions(
+            compile_blocks=blocks, compile_dpt=blocks, merge_lora=merge_lora,
+            block_dtype=weight_dtype if blocks else None, chain=chain and blocks, head_autocast=dpt_bf16,
+            head_dtype=weight_dtype if dpt_bf16 else None, fold_dpt_pe=fold_dpt_pe, dpt_nhwc=dpt_nhwc))
+        if weight_dtype is not None:  # the instance head runs under autocast(weight_dtype) from here on
             store_weights_in(self.head, weight_dtype)
-            if dpt_bf16:
-                self.backbone.cast_head_weights(weight_dtype)
-        if blocks:
-            self.backbone.compile_blocks(weight_dtype=weight_dtype, chain=chain)
         if head:
             self.head.compile(dynamic=False)
+        return runner
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -159,7 +152,7 @@ class Fast3DIS(nn.Module):
             points = unproject_depth(depth.float(), intrinsics.float(), extrinsics.float())
         if not self.cfg.train_backbone:
             points = points.detach()
-        with stage("f3d.instance_head"), self.backbone.compile_scope():  # the head compiles with the blocks
+        with stage("f3d.instance_head"), self.backbone.runner.scope():  # the head compiles with the blocks
             head_out = self.head(feats, points, conf, intrinsics, extrinsics, (H, W), return_aux=return_aux)
         out = {
             "depth": depth,

@@ -13,6 +13,10 @@ The ViT loop below is a transcription of
 (v0.1.1) split at a block index; the only change is that the camera token is written with an
 out-of-place ``torch.cat`` instead of ``x[:, :, 0] = cam_token`` (same values, but the shared state
 must not be mutated by the first continuation).
+
+Each ViT block, each tap's post-processing and each DPT head chunk runs through ``self.runner``
+(``runner.py``): ``ExactRunner`` by default, DA3's own ops; ``model/fastpath/accelerate.py`` installs
+the compiled / fused one. The backbone itself has no speed options and imports nothing of the fast path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,24 +38,17 @@ from depth_anything_3.cfg import create_object, load_config
 from depth_anything_3.model.dinov2.dinov2 import DinoV2
 from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
 from depth_anything_3.model.dualdpt import DualDPT
-from depth_anything_3.model.utils.head_utils import create_uv_grid, custom_interpolate, position_grid_to_embed
-from depth_anything_3.model.reference_view_selector import (
-    reorder_by_reference,
-    restore_original_order,
-    select_reference_view,
-)
+from depth_anything_3.model.reference_view_selector import reorder_by_reference, select_reference_view
 from depth_anything_3.registry import MODEL_REGISTRY
 from depth_anything_3.utils.constants import THRESH_FOR_REF_SELECTION
 from omegaconf import OmegaConf
 
-from fast3dis_ros.model.da3 import internals
-
-from fast3dis_ros.model.fastpath.camera_encoding import encode_cameras
-from fast3dis_ros.model.fastpath.chained_blocks import ChainedBlock, run_chained, tokens_of
 from fast3dis_ros.model.config import BackboneConfig
-from fast3dis_ros.model.fastpath.layout import channels_last_copy
-from fast3dis_ros.model.fastpath.grid_rope import install_grid_rope, rope_table_len
-from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
+from fast3dis_ros.model.da3 import internals
+from fast3dis_ros.model.da3.camera_encoding import encode_cameras
+from fast3dis_ros.model.da3.dpt_head import dpt_output_hw, dualdpt_depth_only, uv_pos_embed
+from fast3dis_ros.model.da3.grid_rope import install_grid_rope, rope_table_len
+from fast3dis_ros.model.da3.runner import ExactRunner, TrunkRunner, autocast_off
 from fast3dis_ros.model.da3.weights import load_da3_weights, plain_da3_names
 
 PATCH_SIZE = 14
@@ -61,13 +58,6 @@ from fast3dis_ros.model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 
 def stage(name: str):
     """A named range for ``torch.profiler`` (``fast3dis-bench --profile``); near free when not profiling."""
     return torch.profiler.record_function(name)
-
-
-def autocast_off(device_type: str):
-    """DA3 runs its camera encoder and heads in fp32; ``meta`` (shape-only runs) has no autocast."""
-    if device_type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class TinyDinoV2(nn.Module):
@@ -182,119 +172,6 @@ def init_fov_branch(net: nn.Module, fov_rad: float = 1.05) -> None:
         linear.bias.fill_(fov_rad)
 
 
-def uv_pos_embed(channels: int, h: int, w: int, H: int, W: int, dtype: torch.dtype, device: torch.device,
-                 ratio: float = 0.1) -> torch.Tensor:
-    """The ``(1, channels, h, w)`` UV embedding ``DualDPT._add_pos_embed`` adds to an ``h x w`` map of an
-    ``H x W`` image (``dtype``: the map's; the embedding itself comes out fp32, as in DA3). Same ops."""
-    pe = create_uv_grid(w, h, aspect_ratio=W / H, dtype=dtype, device=device)
-    pe = position_grid_to_embed(pe, channels) * ratio
-    return pe.permute(2, 0, 1)[None]
-
-
-def dpt_pe_conv(head: DualDPT, pe_full: torch.Tensor) -> torch.Tensor:
-    """The full-resolution UV embedding through ``output_conv2``'s first conv, without its bias, in fp32:
-    the term ``_dualdpt_main_impl(pe_conv=...)`` adds after that conv instead of adding the embedding
-    before it. ``(1, C_out, h, w)``; depends on the conv weight, so cache it by the weight's version."""
-    first = head.scratch.output_conv2[0]
-    with torch.autocast(pe_full.device.type, enabled=False):
-        return nn.functional.conv2d(pe_full.float(), first.weight.float(), None, first.stride, first.padding,
-                                    first.dilation, first.groups)
-
-
-def dpt_output_hw(head: DualDPT, H: int, W: int) -> tuple[int, int]:
-    """The size of the DPT head's output map (and of its full-resolution UV embedding) for ``H x W``."""
-    ph, pw = H // head.patch_size, W // head.patch_size
-    return int(ph * head.patch_size / head.down_ratio), int(pw * head.patch_size / head.down_ratio)
-
-
-def _fusion_block_nhwc(block: nn.Module, *xs: torch.Tensor, size=None) -> torch.Tensor:
-    """DA3's ``FeatureFusionBlock.forward`` with its upsampling input realised channels-last
-    (``layout.channels_last_copy``, opaque to Inductor). Why: Inductor's bilinear upsampling kernel is
-    2-2.5x faster on a realised channels-last map at the DPT head's shapes than with its producer fused
-    in (``experiments/exp_upsample.py``, docs/BENCHMARKS.md 17). Same ops, same order, same values."""
-    y = xs[0]
-    if block.has_residual and len(xs) > 1 and block.resConfUnit1 is not None:
-        y = block.skip_add.add(y, block.resConfUnit1(xs[1]))
-    y = channels_last_copy(block.resConfUnit2(y))
-    if size is None and block.size is None:
-        up_kwargs = {"scale_factor": 2}
-    else:
-        up_kwargs = {"size": block.size if size is None else size}
-    y = custom_interpolate(y, **up_kwargs, mode="bilinear", align_corners=block.align_corners)
-    return block.out_conv(y)
-
-
-def _dualdpt_main_impl(head: DualDPT, feats: list[torch.Tensor], H: int, W: int,
-                       pos_embeds: list[torch.Tensor] | None = None,
-                       pe_conv: torch.Tensor | None = None, nhwc: bool = False) -> dict[str, torch.Tensor]:
-    """``DualDPT._forward_impl`` without the auxiliary (ray) branch; same ops, same order.
-
-    ``pos_embeds``: the 4 stage maps' and the full-resolution map's UV embeddings (``uv_pos_embed``),
-    computed once per shape instead of on every forward (sines and cosines over a 128 x 378 x 504 grid:
-    one 0.26 ms kernel of the 8-view fast path); None: DA3's ``_add_pos_embed``. The sums are the same.
-    ``pe_conv``: the full-resolution embedding already pushed through the first conv of
-    ``output_conv2`` (``dpt_pe_conv``; fast path only). The conv is linear and its zero padding pads the
-    sum as it pads each term, so ``conv(up + pe) = conv(up) + conv_nobias(pe)``: the 128-channel
-    full-resolution map is then never summed with an fp32 embedding (which made it fp32, twice the
-    bytes, before the conv cast it back), and the per-forward work drops to a 32-channel add.
-    ``nhwc``: every bilinear upsampling reads a channels-last map (``_fusion_block_nhwc``; fast path)."""
-    B, _, C = feats[0].shape
-    ph, pw = H // head.patch_size, W // head.patch_size
-    resized = []
-    for stage_idx, take_idx in enumerate(head.intermediate_layer_idx):
-        x = feats[take_idx][:, 0:]
-        x = head.norm(x)
-        x = x.permute(0, 2, 1).reshape(B, C, ph, pw)
-        x = head.projects[stage_idx](x)
-        if head.pos_embed:
-            x = internals.dpt_add_pos_embed(head, x, W, H) if pos_embeds is None else x + pos_embeds[stage_idx]
-        x = head.resize_layers[stage_idx](x)
-        resized.append(x)
-    sc = head.scratch
-    l1_rn, l2_rn, l3_rn, l4_rn = (sc.layer1_rn(resized[0]), sc.layer2_rn(resized[1]), sc.layer3_rn(resized[2]), sc.layer4_rn(resized[3]))
-    def fuse(block, *xs, size=None):
-        return _fusion_block_nhwc(block, *xs, size=size) if nhwc else block(*xs, size=size)
-
-    out = fuse(sc.refinenet4, l4_rn, size=l3_rn.shape[2:])
-    out = fuse(sc.refinenet3, out, l3_rn, size=l2_rn.shape[2:])
-    out = fuse(sc.refinenet2, out, l2_rn, size=l1_rn.shape[2:])
-    out = fuse(sc.refinenet1, out, l1_rn)
-    out = sc.output_conv1(out)
-    if nhwc:
-        out = channels_last_copy(out)
-    fused = custom_interpolate(out, dpt_output_hw(head, H, W), mode="bilinear", align_corners=True)
-    if head.pos_embed and pe_conv is not None:
-        fmap = sc.output_conv2[1:](sc.output_conv2[0](fused) + pe_conv).permute(0, 2, 3, 1)
-    else:
-        if head.pos_embed:
-            fused = internals.dpt_add_pos_embed(head, fused, W, H) if pos_embeds is None else fused + pos_embeds[-1]
-        fmap = sc.output_conv2(fused).permute(0, 2, 3, 1)
-    pred = internals.dpt_activation(head, fmap[..., :-1], head.activation)
-    conf = internals.dpt_activation(head, fmap[..., -1], head.conf_activation)
-    return {head.head_main: pred.squeeze(-1), f"{head.head_main}_conf": conf}
-
-
-def dualdpt_depth_only(head: DualDPT, feats, H: int, W: int, chunk_size: int = 8, impl=None,
-                       pos_embeds: list[torch.Tensor] | None = None,
-                       pe_conv: torch.Tensor | None = None, nhwc: bool = False) -> ADict:
-    """``DualDPT.forward`` (same chunking, so cuDNN sees the same shapes) returning depth + conf only.
-
-    ``impl``: the per-chunk function (default ``_dualdpt_main_impl``; a compiled one for speed);
-    ``pos_embeds``, ``pe_conv``, ``nhwc``: see ``_dualdpt_main_impl``."""
-    impl = impl or _dualdpt_main_impl
-    B, S, N, C = feats[0][0].shape
-    flat = [f[0].reshape(B * S, N, C) for f in feats]
-    if chunk_size is None or chunk_size >= S:
-        out = impl(head, flat, H, W, pos_embeds, pe_conv, nhwc)
-        return ADict({k: v.reshape(B, S, *v.shape[1:]) for k, v in out.items()})
-    parts = [
-        impl(head, [f[s0 : min(s0 + chunk_size, B * S)] for f in flat], H, W, pos_embeds, pe_conv, nhwc)
-        for s0 in range(0, B * S, chunk_size)
-    ]
-    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-    return ADict({k: v.view(B, S, *v.shape[1:]) for k, v in out.items()})
-
-
 def to_homogeneous(T: torch.Tensor) -> torch.Tensor:
     """(..., 3, 4) -> (..., 4, 4) (no-op for 4x4)."""
     if T.shape[-2] == 4:
@@ -348,28 +225,6 @@ class _Tap:
     ref_idx: torch.Tensor | None  # restore the original view order with this (DA3's reordering), or None
 
 
-def finish_tap(norm: nn.Module, tap_local: torch.Tensor | None, tap_x: torch.Tensor, ref_idx: torch.Tensor | None,
-               skip_tokens: int, hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``DinoVisionTransformer.get_intermediate_layers`` post-processing of one tap -> ``(tok, cam)``.
-
-    DA3: ``out = cat([local_x, x])``, restored to the original view order; ``cam = out[:, :, 0]``;
-    ``tok = cat([out[..., :D], norm(out[..., D:])])`` without the first ``skip_tokens`` tokens (camera
-    + register tokens). The same values, computed on the slices that are kept (the norm and the
-    restore act per token and per view, so slicing first changes nothing). ``hw``: also reshape
-    ``tok`` to channels-first ``(B, S, C, h, w)`` maps.
-    """
-    if ref_idx is not None:  # gather first: compiled, the gather becomes indexed loads of the next kernels
-        tap_x = restore_original_order(tap_x, ref_idx)
-        tap_local = None if tap_local is None else restore_original_order(tap_local, ref_idx)
-    raw_cam = tap_x[:, :, 0] if tap_local is None else torch.cat([tap_local[:, :, 0], tap_x[:, :, 0]], dim=-1)
-    body = tap_x[:, :, skip_tokens:]
-    tok = norm(body) if tap_local is None else torch.cat([tap_local[:, :, skip_tokens:], norm(body)], dim=-1)
-    if hw is not None:
-        B, S, _N, C = tok.shape
-        tok = tok.transpose(-1, -2).reshape(B, S, C, *hw)
-    return tok, raw_cam
-
-
 def block_kind(alt_start: int, i: int) -> str:
     """DA3's attention kind of ViT block ``i``: global on odd blocks from ``alt_start`` on, else local."""
     return "global" if alt_start != -1 and i >= alt_start and i % 2 == 1 else "local"
@@ -377,7 +232,8 @@ def block_kind(alt_start: int, i: int) -> str:
 
 def output_observed(alt_start: int, out_layers, i: int, end: int) -> bool:
     """Whether ``DA3Backbone._run_blocks`` (blocks up to ``end``) looks at block ``i``'s output tokens other
-    than as the next block's input; a chained block then closes its own residual (``chained_blocks``).
+    than as the next block's input (the runner's ``observed``; a chained fast-path block then closes its
+    own residual).
     Looked at: the end of the run, a tap, the reference-view reorder before block ``alt_start - 1``, the
     camera token at ``alt_start``, and a local block's tokens kept as the trunk's ``local_x`` through a
     following global block that is tapped (its tap concatenates them) or ends the run (the state keeps them)."""
@@ -388,15 +244,6 @@ def output_observed(alt_start: int, out_layers, i: int, end: int) -> bool:
             nxt in out_layers or nxt + 1 >= end):
         return True
     return alt_start != -1 and nxt in (alt_start - 1, alt_start)
-
-
-def _tokens_of_both(x, local_x):
-    """``tokens_of`` for the trunk's current and latest-local tokens, adding a shared pending residual
-    (``local_x is x`` right after a local block) only once, so the two stay one tensor as in DA3."""
-    if local_x is x:
-        x = tokens_of(x)
-        return x, x
-    return tokens_of(x), tokens_of(local_x)
 
 
 @dataclass
@@ -439,19 +286,9 @@ class DA3Backbone(nn.Module):
         # DA3 computes DualDPT's ray branch and then discards it when a camera decoder exists;
         # skipping it leaves depth/conf/cameras bit-identical and saves a large part of the head.
         self.skip_ray_branch = True
-        # DA3 runs its DPT head and camera decoder in fp32 (autocast off); True lets them run under the
-        # caller's autocast (bf16: faster on tensor cores, geometry no longer bit-identical to DA3).
-        self.head_autocast = False
-        self._dpt_impl = None  # compile_blocks(dpt=True) puts a compiled DualDPT chunk function here
-        self._tap_impl = None  # compile_blocks puts a compiled finish_tap here
         self._dpt_pe_cache = ShapeCache()  # _dpt_pos_embeds
-        # compile_for_inference turns it on: the DPT head adds its full-resolution embedding after the
-        # first output conv (``dpt_pe_conv``), not before; rounding-level change, so off on the exact path
-        self.fold_dpt_pe = False
-        self.dpt_nhwc = False  # compile_for_inference: channels-last upsampling inputs (_fusion_block_nhwc)
-        self._dpt_pe_conv_cache = ShapeCache()  # _dpt_pe_conv
-        self._chained: list[ChainedBlock] | None = None  # compile_blocks(chain=True): one per ViT block
-        self._compiled = False  # compile_blocks ran: forwards raise dynamo's recompile limits (compile_scope)
+        # the one injection point: runs the blocks, taps and DPT chunks (model/fastpath installs a faster one)
+        self.runner: TrunkRunner = ExactRunner()
         self.lora_merged = False
         self._lora_layers: list[nn.Module] = []
         if cfg.lora_rank > 0:
@@ -494,7 +331,7 @@ class DA3Backbone(nn.Module):
 
     def lora_parameters(self) -> list[nn.Parameter]:
         if self.lora_merged:
-            raise RuntimeError("LoRA adapters were merged for inference (merge_lora_for_inference)")
+            raise RuntimeError("LoRA adapters were merged for inference (replace_lora_layers)")
         return [p for n, p in self.net.named_parameters() if "lora_" in n]
 
     def set_adapters(self, enabled: bool) -> None:
@@ -521,105 +358,25 @@ class DA3Backbone(nn.Module):
         """Weights in plain ``DepthAnything3Net`` naming (LoRA removed, ``base_layer`` unwrapped)."""
         return plain_da3_names(self.net.state_dict())
 
-    # ------------------------------------------------------------------ speed options
-    def compile_blocks(self, mode: str | None = None, dpt: bool = True, weight_dtype: torch.dtype | None = None,
-                       fuse: bool | None = None, chain: bool = False) -> None:
-        """``torch.compile`` every ViT block in place (Inductor fuses the block's element-wise work).
-
-        Why: at robot-sized windows a DA3-Large block is bound by memory traffic, not arithmetic: about
-        67 kernels, most of them fp32 element-wise passes over the token tensor (layer norms, residual
-        adds, layer scale, RoPE, casts; ``fast3dis-bench --profile``). Blocks of the same structure share
-        one compiled graph (parameters are graph inputs), so there are a handful of compilations, not 24.
-        Numerics change at rounding level (fused kernels round differently); eager stays bit-identical
-        to DA3. The forward stays free of host syncs, so compiled blocks can be graph-captured.
-
-        ``weight_dtype`` (the autocast dtype the forward will run under, e.g. bf16): store the blocks'
-        linear weights in it, so autocast stops re-casting 300 M fp32 weights on every forward (0.9 ms
-        of GPU time, 0.6 ms of wall time at 8 views on an H100; BENCHMARKS 16b). ``fuse`` (default: on
-        when ``weight_dtype`` is given): fc1 + GELU as one GEMM with a GELU epilogue (``fused_mlp.py``; tanh GELU) and the q/k norm +
-        RoPE as one pass (``fast_attention.py``). The tap post-processing (``finish_tap``) is compiled
-        too: one kernel per tap instead of four copies. ``chain``: each block leaves its last residual
-        add to the next one, which fuses it with its first LayerNorm (``chained_blocks.py``;
-        ``Fast3DIS.compile_for_inference`` turns it on).
-        """
-        from fast3dis_ros.model.fastpath.fast_attention import fuse_block_attention
-        from fast3dis_ros.model.fastpath.fused_mlp import fuse_block_mlps
-
-        self._compiled = True  # forwards now run under compile_scope() (dynamo's limits, scoped)
-        if weight_dtype is not None:
-            self.cast_block_linears(weight_dtype)
-        if fuse if fuse is not None else weight_dtype is not None:
-            fuse_block_mlps(self.vit.blocks)
-            fuse_block_attention(self.vit.blocks)
-        for blk in self.vit.blocks:
-            blk.compile(mode=mode, dynamic=False)
-        if chain:
-            self.chain_blocks(compile=True, mode=mode)
-        self._tap_impl = torch.compile(finish_tap, mode=mode, dynamic=False)
-        if dpt:  # DA3's DPT head (depth only): fuses its interpolations, adds and activations
-            self._dpt_impl = torch.compile(_dualdpt_main_impl, mode=mode, dynamic=False)
-
-    @property
-    def chained(self) -> bool:
-        """Whether the trunk runs through ``ChainedBlock`` wrappers (``chain_blocks``)."""
-        return self._chained is not None
-
-    def unchain_blocks(self) -> None:
-        """Back to one plain (compiled, if ``compile_blocks`` ran) block per ViT block: the chain's A/B."""
-        self._chained = None
-
-    def chain_blocks(self, compile: bool = False, mode: str | None = None) -> None:
-        """Run the trunk through ``ChainedBlock`` wrappers (see ``_run_blocks``); eager outputs are unchanged.
-        ``compile``: ``torch.compile`` each wrapper (what ``compile_blocks(chain=True)`` does; also usable
-        after ``compile_blocks``)."""
-        if self._chained is None:
-            self._chained = [ChainedBlock(blk) for blk in self.vit.blocks]
-        if compile:
-            for chained in self._chained:
-                chained.compile(mode=mode, dynamic=False)
-
-    def cast_block_linears(self, dtype: torch.dtype) -> int:
-        """Store every linear layer of the ViT blocks (and merged LoRA copies) in ``dtype``; returns how many.
-
-        Inference only (the fast path): under autocast the GEMMs already run in ``dtype``, so this only
-        removes the per-forward weight casts; norms, layer scales and the residual stream keep fp32.
-        """
-        from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
-
-        return store_weights_in(self.vit.blocks, dtype, extra_types=(MergedLoraLinear,))
-
-    def cast_head_weights(self, dtype: torch.dtype) -> int:
-        """Store DA3's DPT head and camera decoder weights in ``dtype`` (only with ``head_autocast``: they
-        run under the caller's autocast then; DA3's own fp32 heads would meet bf16 weights). The camera
-        encoder always runs in fp32 and is left alone."""
-        from fast3dis_ros.model.fastpath.weight_dtype import store_weights_in
-
-        if not self.head_autocast:
-            raise RuntimeError("cast_head_weights needs head_autocast=True (DA3 runs its heads in fp32)")
-        n = store_weights_in(self.net.head, dtype)
-        if getattr(self.net, "cam_dec", None) is not None:
-            n += store_weights_in(self.net.cam_dec, dtype)
-        return n
-
-    def merge_lora_for_inference(self) -> None:
-        """Fold each LoRA adapter into a second copy of its weight: pass 2 then runs one GEMM per linear
-        instead of base GEMM + two rank-r GEMMs + an add (about 3 ms of an 8-view DA3-Large forward).
-
-        Inference only: the adapters' own parameters leave the module tree (``lora_parameters()``
-        raises afterwards), so load checkpoints before calling this. Pass 1 keeps the frozen weight.
-        """
+    def replace_lora_layers(self, make: Callable[..., nn.Module]) -> int:
+        """Put ``make(layer)`` in place of every LoRA layer (the fast path folds each adapter into a weight
+        copy, ``fastpath/merged_lora.py``); returns how many. The replacements must keep peft's
+        ``_disable_adapters`` flag, which ``adapters()`` keeps switching. Inference only: the adapters'
+        own parameters leave the module tree, so ``lora_parameters()`` raises afterwards (load
+        checkpoints first). A second call does nothing."""
         if self.lora_merged or not self._lora_layers:
-            return
-        merged_layers = []
+            return 0
+        replaced = []
         for name, mod in list(self.net.named_modules()):
             if mod not in self._lora_layers:
                 continue
-            parent = self.net.get_submodule(name.rsplit(".", 1)[0])
-            dual = MergedLoraLinear(mod)
-            setattr(parent, name.rsplit(".", 1)[1], dual)
-            merged_layers.append(dual)
-        self._lora_layers = merged_layers
+            parent_name, child = name.rsplit(".", 1)
+            new = make(mod)
+            setattr(self.net.get_submodule(parent_name), child, new)
+            replaced.append(new)
+        self._lora_layers = replaced
         self.lora_merged = True
+        return len(replaced)
 
     # ------------------------------------------------------------------ trunk
     def encode_cameras(self, K: torch.Tensor, T_cam_world: torch.Tensor, image_hw) -> torch.Tensor:
@@ -697,18 +454,14 @@ class DA3Backbone(nn.Module):
         return pos, pos_nodiff
 
     def _run_blocks(self, st: _TrunkState, end: int, ref_view_strategy: str, b_idx=None) -> _TrunkState:
-        """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics); returns a new state.
-
-        With chained blocks (``compile_blocks(chain=True)``) a block's last residual add is left pending
-        (``chained_blocks.PendingTokens``) for the next block to fuse; it is added up wherever the
-        tokens themselves are needed, so the state this returns always holds plain tokens.
-        """
+        """Run ViT blocks ``st.next_block .. end-1`` (DA3 semantics, each block by ``self.runner``); returns a
+        new state. Whatever stands for the tokens between blocks (a fast runner may leave a residual
+        pending), the trunk reads tokens through ``runner.tokens``, so the state holds plain tokens."""
         vit = self.vit
         x, local_x, taps = st.x, st.local_x, dict(st.taps)
         ref_idx = st.b_idx  # set once DA3 has reordered the views (its `'b_idx' in locals()`)
         B, S = x.shape[:2]
         for i in range(st.next_block, end):
-            blk = vit.blocks[i]
             if i < vit.rope_start or vit.rope is None:
                 g_pos, l_pos = None, None
             else:
@@ -719,7 +472,7 @@ class DA3Backbone(nn.Module):
                 and S >= THRESH_FOR_REF_SELECTION
                 and st.cam_token is None
             ):
-                x, local_x = _tokens_of_both(x, local_x)
+                x, local_x = self._tokens_of_both(x, local_x)
                 ref_idx = b_idx if b_idx is not None else select_reference_view(x, strategy=ref_view_strategy)
                 x = reorder_by_reference(x, ref_idx)
                 local_x = reorder_by_reference(local_x, ref_idx)
@@ -730,28 +483,32 @@ class DA3Backbone(nn.Module):
                     ref_token = vit.camera_token[:, :1].expand(B, -1, -1)
                     src_token = vit.camera_token[:, 1:].expand(B, S - 1, -1)
                     cam_token = torch.cat([ref_token, src_token], dim=1)
-                x = tokens_of(x)
+                x = self.runner.tokens(x)
                 x = torch.cat([cam_token.to(x.dtype)[:, :, None], x[:, :, 1:]], dim=2)
             kind = block_kind(vit.alt_start, i)
             pos = g_pos if kind == "global" else l_pos
-            if self._chained is not None:
-                x = run_chained(self._chained[i], x, kind, pos, close=output_observed(vit.alt_start, self.out_layers, i, end))
-            else:
-                x = vit.process_attention(x, blk, kind, pos=pos, attn_mask=None)
+            x = self.runner.run_block(vit, i, x, kind, pos, output_observed(vit.alt_start, self.out_layers, i, end))
             if kind == "local":
                 local_x = x
             if i in self.out_layers:
-                x, local_x = _tokens_of_both(x, local_x)
+                x, local_x = self._tokens_of_both(x, local_x)
                 restore = S >= THRESH_FOR_REF_SELECTION and vit.alt_start != -1 and ref_idx is not None
                 taps[i] = _Tap(local_x if vit.cat_token else None, x, ref_idx if restore else None)
-        x, local_x = _tokens_of_both(x, local_x)
+        x, local_x = self._tokens_of_both(x, local_x)
         return replace(st, x=x, local_x=local_x, b_idx=ref_idx, next_block=end, taps=taps)
+
+    def _tokens_of_both(self, x, local_x):
+        """``runner.tokens`` for the trunk's current and latest-local tokens, asked once when they are the
+        same object (right after a local block), so the two stay one tensor as in DA3."""
+        if local_x is x:
+            x = self.runner.tokens(x)
+            return x, x
+        return self.runner.tokens(x), self.runner.tokens(local_x)
 
     def _finish_taps(self, st: _TrunkState, hw: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """DinoVisionTransformer.get_intermediate_layers post-processing -> DA3 ``feats`` (see ``finish_tap``)."""
-        impl = self._tap_impl or finish_tap
         skip = 1 + self.vit.num_register_tokens
-        return [impl(self.vit.norm, st.taps[i].local_x, st.taps[i].x, st.taps[i].ref_idx, skip, hw)
+        return [self.runner.finish_tap(self.vit.norm, st.taps[i].local_x, st.taps[i].x, st.taps[i].ref_idx, skip, hw)
                 for i in self.out_layers]
 
     def _dpt_pos_embeds(self, head: DualDPT, H: int, W: int, device: torch.device) -> list[torch.Tensor] | None:
@@ -775,28 +532,12 @@ class DA3Backbone(nn.Module):
             pe = self._dpt_pe_cache.put(key, [uv_pos_embed(c, h, w, H, W, dtype, device) for c, h, w in shapes])
         return pe
 
-    def _dpt_pe_conv(self, head: DualDPT, H: int, W: int,
-                     pos_embeds: list[torch.Tensor] | None) -> torch.Tensor | None:
-        """``dpt_pe_conv`` of the cached full-resolution embedding when ``fold_dpt_pe`` is on, cached by
-        the embedding and by the conv weight's storage and version: loading or casting weights after a
-        forward makes a new entry instead of reusing a stale one."""
-        if not self.fold_dpt_pe or pos_embeds is None:
-            return None
-        weight = head.scratch.output_conv2[0].weight
-        pe_full = pos_embeds[-1]
-        key = (id(head), H, W, pe_full.dtype, str(pe_full.device), weight.data_ptr(), weight._version, weight.dtype)
-        pe_conv = self._dpt_pe_conv_cache.get(key)
-        if pe_conv is None:
-            pe_conv = self._dpt_pe_conv_cache.put(key, dpt_pe_conv(head, pe_full))
-        return pe_conv
-
     def _geometry_head(self, feats, H: int, W: int, device_type: str) -> ADict:
         net = self.net
-        with contextlib.nullcontext() if self.head_autocast else autocast_off(device_type):
+        with self.runner.head_context(device_type):
             if isinstance(net.head, DualDPT) and net.cam_dec is not None and self.skip_ray_branch:
                 pe = self._dpt_pos_embeds(net.head, H, W, feats[0][0].device)
-                output = dualdpt_depth_only(net.head, feats, H, W, impl=self._dpt_impl, pos_embeds=pe,
-                                            pe_conv=self._dpt_pe_conv(net.head, H, W, pe), nhwc=self.dpt_nhwc)
+                output = dualdpt_depth_only(net.head, feats, H, W, impl=self.runner.dpt_chunk, pos_embeds=pe)
             else:
                 output = internals.process_depth_head(net, feats, H, W)
             output = internals.process_camera_estimation(net, feats, H, W, output)
@@ -820,22 +561,10 @@ class DA3Backbone(nn.Module):
         return max(self.out_layers) + 1
 
     # ------------------------------------------------------------------ public passes
-    def compile_scope(self):
-        """Dynamo's recompile limits raised to 64 while this backbone's compiled parts run (there is one
-        graph per block structure and window shape, more than dynamo's default of 8), set only for the
-        duration of the forward: nothing global changes at import, construction or compile time."""
-        if not self._compiled:
-            return contextlib.nullcontext()
-        import torch._dynamo
-
-        cfg = torch._dynamo.config
-        limits = {k: max(getattr(cfg, k), 64) for k in ("cache_size_limit", "recompile_limit") if hasattr(cfg, k)}
-        return cfg.patch(**limits)
-
     def forward_geometry(self, images, K=None, T_cam_world=None) -> dict[str, torch.Tensor]:
         """Pass 1, adapters off: depth (B,V,H,W), depth_conf, intrinsics (B,V,3,3), extrinsics (B,V,4,4)."""
         H, W = images.shape[-2:]
-        with self.adapters(False), self.compile_scope():
+        with self.adapters(False), self.runner.scope():
             st = self._stem(images, K, T_cam_world)
             st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
             return self._geometry_outputs(st, H, W, images.device.type)
@@ -843,7 +572,7 @@ class DA3Backbone(nn.Module):
     def forward_features(self, images, K=None, T_cam_world=None) -> list[torch.Tensor]:
         """Pass 2, adapters on: the 4 tapped token maps as (B, V, 2*D, H/14, W/14)."""
         H, W = images.shape[-2:]
-        with self.adapters(True), self.compile_scope():
+        with self.adapters(True), self.runner.scope():
             st = self._stem(images, K, T_cam_world)
             st = self._run_blocks(st, self._last_block, self.cfg.ref_view_strategy)
             return self._feature_outputs(st, H, W)
@@ -859,7 +588,7 @@ class DA3Backbone(nn.Module):
         H, W = images.shape[-2:]
         grad_geo = torch.is_grad_enabled() and geometry_grad
         split = min(self.lora_start, self._last_block)
-        with self.compile_scope():
+        with self.runner.scope():
             return self._forward_both(images, K, T_cam_world, H, W, split, grad_geo)
 
     def _forward_both(self, images, K, T_cam_world, H: int, W: int, split: int, grad_geo: bool):

@@ -5,7 +5,7 @@ one by one from Python costs more than running them. A node sees the same few wi
 and over, so each shape is captured once and replayed with a single launch.
 
 What makes it possible: the forward has no host synchronisation or data-dependent shape (DA3's RoPE
-and camera encoder replaced, see ``grid_rope.py`` / ``camera_encoding.py``; ``test_sync_free.py``
+and camera encoder replaced, see ``model/da3/grid_rope.py`` / ``model/da3/camera_encoding.py``; ``test_sync_free.py``
 proves it on the ``meta`` device). Autocast runs with ``cache_enabled=False``, as graph capture needs.
 
 Contract: the returned dict holds the graph's static output tensors; they are overwritten by the

@@ -15,7 +15,7 @@ row's statistics. Written that way, every term is a load of the raw qkv buffer o
 and the norm, the rotation and the cast fuse into a single kernel that reads q (or k) once and writes
 it once, already in the dtype and layout the attention kernel takes.
 
-Same arithmetic as DA3 up to fp32 rounding order; used by ``DA3Backbone.compile_blocks(fuse=True)``
+Same arithmetic as DA3 up to fp32 rounding order; used by ``accelerate.py`` (``FastPathOptions.fuse``)
 only. The exact (DA3-identical) path keeps DA3's own ``Attention``.
 """
 
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast3dis_ros.model.fastpath.block_patch import replace_in_blocks
-from fast3dis_ros.model.fastpath.grid_rope import GridRope
+from fast3dis_ros.model.da3.grid_rope import GridRope
 
 
 def partner_perm(t: torch.Tensor) -> torch.Tensor:

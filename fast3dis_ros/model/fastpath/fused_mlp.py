@@ -9,7 +9,7 @@ tanh approximation of GELU (DA3 uses the exact erf form: the two differ by less 
 below bf16's rounding step at the activations' scale). The call is wrapped in a custom op so that
 ``torch.compile`` keeps it as one opaque kernel instead of decomposing it back into GEMM + GELU.
 
-Used only by ``DA3Backbone.compile_blocks(fuse=True)``; the exact (DA3-identical) path keeps
+Used only by ``accelerate.py`` (``FastPathOptions.fuse``); the exact (DA3-identical) path keeps
 DA3's own ``Mlp``.
 """
 
