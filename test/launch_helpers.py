@@ -9,12 +9,11 @@ images + CameraInfo of the test's cameras from the test process.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from ros_helpers import ROOT, RosContext, unique_domain_id
+from ros_helpers import ROOT, FramePump, RosContext, unique_domain_id
 
 LAUNCH_FILE = ROOT / "launch" / "fast3dis.launch.py"
 CAMS = ["left", "right"]
@@ -67,9 +66,11 @@ def image(k: int, cam: int) -> np.ndarray:
     return img
 
 
-class FramePublisher:
+class FramePublisher(FramePump):
     """Images + CameraInfo of ``CAMS`` on ``<prefix><cam>/image_raw`` / ``camera_info``, 10 Hz stamps
     from ``base_ns``; with ``clock`` also /clock at each frame set's stamp (sim time)."""
+
+    pump_period = 0.3
 
     def __init__(self, ctx: RosContext, prefix: str = "/", base_ns: int = 1_700_000_000_000_000_000,
                  clock: bool = False):
@@ -86,7 +87,6 @@ class FramePublisher:
         self.base_ns = base_ns
         self.k = 0
         self.stamps: list[int] = []
-        self._next = 0.0
 
     def wait_matched(self, timeout: float = 60.0) -> bool:
         return self.ctx.spin_until(lambda: all(p.get_subscription_count() > 0 for p in self.img + self.info),
@@ -113,14 +113,6 @@ class FramePublisher:
         self.stamps.append(ns)
         self.k += 1
 
-    def pump(self, period: float = 0.3):
-        """``step`` for ``RosContext.spin_until``: a frame set every ``period`` s of wall time."""
-        def step():
-            now = time.monotonic()
-            if now >= self._next:
-                self.publish_set()
-                self._next = now + period
-        return step
 
 
 def new_domain() -> int:

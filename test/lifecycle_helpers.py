@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from fast3dis_ros.core.frames import WindowPrediction
-from ros_helpers import RosContext
+from ros_helpers import FramePump, RosContext
 
 CAMS = ["left", "right"]
 H, W = 24, 32
@@ -116,8 +116,10 @@ class LifecycleNodeThread:
         self.close()
 
 
-class Client:
+class Client(FramePump):
     """The test side: frame publishers for one namespace, service / lifecycle clients, output subscribers."""
+
+    pump_period = 0.2
 
     def __init__(self, ctx: RosContext, ns: str = ""):
         from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -130,7 +132,6 @@ class Client:
         self.img_pubs = [n.create_publisher(Image, f"{self.ns}/{c}/image_raw", q) for c in CAMS]
         self.info_pubs = [n.create_publisher(CameraInfo, f"{self.ns}/{c}/camera_info", q) for c in CAMS]
         self.k = 0
-        self.next_pub = 0.0
         self._clients: dict = {}
 
     @property
@@ -152,14 +153,6 @@ class Client:
             self.info_pubs[i].publish(ci)
             self.img_pubs[i].publish(msg)
         self.k += 1
-
-    def pump(self, period: float = 0.2):
-        def step():
-            now = time.monotonic()
-            if now >= self.next_pub:
-                self.publish_set()
-                self.next_pub = now + period
-        return step
 
     def image_subscribers(self) -> int:
         return sum(p.get_subscription_count() for p in self.img_pubs)

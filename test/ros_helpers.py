@@ -101,6 +101,28 @@ class RosProcess:
             sys.stderr.write(f"\n----- {self.name} output ({self.log_path}) -----\n{self.output()[-6000:]}\n")
 
 
+class FramePump:
+    """Base of the tests' frame publishers (``publish_set()`` sends one frame set): ``pump(period)`` is a
+    ``RosContext.spin_until`` step that publishes a set at most every ``period`` s of wall time. The
+    steps of successive ``pump`` calls share one schedule, so a new step does not publish early."""
+
+    pump_period = 0.25  # s; the default of ``pump``
+    _next_pub = 0.0
+
+    def publish_set(self) -> None:
+        raise NotImplementedError
+
+    def pump(self, period: float | None = None):
+        period = self.pump_period if period is None else period
+
+        def step():
+            now = time.monotonic()
+            if now >= self._next_pub:
+                self.publish_set()
+                self._next_pub = now + period
+        return step
+
+
 class RosContext:
     """An rclpy context + node + single-threaded executor on ``domain_id``, for the test process."""
 

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("fast3dis_msgs.msg")
 
-from ros_helpers import RosContext, RosProcess, read_cloud, unique_domain_id, wait_for_subscribers  # noqa: E402
+from ros_helpers import FramePump, RosContext, RosProcess, read_cloud, unique_domain_id, wait_for_subscribers  # noqa: E402
 
 CAMS = ["left", "right"]
 H, W = 48, 64
@@ -44,7 +44,8 @@ def _camera_info(stamp, frame_id):
     return ci
 
 
-class _Harness:
+class _Harness(FramePump):
+    pump_period = 0.25
     def __init__(self, ctx):
         from diagnostic_msgs.msg import DiagnosticArray
         from fast3dis_msgs.msg import InstanceArray
@@ -69,7 +70,6 @@ class _Harness:
         self.k = 0
         self.stamps = []
         self.base_ns = 1_700_000_000_000_000_000
-        self.next_pub = 0.0
 
     def publish_set(self, encoding="rgb8"):
         from fast3dis_ros.ros.conversions import ns_to_stamp, numpy_to_image
@@ -86,14 +86,6 @@ class _Harness:
         self.stamps.append(ns)
         self.k += 1
 
-    def pump(self, period=0.25):
-        """step() for spin_until: publish a frame set every ``period`` s of wall time."""
-        def step():
-            now = time.monotonic()
-            if now >= self.next_pub:
-                self.publish_set()
-                self.next_pub = now + period
-        return step
 
 
 def _wait_matched(ctx, h, node):
