@@ -5,13 +5,14 @@ forward runs in ``test_chained_blocks.py`` on the CPU and in ``test_cuda_graph.p
 uncompiled fast runner runs here against the exact path.
 """
 
-import pytest
+from collections import Counter
+
 import torch
 
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.model.da3.runner import ExactRunner
 from fast3dis_ros.model.fast3dis import Fast3DIS
-from fast3dis_ros.model.fastpath.accelerate import FastPathOptions, FastRunner, accelerate
+from fast3dis_ros.model.fastpath.accelerate import FastRunner
 from fast3dis_ros.model.fastpath.fast_attention import FusedNormRopeAttention
 from fast3dis_ros.model.fastpath.fused_mlp import FusedGeluMlp
 from fast3dis_ros.model.fastpath.merged_lora import MergedLoraLinear
@@ -26,8 +27,42 @@ def _model(seed: int = 0) -> Fast3DIS:
     return model
 
 
-def test_default_backbone_runs_the_exact_runner():
-    assert type(_model().backbone.runner) is ExactRunner
+class _CountingRunner(ExactRunner):
+    """DA3's runner that counts what the backbone hands it."""
+
+    def __init__(self) -> None:
+        self.calls = Counter()
+
+    def run_block(self, vit, i, x, kind, pos, observed):
+        self.calls["block"] += 1
+        return super().run_block(vit, i, x, kind, pos, observed)
+
+    def finish_tap(self, *args):
+        self.calls["tap"] += 1
+        return super().finish_tap(*args)
+
+    def dpt_chunk(self, *args):
+        self.calls["dpt"] += 1
+        return super().dpt_chunk(*args)
+
+
+def test_every_block_tap_and_dpt_chunk_goes_through_the_runner():
+    """The injection point is the only way: a runner swapped in sees every block of both passes (the
+    shared prefix once), every tap, every DPT chunk, and the outputs stay DA3's."""
+    model = _model()
+    bb = model.backbone
+    assert type(bb.runner) is ExactRunner  # the default
+    x = torch.randn(1, 3, 3, 70, 98)
+    with torch.no_grad():
+        ref_geo, ref_feats = bb.forward_both(x)
+        bb.runner = counting = _CountingRunner()
+        geo, feats = bb.forward_both(x)
+    last = max(bb.out_layers) + 1
+    split = min(bb.lora_start, last)
+    assert 0 < split < last
+    assert counting.calls["block"] == last + (last - split)
+    assert counting.calls["tap"] == 2 * len(bb.out_layers) and counting.calls["dpt"] == 1
+    assert torch.equal(geo["depth"], ref_geo["depth"]) and all(torch.equal(a, b) for a, b in zip(feats, ref_feats))
 
 
 def test_compile_for_inference_installs_the_compiled_bf16_runner():
@@ -75,9 +110,3 @@ def test_uncompiled_fast_runner_is_the_exact_forward_up_to_rounding():
     torch.testing.assert_close(out["depth"], ref["depth"], rtol=1e-4, atol=1e-5)  # ... and only that
     torch.testing.assert_close(out["pred_masks"], ref["pred_masks"], rtol=1e-3, atol=1e-3)
     assert torch.equal(back["depth"], ref["depth"])
-
-
-def test_head_weights_in_bf16_need_heads_under_autocast():
-    model = _model()
-    with pytest.raises(ValueError, match="head_autocast"):
-        accelerate(model.backbone, FastPathOptions(head_dtype=torch.bfloat16))
