@@ -121,3 +121,11 @@ def test_known_geometry_configs_and_sources():
     assert [config_name(c) for c in cfgs] == ["masks+depth+poses", "none", "masks|known=rig", "none|known=rig"]
     assert [config_name(c) for c in known_geometry_configs([()], ["poses"])] == ["masks|known=poses",
                                                                                   "none|known=poses"]
+
+
+def test_oracle_table_cli_rejects_an_unknown_source(capsys):
+    from fast3dis_ros.eval.oracle_table import run
+
+    with pytest.raises(SystemExit) as e:
+        run(["--seeds", "none", "--known-geometry", "rig,odometry", "--out", "unused"])
+    assert e.value.code == 2 and "unknown known-geometry source(s) ['odometry']" in capsys.readouterr().err

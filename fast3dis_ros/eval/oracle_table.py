@@ -101,6 +101,13 @@ class OracleTable:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _known_sources(spec: str) -> list[str]:
+    try:
+        return parse_known_sources(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.oracle_table", description=(
         "Error budget on held-out synthetic scenes: replay each scene with every oracle configuration "
@@ -110,7 +117,7 @@ def _parse(argv):
                     help="seeds of scenes from the independent generator (eval/independent_scene.py), e.g. 0-1")
     ap.add_argument("--configs", choices=["all", "issue"], default="all",
                     help="all 8 subsets of masks/depth/poses, or the issue's 4 (masks x depth+poses)")
-    ap.add_argument("--known-geometry", default="none", metavar="SOURCES",
+    ap.add_argument("--known-geometry", type=_known_sources, default=["none"], metavar="SOURCES",
                     help="comma list of none,rig,poses,rig+poses (or all): each source other than none adds rows "
                          "(network / GT masks on the network's geometry) replayed with that known geometry from "
                          "the bag's TF, as fast3dis-eval --known-geometry; none keeps the --configs rows")
@@ -131,10 +138,7 @@ def _parse(argv):
 def run(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    try:
-        sources = parse_known_sources(args.known_geometry)
-    except ValueError as e:
-        raise SystemExit(f"oracle_table: error: --known-geometry: {e}") from None
+    sources = args.known_geometry
     import torch
 
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
