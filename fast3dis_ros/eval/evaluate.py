@@ -63,6 +63,7 @@ Its timing is the clustering alone and clustering + the network forward it needs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -462,12 +463,13 @@ def has_ground_truth(gt) -> bool:
 
 
 # ---------------------------------------------------------------------------------- oracle error budget
-def _row(parts, metrics: dict) -> dict:
+def _row(parts, known: str, metrics: dict, name: str) -> dict:
     from .oracle import oracle_name
 
     f = metrics["methods"]["fast3dis"]
     mc = f.get("map_cloud") or {}
-    return {"oracle": oracle_name(parts), "lifted_AP50": f["AP50"], "per_window_AP50": f["AP_per_window"]["AP50"],
+    return {"config": name, "oracle": oracle_name(parts), "known_geometry": known, "lifted_AP50": f["AP50"],
+            "per_window_AP50": f["AP_per_window"]["AP50"],
             "map_AP": mc.get("AP"), "map_AP50": mc.get("AP50"), "map_AP25": mc.get("AP25"),
             "linking": mc.get("linking"), "geometry": mc.get("geometry"), "instances": mc.get("instances"),
             "sim3": mc.get("sim3"), "checkpoints": mc.get("checkpoints")}
@@ -475,21 +477,27 @@ def _row(parts, metrics: dict) -> dict:
 
 def scene_rows(bag, gt, predictor, cfg, configs, *, eval_voxel: float = 0.05, pools: dict | None = None,
                seed: int = 0) -> list[dict]:
-    """Replay ``bag`` once per oracle configuration and score it; ``pools`` {config name: {"whole",
-    "per_window", "map_cloud": InstanceAPEvaluator}} receive the scenes. Rows of unscored replays are
-    skipped (a bag whose views never meet GT)."""
-    from .oracle import CachedPredictor, OraclePredictor, oracle_name
+    """Replay ``bag`` once per table row and score it; ``pools`` {row name: {"whole", "per_window",
+    "map_cloud": InstanceAPEvaluator}} receive the scenes. A row (``oracle.split_config``) is a tuple of oracle
+    parts, replayed with ``cfg`` as given, or ``oracle.table_config(parts, known)``, replayed with
+    ``cfg.known_geometry = known``: the product's own replay path (``fast3dis-eval --known-geometry``). Rows of
+    unscored replays are skipped (a bag whose views never meet GT)."""
+    from .oracle import CachedPredictor, OraclePredictor, config_name, split_config
     from .replay import replay_bag
 
     cached = predictor if isinstance(predictor, CachedPredictor) else CachedPredictor(predictor)
     rows = []
-    for parts in configs:
-        name = oracle_name(parts)
-        res = replay_bag(bag, OraclePredictor(cached, gt, parts, seed), cfg, out_bag=None, progress=False)
+    for config in configs:
+        parts, known = split_config(config)
+        name = config_name(config)
+        row_cfg = cfg if known is None else dataclasses.replace(cfg, known_geometry=known)
+        res = replay_bag(bag, OraclePredictor(cached, gt, parts, seed), row_cfg, out_bag=None, progress=False)
         m, *_ = compute_metrics(res.records, gt, eval_voxel=eval_voxel,
                                 pool={"fast3dis": (pools or {}).get(name, {})})
         if m["methods"]:
-            rows.append(_row(parts, m))
+            row = _row(parts, row_cfg.known_geometry, m, name)
+            row["known_geometry_counts"] = {k: v for k, v in res.accounting["known_geometry"].items() if k != "mode"}
+            rows.append(row)
     return rows
 
 

@@ -12,8 +12,10 @@ Protocol (every distance in GT metres, after the Sim(3) below)
   its majority GT instance (0 = background: walls, floor, ceiling).
 * **Sim(3)**: ``map`` is the first window's world, up to scale. One Sim(3) per scene maps it onto the GT
   world: ``metrics.align_camera_centers`` on the fused camera poses (``FusionResult.T_map_cam`` of each
-  view's first window, the pose fusion anchors on) vs the GT poses. Reported: its scale and the RMSE of
-  the camera centres after the fit (``residual_m``).
+  view's first window, the pose fusion anchors on) vs the GT poses. Reported: its scale, the RMSE of
+  the camera centres after the fit (``residual_m``), its rotation angle (``rotation_deg``) and translation
+  (``translation_m``): where the map frame is the metric GT world (known poses, GT geometry) the fit is the
+  identity, so the map was scored as published.
 * **Label transfer** (map point -> GT label): a map point takes the GT instance of its nearest GT surface
   voxel if that is within ``tau`` (default 0.10 m), else background (0). For the AP the map is
   re-voxelised at ``voxel`` in the GT frame (majority map id per voxel) so map and GT have one density.
@@ -121,7 +123,7 @@ def _gt_surface(gt, keys, voxel: float) -> GTSurface:
 
 def fit_map_sim3(records, gt) -> dict:
     """The scene's Sim(3) map -> GT world from camera poses (module doc): {"sim3": (s, R, t), "scale",
-    "residual_m", "n_views"}; ``sim3`` None when no view has a GT pose."""
+    "residual_m", "rotation_deg", "translation_m", "n_views"}; ``sim3`` None when no view has a GT pose."""
     pred, ref = [], []
     for (cam, st), (ri, v) in _view_keys(records).items():
         T = (gt.T_world_cam.get(cam) or {}).get(st)
@@ -130,13 +132,16 @@ def fit_map_sim3(records, gt) -> dict:
         pred.append(np.linalg.inv(np.asarray(records[ri].fusion.T_map_cam[v], np.float64)))
         ref.append(np.linalg.inv(np.asarray(T, np.float64)))
     if not pred:
-        return {"sim3": None, "scale": float("nan"), "residual_m": float("nan"), "n_views": 0}
+        return {"sim3": None, "scale": float("nan"), "residual_m": float("nan"), "rotation_deg": float("nan"),
+                "translation_m": float("nan"), "n_views": 0}
     P, G = np.stack(pred), np.stack(ref)
     s, R, t = align_camera_centers(P, G)
     cp = apply_sim3((s, R, t), np.linalg.inv(P)[:, :3, 3])
     cg = np.linalg.inv(G)[:, :3, 3]
     res = float(np.sqrt(np.mean(np.sum((cp - cg) ** 2, 1))))
-    return {"sim3": (float(s), R, t), "scale": float(s), "residual_m": res, "n_views": len(P)}
+    rot = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+    return {"sim3": (float(s), R, t), "scale": float(s), "residual_m": res, "rotation_deg": rot,
+            "translation_m": float(np.linalg.norm(t)), "n_views": len(P)}
 
 
 def _instance_scores(cloud, instances) -> dict[int, float]:
@@ -294,7 +299,7 @@ def score_replay_map(records, gt, *, voxel: float = 0.05, tau: float = MAP_TAU_M
                    "unassigned_frac": r["instances"]["unassigned_frac"]})
     res["instances"].update(id_switches(dom))
     res["checkpoints"] = ck
-    res["sim3"] = {"scale": fit["scale"], "residual_m": fit["residual_m"], "n_views": fit["n_views"]}
+    res["sim3"] = {k: fit[k] for k in ("scale", "residual_m", "rotation_deg", "translation_m", "n_views")}
     res["linking"] = linking_stats(records)
     res.pop("dominant")
     return res

@@ -16,6 +16,11 @@ is counted (``OraclePredictor.stats['views_without_gt']``).
 
 ``CachedPredictor`` runs the network once per window (keyed by the window's (camera, stamp) views), so
 the configurations of an oracle table replay the same forward passes.
+
+Known geometry (``ReplayConfig.known_geometry``: rig extrinsics and/or poses from the bag's TF, attached to
+the frames by ``eval.replay.KnownGeometry``) is a second axis of the table: a row is (oracle parts, known
+source), ``table_config`` / ``split_config`` / ``config_name``. Known geometry is not an oracle: it is what a
+robot has, read from the bag exactly as ``fast3dis-eval --known-geometry`` reads it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ from fast3dis_ros.geometry.cameras import scale_K
 from fast3dis_ros.core.frames import Window, WindowPrediction
 from .metrics import resize_nearest
 
-__all__ = ["ORACLE_PARTS", "ISSUE_TABLE_CONFIGS", "parse_oracle", "all_oracle_configs", "oracle_name",
+__all__ = ["ORACLE_PARTS", "ISSUE_TABLE_CONFIGS", "KNOWN_GEOMETRY_ROW_PARTS", "parse_oracle", "parse_known_sources",
+           "all_oracle_configs", "oracle_name", "table_config", "split_config", "config_name", "known_geometry_configs",
            "apply_oracle", "OraclePredictor", "CachedPredictor"]
 
 ORACLE_PARTS = ("masks", "depth", "poses")
 # the issue's table: masks x (depth + poses)
 ISSUE_TABLE_CONFIGS = [("masks", "depth", "poses"), ("depth", "poses"), ("masks",), ()]
+# rows with a known-geometry source: the network's geometry (which the known source corrects) under network
+# masks (the product) and GT masks (the mask error removed: what is left is geometry error)
+KNOWN_GEOMETRY_ROW_PARTS = [("masks",), ()]
+KNOWN_SOURCES = ("none", "rig", "poses", "rig+poses")  # = eval.replay.KNOWN_GEOMETRY
 
 
 def parse_oracle(spec: str | None) -> tuple[str, ...]:
@@ -61,6 +71,50 @@ def all_oracle_configs() -> list[tuple[str, ...]]:
 
 def oracle_name(parts) -> str:
     return "+".join(parts) if parts else "none"
+
+
+def parse_known_sources(spec: str | None) -> list[str]:
+    """``"none,rig,poses,rig+poses"`` -> that list (order kept, duplicates dropped); ``"all"`` -> every
+    source. Unknown sources raise ValueError."""
+    if spec is None:
+        return ["none"]
+    items = [p.strip().lower() for p in str(spec).split(",") if p.strip()]
+    if items == ["all"]:
+        return list(KNOWN_SOURCES)
+    bad = sorted(set(items) - set(KNOWN_SOURCES))
+    if bad or not items:
+        raise ValueError(f"unknown known-geometry source(s) {bad or [spec]}; choose from {','.join(KNOWN_SOURCES)} "
+                         "(or all)")
+    return list(dict.fromkeys(items))
+
+
+def table_config(parts, known: str | None = None) -> tuple:
+    """One row of the table: oracle ``parts`` replayed with known-geometry source ``known`` (None: the
+    replay config's own ``known_geometry``, what a bare parts tuple means)."""
+    if known is not None and known not in KNOWN_SOURCES:
+        raise ValueError(f"unknown known-geometry source {known!r}; choose from {','.join(KNOWN_SOURCES)}")
+    return (tuple(parts), known)
+
+
+def split_config(config) -> tuple[tuple[str, ...], str | None]:
+    """(parts, known) of a row: a ``table_config`` pair, or a bare parts tuple (known None)."""
+    c = tuple(config)
+    if len(c) == 2 and isinstance(c[0], tuple) and (c[1] is None or c[1] in KNOWN_SOURCES):
+        return c[0], c[1]
+    return c, None
+
+
+def config_name(config) -> str:
+    """Row key: ``oracle_name(parts)``, plus ``|known=<source>`` when the row names a source other than none."""
+    parts, known = split_config(config)
+    return oracle_name(parts) if known in (None, "none") else f"{oracle_name(parts)}|known={known}"
+
+
+def known_geometry_configs(base_configs, sources) -> list[tuple]:
+    """The table's rows: ``base_configs`` without known geometry when ``sources`` holds ``none``, then for
+    every other source the ``KNOWN_GEOMETRY_ROW_PARTS`` rows (network geometry, network / GT masks)."""
+    rows = [table_config(p, "none") for p in base_configs] if "none" in sources else []
+    return rows + [table_config(p, k) for k in sources if k != "none" for p in KNOWN_GEOMETRY_ROW_PARTS]
 
 
 def apply_oracle(pred: WindowPrediction, gt, parts, rng: np.random.Generator,
@@ -110,7 +164,12 @@ def apply_oracle(pred: WindowPrediction, gt, parts, rng: np.random.Generator,
 
 class CachedPredictor:
     """``predict`` runs ``base.predict`` once per window (keyed by its (camera, stamp) views) and returns a
-    fresh shallow copy each time (the engine writes ``engine_ms`` into what it gets)."""
+    fresh shallow copy each time (the engine writes ``engine_ms`` into what it gets).
+
+    The known geometry a window's frames carry (``T_world_cam``, ``T_rig_cam``) is re-read from *this*
+    window each time, as ``Predictor.predict`` passes it on: the rows of one table replay the same windows
+    with different known sources, and a copy of the first row's prediction would carry the first row's (none).
+    Poses that condition the network (``condition_on_poses``) change its output, so they are part of the key."""
 
     def __init__(self, base) -> None:
         self.base = base
@@ -118,12 +177,19 @@ class CachedPredictor:
         self.forward_calls = 0
 
     def predict(self, window: Window) -> WindowPrediction:
-        key = tuple((f.camera, int(f.stamp_ns)) for f in window.views)
+        from fast3dis_ros.geometry.rig import rig_extrinsics_of
+
+        cond = bool(getattr(self.base, "condition_on_poses", False))
+        key = tuple((f.camera, int(f.stamp_ns), cond and f.T_world_cam is not None) for f in window.views)
         if key not in self._cache:
             self.forward_calls += 1
             self._cache[key] = self.base.predict(window)
         p = self._cache[key]
-        return dataclasses.replace(p, window_index=window.index, extras=dict(p.extras))
+        poses = [f.T_world_cam for f in window.views]
+        known = None if all(T is None for T in poses) else np.stack(
+            [np.full((4, 4), np.nan) if T is None else np.asarray(T, np.float64) for T in poses])
+        return dataclasses.replace(p, window_index=window.index, extras=dict(p.extras), T_world_cam_known=known,
+                                   T_rig_cam_known=rig_extrinsics_of(window.views))
 
 
 class OraclePredictor:

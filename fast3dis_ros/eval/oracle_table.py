@@ -8,7 +8,14 @@ network runs once per window (``CachedPredictor``); only fusion and scoring repe
 Usage (held-out synthetic scenes, plus scenes from the independent generator ``eval/independent_scene.py``)::
 
     python -m fast3dis_ros.eval.oracle_table --seeds 7000-7007 --independent 0-1 --out /tmp/oracle
-        [--configs all|issue] [--checkpoint DIR] [--window-size 4 --stride 2]
+        [--configs all|issue] [--known-geometry none,rig,poses,rig+poses] [--checkpoint DIR]
+        [--window-size 4 --stride 2]
+
+``--known-geometry`` adds rows replayed with geometry the robot already has, read from the bag's TF exactly
+as ``fast3dis-eval --known-geometry`` reads it (``eval.replay.KnownGeometry``; fusion places / scales the
+network's windows with it): for each source other than ``none``, network masks and GT masks on the network's
+geometry (``oracle.KNOWN_GEOMETRY_ROW_PARTS``), so mask error and the geometry error the source leaves are
+read apart. ``none`` in the list keeps the ``--configs`` rows.
 
 Pooling over scenes: AP as ScanNet (one evaluator per configuration over all scenes), linking counts
 summed, geometry means over scenes, instance counts summed.
@@ -29,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import scene_rows
-from .oracle import ISSUE_TABLE_CONFIGS, CachedPredictor, OraclePredictor, all_oracle_configs, oracle_name
+from .oracle import (ISSUE_TABLE_CONFIGS, CachedPredictor, all_oracle_configs, config_name, known_geometry_configs,
+                     parse_known_sources)
 from .report import _f, table_lines
 
 __all__ = ["scene_rows", "OracleTable", "table_lines", "main"]
@@ -40,13 +48,14 @@ _INST = ("gt_objects", "map_ids", "splits", "merges", "id_switches")
 
 
 class OracleTable:
-    """Pools ``scene_rows`` of several scenes into one table (module doc)."""
+    """Pools ``scene_rows`` of several scenes into one table (module doc). ``configs``: rows as
+    ``scene_rows`` takes them (oracle parts, or ``oracle.table_config(parts, known)``)."""
 
     def __init__(self, configs) -> None:
         from .metrics import InstanceAPEvaluator
 
         self.configs = [tuple(c) for c in configs]
-        self.pools = {oracle_name(c): {k: InstanceAPEvaluator() for k in ("whole", "per_window", "map_cloud")}
+        self.pools = {config_name(c): {k: InstanceAPEvaluator() for k in ("whole", "per_window", "map_cloud")}
                       for c in self.configs}
         self.scenes: list[dict] = []
 
@@ -67,8 +76,8 @@ class OracleTable:
     def pooled(self) -> list[dict]:
         out = []
         for c in self.configs:
-            name = oracle_name(c)
-            rows = [r for s in self.scenes for r in s["rows"] if r["oracle"] == name]
+            name = config_name(c)
+            rows = [r for s in self.scenes for r in s["rows"] if r.get("config", r["oracle"]) == name]
             if not rows:
                 continue
             p = self.pools[name]
@@ -80,17 +89,25 @@ class OracleTable:
             inst = {k: int(sum(r["instances"][k] for r in rows if r["instances"])) for k in _INST}
             inst["unassigned_frac"] = float(np.nanmean([r["instances"]["unassigned_frac"] for r in rows
                                                         if r["instances"]]))
-            out.append({"oracle": name, "scenes": len(rows), "lifted_AP50": w["AP50"], "per_window_AP50": pw["AP50"],
+            sim = {f"sim3_{k}_mean": float(np.nanmean([r["sim3"].get(k, np.nan) for r in rows if r["sim3"]]))
+                   for k in ("scale", "residual_m", "rotation_deg", "translation_m")}
+            out.append({"config": name, "oracle": rows[0]["oracle"], "known_geometry": rows[0].get("known_geometry"),
+                        "scenes": len(rows), "lifted_AP50": w["AP50"], "per_window_AP50": pw["AP50"],
                         "map_AP": mc["AP"], "map_AP50": mc["AP50"], "map_AP25": mc["AP25"],
                         "linking": {"linked": linked, "window_instances": total,
                                     "rate": linked / total if total else float("nan")},
-                        "geometry": geo, "instances": inst,
-                        "sim3_scale_mean": float(np.nanmean([r["sim3"]["scale"] for r in rows if r["sim3"]])),
-                        "sim3_residual_m_mean": float(np.nanmean([r["sim3"]["residual_m"] for r in rows if r["sim3"]]))})
+                        "geometry": geo, "instances": inst, **sim})
         return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _known_sources(spec: str) -> list[str]:
+    try:
+        return parse_known_sources(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.eval.oracle_table", description=(
         "Error budget on held-out synthetic scenes: replay each scene with every oracle configuration "
@@ -100,6 +117,10 @@ def _parse(argv):
                     help="seeds of scenes from the independent generator (eval/independent_scene.py), e.g. 0-1")
     ap.add_argument("--configs", choices=["all", "issue"], default="all",
                     help="all 8 subsets of masks/depth/poses, or the issue's 4 (masks x depth+poses)")
+    ap.add_argument("--known-geometry", type=_known_sources, default=["none"], metavar="SOURCES",
+                    help="comma list of none,rig,poses,rig+poses (or all): each source other than none adds rows "
+                         "(network / GT masks on the network's geometry) replayed with that known geometry from "
+                         "the bag's TF, as fast3dis-eval --known-geometry; none keeps the --configs rows")
     ap.add_argument("--out", required=True, help="output folder (oracle_table.json, oracle_table.md)")
     ap.add_argument("--checkpoint", default=None, help="FAST3DIS checkpoint folder (default: bundled tiny)")
     ap.add_argument("--device", default="cpu")
@@ -117,6 +138,7 @@ def _parse(argv):
 def run(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
+    sources = args.known_geometry
     import torch
 
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -133,7 +155,7 @@ def run(argv: list[str] | None = None) -> dict:
     import pickle
 
     t_start = time.perf_counter()
-    configs = all_oracle_configs() if args.configs == "all" else ISSUE_TABLE_CONFIGS
+    configs = known_geometry_configs(all_oracle_configs() if args.configs == "all" else ISSUE_TABLE_CONFIGS, sources)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"synthetic": OracleTable(configs), "independent": OracleTable(configs)}
@@ -166,7 +188,7 @@ def run(argv: list[str] | None = None) -> dict:
             if args.save:  # after every scene: a killed run keeps what it finished
                 Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {
                     k: winfo.get(k) for k in ("weights", "checkpoint")}}))
-            summ = ", ".join(f"{r['oracle']} {_f(r['map_AP50'])}" for r in rows)
+            summ = ", ".join(f"{r['config']} {_f(r['map_AP50'])}" for r in rows)
             print(f"{kind} {seed}: map-cloud AP50 {summ} ({time.perf_counter() - t0:.0f} s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,13 +196,15 @@ def run(argv: list[str] | None = None) -> dict:
         Path(args.save).write_bytes(pickle.dumps({"tables": tables, "weights": {k: winfo.get(k) for k in
                                                                                 ("weights", "checkpoint")}}))
     command = "python -m fast3dis_ros.eval.oracle_table " + shlex.join(argv)
-    result = {"command": command, "weights": {k: winfo.get(k) for k in ("weights", "checkpoint")},
+    result = {"command": command, "known_geometry_sources": sources, "weights": {k: winfo.get(k) for k in ("weights", "checkpoint")},
               "window_size": args.window_size, "stride": args.stride, "device": args.device,
               "cpu_count": os.cpu_count(), "runtime_s": time.perf_counter() - t_start,
               "pooled": {k: t.pooled() for k, t in tables.items() if t.scenes},
               "per_scene": {k: t.scenes for k, t in tables.items() if t.scenes}}
     (out / "oracle_table.json").write_text(json.dumps(to_jsonable(result), indent=2))
     md = ["# Oracle table (error budget)", "", "```", command, "```", "",
+          f"known-geometry sources: {', '.join(sources)} (rows with a source other than none: the network's "
+          "geometry placed / scaled by it in fusion, as fast3dis-eval --known-geometry)", "",
           f"model {winfo.get('weights')}, device {args.device}, window {args.window_size} stride {args.stride}, "
           f"{os.cpu_count()} CPU cores, runtime {result['runtime_s']:.0f} s", ""]
     for k, rows in result["pooled"].items():

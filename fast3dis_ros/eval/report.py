@@ -202,23 +202,30 @@ def _f(v, pct=True, nd=1) -> str:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """Markdown table of pooled (or one scene's) rows; AP and fractions in %."""
-    lines = ["| masks | depth | poses | lifted AP50 (GT geometry) | per-window AP50 | map-cloud AP / AP50 / AP25 | "
-             "linked / window inst. | map pts within 10 cm | GT surface covered | median dist. (m) | Chamfer (m) | "
-             "splits / merges / id sw. | GT-object unassigned | Sim(3) scale / resid. (m) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table of pooled (or one scene's) rows; AP and fractions in %. *known geometry*: the source a
+    row's replay read from the bag's TF (``--known-geometry``), which fusion applies to the network's
+    geometry. The Sim(3) is the fit map -> GT world (``eval/map_metrics.py``): scale, residual, rotation and
+    shift, the identity where the map frame is the metric GT world."""
+    lines = ["| masks | depth | poses | known geometry | lifted AP50 (GT geometry) | per-window AP50 | "
+             "map-cloud AP / AP50 / AP25 | linked / window inst. | map pts within 5 / 10 cm | GT surface covered | "
+             "median dist. (m) | Chamfer (m) | splits / merges / id sw. | GT-object unassigned | "
+             "Sim(3) scale / resid. (m) / rot. (deg) / shift (m) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         parts = set(r["oracle"].split("+"))
         g, i, lk = r["geometry"] or {}, r["instances"] or {}, r["linking"] or {}
         src = {p: ("GT" if p in parts else "net") for p in ("masks", "depth", "poses")}
-        scale = r.get("sim3_scale_mean", (r.get("sim3") or {}).get("scale"))
-        resid = r.get("sim3_residual_m_mean", (r.get("sim3") or {}).get("residual_m"))
+        sim = {k: r.get(f"sim3_{k}_mean", (r.get("sim3") or {}).get(k))
+               for k in ("scale", "residual_m", "rotation_deg", "translation_m")}
         lines.append(
-            f"| {src['masks']} | {src['depth']} | {src['poses']} | {_f(r['lifted_AP50'])} | {_f(r['per_window_AP50'])} | "
+            f"| {src['masks']} | {src['depth']} | {src['poses']} | {r.get('known_geometry') or 'none'} | "
+            f"{_f(r['lifted_AP50'])} | {_f(r['per_window_AP50'])} | "
             f"{_f(r['map_AP'])} / {_f(r['map_AP50'])} / {_f(r['map_AP25'])} | "
             f"{lk.get('linked', 'n/a')}/{lk.get('window_instances', 'n/a')} ({_f(lk.get('rate'), nd=0)} %) | "
-            f"{_f(g.get('pct_points_within_10cm'))} | {_f(g.get('pct_gt_surface_covered'))} | "
+            f"{_f(g.get('pct_points_within_5cm'))} / {_f(g.get('pct_points_within_10cm'))} | "
+            f"{_f(g.get('pct_gt_surface_covered'))} | "
             f"{_f(g.get('accuracy_median_m'), False)} | {_f(g.get('chamfer_m'), False)} | "
             f"{i.get('splits', 'n/a')} / {i.get('merges', 'n/a')} / {i.get('id_switches', 'n/a')} | "
-            f"{_f(i.get('unassigned_frac'))} | {_f(scale, False, 3)} / {_f(resid, False, 3)} |")
+            f"{_f(i.get('unassigned_frac'))} | {_f(sim['scale'], False, 3)} / {_f(sim['residual_m'], False, 3)} / "
+            f"{_f(sim['rotation_deg'], False, 1)} / {_f(sim['translation_m'], False, 2)} |")
     return lines
