@@ -49,21 +49,15 @@ def _child_export(ckpt: Path, views: int, height: int, width: int, onnx_path: Pa
 
 def _graph_facts(onnx_path: Path) -> dict:
     import onnx
-    from onnx import numpy_helper
 
-    from fast3dis_ros.deploy.tensorrt_engine import tensorrt_blockers
+    from fast3dis_ros.deploy.tensorrt_engine import tensorrt_blockers, topk_ks
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    consts = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = node.attribute[0].t
-    topk = [int(numpy_helper.to_array(consts[n.input[1]]).reshape(-1)[0])
-            for n in model.graph.node if n.op_type == "TopK" and n.input[1] in consts]
     data = Path(str(onnx_path) + ".data")
     return {"onnx_mb": round(onnx_path.stat().st_size / 2**20, 2),
             "data_gib": round(data.stat().st_size / 2**30, 3) if data.exists() else 0.0,
-            "nodes": len(model.graph.node), "topk_k": sorted(topk), "tensorrt_blockers": tensorrt_blockers(onnx_path)}
+            "nodes": len(model.graph.node), "topk_k": sorted(topk_ks(onnx_path).values()),
+            "tensorrt_blockers": tensorrt_blockers(onnx_path)}
 
 
 def _parity(ckpt: Path, onnx_path: Path, views: int, height: int, width: int) -> dict:
