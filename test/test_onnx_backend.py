@@ -168,3 +168,26 @@ def test_tensorrt_topk_limit_is_reported_before_the_build(tmp_path):
     with pytest.raises(RuntimeError, match="cannot become a TensorRT engine.*k=5000 > 3840"):
         te.build_engine(tmp_path / "topk.onnx", tmp_path / "m.engine", "fp16")
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_export_size_bench_records_a_checked_export_and_parity(tmp_path, capsys):
+    """The benchmark behind docs/BENCHMARKS.md "DA3-Large export", on the tiny size: a random-init full
+    checkpoint, the real fast3dis-export in a child process, graph facts and onnxruntime parity."""
+    import json
+
+    from fast3dis_ros.bench.export_size import main
+
+    out = tmp_path / "bench"
+    assert main(["--size", "tiny", "--views", "2", "--height", "56", "--width", "84", "--parity-views", "1",
+                 "--parity-height", "42", "--parity-width", "56", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["cli"]["onnx_checker"] == "passed" and row["cli"]["config"] == "tiny"
+    assert (out / "tiny_2x56x84.onnx").exists() and (out / "tiny_2x56x84.onnx.data").stat().st_size > 1e5
+    assert row["data_gib"] == round((out / "tiny_2x56x84.onnx.data").stat().st_size / 2**30, 3)
+    assert row["topk_k"] == [] and row["tensorrt_blockers"] == []
+    assert 0.1 < row["peak_rss_gib"] < 8 and row["export_wall_s"] > 0
+    # a random-init tiny head gives mask logits of |x| ~ 0.01 on a 10x14 mask: torch and ORT (same graph
+    # whether its medians sort or select: checked bit-equal) flip ~2 % of the signs; the issue's 99.5 % bar
+    # is tested on the bundled checkpoint above and measured 99.96 % for DA3-Large (BENCHMARKS "Issue 25")
+    assert row["depth_max_rel_err"] <= 1e-3 and row["mask_sign_agreement"] >= 0.95
+    assert "tiny" in capsys.readouterr().out
