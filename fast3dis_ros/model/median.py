@@ -10,7 +10,8 @@ Two implementations of the same values, picked by ``torch.compiler.is_exporting(
 * graph export: `kth_smallest_by_radix_select`, a selection without any sort. A sort exports as an ONNX
   ``TopK`` with k = the slice length, and TensorRT's TopK takes ``k <= 3840``: the scene-normalisation
   medians run over every patch point of a window (views x H/14 x W/14, 3888 from 4 views at 504x378),
-  so a sort would make a robot-sized window impossible to build as an engine.
+  so a sort would make a robot-sized window impossible to build as an engine (the anchor statistics'
+  quantiles, `order_statistics`, cross the limit from 16 views).
 
 `kth_smallest_by_radix_select` is exact for float32: it finds the k-th smallest *bit pattern* of the
 magnitudes one radix-16 digit at a time, 8 fixed passes over the 31-bit key space (IEEE-754 orders
