@@ -121,14 +121,73 @@ def test_tensorrt_build_checks_onnx_then_stops_clearly_without_gpu(exported, tmp
         engine_predictor("tensorrt", str(tmp_path / "m.engine"))
 
 
-def test_tensorrt_topk_limit_is_reported_before_the_build(exported, tmp_path, monkeypatch):
-    """The scene-normalisation sort is a TopK over all patch points (12 x 11 x 14 = 1848 here); a window
-    above TensorRT's k limit must be refused with the reason, on any machine (limit lowered to hit it)."""
+ROBOT_SHAPE = WindowShape(views=16, height=378, width=504)  # e.g. 4 cameras x 4 frames at 504x378
+
+
+def test_robot_window_graph_has_no_topk_over_tensorrt_limit(exported, tmp_path_factory):
+    """In PyTorch the scene-normalisation medians sort every patch point (views x 27 x 36 = 15552 here) and
+    the anchor statistics every deepest-level point (views x 14 x 18 = 4032); exported as sorts they were
+    TopKs above TensorRT's k <= 3840. The export path selects without sorting (model/median.py)."""
     from fast3dis_ros.deploy import tensorrt_engine as te
 
-    assert te.tensorrt_blockers(exported) == []
-    monkeypatch.setattr(te, "TOPK_MAX_K", 1000)
-    blockers = te.tensorrt_blockers(exported)
-    assert len(blockers) == 2 and all("k=1848 > 1000" in b for b in blockers)
-    with pytest.raises(RuntimeError, match="cannot become a TensorRT engine.*k=1848"):
-        te.build_engine(exported, tmp_path / "m.engine", "fp16")
+    s = ROBOT_SHAPE
+    h, w = s.height // 14, s.width // 14
+    assert s.views * h * w > te.TOPK_MAX_K and s.views * ((h + 1) // 2) * ((w + 1) // 2) > te.TOPK_MAX_K
+    model, cfg = load_checkpoint(BUNDLED_CHECKPOINT)
+    path = tmp_path_factory.mktemp("onnx_robot") / "tiny_16x378x504.onnx"
+    export_onnx(model, cfg, s, path, conditioning="intrinsics")
+    check_onnx(path)
+    for graph in (exported, path):
+        ks = te.topk_ks(graph)
+        assert all(k <= te.TOPK_MAX_K for k in ks.values()), ks
+        assert te.tensorrt_blockers(graph) == []
+
+
+def test_tensorrt_topk_limit_is_reported_before_the_build(tmp_path):
+    """The guard stays for graphs a future change may bring: a TopK above TensorRT's k limit is refused
+    with the reason, on any machine, before TensorRT or a GPU is needed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fast3dis_ros.deploy import tensorrt_engine as te
+    from fast3dis_ros.deploy.export import _metadata_props, ExportMetadata
+    from fast3dis_ros.model.config import Fast3disConfig
+
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [5000])
+    node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6000])],
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, [1, 5000]),
+                               helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 5000])], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    meta = ExportMetadata(DEMO_SHAPE, "intrinsics", OUTPUTS, Fast3disConfig.tiny())
+    for key, value in _metadata_props(meta).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(tmp_path / "topk.onnx"))
+    assert te.topk_ks(tmp_path / "topk.onnx") == {"values": 5000}
+    assert te.tensorrt_blockers(tmp_path / "topk.onnx") == ["TopK values with k=5000 > 3840"]
+    with pytest.raises(RuntimeError, match="cannot become a TensorRT engine.*k=5000 > 3840"):
+        te.build_engine(tmp_path / "topk.onnx", tmp_path / "m.engine", "fp16")
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_export_size_bench_records_a_checked_export_and_parity(tmp_path, capsys):
+    """The benchmark behind docs/BENCHMARKS.md "DA3-Large export", on the tiny size: a random-init full
+    checkpoint, the real fast3dis-export in a child process, graph facts and onnxruntime parity."""
+    import json
+
+    from fast3dis_ros.bench.export_size import main
+
+    out = tmp_path / "bench"
+    assert main(["--size", "tiny", "--views", "2", "--height", "56", "--width", "84", "--parity-views", "1",
+                 "--parity-height", "42", "--parity-width", "56", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["cli"]["onnx_checker"] == "passed" and row["cli"]["config"] == "tiny"
+    assert (out / "tiny_2x56x84.onnx").exists() and (out / "tiny_2x56x84.onnx.data").stat().st_size > 1e5
+    assert row["data_gib"] == round((out / "tiny_2x56x84.onnx.data").stat().st_size / 2**30, 3)
+    assert row["topk_k"] == [] and row["tensorrt_blockers"] == []
+    assert 0.1 < row["peak_rss_gib"] < 8 and row["export_wall_s"] > 0
+    # a random-init tiny head gives mask logits of |x| ~ 0.01 on a 10x14 mask: torch and ORT (same graph
+    # whether its medians sort or select: checked bit-equal) flip ~2 % of the signs; the issue's 99.5 % bar
+    # is tested on the bundled checkpoint above and measured 99.96 % for DA3-Large (BENCHMARKS "Issue 25")
+    assert row["depth_max_rel_err"] <= 1e-3 and row["mask_sign_agreement"] >= 0.95
+    assert "tiny" in capsys.readouterr().out

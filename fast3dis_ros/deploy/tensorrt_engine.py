@@ -46,12 +46,8 @@ def require_tensorrt():
 TOPK_MAX_K = 3840  # TensorRT's TopK layer: k <= 3840 (operator docs, TensorRT 10)
 
 
-def tensorrt_blockers(onnx_path: str | Path) -> list[str]:
-    """Graph features TensorRT's parser is known to reject, found without TensorRT (CPU-checkable).
-
-    Today: ``TopK`` with a constant k above `TOPK_MAX_K`. The scene-normalisation medians sort all
-    patch points of a window (``model/median.py``), k = views x (H/14) x (W/14): fine for the tiny demo
-    window (1848), over the limit for DA3-Large at 504x378 from 4 views on (3888)."""
+def topk_ks(onnx_path: str | Path) -> dict[str, int]:
+    """``{node name: k}`` of every ``TopK`` in a saved graph whose k is a constant (reads no weights)."""
     import onnx
     from onnx import numpy_helper
 
@@ -60,13 +56,19 @@ def tensorrt_blockers(onnx_path: str | Path) -> list[str]:
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             consts[node.output[0]] = node.attribute[0].t
-    found = []
-    for node in model.graph.node:
-        if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in consts:
-            k = int(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
-            if k > TOPK_MAX_K:
-                found.append(f"TopK {node.name or node.output[0]} with k={k} > {TOPK_MAX_K}")
-    return found
+    return {node.name or node.output[0]: int(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
+            for node in model.graph.node
+            if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in consts}
+
+
+def tensorrt_blockers(onnx_path: str | Path) -> list[str]:
+    """Graph features TensorRT's parser is known to reject, found without TensorRT (CPU-checkable).
+
+    ``TopK`` with a constant k above `TOPK_MAX_K`. ``fast3dis-export`` graphs have none at any window:
+    the order statistics over all points of a window (scene-normalisation medians, anchor quantiles),
+    sorts in PyTorch, are exported as a sort-free selection (``model/median.py``). The guard stays for
+    graphs a later change may bring (a sort over points exports as TopK with k = their number)."""
+    return [f"TopK {name} with k={k} > {TOPK_MAX_K}" for name, k in topk_ks(onnx_path).items() if k > TOPK_MAX_K]
 
 
 def sidecar_path(engine_path: str | Path) -> Path:

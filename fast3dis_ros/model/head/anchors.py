@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fast3dis_ros.model.head.config import InstanceHeadConfig
 from fast3dis_ros.model.head.pixel_decoder import fourier_features
+from fast3dis_ros.model.median import order_statistics
 
 
 class MLP(nn.Module):
@@ -61,15 +62,15 @@ def sorted_quantiles(x: Tensor, qs: tuple[float, ...]) -> Tensor:
 
     ``torch.quantile`` with a tensor of levels checks their range on the device and copies them
     from the host: two synchronisations, and no CUDA-graph capture. The ranks are computed on the
-    host in float32, as ``torch.quantile`` computes them on the device.
+    host in float32, as ``torch.quantile`` computes them on the device. The order statistics come
+    from ``model/median.order_statistics`` (a sort; no ``TopK`` in an exported graph, see there).
     """
-    srt = x.sort(dim=-1).values
     n = x.shape[-1]
-    out = []
-    for q in qs:
-        rank = np.float32(q) * np.float32(n - 1)
-        lo, hi = int(np.floor(rank)), int(np.ceil(rank))
-        out.append(torch.lerp(srt[..., lo], srt[..., hi], float(rank - np.float32(lo))))
+    ranks = [np.float32(q) * np.float32(n - 1) for q in qs]
+    bounds = [(int(np.floor(r)), int(np.ceil(r))) for r in ranks]
+    needed = sorted({i for b in bounds for i in b})
+    stat = dict(zip(needed, order_statistics(x, needed, dim=-1)))
+    out = [torch.lerp(stat[lo], stat[hi], float(r - np.float32(lo))) for r, (lo, hi) in zip(ranks, bounds)]
     return torch.stack(out)
 
 
