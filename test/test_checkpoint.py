@@ -124,3 +124,72 @@ def test_missing_files_are_named(tmp_path):
         load_da3_weights(torch.nn.Linear(1, 1), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_checkpoint(tmp_path / "does-not-exist")  # absolute path: never tried on the hub
+
+
+def test_full_checkpoint_stores_each_vit_tensor_once(tmp_path):
+    """The ViT is reachable as ``backbone.vit`` but registered once: no tensor is written twice."""
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    save_checkpoint(model, tmp_path / "ck", full=True)
+    keys = list(load_file(str(tmp_path / "ck" / "model.safetensors")))
+    assert not [k for k in keys if k.startswith("backbone.vit.")]
+    vit_keys = [k for k in keys if k.startswith("backbone.net.backbone.pretrained.")]
+    assert len(vit_keys) == len(model.backbone.vit.state_dict()) > 0
+    assert len(keys) == len(model.state_dict())
+    assert model.backbone.vit is model.backbone.net.backbone.pretrained
+
+
+def _with_alias_keys(folder):
+    """Rewrite a checkpoint the way older releases wrote it: every ViT tensor also under ``backbone.vit.``."""
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    prefix = "backbone.net.backbone.pretrained."
+    twins = {"backbone.vit." + k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+    assert twins
+    save_file({**state, **twins}, str(path), metadata={"format": "fast3dis-v1", "contents": "full"})
+    return twins
+
+
+def test_older_checkpoints_with_alias_keys_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    perturb(model)
+    save_checkpoint(model, tmp_path / "ck", full=True)
+    _with_alias_keys(tmp_path / "ck")
+    back, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        assert_same(model(x()), back(x()))
+
+
+def test_alias_twin_that_differs_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    save_checkpoint(model, tmp_path / "ck", full=True)
+    path = tmp_path / "ck" / "model.safetensors"
+    twins = _with_alias_keys(tmp_path / "ck")
+    state = load_file(str(path))
+    key = sorted(twins)[0]
+    state[key] = state[key] + 1.0
+    save_file(state, str(path), metadata={"format": "fast3dis-v1", "contents": "full"})
+    with pytest.raises(CheckpointMismatchError, match="differs from its twin"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_training_init_refuses_weights_that_do_not_fit(tmp_path):
+    """``fast3dis-train --init`` / resume: an unknown key used to be skipped silently."""
+    from fast3dis_ros.train.loop import load_model_weights
+
+    torch.manual_seed(0)
+    model = Fast3DIS(Fast3disConfig.tiny()).eval()
+    perturb(model)
+    save_checkpoint(model, tmp_path / "ck", full=True)
+    fresh = Fast3DIS(Fast3disConfig.tiny()).eval()
+    load_model_weights(fresh, tmp_path / "ck")
+    with torch.no_grad():
+        assert_same(model(x()), fresh(x()))
+    path = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(path))
+    state["head.not_a_layer.weight"] = torch.zeros(3)
+    save_file(state, str(path), metadata={"format": "fast3dis-v1", "contents": "full"})
+    with pytest.raises(CheckpointMismatchError, match="head.not_a_layer.weight"):
+        load_model_weights(fresh, tmp_path / "ck")

@@ -41,6 +41,34 @@ from fast3dis_ros.model.weights_io import (  # noqa: F401 (CheckpointMismatchErr
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "fast3dis_tiny"
 
 
+#: Older releases registered the DA3 ViT twice (``backbone.vit`` beside ``backbone.net.backbone.pretrained``),
+#: so their checkpoints hold every ViT tensor under both names.
+_ALIAS_PREFIX = "backbone.vit."
+_CANONICAL_PREFIX = "backbone.net.backbone.pretrained."
+
+
+def drop_alias_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` without the duplicate ``backbone.vit.*`` names of older checkpoints.
+
+    Why: the same tensor was stored twice; loading both names against a model that registers the ViT
+    once would report them as unexpected. A twin that differs from its canonical copy means the file
+    was edited by hand, and which one the network should use is unknowable, so that is an error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(_ALIAS_PREFIX):
+            out[key] = value
+            continue
+        canonical = _CANONICAL_PREFIX + key[len(_ALIAS_PREFIX):]
+        twin = state.get(canonical)
+        if twin is None:
+            out[canonical] = value
+        elif not torch.equal(twin, value):
+            raise CheckpointMismatchError(source, [], [key], [],
+                                          extra=f"{key} differs from its twin {canonical}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- FAST3DIS
 def save_checkpoint(model: nn.Module, folder: str | os.PathLike, full: bool | None = None, extra: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (trainable weights, or everything when ``full``)."""
@@ -92,7 +120,7 @@ def load_checkpoint(
     elif da3_weights is not None:
         cfg.backbone.pretrained = da3_weights
     model = Fast3DIS(cfg)
-    state = read_tensors(wpath)
+    state = drop_alias_keys(read_tensors(wpath), str(wpath))
     expected = set(model.state_dict()) if contents == "full" else set(model.trainable_state_dict())
     check_and_load(model, state, str(wpath), expected=expected)
     model.to(device).eval()

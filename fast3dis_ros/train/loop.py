@@ -43,7 +43,8 @@ from fast3dis_ros.core import distributed as D
 from fast3dis_ros.eval import metrics
 from fast3dis_ros.inference.factory import resolve_device
 from fast3dis_ros.inference.postprocess import instances_from_queries
-from fast3dis_ros.model.checkpoint import read_checkpoint_config, save_checkpoint
+from fast3dis_ros.model.checkpoint import drop_alias_keys, read_checkpoint_config, save_checkpoint
+from fast3dis_ros.model.weights_io import WEIGHTS_NAME, check_and_load, read_tensors
 from fast3dis_ros.model.config import Fast3disConfig
 from fast3dis_ros.train.data import TargetCollate, TrainSampleDataset, collate
 from fast3dis_ros.train.geometry_losses import GeometryLoss
@@ -190,15 +191,15 @@ def read_model_config(folder: Path) -> Fast3disConfig:
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
+    """Initialise ``model`` from a checkpoint folder (``--init``, resume), as ``load_checkpoint`` checks.
 
-    sd = load_file(str(Path(folder) / "model.safetensors"))
-    own = model.state_dict()
-    sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing:
-        # frozen pretrained weights may legitimately be absent (LoRA-only checkpoints)
-        pass
+    A key the network lacks, a missing one, or a shape that differs is a ``CheckpointMismatchError``:
+    skipping them would start training from weights other than the ones asked for, silently."""
+    _, contents, folder = read_checkpoint_config(folder)
+    path = Path(folder) / WEIGHTS_NAME
+    state = drop_alias_keys(read_tensors(path), str(path))
+    expected = set(model.state_dict()) if contents == "full" else set(model.trainable_state_dict())
+    check_and_load(model, state, str(path), expected=expected)
 
 
 # ---------------------------------------------------------------------------------- criterion adapter
