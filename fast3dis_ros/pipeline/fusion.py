@@ -30,9 +30,10 @@ ids: they become one, map voxels relabelled with their votes) and splits are exp
 The running map is a voxel map (``voxel_size`` in map units) holding mean xyz / colour, one instance id
 per voxel (majority with vote hysteresis; an instance vote weighs ``instance_vote_weight`` times its points
 against a background vote, so a window whose noisy mask missed part of an object does not erase it) and
-score; it never holds more than ``max_points`` voxels (the least recently observed are evicted). Why one object used to spread over several ids: a window whose
-instances did not link gave them new ids, whose votes took the voxels their points reached (new ones, or
-old ones they outvoted) while the rest kept the older id; linking on shared views removes the cause.
+score; it never holds more than ``max_points`` voxels (the least recently observed are evicted). Why one
+object used to spread over several ids: a window whose instances did not link gave them new ids, whose votes
+took the voxels their points reached (new ones, or old ones they outvoted) while the rest kept the older id;
+linking on shared views removes the cause.
 
 An instance's published score (``InstanceSummary.score``, what AP and consumers rank by) is its tracker
 score times its support, min(1, windows that gave it a label / ``support_windows``).
