@@ -154,13 +154,15 @@ class InstanceTracker:
     def update(self, gid: int, score: float, new_views: int, window_index: int) -> InstanceTrack:
         tr = self.tracks.get(gid)
         if tr is None:
-            tr = self.tracks[gid] = InstanceTrack(gid, float(score), 0, 0, window_index, window_index)
-        elif self.score_mode == "max":
+            tr = self.tracks[gid] = InstanceTrack(gid, float(score), int(new_views), 1, window_index, window_index)
+            return tr
+        if self.score_mode == "max":
             tr.score = max(tr.score, float(score))
         else:
             tr.score = (1 - self.ema_alpha) * tr.score + self.ema_alpha * float(score)
         tr.views_seen += int(new_views)
-        tr.windows_seen += 1
+        if tr.last_window != window_index:  # several labels of one window (absorbed fragments): one window
+            tr.windows_seen += 1
         tr.last_window = window_index
         return tr
 
@@ -181,6 +183,18 @@ class InstanceTracker:
             b.windows_seen = max(b.windows_seen, a.windows_seen)
             b.first_window = min(b.first_window, a.first_window)
             b.last_window = max(b.last_window, a.last_window)
+
+    def support_score(self, gid: int, support_windows: int) -> float:
+        """The track's score times min(1, windows seen / ``support_windows``) (0: the score alone); 0 for an
+        unknown id. Why: the map's AP ranks instances by score, and with the network's masks an id that only
+        one window produced is a true object far less often than one that windows kept linking to
+        (docs/BENCHMARKS.md, "Issue 16: fusion of network masks")."""
+        tr = self.tracks.get(int(gid))
+        if tr is None:
+            return 0.0
+        if support_windows <= 0:
+            return float(tr.score)
+        return float(tr.score) * min(1.0, tr.windows_seen / float(support_windows))
 
     def prune(self, alive_ids) -> None:
         alive = set(int(i) for i in alive_ids)
