@@ -20,8 +20,9 @@ def _ros2(args, dom, timeout=60):
     return subprocess.run([str(ROS2), *args], env=ros_env(dom), capture_output=True, text=True, timeout=timeout)
 
 
-def _ros2_until(args, dom, ok, tries=4):
-    """A CLI call that may run before discovery found the node ("Node not found"): retried a few times."""
+def _ros2_until(args, dom, ok, tries=6):
+    """A CLI call that may run before discovery found the node ("Node not found"): retried a few times.
+    (CI once saw four 0.5 s discovery spins of ``param get`` all miss the node on a loaded runner.)"""
     for _ in range(tries):
         r = _ros2(args, dom)
         if ok(r.stdout):
@@ -57,9 +58,9 @@ def test_ros2_launch_node_list_param_get_topic_echo():
         assert "ready: 2 cameras" in launch.output(), launch.output()[-3000:]
         r = _ros2_until(["node", "list", "--no-daemon", "--spin-time", "3"], dom, lambda o: "/fast3dis" in o.split())
         assert "/fast3dis" in r.stdout.split(), r.stdout + r.stderr
-        r = _ros2_until(["param", "get", "--no-daemon", "/fast3dis", "window_size"], dom, lambda o: o.strip())
+        r = _ros2_until(["param", "get", "--no-daemon", "--spin-time", "3", "/fast3dis", "window_size"], dom, lambda o: o.strip())
         assert r.stdout.strip() == "Integer value is: 2", r.stdout + r.stderr
-        r = _ros2_until(["param", "get", "--no-daemon", "/fast3dis", "cameras"], dom, lambda o: o.strip())
+        r = _ros2_until(["param", "get", "--no-daemon", "--spin-time", "3", "/fast3dis", "cameras"], dom, lambda o: o.strip())
         assert "['a', 'b']" in r.stdout, r.stdout + r.stderr
         r = _ros2(["topic", "echo", "--once", "--no-daemon", "--spin-time", "5", "/diagnostics",
                    "diagnostic_msgs/msg/DiagnosticArray"], dom, timeout=90)

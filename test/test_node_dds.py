@@ -122,7 +122,9 @@ def test_node_end_to_end_over_dds(backend):
                  if st.name == "fast3dis: engine"][0]
             dropped = sum(int(v) for k, v in e.items() if k.startswith("drop_") and not k.startswith("drop_sets_"))
             done = int(e["processed"]) + int(e["errors"]) + dropped
-            return done >= int(e["windows_emitted"]) and int(e["processed"]) <= len(h.got["inst"])
+            # == rather than <=: a diagnostics message from before the newest windows also has
+            # processed <= InstanceArrays received, and its frame-set count would be stale
+            return done >= int(e["windows_emitted"]) and int(e["processed"]) == len(h.got["inst"])
 
         assert ctx.spin_until(settled, timeout=15), \
             f"windows not all processed / received: {len(h.got['inst'])} InstanceArrays; {node.output()[-3000:]}"
