@@ -163,7 +163,8 @@ def test_map_services_over_dds(tmp_path):
     from fast3dis_ros.ros.conversions import pointcloud2_to_structured
 
     dom = unique_domain_id()
-    with LifecycleNodeThread(dom, ScriptedPredictor()) as nt, RosContext(dom) as ctx:
+    # support_windows 0: published scores are the scripted ones, whatever number of windows has run
+    with LifecycleNodeThread(dom, ScriptedPredictor(), params={"support_windows": 0}) as nt, RosContext(dom) as ctx:
         cl = Client(ctx)
         assert cl.change_state("configure") and cl.change_state("activate")
         # a static frame 'shelf' = map shifted by +10 in x (T_shelf_map: x + 10)

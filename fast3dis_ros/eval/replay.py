@@ -97,6 +97,8 @@ class ReplayConfig:
     tf_tolerance_ms: float = 5.0  # nearest stamped transform accepted this far from the image stamp
     link_2d: bool = True  # fusion: link instances by mask overlap on shared views too
     link_decisions: bool = True  # fusion: explicit merge / split decisions
+    instance_vote_weight: float = 5.0  # fusion: instance vs background vote weight (node parameter)
+    support_windows: int = 3  # fusion: windows for full score support (node parameter)
 
 
 @dataclass
@@ -380,6 +382,7 @@ def replay_bag(
     fusion = MapFusion(voxel_size=cfg.voxel_size, max_points=cfg.max_map_points, min_score=cfg.score_threshold,
                        conf_threshold=cfg.conf_threshold, map_frame=cfg.map_frame, link_2d=cfg.link_2d,
                        link=LinkParams(decisions=cfg.link_decisions),
+                       instance_vote_weight=cfg.instance_vote_weight, support_windows=cfg.support_windows,
                        use_known_poses="poses" in cfg.known_geometry, use_rig="rig" in cfg.known_geometry)
     geo = KnownGeometry(bag, cfg) if cfg.known_geometry != "none" else None
     _set_pose_conditioning(predictor, cfg.pose_conditioning)

@@ -150,7 +150,9 @@ class Fast3disNode(Node):
                            min_score=self.p["score_threshold"], conf_threshold=self.p["conf_threshold"],
                            use_known_poses=self.p["use_known_poses"], map_frame=self.map_frame,
                            max_points_per_view=self.p["max_points_per_view"], workers=self.p["fusion_threads"],
-                           use_rig=self.p["use_rig_extrinsics"], link_2d=self.p["link_2d"])
+                           use_rig=self.p["use_rig_extrinsics"], link_2d=self.p["link_2d"],
+                           instance_vote_weight=self.p["instance_vote_weight"],
+                           support_windows=self.p["support_windows"])
         if hasattr(predictor, "condition_on_poses"):
             predictor.condition_on_poses = bool(self.p["condition_on_known_poses"])
         from fast3dis_ros.ros.sync_adapter import make_synchronizer

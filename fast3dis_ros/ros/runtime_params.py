@@ -56,6 +56,8 @@ START_UP_REASON: dict[str, str] = {
     "use_rig_extrinsics": "the TF listener and the map's metric scale from the rig",
     "rig_frame": "the rig extrinsics looked up once per camera (static transforms)",
     "link_2d": "the map's instance linking (ids already given would follow two rules)",
+    "instance_vote_weight": "the map's voxel votes (votes already cast would follow two rules)",
+    "support_windows": "the map's instance scores already published",
     "output_qos_depth": "the output publishers",
     "autostart": "the start-up sequence",
     "warmup_width": "the warm-up at configure",
