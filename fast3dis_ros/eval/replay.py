@@ -48,6 +48,7 @@ import numpy as np
 
 from ..data.bags import BagReadError
 from fast3dis_ros.core.frames import CameraFrame, Window, WindowPrediction
+from fast3dis_ros.pipeline.fusion import DEFAULT_INSTANCE_VOTE_WEIGHT, DEFAULT_SUPPORT_WINDOWS
 
 log = logging.getLogger(__name__)
 # launch.logging (imported by launch_testing's pytest plugin, or by any process that imports launch) makes
@@ -97,8 +98,8 @@ class ReplayConfig:
     tf_tolerance_ms: float = 5.0  # nearest stamped transform accepted this far from the image stamp
     link_2d: bool = True  # fusion: link instances by mask overlap on shared views too
     link_decisions: bool = True  # fusion: explicit merge / split decisions
-    instance_vote_weight: float = 5.0  # fusion: instance vs background vote weight (node parameter)
-    support_windows: int = 3  # fusion: windows for full score support (node parameter)
+    instance_vote_weight: float = DEFAULT_INSTANCE_VOTE_WEIGHT  # fusion: instance vs background vote (node parameter)
+    support_windows: int = DEFAULT_SUPPORT_WINDOWS  # fusion: windows for full score support (node parameter)
 
 
 @dataclass

@@ -103,6 +103,11 @@ class PendingWindow:
 
 # hash slots store key + 2 (packed voxel keys are >= 0), so a zeroed table (calloc: pages are mapped lazily,
 # no up-front fill) is all empty
+#: Defaults of the two rules for noisy masks (``MapFusion``'s docstring says why these values); the node's
+#: parameters and ``ReplayConfig`` take them from here.
+DEFAULT_INSTANCE_VOTE_WEIGHT = 5.0
+DEFAULT_SUPPORT_WINDOWS = 3
+
 _EMPTY = 0
 _TOMB = 1
 _HMUL = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
@@ -650,8 +655,8 @@ class MapFusion:
         link_stride: int = 2,
         use_rig: bool = True,
         rig_rigidify: bool = True,
-        instance_vote_weight: float = 5.0,
-        support_windows: int = 3,
+        instance_vote_weight: float = DEFAULT_INSTANCE_VOTE_WEIGHT,
+        support_windows: int = DEFAULT_SUPPORT_WINDOWS,
     ) -> None:
         """``workers``: threads that ``begin`` uses for the lifting, the map lookups and the per-voxel sums
         of a window (numpy releases the GIL in those loops; the other fusion steps stay on the caller's

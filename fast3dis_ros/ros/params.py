@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fast3dis_ros.pipeline.fusion import DEFAULT_INSTANCE_VOTE_WEIGHT, DEFAULT_SUPPORT_WINDOWS
+
 __all__ = ["ParamSpec", "PARAMS", "MODEL_SIZES", "DEVICES", "validate", "validate_all", "declare_parameters",
            "read_parameters", "load_yaml_defaults", "NODE_NAME"]
 
@@ -152,11 +154,11 @@ PARAMS: list[ParamSpec] = [
               "Link window instances to map ids by per-pixel mask overlap on the views shared with earlier "
               "windows (exact whatever the depth and poses), then by voxel overlap; split / merge decisions "
               "are counted in the diagnostics."),
-    ParamSpec("instance_vote_weight", 5.0,
+    ParamSpec("instance_vote_weight", DEFAULT_INSTANCE_VOTE_WEIGHT,
               "Weight of a window's instance vote on a map voxel against a background vote, per point: an "
               "object one window's mask missed keeps its voxels (BENCHMARKS 30: map-cloud AP50 8.8 -> 11.1 on "
               "validation scenes, network masks).", (0.01, 1000.0)),
-    ParamSpec("support_windows", 3,
+    ParamSpec("support_windows", DEFAULT_SUPPORT_WINDOWS,
               "An instance's published score is its tracker score x min(1, windows that labelled it / this): "
               "objects seen once rank below objects seen again. 0: the tracker score alone.", (0, 1000)),
     # outputs
