@@ -8,6 +8,7 @@ its output in a log file, and on exit stops it with SIGINT, then SIGTERM, then S
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -73,6 +74,20 @@ class RosProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def signal_and_wait(self, signals, timeout: float, gap: float = 0.3) -> tuple[int | None, float]:
+        """Send ``signals`` to the child's process group (``gap`` seconds apart), wait up to ``timeout`` for
+        it to exit; returns (exit code or None if it still runs, seconds from the first signal)."""
+        t0 = time.monotonic()
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(gap)
+            os.killpg(self.proc.pid, sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        return rc, time.monotonic() - t0
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:
@@ -186,22 +201,30 @@ class StubPredictor:
         raise AssertionError("predict called in a test that publishes no images")
 
 
-def in_process_node():
-    """Generator for a pytest fixture: a Fast3disNode in this process (own context and domain id) with a
-    StubPredictor; shut down cleanly afterwards."""
+@contextlib.contextmanager
+def node_in_own_context(node_cls=None, predictor=None, parameter_overrides=()):
+    """A node object in this process with its own rclpy context and domain id (default: a ``Fast3disNode``
+    with a ``StubPredictor``), shut down cleanly afterwards, also when the test fails."""
     import rclpy
 
-    from fast3dis_ros.ros.node import Fast3disNode
-
+    if node_cls is None:
+        from fast3dis_ros.ros.node import Fast3disNode as node_cls
     ctx = rclpy.context.Context()
     rclpy.init(context=ctx, domain_id=unique_domain_id())
-    n = Fast3disNode(predictor=StubPredictor(), context=ctx)
+    n = node_cls(predictor=predictor if predictor is not None else StubPredictor(), context=ctx,
+                 parameter_overrides=list(parameter_overrides))
     try:
         yield n
     finally:
         n.shutdown()
         n.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+def in_process_node():
+    """Generator for a pytest fixture: ``node_in_own_context()``'s default node."""
+    with node_in_own_context() as n:
+        yield n
 
 
 # What scripts/setup.sh builds from ../shared/ros2_sources (module -> package to name in a skip).

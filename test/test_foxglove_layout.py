@@ -12,7 +12,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("fast3dis_msgs.srv")
 
 from lifecycle_helpers import ScriptedPredictor  # noqa: E402
-from ros_helpers import ROOT, unique_domain_id  # noqa: E402
+from ros_helpers import ROOT, node_in_own_context  # noqa: E402
 
 LAYOUT = ROOT / "rviz" / "fast3dis.foxglove.json"
 
@@ -43,16 +43,9 @@ def node():
 
     from fast3dis_ros.ros.lifecycle import Fast3disLifecycleNode
 
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=unique_domain_id())
-    n = Fast3disLifecycleNode(predictor=ScriptedPredictor(), context=ctx,
-                              parameter_overrides=[rclpy.parameter.Parameter("warmup_width", value=0)])
-    try:
+    with node_in_own_context(Fast3disLifecycleNode, ScriptedPredictor(),
+                             [rclpy.parameter.Parameter("warmup_width", value=0)]) as n:
         yield n
-    finally:
-        n.shutdown()
-        n.destroy_node()
-        rclpy.shutdown(context=ctx)
 
 
 def test_layout_matches_the_node(node):

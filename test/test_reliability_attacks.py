@@ -156,15 +156,7 @@ def test_attack3_signal_during_a_long_forward_exits_cleanly(signals):
         assert ctx.spin_until(lambda: in_forward() or not node.alive(), 90), a.report()
         ctx.spin_for(1.0)
         assert not a.h.got["window"], "the forward finished before the signal: make it longer"
-        t0 = time.monotonic()
-        for s in signals:
-            os.killpg(node.proc.pid, s)
-            time.sleep(0.3)
-        try:
-            rc = node.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            rc = None
-        dt = time.monotonic() - t0
+        rc, dt = node.signal_and_wait(signals, timeout=20)
         out = node.output()
     assert rc == 0, f"rc={rc} after {dt:.1f} s\n{out[-3000:]}"
     assert dt < 3.0, f"{dt:.1f} s to exit (the forward was not aborted: shutdown_timeout is 5 s)"

@@ -81,11 +81,9 @@ def test_oom_on_every_attempt_drops_with_reason():
 
 
 def test_node_diagnostics_report_oom():
-    rclpy = pytest.importorskip("rclpy")
-    from ros_helpers import unique_domain_id
+    from ros_helpers import node_in_own_context
 
     from fast3dis_ros.core.frames import Window
-    from fast3dis_ros.ros.node import Fast3disNode
 
     class _OOM:
         score_threshold = 0.5
@@ -93,10 +91,7 @@ def test_node_diagnostics_report_oom():
         def predict(self, window):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=unique_domain_id())
-    n = Fast3disNode(predictor=_OOM(), context=ctx)
-    try:
+    with node_in_own_context(predictor=_OOM()) as n:
         fs = [CameraFrame(c, 5, np.zeros((4, 4, 3), np.uint8)) for c in n.cameras]
         from fast3dis_ros.core.frames import FrameSet
 
@@ -108,10 +103,6 @@ def test_node_diagnostics_report_oom():
         st = {s.name: {kv.key: kv.value for kv in s.values} for s in msgs[0].status}
         assert st["fast3dis: engine"]["drop_oom"] == "1" and st["fast3dis: engine"]["oom_retried"] == "1"
         assert st["fast3dis: outputs"]["error_oom"] == "2"  # on_oom hook ran for both attempts
-    finally:
-        n.shutdown()
-        n.destroy_node()
-        rclpy.shutdown(context=ctx)
 
 
 # ---------------------------------------------------------------------------------------- slow engine
@@ -194,15 +185,7 @@ def test_shutdown_while_predict_cannot_be_aborted(sig):
             node.output()
         for _ in range(5):  # more windows queue up behind the one in predict
             step()
-        t0 = time.monotonic()
-        import os
-
-        os.killpg(node.proc.pid, sig)
-        try:
-            rc = node.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            rc = None
-        dt = time.monotonic() - t0
+        rc, dt = node.signal_and_wait([sig], timeout=10)
         out = node.output()
     assert rc == 0, f"rc={rc} after {dt:.1f} s\n{out[-3000:]}"
     assert dt < 5.0, f"took {dt:.1f} s to exit\n{out[-3000:]}"
