@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OraclePredictor", "CachedPredictor", "CONFIGS", "run_config", "main"]
+__all__ = ["OraclePredictor", "CONFIGS", "run_config", "main"]
 
 # name: (masks, geometry, linking, known geometry)
 CONFIGS = {
@@ -55,44 +55,6 @@ CONFIGS = {
     "gtmask_net_poses": ("gt", "net", "2d+3d", "poses"),
     "gtmask_net_poses_cond": ("gt", "net", "2d+3d", "poses+conditioning"),
 }
-
-
-class CachedPredictor:
-    """``predict`` of a base predictor, computed once per window content (views + given poses); with
-    ``folder`` the predictions are also kept on disk (pickles), so a rerun skips the network."""
-
-    def __init__(self, base, folder: Path | None = None) -> None:
-        self.base = base
-        self.folder = folder
-        self._cache: dict = {}
-        if folder is not None and (folder / "predictions.pkl").is_file():
-            import pickle
-
-            self._cache = pickle.loads((folder / "predictions.pkl").read_bytes())
-
-    def save(self) -> None:
-        if self.folder is not None:
-            import pickle
-
-            (self.folder / "predictions.pkl").write_bytes(pickle.dumps(self._cache))
-
-    def predict(self, window):
-        from fast3dis_ros.geometry.rig import rig_extrinsics_of
-
-        # the network's output depends on the images and on poses it is conditioned on; rig extrinsics and
-        # unconditioned poses only travel with the prediction (as Predictor.predict passes them on)
-        cond = getattr(self.base, "condition_on_poses", True)
-        key = (cond,) + tuple((v.camera, int(v.stamp_ns), cond and v.T_world_cam is not None, False)
-                              for v in window.views)
-        if key not in self._cache:
-            self._cache[key] = self.base.predict(window)
-        p = copy.copy(self._cache[key])
-        p.window_index, p.extras = window.index, dict(p.extras)
-        poses = [v.T_world_cam for v in window.views]
-        p.T_world_cam_known = None if all(T is None for T in poses) else np.stack(
-            [np.full((4, 4), np.nan) if T is None else np.asarray(T, np.float64) for T in poses])
-        p.T_rig_cam_known = rig_extrinsics_of(window.views)
-        return p
 
 
 def _nearest(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -304,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from fast3dis_ros.data.bags import read_ground_truth
     from fast3dis_ros.eval.heldout import parse_seeds
     from fast3dis_ros.inference.factory import PredictorSpec, build_predictor
+    from fast3dis_ros.eval.oracle import CachedPredictor
 
     ap = argparse.ArgumentParser(prog="python -m fast3dis_ros.bench.linking", description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="7000-7007")

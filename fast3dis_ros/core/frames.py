@@ -141,3 +141,18 @@ class InstanceSummary:
     bbox_max: np.ndarray  # (3,)
     n_points: int
     views_seen: int
+
+
+def stack_known(mats, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Per-view matrices (``None`` where a view's is unknown) as one ``(V, *shape)`` float64 array with NaN
+    for the unknown ones; None when no view has one. Why NaN and not a drop: the views keep their index,
+    and consumers test ``isfinite`` per view (known intrinsics, poses, rig extrinsics)."""
+    if all(m is None for m in mats):
+        return None
+    nan = np.full(shape, np.nan)
+    return np.stack([nan if m is None else np.asarray(m, np.float64) for m in mats])
+
+
+def known_poses_of(views) -> np.ndarray | None:
+    """``WindowPrediction.T_world_cam_known`` of a window's views (``CameraFrame.T_world_cam``)."""
+    return stack_known([v.T_world_cam for v in views], (4, 4))

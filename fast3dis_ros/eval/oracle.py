@@ -26,13 +26,15 @@ robot has, read from the bag exactly as ``fast3dis-eval --known-geometry`` reads
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections import Counter
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 
 from fast3dis_ros.geometry.cameras import scale_K
-from fast3dis_ros.core.frames import Window, WindowPrediction
+from fast3dis_ros.core.frames import Window, WindowPrediction, known_poses_of
 from .metrics import resize_nearest
 
 __all__ = ["ORACLE_PARTS", "ISSUE_TABLE_CONFIGS", "KNOWN_GEOMETRY_ROW_PARTS", "parse_oracle", "parse_known_sources",
@@ -164,17 +166,26 @@ def apply_oracle(pred: WindowPrediction, gt, parts, rng: np.random.Generator,
 
 class CachedPredictor:
     """``predict`` runs ``base.predict`` once per window (keyed by its (camera, stamp) views) and returns a
-    fresh shallow copy each time (the engine writes ``engine_ms`` into what it gets).
+    fresh shallow copy each time (the engine writes ``engine_ms`` into what it gets). With ``folder`` the
+    predictions are also kept on disk (``predictions.pkl``, ``save()``), so a rerun skips the network.
 
     The known geometry a window's frames carry (``T_world_cam``, ``T_rig_cam``) is re-read from *this*
     window each time, as ``Predictor.predict`` passes it on: the rows of one table replay the same windows
     with different known sources, and a copy of the first row's prediction would carry the first row's (none).
     Poses that condition the network (``condition_on_poses``) change its output, so they are part of the key."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, folder: Path | None = None) -> None:
         self.base = base
+        self.folder = None if folder is None else Path(folder)
         self._cache: dict = {}
+        if self.folder is not None and (self.folder / "predictions.pkl").is_file():
+            self._cache = pickle.loads((self.folder / "predictions.pkl").read_bytes())
         self.forward_calls = 0
+
+    def save(self) -> None:
+        """Write the cache to ``folder`` (nothing without one)."""
+        if self.folder is not None:
+            (self.folder / "predictions.pkl").write_bytes(pickle.dumps(self._cache))
 
     def predict(self, window: Window) -> WindowPrediction:
         from fast3dis_ros.geometry.rig import rig_extrinsics_of
@@ -185,10 +196,8 @@ class CachedPredictor:
             self.forward_calls += 1
             self._cache[key] = self.base.predict(window)
         p = self._cache[key]
-        poses = [f.T_world_cam for f in window.views]
-        known = None if all(T is None for T in poses) else np.stack(
-            [np.full((4, 4), np.nan) if T is None else np.asarray(T, np.float64) for T in poses])
-        return dataclasses.replace(p, window_index=window.index, extras=dict(p.extras), T_world_cam_known=known,
+        return dataclasses.replace(p, window_index=window.index, extras=dict(p.extras),
+                                   T_world_cam_known=known_poses_of(window.views),
                                    T_rig_cam_known=rig_extrinsics_of(window.views))
 
 

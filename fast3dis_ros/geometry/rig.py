@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fast3dis_ros.core.frames import stack_known
 from fast3dis_ros.geometry.cameras import invert_se3
 
 __all__ = ["frame_set_groups", "known_rig_views", "rig_extrinsics_of", "rig_scale", "rigidify"]
@@ -24,10 +25,7 @@ __all__ = ["frame_set_groups", "known_rig_views", "rig_extrinsics_of", "rig_scal
 def rig_extrinsics_of(views) -> np.ndarray | None:
     """``WindowPrediction.T_rig_cam_known`` for a window's views (``CameraFrame.T_rig_cam``): (V, 4, 4), NaN
     where unknown; None when no view has them."""
-    if not any(getattr(v, "T_rig_cam", None) is not None for v in views):
-        return None
-    nan = np.full((4, 4), np.nan)
-    return np.stack([nan if v.T_rig_cam is None else np.asarray(v.T_rig_cam, np.float64) for v in views])
+    return stack_known([getattr(v, "T_rig_cam", None) for v in views], (4, 4))
 
 
 def frame_set_groups(cameras: list[str]) -> list[list[int]]:

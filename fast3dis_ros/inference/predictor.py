@@ -22,7 +22,7 @@ import torch
 from fast3dis_ros.geometry.cameras import scale_K
 from fast3dis_ros.model.da3.backbone import PATCH_SIZE, normalize_images
 from fast3dis_ros.model.config import Fast3disConfig
-from fast3dis_ros.core.frames import Window, WindowPrediction
+from fast3dis_ros.core.frames import Window, WindowPrediction, known_poses_of, stack_known
 from fast3dis_ros.inference.postprocess import instances_from_queries
 from fast3dis_ros.geometry.rig import rig_extrinsics_of
 
@@ -143,14 +143,10 @@ class Predictor:
         views = window.views
         Ks = [v.K for v in views]
         poses = [v.T_world_cam for v in views]
-        K = None
-        if any(k is not None for k in Ks):  # unknown views: NaN, the network estimates their K
-            K = np.stack([np.full((3, 3), np.nan) if k is None else np.asarray(k, np.float64) for k in Ks])
+        K = stack_known(Ks, (3, 3))  # unknown views: NaN, the network estimates their K
         all_K = all(k is not None for k in Ks)
         T_world_cam = np.stack(poses) if all_K and all(p is not None for p in poses) else None
-        known = None
-        if any(p is not None for p in poses):
-            known = np.stack([np.full((4, 4), np.nan) if p is None else np.asarray(p, np.float64) for p in poses])
+        known = known_poses_of(views)
         if not self.condition_on_poses:
             T_world_cam = None
         pred = self._predict(
