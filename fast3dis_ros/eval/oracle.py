@@ -36,6 +36,7 @@ import numpy as np
 from fast3dis_ros.geometry.cameras import scale_K
 from fast3dis_ros.core.frames import Window, WindowPrediction, known_poses_of
 from .metrics import resize_nearest
+from .replay import KNOWN_GEOMETRY
 
 __all__ = ["ORACLE_PARTS", "ISSUE_TABLE_CONFIGS", "KNOWN_GEOMETRY_ROW_PARTS", "parse_oracle", "parse_known_sources",
            "all_oracle_configs", "oracle_name", "table_config", "split_config", "config_name", "known_geometry_configs",
@@ -47,7 +48,6 @@ ISSUE_TABLE_CONFIGS = [("masks", "depth", "poses"), ("depth", "poses"), ("masks"
 # rows with a known-geometry source: the network's geometry (which the known source corrects) under network
 # masks (the product) and GT masks (the mask error removed: what is left is geometry error)
 KNOWN_GEOMETRY_ROW_PARTS = [("masks",), ()]
-KNOWN_SOURCES = ("none", "rig", "poses", "rig+poses")  # = eval.replay.KNOWN_GEOMETRY
 
 
 def parse_oracle(spec: str | None) -> tuple[str, ...]:
@@ -82,10 +82,10 @@ def parse_known_sources(spec: str | None) -> list[str]:
         return ["none"]
     items = [p.strip().lower() for p in str(spec).split(",") if p.strip()]
     if items == ["all"]:
-        return list(KNOWN_SOURCES)
-    bad = sorted(set(items) - set(KNOWN_SOURCES))
+        return list(KNOWN_GEOMETRY)
+    bad = sorted(set(items) - set(KNOWN_GEOMETRY))
     if bad or not items:
-        raise ValueError(f"unknown known-geometry source(s) {bad or [spec]}; choose from {','.join(KNOWN_SOURCES)} "
+        raise ValueError(f"unknown known-geometry source(s) {bad or [spec]}; choose from {','.join(KNOWN_GEOMETRY)} "
                          "(or all)")
     return list(dict.fromkeys(items))
 
@@ -93,15 +93,15 @@ def parse_known_sources(spec: str | None) -> list[str]:
 def table_config(parts, known: str | None = None) -> tuple:
     """One row of the table: oracle ``parts`` replayed with known-geometry source ``known`` (None: the
     replay config's own ``known_geometry``, what a bare parts tuple means)."""
-    if known is not None and known not in KNOWN_SOURCES:
-        raise ValueError(f"unknown known-geometry source {known!r}; choose from {','.join(KNOWN_SOURCES)}")
+    if known is not None and known not in KNOWN_GEOMETRY:
+        raise ValueError(f"unknown known-geometry source {known!r}; choose from {','.join(KNOWN_GEOMETRY)}")
     return (tuple(parts), known)
 
 
 def split_config(config) -> tuple[tuple[str, ...], str | None]:
     """(parts, known) of a row: a ``table_config`` pair, or a bare parts tuple (known None)."""
     c = tuple(config)
-    if len(c) == 2 and isinstance(c[0], tuple) and (c[1] is None or c[1] in KNOWN_SOURCES):
+    if len(c) == 2 and isinstance(c[0], tuple) and (c[1] is None or c[1] in KNOWN_GEOMETRY):
         return c[0], c[1]
     return c, None
 
